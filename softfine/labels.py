@@ -1,0 +1,115 @@
+"""The label space and the paper's soft labels (section 4.2, "Scoring Label").
+
+A label is `O` or `<seg>-<category>`, seg in B/I/E/S. Its components are the segment tag and
+the category's hierarchy levels: FiNE's `/organization/company/vehicle_brand` splits on `/` into
+three levels; other datasets have one level unless a separator is given (Weibo's `PER.NAM` on
+`.`). A level is identified by its path from the root, so `company` under `organization` and a
+`company` elsewhere in a hierarchy are different components.
+
+For gold label g and candidate j (both not O):
+    miss  = levels of g that j lacks
+    wrong = components of j (segment tag included) that are not components of g
+    score = 1 / beta ** (miss + gamma * wrong)
+The gold label scores 1, `O` scores 0 as a candidate, and an `O` gold gets a one-hot row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .data import SEGMENTS
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    categories: tuple[str, ...]
+    separator: str | None = None
+
+    @classmethod
+    def from_categories(cls, categories: Sequence[str], separator: str | None = None) -> "LabelSpace":
+        return cls(tuple(sorted(set(categories))), separator or None)
+
+    @property
+    def labels(self) -> list[str]:
+        return ["O"] + [f"{seg}-{c}" for c in self.categories for seg in SEGMENTS]
+
+    def __len__(self) -> int:
+        return 1 + len(SEGMENTS) * len(self.categories)
+
+    def index(self, label: str) -> int:
+        try:
+            return self._index[label]
+        except KeyError:
+            raise KeyError(f"label {label!r} is not in this label space ({len(self)} labels, e.g. "
+                           f"{', '.join(self.labels[1:4])})") from None
+
+    @property
+    def _index(self) -> dict[str, int]:
+        # Frozen dataclass: cache the lookup table on first use.
+        table = self.__dict__.get("_index_cache")
+        if table is None:
+            table = {label: i for i, label in enumerate(self.labels)}
+            object.__setattr__(self, "_index_cache", table)
+        return table
+
+    def levels(self, category: str) -> tuple[str, ...]:
+        """Hierarchy levels of a category, e.g. ('organization', 'company', 'vehicle_brand')."""
+        if not self.separator:
+            return (category,)
+        return tuple(part for part in category.split(self.separator) if part)
+
+    @property
+    def depth(self) -> int:
+        return max((len(self.levels(c)) for c in self.categories), default=0)
+
+    def truncate(self, label: str, k: int) -> str:
+        """`label` with its category cut to the first k levels (for level-k metrics)."""
+        if label == "O" or not self.separator:
+            return label
+        seg, category = label.split("-", 1)
+        lead = self.separator if category.startswith(self.separator) else ""
+        return f"{seg}-{lead}{self.separator.join(self.levels(category)[:k])}"
+
+    def components(self, label: str) -> tuple[str, frozenset]:
+        """(segment tag, the set of hierarchy nodes as root paths) of a non-O label."""
+        seg, category = label.split("-", 1)
+        levels = self.levels(category)
+        return seg, frozenset(levels[:k + 1] for k in range(len(levels)))
+
+    def soft_targets(self, beta: float, gamma: float) -> torch.Tensor:
+        """N x N tensor: row g holds every label's relevance to gold label g."""
+        if not beta > 1:
+            raise ConfigError(f"--beta must be > 1, got {beta}")
+        if not gamma > 0:
+            raise ConfigError(f"--gamma must be > 0, got {gamma}")
+        labels = self.labels
+        table = torch.eye(len(labels), dtype=torch.float32)
+        parts = [None] + [self.components(label) for label in labels[1:]]
+        for g in range(1, len(labels)):
+            g_seg, g_nodes = parts[g]
+            for j in range(1, len(labels)):
+                if j == g:
+                    continue
+                j_seg, j_nodes = parts[j]
+                miss = max(len(g_nodes) - len(j_nodes), 0)
+                wrong = (j_seg != g_seg) + len(j_nodes - g_nodes)
+                table[g, j] = 1.0 / beta ** (miss + gamma * wrong)
+        return table
+
+    def one_hot_targets(self) -> torch.Tensor:
+        """The plain cross-entropy targets (the paper's no-soft-label ablation)."""
+        return torch.eye(len(self), dtype=torch.float32)
+
+    def to_json(self) -> str:
+        return json.dumps({"categories": list(self.categories), "separator": self.separator},
+                          ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LabelSpace":
+        data = json.loads(text)
+        return cls(tuple(data["categories"]), data.get("separator"))

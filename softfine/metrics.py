@@ -1,0 +1,39 @@
+"""Entity metrics: seqeval in strict mode with the IOBES scheme, plus the paper's level-k F1
+(Appendix D): the same score after cutting every category to its first k hierarchy levels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from seqeval.metrics import classification_report
+from seqeval.scheme import IOBES
+
+from .labels import LabelSpace
+
+
+def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
+    """Micro precision/recall/F1 and per-category scores of BIOES tag sequences."""
+    report = classification_report(gold, pred, mode="strict", scheme=IOBES, output_dict=True,
+                                   zero_division=0)
+    micro = report.pop("micro avg")
+    for key in ("macro avg", "weighted avg"):
+        report.pop(key, None)
+    return {
+        "precision": float(micro["precision"]),
+        "recall": float(micro["recall"]),
+        "f1": float(micro["f1-score"]),
+        "per_category": {c: {"precision": float(s["precision"]), "recall": float(s["recall"]),
+                             "f1": float(s["f1-score"]), "support": int(s["support"])}
+                         for c, s in report.items()},
+    }
+
+
+def evaluate_tags(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: LabelSpace) -> dict:
+    """Flat metrics: precision, recall, f1, f1_level1..f1_levelK (K = hierarchy depth, when > 1),
+    and per_category."""
+    scores = entity_scores(gold, pred)
+    if labels.depth > 1:
+        for k in range(1, labels.depth + 1):
+            cut = lambda seqs: [[labels.truncate(t, k) for t in s] for s in seqs]  # noqa: E731
+            scores[f"f1_level{k}"] = entity_scores(cut(gold), cut(pred))["f1"]
+    return scores
