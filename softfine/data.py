@@ -48,13 +48,6 @@ class Sentence:
         return len(self.chars)
 
 
-@dataclass(frozen=True)
-class Entity:
-    start: int  # character offsets, end inclusive (the FiNE convention)
-    end: int
-    category: str
-
-
 class SentenceProblem(ValueError):
     """A problem that disqualifies one sentence; the reader adds file and line.
 
@@ -64,21 +57,6 @@ class SentenceProblem(ValueError):
     def __init__(self, message: str, index: int = 0):
         super().__init__(message)
         self.index = index
-
-
-def entities(tags: Sequence[str]) -> list[Entity]:
-    """Entities of a valid BIOES tag sequence."""
-    found, start = [], None
-    for i, tag in enumerate(tags):
-        seg, _, category = tag.partition("-")
-        if seg == "S":
-            found.append(Entity(i, i, category))
-        elif seg == "B":
-            start = i
-        elif seg == "E" and start is not None:
-            found.append(Entity(start, i, category))
-            start = None
-    return found
 
 
 def to_bioes(tags: Sequence[str], scheme: str) -> list[str]:

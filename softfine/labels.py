@@ -15,6 +15,7 @@ The gold label scores 1, `O` scores 0 as a candidate, and an `O` gold gets a one
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Sequence
@@ -75,6 +76,7 @@ class LabelSpace:
         lead = self.separator if category.startswith(self.separator) else ""
         return f"{seg}-{lead}{self.separator.join(self.levels(category)[:k])}"
 
+    @functools.lru_cache(maxsize=None)
     def components(self, label: str) -> tuple[str, frozenset]:
         """(segment tag, the set of hierarchy nodes as root paths) of a non-O label."""
         seg, category = label.split("-", 1)
@@ -89,17 +91,18 @@ class LabelSpace:
             raise ConfigError(f"--gamma must be > 0, got {gamma}")
         labels = self.labels
         table = torch.eye(len(labels), dtype=torch.float32)
-        parts = [None] + [self.components(label) for label in labels[1:]]
         for g in range(1, len(labels)):
-            g_seg, g_nodes = parts[g]
             for j in range(1, len(labels)):
-                if j == g:
-                    continue
-                j_seg, j_nodes = parts[j]
-                miss = max(len(g_nodes) - len(j_nodes), 0)
-                wrong = (j_seg != g_seg) + len(j_nodes - g_nodes)
-                table[g, j] = 1.0 / beta ** (miss + gamma * wrong)
+                if j != g:
+                    miss, wrong = self.miss_wrong(labels[g], labels[j])
+                    table[g, j] = 1.0 / beta ** (miss + gamma * wrong)
         return table
+
+    def miss_wrong(self, gold: str, candidate: str) -> tuple[int, int]:
+        """(levels of `gold` that `candidate` lacks, components of `candidate` not in `gold`)."""
+        g_seg, g_nodes = self.components(gold)
+        j_seg, j_nodes = self.components(candidate)
+        return max(len(g_nodes) - len(j_nodes), 0), (j_seg != g_seg) + len(j_nodes - g_nodes)
 
     def one_hot_targets(self) -> torch.Tensor:
         """The plain cross-entropy targets (the paper's no-soft-label ablation)."""

@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,36 +38,43 @@ from .model import CharIds, SoftFiNEModel, load_checkpoint, load_encoder, save_c
 log = logging.getLogger(__name__)
 
 
+def option(default, help: str):
+    """A config field with its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on. Defaults are the paper's Weibo settings (Appendix C)."""
 
-    dataset: str = "weibo"
-    data_dir: str | None = None
-    model: str = "bert-base-chinese"  # a Hugging Face name, a local directory, or "tiny"
-    epochs: int = 12
-    batch_size: int = 4
-    lr: float = 2e-5
-    weight_decay: float = 0.1
-    warmup_ratio: float = 0.1
-    dropout: float = 0.5
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    alpha_aug: float = 0.01
-    alpha_fea: float = 0.01
-    beta: float = 3.0
-    gamma: float = 2.0
-    soft: bool = True  # False: one-hot cross-entropy (the paper's ablation)
-    aug: bool = True  # False: no entity augmentation, no feature loss
-    limit_train: int | None = None  # the first N training sentences
-    limit_eval: int | None = None  # the first N dev and test sentences
-    eval_every: int = 0  # evaluate on dev every k steps; 0: after every epoch
-    out: str = "runs/softfine"
-    label_separator: str | None = None  # hierarchy separator; default: the dataset's ("/" for FiNE)
-    max_length: int = 512  # tokens per window, [CLS] and [SEP] included; longer sentences are split
-    strict: bool = False  # every data problem is an error instead of a skipped sentence
-    device: str = "auto"  # auto, cpu, cuda
-    log_every: int = 50  # steps between progress lines
+    dataset: str = option("weibo", "dataset name: weibo, resume, ontonotes4 or fine")
+    data_dir: str | None = option(None, "data directory (default: $SOFTFINE_DATA_DIR, else ~/.cache/softfine/data)")
+    model: str = option("bert-base-chinese", "encoder: a Hugging Face name, a local directory, or tiny "
+                        "(a small offline BERT with a character vocabulary from the training split)")
+    epochs: int = option(12, "training epochs")
+    batch_size: int = option(4, "sentences per batch")
+    lr: float = option(2e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.1, "AdamW weight decay (the paper's 'decay rate')")
+    warmup_ratio: float = option(0.1, "fraction of the training steps spent in linear warm-up")
+    dropout: float = option(0.5, "dropout before the linear classifier")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    seed: int = option(42, "random seed")
+    alpha_aug: float = option(0.01, "weight of the augmented-sentence loss (alpha_aug)")
+    alpha_fea: float = option(0.01, "weight of the KL feature loss (alpha_fea)")
+    beta: float = option(3.0, "soft-label base, > 1: relevance = 1 / beta^(miss + gamma * wrong)")
+    gamma: float = option(2.0, "soft-label penalty of a wrong component, > 0")
+    soft: bool = option(True, "soft labels; --no-soft trains with one-hot cross-entropy (ablation)")
+    aug: bool = option(True, "entity augmentation; --no-aug drops it and the feature loss (ablation)")
+    limit_train: int | None = option(None, "use only the first N training sentences")
+    limit_eval: int | None = option(None, "use only the first N dev and test sentences")
+    eval_every: int = option(0, "evaluate on dev every N steps (0: after every epoch)")
+    out: str = option("runs/softfine", "output directory (best/ checkpoint, state/, metrics.jsonl)")
+    label_separator: str | None = option(None, "hierarchy separator of categories (default: the "
+                                          "dataset's, '/' for FiNE; e.g. '.' splits Weibo's PER.NAM)")
+    max_length: int = option(512, "tokens per window, [CLS] and [SEP] included; longer sentences are split")
+    strict: bool = option(False, "make every data problem an error instead of a skipped sentence")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)")
+    log_every: int = option(50, "training steps between progress lines")
 
     def validate(self) -> "TrainConfig":
         get_spec(self.dataset)

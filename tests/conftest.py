@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests use the real datasets in ../shared/data (or $SOFTFINE_DATA_DIR) and fail,
+not skip, when they are missing."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    needed = [path / "weibo" / "weiboNER_2nd_conll.train", path / "resume" / "train.char.bmes", path / "fine" / "dev.json"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.fail(f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put ../shared/data beside the repo)")
+    return path

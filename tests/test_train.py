@@ -1,0 +1,123 @@
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from softfine.errors import ConfigError, DeviceError
+from softfine.losses import feature_kl, soft_cross_entropy, softfine_loss
+from softfine.model import CharIds, load_checkpoint, tiny_tokenizer
+from softfine.predict import Predictor
+from softfine.train import TrainConfig, train
+
+
+def tiny_config(data_dir, out, **overrides) -> TrainConfig:
+    values = dict(dataset="resume", data_dir=str(data_dir), model="tiny", epochs=2, batch_size=8, lr=1e-3,
+                  limit_train=48, limit_eval=24, out=str(out), seed=7, dropout=0.1, log_every=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_train_reports_every_evaluation_and_keeps_the_best(data_dir, tmp_path):
+    reports = []
+    result = train(tiny_config(data_dir, tmp_path / "run", eval_every=4),
+                   on_evaluate=lambda metrics, out: reports.append((metrics, sorted(p.name for p in (tmp_path / "run").iterdir()))))
+    # 48 sentences / 8 = 6 steps an epoch: evaluations at steps 4, 6 (epoch end), 8, 12 (epoch end)
+    assert [m["step"] for m, _ in reports] == [4, 6, 8, 12]
+    for metrics, files in reports:
+        assert {"best", "state", "metrics.jsonl"} <= set(files)
+        assert {"train_loss", "train_loss_soft", "train_loss_aug", "train_loss_fea", "dev_precision", "dev_recall",
+                "dev_f1", "best_dev_f1", "epoch"} <= set(metrics)
+        assert metrics["train_loss_aug"] > 0 and metrics["train_loss_fea"] > 0
+    assert result["best_dev_f1"] == max(m["dev_f1"] for m, _ in reports)
+    assert {"test_precision", "test_recall", "test_f1", "data_sha256"} <= set(result)
+    best = tmp_path / "run" / "best"
+    assert {"model.safetensors", "labels.json", "config.json", "tokenizer.json", "train_config.json"} <= {p.name for p in best.iterdir()}
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    test_scores = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    assert test_scores["f1"] == result["test_f1"] and "per_category" in test_scores
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    snapshot = tmp_path / "after-epoch-1"
+
+    def keep_first(metrics, out):
+        if metrics["epoch"] == 1:
+            shutil.copytree(out, snapshot)
+
+    full = train(tiny_config(data_dir, tmp_path / "full"), on_evaluate=keep_first)
+    resumed_reports = []
+    resumed = train(tiny_config(data_dir, tmp_path / "resumed"), on_evaluate=lambda m, o: resumed_reports.append(m),
+                    resume_from=snapshot)
+    assert [m["step"] for m in resumed_reports] == [12]  # only the second epoch ran
+    a, *_ = load_checkpoint(tmp_path / "full" / "state")
+    b, *_ = load_checkpoint(tmp_path / "resumed" / "state")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa, pb, atol=1e-6), name
+    assert resumed["best_dev_f1"] == pytest.approx(full["best_dev_f1"])
+
+
+def test_ablations_switch_the_losses(data_dir, tmp_path):
+    reports = []
+    train(tiny_config(data_dir, tmp_path / "plain", epochs=1, soft=False, aug=False), lambda m, o: reports.append(m))
+    assert reports[0]["train_loss_aug"] == 0 and reports[0]["train_loss_fea"] == 0
+    assert reports[0]["train_loss"] == pytest.approx(reports[0]["train_loss_soft"])
+
+
+def test_losses():
+    logits = torch.randn(5, 7)
+    gold = torch.tensor([0, 3, 6, 2, 2])
+    assert soft_cross_entropy(logits, F.one_hot(gold, 7).float()) == pytest.approx(float(F.cross_entropy(logits, gold)), rel=1e-5)
+    soft = torch.rand(5, 7)
+    assert soft_cross_entropy(logits, soft) == pytest.approx(float(-(soft * logits.log_softmax(-1)).sum(-1).mean()), rel=1e-5)
+    h = torch.randn(4, 16)
+    assert float(feature_kl(h, h)) == pytest.approx(0.0, abs=1e-6)
+    assert float(feature_kl(h, torch.randn(4, 16))) > 0
+    assert float(feature_kl(h[:0], h[:0])) == 0.0
+    parts = softfine_loss(logits, soft, aug_logits=logits, features=h, aug_features=h + 1, alpha_aug=0.1, alpha_fea=0.5)
+    assert float(parts["loss"]) == pytest.approx(float(parts["loss_soft"] * 1.1 + 0.5 * parts["loss_fea"]), rel=1e-5)
+
+
+def test_one_token_per_character():
+    tokenizer = tiny_tokenizer("北京abc123")
+    ids = CharIds(tokenizer)(list("北京 ABC 12x3"))
+    assert len(ids) == len("北京 ABC 12x3")
+    vocab = tokenizer.get_vocab()
+    assert ids[2] == vocab["[unused1]"] and ids[3] == vocab["a"] and ids[9] == tokenizer.unk_token_id
+
+
+def test_predict_offsets_match_the_text(data_dir, tmp_path):
+    result = train(tiny_config(data_dir, tmp_path / "run", epochs=1))
+    texts = ["高勇：男，中国国籍，无境外居留权。", "Tom 在 IBM 工作 3 年", ""]
+    found = Predictor.from_checkpoint(result["best_checkpoint"]).predict(texts)
+    assert len(found) == 3 and found[2] == []
+    for text, entities in zip(texts, found):
+        for e in entities:
+            assert text[e["start"]:e["end"] + 1] == e["text"] and e["levels"] == [e["category"]]
+
+
+def test_long_sentences_are_split_into_windows(data_dir, tmp_path):
+    result = train(tiny_config(data_dir, tmp_path / "run", epochs=1, max_length=16))
+    predictor = Predictor.from_checkpoint(result["best_checkpoint"])
+    text = "中国国籍" * 20
+    [entities] = predictor.predict([text])
+    assert all(text[e["start"]:e["end"] + 1] == e["text"] for e in entities)
+
+
+def test_bad_config_and_missing_device(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--beta must be > 1"):
+        train(tiny_config(data_dir, tmp_path, beta=1.0))
+    with pytest.raises(ConfigError, match="--limit-train must be >= 1"):
+        tiny_config(data_dir, tmp_path, limit_train=0).validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="--device cuda: torch sees no CUDA device"):
+            train(tiny_config(data_dir, tmp_path, device="cuda"))
+
+
+def test_config_is_plain_data():
+    config = TrainConfig()
+    assert dataclasses.asdict(config)["beta"] == 3.0
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["model"] == "bert-base-chinese"
