@@ -230,7 +230,7 @@ def flat_scores(prefix: str, scores: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Training.
 
-def _optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on biases and LayerNorm weights, as in BERT.
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -292,7 +292,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     data = {name: Split(s, encode(s, char_ids, labels, config.max_length)) for name, s in sentences.items()}
     steps_per_epoch = math.ceil(len(data["train"].examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    optimizer = _optimizer(model, config)
+    optimizer = build_optimizer(model, config)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     step, best_f1, best_step = 0, -1.0, 0
     if state is not None:
@@ -339,7 +339,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
         for batch_number, batch in enumerate(train_loader(data["train"].examples, config.batch_size, config.seed, epoch)):
             if batch_number < skip:
                 continue
-            parts = _train_step(model, batch, soft_table, config, device)
+            parts = train_step(model, batch, soft_table, config, device)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -371,7 +371,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     return result
 
 
-def _train_step(model: SoftFiNEModel, batch: dict, soft_table: torch.Tensor, config: TrainConfig,
+def train_step(model: SoftFiNEModel, batch: dict, soft_table: torch.Tensor, config: TrainConfig,
                 device: torch.device) -> dict:
     """One forward and backward pass; original and augmented sentences share one encoder call."""
     input_ids = batch["input_ids"].to(device)

@@ -1,0 +1,107 @@
+"""Training throughput of SoftFiNE: characters/s, sentences/s and peak memory.
+
+    python benchmarks/train_throughput.py --dataset resume --shape tiny --batch-size 16
+    python benchmarks/train_throughput.py --dataset weibo --shape bert-base --batch-size 16 --device cuda
+
+`--shape bert-base` is a randomly initialised BERT with bert-base-chinese's shape (12 layers,
+width 768); `--model NAME` loads a real encoder instead. Full SoftFiNE steps are timed (original
+and augmented sentences, soft labels, feature loss) unless --no-aug. Figures are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from softfine.data import categories  # noqa: E402
+from softfine.labels import LabelSpace  # noqa: E402
+from softfine.model import TINY_SHAPE, CharIds, SoftFiNEModel, load_encoder, tiny_tokenizer  # noqa: E402
+from softfine.train import TrainConfig, build_optimizer, encode, load_splits, resolve_device, train_loader, train_step  # noqa: E402
+
+
+def build(shape: str, model: str | None, chars):
+    if model:
+        return load_encoder(model, chars)
+    from transformers import BertConfig, BertModel
+
+    tokenizer = tiny_tokenizer(chars)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[B]", "[I]", "[E]", "[S]"]})
+    sizes = {} if shape == "bert-base" else TINY_SHAPE  # BertConfig's defaults are bert-base's shape
+    return tokenizer, BertModel(BertConfig(vocab_size=len(tokenizer), **sizes), add_pooling_layer=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="resume")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--shape", choices=["tiny", "bert-base"], default="tiny")
+    parser.add_argument("--model", help="a Hugging Face name or directory instead of --shape")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-aug", action="store_true", help="time plain steps (no augmentation)")
+    args = parser.parse_args()
+
+    config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
+                         aug=not args.no_aug, lr=1e-4, device=args.device)
+    device = resolve_device(config.device)
+    torch.manual_seed(0)
+    sentences = load_splits(config, ["train"])["train"]
+    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    tokenizer, encoder = build(args.shape, args.model, (c for s in sentences for c in s.chars))
+    model = SoftFiNEModel(encoder, len(labels), config.dropout).to(device).train()
+    examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
+    optimizer = build_optimizer(model, config)
+    table = labels.soft_targets(config.beta, config.gamma).to(device)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from train_loader(examples, config.batch_size, config.seed, epoch)
+            epoch += 1
+
+    stream = batches()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        train_step(model, next(stream), table, config, device)
+        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    chars = sentences_seen = 0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        batch = next(stream)
+        train_step(model, batch, table, config, device)
+        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        chars += int(batch["label_ids"].ne(-100).sum())
+        sentences_seen += len(batch["sentence"])
+    sync()
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    figures = {
+        "dataset": args.dataset, "model": args.model or args.shape, "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "bf16": device.type == "cuda", "augmentation": not args.no_aug,
+        "batch_size": args.batch_size, "steps": args.steps, "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "chars_per_s": round(chars / seconds), "sentences_per_s": round(sentences_seen / seconds, 1),
+        "peak_memory_MiB": round(peak), "peak_memory_kind": "CUDA allocated" if device.type == "cuda" else "process max RSS",
+    }
+    for key, value in figures.items():
+        print(f"{key:>18}: {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
