@@ -121,3 +121,19 @@ def test_config_is_plain_data():
     config = TrainConfig()
     assert dataclasses.asdict(config)["beta"] == 3.0
     assert json.loads(json.dumps(dataclasses.asdict(config)))["model"] == "bert-base-chinese"
+
+
+def test_encoder_from_a_local_directory(data_dir, tmp_path):
+    """The real loading path (AutoTokenizer/AutoModel.from_pretrained) on a directory laid out like a
+    Hugging Face model, since the Hub is out of reach here."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = tiny_tokenizer("高勇男中国国籍无境外居留权")
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "encoder")
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    result = train(tiny_config(data_dir, tmp_path / "run", model=str(tmp_path / "encoder"), epochs=1))
+    model, tokenizer, *_ = load_checkpoint(result["best_checkpoint"])
+    assert model.encoder.config.hidden_size == 32
+    assert tokenizer.convert_tokens_to_ids("[E]") != tokenizer.unk_token_id
+    assert model.encoder.get_input_embeddings().num_embeddings == len(tokenizer)
