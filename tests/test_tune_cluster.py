@@ -1,0 +1,110 @@
+"""tune/search.py on a simulated multi-node cluster (ray.cluster_utils.Cluster: a head without
+resources and three nodes that declare one GPU each), logging over HTTP to one tracking server.
+
+This machine has no GPU, so torch sees none: the search refuses such GPUs unless told to train
+on CPU where that happens (--allow-cpu-fallback), and a trial that meets one says so."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+
+import pytest
+
+from tune_fixtures import MlflowServer, children, parents, run_search, shared_data_dir, small_search_flags
+
+import softfine_tune_trial  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
+from softfine_tune_search import max_overlap  # noqa: E402
+
+WORKERS = 3
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(WORKERS)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING")
+    yield [node.node_id for node in nodes]
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-cluster")).start()
+    yield server
+    server.stop()
+
+
+def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlflow_server, tmp_path):
+    # 6 points on 3 nodes with one GPU each: trials land on every node, one at a time per node.
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "4", "--gamma", "2",
+        "--gpus-per-trial", "1", "--cpus-per-trial", "1", "--allow-cpu-fallback", "--mlflow-uri", mlflow_server.uri,
+        "--experiment-name", "cluster", "--storage-path", tmp_path, "--name", "cluster"))
+    assert code == 0
+    with open(tmp_path / "cluster" / "trials.csv", newline="") as f:
+        rows = [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
+                for r in csv.DictReader(f)]
+    assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
+    by_node = defaultdict(list)
+    for row in rows:
+        by_node[row["node_id"]].append(row)
+    assert set(by_node) == set(gpu_cluster)  # every node ran trials (the head, without GPUs, none)
+    for node, node_rows in by_node.items():
+        assert max_overlap(node_rows) <= 1, node  # never more trials at once than the node's 1 GPU
+    assert max_overlap(rows) >= 2  # nodes ran trials at the same time
+    (parent,) = parents(mlflow_server.uri, "cluster")
+    assert parent.data.params["cluster_nodes"] == str(WORKERS + 1) and parent.data.params["cluster_gpus"] == "3.0"
+    kids = children(mlflow_server.uri, "cluster", parent.info.run_id)
+    assert len(kids) == 6
+    for kid in kids:  # every trial logged over HTTP from its node, and says where it ran and on what
+        assert kid.data.tags["softfine.node_id"] in gpu_cluster
+        assert kid.data.tags["softfine.gpu_ids"] == "0" and kid.data.tags["softfine.device"] == "cpu"
+        assert "torch" in kid.data.tags["softfine.device_note"] and "sees no CUDA device" in kid.data.tags[
+            "softfine.device_note"]
+
+
+def test_refuses_gpus_that_torch_cannot_see(gpu_cluster, tmp_path):
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--gpus-per-trial", "1", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
+        "--storage-path", tmp_path / "ray"))
+    assert code == 2
+    assert f"Ray gives trials GPUs that torch cannot see on {WORKERS} node(s)" in output
+    assert "--gpus-per-trial 0" in output and "--allow-cpu-fallback" in output
+    assert not (tmp_path / "ray").exists()  # refused before any trial
+
+
+def test_refuses_more_gpus_per_trial_than_a_node_has(gpu_cluster, tmp_path):
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--gpus-per-trial", "2", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
+        "--storage-path", tmp_path / "ray"))
+    assert code == 2
+    assert "--gpus-per-trial 2: no node of the Ray cluster has that many GPUs (the most on one node: 1" in output
+
+
+def test_a_trial_given_a_gpu_torch_cannot_see_says_so(gpu_cluster):
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(softfine_tune_trial)
+
+    def attempt(fallback: bool):
+        from softfine.errors import DeviceError
+
+        try:
+            return softfine_tune_trial.choose_device(fallback)
+        except DeviceError as err:
+            return "DeviceError", str(err)
+
+    remote = ray.remote(num_gpus=1, num_cpus=0)(attempt)
+    kind, message = ray.get(remote.remote(False))
+    assert kind == "DeviceError"
+    assert "Ray gave this trial GPU 0 on node" in message and "sees no CUDA device" in message
+    assert "--gpus-per-trial 0" in message
+    device, note = ray.get(remote.remote(True))
+    assert device == "cpu" and "sees no CUDA device" in note

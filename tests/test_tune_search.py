@@ -1,0 +1,289 @@
+"""tune/search.py end to end on one local Ray instance (shared by the tests of this module), the
+tiny encoder and a few Resume sentences: the full 36-point grid, TPE with seeds, ASHA, a crashed
+trial retried in its MLflow run, a killed driver resumed, a tracking server that stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, parents, read_summary, run_search,
+                           shared_data_dir, small_search_flags)
+
+from softfine_tune_trial import alphas_key  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
+
+PAPER_POINTS = {(alphas_key(a, f), b, g) for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
+                for b in (2.0, 3.0, 4.0) for g in (1.5, 2.0, 2.5)}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()
+
+
+def point(run) -> tuple:
+    p = run.data.params
+    return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))
+
+
+def check_selection(uri: str, parent, kids: list) -> None:
+    """The parent's selected params are those of the child with the best dev F1."""
+    best = max(k.data.metrics["best_dev_f1"] for k in kids)
+    tied = [k for k in kids if k.data.metrics["best_dev_f1"] == best]
+    params, metrics = parent.data.params, parent.data.metrics
+    chosen = next(k for k in kids if k.info.run_id == params["selected_run_id"])
+    assert chosen in tied
+    for key in ("alpha_aug", "alpha_fea", "beta", "gamma"):
+        assert float(params[f"selected_{key}"]) == float(chosen.data.params[key])
+    assert metrics["best_dev_f1"] == pytest.approx(best)
+    assert metrics["best_test_f1"] == pytest.approx(chosen.data.metrics["test_f1"])
+
+
+def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_server, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    data = shared_data_dir()
+    started = time.time()
+    code, output = run_search(small_search_flags(
+        data, "--cpus-per-trial", "0.25", "--mlflow-uri", mlflow_server.uri, "--experiment-name", "grid36",
+        "--storage-path", tmp_path, "--name", "grid36"))
+    assert code == 0
+    print(f"36-point grid: {time.time() - started:.0f} s")
+    (parent,) = parents(mlflow_server.uri, "grid36")
+    kids = children(mlflow_server.uri, "grid36", parent.info.run_id)
+    assert len(kids) == 36
+    assert {point(k) for k in kids} == PAPER_POINTS  # each of the 36 points exactly once
+    assert all(k.info.status == "FINISHED" for k in kids)
+    summary = read_summary(tmp_path, "grid36")
+    assert summary["terminated"] == 36 and summary["max_trials_at_once"] >= 3  # many trials in flight
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    kid = kids[0]
+    for key in ("train_loss", "train_loss_soft", "train_loss_aug", "train_loss_fea", "dev_precision", "dev_recall",
+                "dev_f1", "best_dev_f1", "test_precision", "test_recall", "test_f1"):
+        assert key in kid.data.metrics, key
+    for key in ("alpha_aug", "alpha_fea", "beta", "gamma", "lr", "batch_size", "epochs", "dropout", "weight_decay",
+                "warmup_ratio", "seed", "model", "limit_train"):
+        assert key in kid.data.params, key
+    tags = kid.data.tags
+    assert len(tags["mlflow.source.git.commit"]) == 40 and len(tags["softfine.data_sha256"]) == 64
+    assert tags["softfine.seed"] == "42"
+    for package in ("torch", "transformers", "ray", "optuna", "mlflow"):
+        assert tags[f"softfine.version.{package}"], package
+    resolved = client.download_artifacts(kid.info.run_id, "config.json", str(tmp_path / "dl"))
+    assert json.loads(Path(resolved).read_text())["train_config"]["beta"] == float(kid.data.params["beta"])
+
+    check_selection(mlflow_server.uri, parent, kids)
+    assert parent.data.params["dataset"] == "resume" and parent.data.params["sampler"] == "grid"
+    assert parent.data.params["cluster_nodes"] == "1" and len(parent.data.params["code_version"]) >= 40
+    assert json.loads(parent.data.params["grid"])["beta"] == [2.0, 3.0, 4.0]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "dev_f1_vs_hyperparameters.png"} <= artifacts
+    table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path / "dl"))).read_text()
+    assert len(table.strip().splitlines()) == 1 + 36
+    png = Path(client.download_artifacts(parent.info.run_id, "dev_f1_vs_hyperparameters.png", str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{parent.info.run_id}/model")
+    texts = ["高勇：男，中国国籍，无境外居留权。", "1985年毕业于北京大学。"]
+    entities = model.predict(texts)
+    assert len(entities) == 2
+    for text, found in zip(texts, entities):
+        for entity in found:
+            assert set(entity) == {"text", "category", "levels", "start", "end"}
+            assert text[entity["start"]:entity["end"] + 1] == entity["text"]
+    assert "Number of trials: 36/36" in output  # Ray Tune's progress table
+    assert "Best configurations by dev F1" in output and "mlflow ui" not in output  # a server: its URL instead
+    assert f"{mlflow_server.uri}/#/experiments/" in output
+
+
+def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--sampler", "tpe", "--num-samples", "4", "--seeds", "2", "--cpus-per-trial", "0.5",
+        "--mlflow-uri", uri, "--experiment-name", "tpe", "--storage-path", tmp_path / "ray", "--name", "tpe"))
+    assert code == 0
+    (parent,) = parents(uri, "tpe")
+    kids = children(uri, "tpe", parent.info.run_id)
+    search = [k for k in kids if k.data.tags["softfine.phase"] == "search"]
+    seeds = [k for k in kids if k.data.tags["softfine.phase"] == "seeds"]
+    assert len(search) == 4 and len(seeds) == 2
+    assert all(point(k) in PAPER_POINTS for k in search)
+    check_selection(uri, parent, search)
+    assert sorted(k.data.params["seed"] for k in seeds) == ["42", "43"]
+    assert all(point(k) == point(next(s for s in search if s.info.run_id == parent.data.params["selected_run_id"]))
+               for k in seeds)
+    metrics = parent.data.metrics
+    values = [k.data.metrics["best_dev_f1"] for k in seeds]
+    assert metrics["seeds_dev_f1_mean"] == pytest.approx(sum(values) / 2)
+    assert "seeds_dev_f1_std" in metrics and "seeds_test_f1_mean" in metrics and "seeds_test_f1_std" in metrics
+    assert "(mean ± standard deviation)" in output
+    assert f"mlflow ui --backend-store-uri {uri}" in output
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name("tpe")
+    assert experiment.artifact_location == (tmp_path / "mlflow" / "artifacts").as_uri()  # beside the store
+
+
+def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--scheduler", "asha", "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "--gamma", "2",
+        "--epochs", "4", "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "asha",
+        "--storage-path", tmp_path / "ray", "--name", "asha"))
+    assert code == 0
+    (parent,) = parents(uri, "asha")
+    kids = children(uri, "asha", parent.info.run_id)
+    assert len(kids) == 4 and {k.info.status for k in kids} <= {"FINISHED", "KILLED"}
+    summary = read_summary(tmp_path / "ray", "asha")
+    assert summary["terminated"] + summary["stopped"] == 4 and summary["error"] == 0
+    for kid in kids:
+        stopped = kid.info.status == "KILLED"
+        assert (kid.data.tags.get("softfine.stopped_early") == "true") == stopped
+        assert ("test_f1" in kid.data.metrics) != stopped
+    print(f"ASHA: {summary['stopped']} of 4 trials stopped early")
+    check_selection(uri, parent, [k for k in kids if k.info.status == "FINISHED"] or kids)
+    assert parent.data.params["scheduler"] == "asha"
+
+
+def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    marker = tmp_path / "crashed"
+    # 24 sentences, batch 4: 6 steps per epoch; evaluations at steps 2, 4, 6, 8, 10, 12. The
+    # trial's process dies at step 4, after the checkpoint of step 2 was reported.
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--epochs", "2", "--eval-every", "2",
+        "--batch-size", "4", "--max-failures", "1", "--inject-crash", f"4:{marker}", "--mlflow-uri", uri, "--experiment-name", "crash",
+        "--storage-path", tmp_path / "ray", "--name", "crash"))
+    assert code == 0
+    assert marker.read_text().split()[-1] == "4"  # it did crash, once
+    (parent,) = parents(uri, "crash")
+    (kid,) = children(uri, "crash", parent.info.run_id)  # one run: the retry went on in it
+    assert kid.info.status == "FINISHED"
+    assert kid.data.tags["softfine.attempt"] == "2" and kid.data.tags["softfine.resumed_from_step"] == "2"
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri).get_metric_history(kid.info.run_id, "dev_f1")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]  # from step 2 on, nothing twice
+    assert "test_f1" in kid.data.metrics
+    summary = read_summary(tmp_path / "ray", "crash")
+    assert summary["terminated"] == 1 and summary["error"] == 0
+
+
+def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "ray"
+    flags = small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "3", "--gamma", "1.5", "2", "--epochs", "3",
+        "--eval-every", "4", "--max-concurrent", "1", "--mlflow-uri", mlflow_server.uri,
+        "--experiment-name", "killed", "--storage-path", storage, "--name", "killed")
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *flags, "--address", ray_local],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    finished_before: dict = {}
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill it once one trial finished and the next has checkpointed
+            time.sleep(0.5)
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-5000:]
+            if client.get_experiment_by_name("killed") is None:
+                continue
+            kids = children(mlflow_server.uri, "killed")
+            done = [k for k in kids if k.info.status == "FINISHED"]
+            going = [k for k in kids if k.info.status == "RUNNING" and "dev_f1" in k.data.metrics]
+            if done and going:
+                finished_before = {k.info.run_id: k.info.end_time for k in done}
+                break
+        else:
+            pytest.fail("the search did not get far enough: " + (tmp_path / "driver.log").read_text()[-5000:])
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+        log.close()
+    time.sleep(2)  # Ray notices the driver is gone and ends its trials
+
+    code, output = run_search(["--resume", "killed", "--storage-path", storage])
+    assert code == 0
+    assert "resuming search killed" in output
+    (parent,) = parents(mlflow_server.uri, "killed")  # the same parent, not a second one
+    kids = children(mlflow_server.uri, "killed", parent.info.run_id)
+    assert len(kids) == 4 and len({point(k) for k in kids}) == 4  # no duplicate runs, no repeated points
+    assert all(k.info.status == "FINISHED" for k in kids)
+    by_id = {k.info.run_id: k for k in kids}
+    for run_id, end_time in finished_before.items():  # finished trials were not run again
+        assert by_id[run_id].info.end_time == end_time
+        assert by_id[run_id].data.tags["softfine.attempt"] == "1"
+    assert any(int(k.data.tags["softfine.attempt"]) >= 2 for k in kids)  # the interrupted one went on
+    check_selection(mlflow_server.uri, parent, kids)
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_tracking_server_that_stops_does_not_stop_the_trials(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    server = MlflowServer(tmp_path / "server").start()
+    result: dict = {}
+    flags = small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "3", "--gamma", "2", "--epochs", "8",
+        "--limit-train", "40", "--mlflow-uri", server.uri, "--mlflow-timeout", "3", "--experiment-name", "outage",
+        "--storage-path", tmp_path / "ray", "--name", "outage")
+    thread = threading.Thread(target=lambda: result.update(zip(("code", "output"), run_search(flags))))
+    thread.start()
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.3)
+            if client.get_experiment_by_name("outage") and any(
+                    "dev_f1" in k.data.metrics for k in children(server.uri, "outage")):
+                break
+        else:
+            pytest.fail("no trial logged an evaluation")
+    finally:
+        server.stop()  # the server goes away while the trials train
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert result["code"] == 0
+    summary = read_summary(tmp_path / "ray", "outage")
+    assert summary["terminated"] == 2 and summary["error"] == 0  # both trials trained to the end
+    assert isinstance(summary["best_test_f1"], float)
+    account = summary["mlflow_account"]
+    assert account["driver_failures"]  # the parent's results could not be logged ...
+    assert account["trials_with_unlogged"]  # ... nor the end of the trials' runs
+    for trial in account["trials_with_unlogged"]:
+        queued = Path(trial["kept_in"]) / "mlflow_unlogged.jsonl"
+        assert len(queued.read_text().splitlines()) == trial["unlogged"] > 0
+    assert "MLflow could not record everything" in result["output"]
+    assert "were not logged" in result["output"]
+
+
+def test_refuses_more_gpus_per_trial_than_any_node_has(ray_local, tmp_path):
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--gpus-per-trial", "1", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
+        "--storage-path", tmp_path / "ray"))
+    assert code == 2
+    assert "--gpus-per-trial 1: no node of the Ray cluster has that many GPUs (the most on one node: 0" in output
+    assert not (tmp_path / "ray").exists()

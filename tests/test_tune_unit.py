@@ -1,0 +1,233 @@
+"""tune/ without Ray: presets, the grid and its sampler, the command line, the refusals that
+come before any trial starts, MLflow logging that must not raise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tune_fixtures import REPO, SEARCH_SCRIPT, free_port, run_search, shared_data_dir
+
+import softfine_tune_search as search  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
+import softfine_tune_space as space  # noqa: E402
+from softfine_tune_trial import ChildRun, alphas_key, parse_alphas  # noqa: E402
+
+PAPER_GRID = [dict(alphas=alphas_key(a, f), beta=b, gamma=g)
+              for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
+              for b in (2.0, 3.0, 4.0) for g in (1.5, 2.0, 2.5)]
+
+
+def point_key(config: dict) -> tuple:
+    return (config["alphas"], float(config["beta"]), float(config["gamma"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets and flags.
+
+@pytest.mark.parametrize("dataset, expected, selection", [
+    ("weibo", dict(batch_size=4, lr=2e-5, weight_decay=0.1, dropout=0.5, epochs=12, warmup_ratio=0.1),
+     dict(alpha_aug=0.01, alpha_fea=0.01, beta=3, gamma=2)),
+    ("resume", dict(batch_size=4, lr=3e-5, weight_decay=0.5, dropout=0.1, epochs=12, warmup_ratio=0.1),
+     dict(alpha_aug=0.01, alpha_fea=0.005, beta=2, gamma=2)),
+    ("fine", dict(batch_size=16, lr=2e-5, dropout=0.5, epochs=20, warmup_ratio=0.05),
+     dict(alpha_aug=0.1, alpha_fea=0.1, beta=4, gamma=2)),
+    ("ontonotes4", dict(batch_size=16, lr=2e-5, dropout=0.5, epochs=5, warmup_ratio=0.05),
+     dict(alpha_aug=0.1, alpha_fea=0.1, beta=4, gamma=2)),
+])
+def test_presets_hold_the_papers_settings_and_grid(dataset, expected, selection):
+    preset = space.load_preset(dataset)
+    for key, value in expected.items():
+        assert preset["train"][key] == pytest.approx(value), key
+    grid = preset["grid"]
+    assert len(grid) == 36
+    assert sorted(map(point_key, grid.points())) == sorted(map(point_key, PAPER_GRID))
+    assert preset["paper_selection"] == selection
+
+
+def plan_for(*argv: str) -> search.Plan:
+    args = search.build_parser().parse_args(list(argv))
+    return search.make_plan(args, list(argv))
+
+
+def test_flags_override_the_preset():
+    data = shared_data_dir()
+    plan = plan_for("--dataset", "resume", "--data-dir", str(data), "--lr", "1e-4", "--epochs", "2",
+                    "--beta", "2", "3", "--alphas", "0.1,0.1", "--limit-train", "8")
+    assert plan.train["lr"] == 1e-4 and plan.train["epochs"] == 2 and plan.train["limit_train"] == 8
+    assert plan.train["batch_size"] == 4 and plan.train["weight_decay"] == 0.5  # from the Resume preset
+    assert plan.train["data_dir"] == str(data.resolve())
+    assert len(plan.grid) == 1 * 2 * 3 and plan.num_samples == 6
+    assert plan.grid.gamma == [1.5, 2.0, 2.5]  # from the preset
+
+
+def test_tpe_budget_and_grid_sizes():
+    data = shared_data_dir()
+    assert plan_for("--dataset", "weibo", "--data-dir", str(data), "--sampler", "tpe",
+                    "--num-samples", "7").num_samples == 7
+    assert plan_for("--dataset", "weibo", "--data-dir", str(data)).num_samples == 36
+
+
+def test_alpha_pairs_round_trip():
+    assert parse_alphas(alphas_key(0.01, 0.005)) == (0.01, 0.005)
+    with pytest.raises(ValueError, match="AUG,FEA"):
+        parse_alphas("0.1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid sampler: each point exactly once, however many trials are in flight.
+
+def test_grid_search_gives_each_point_once_with_every_trial_in_flight():
+    grid = space.load_preset("weibo")["grid"]
+    searcher = space.make_searcher("grid", grid, seed=0, num_samples=len(grid))
+    # Ray Tune asks the searcher for a trial whenever resources allow; here all 36 are asked for
+    # before any finishes: 36 trials in flight at once.
+    configs = [searcher.suggest(f"trial{i}") for i in range(36)]
+    assert sorted(map(point_key, configs)) == sorted(map(point_key, PAPER_GRID))
+    with pytest.raises(RuntimeError, match="would repeat"):
+        searcher.suggest("trial36")  # a 37th trial is refused, not given a repeated point
+    for i in reversed(range(36)):  # completing them (in any order) does not disturb the study
+        searcher.on_trial_complete(f"trial{i}", {"best_dev_f1": i / 100, "training_iteration": 1})
+    held = [t.system_attrs["grid_id"] for t in searcher._ot_study.trials if "grid_id" in t.system_attrs]
+    assert len(held) == len(set(held)) == 36
+
+
+def test_grid_guard_skips_points_other_trials_hold():
+    """Optuna's GridSampler gives trial number n the grid point n, so a point that a trial
+    created elsewhere already holds (another worker, an added or restored trial) is given twice.
+    The guard gives the first point no trial holds."""
+    import optuna
+    from optuna.samplers import GridSampler
+    from optuna.trial import TrialState
+
+    grid = {"x": [0, 1, 2, 3]}
+    for sampler_class, expect_repeat in ((GridSampler, True), (space.ExclusiveGridSampler, False)):
+        study = optuna.create_study(sampler=sampler_class(grid, seed=0))
+        study.add_trial(optuna.trial.create_trial(  # trial number 0, holding point 2
+            state=TrialState.COMPLETE, value=0.0, system_attrs={"grid_id": 2, "search_space": grid}))
+        for _ in range(3):  # trials number 1, 2, 3
+            trial = study.ask()
+            trial.suggest_categorical("x", grid["x"])
+        points = [t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)]
+        assert (len(set(points)) < len(points)) == expect_repeat, (sampler_class.__name__, points)
+
+
+def test_tpe_searcher_samples_the_grid_values():
+    grid = space.load_preset("resume")["grid"]
+    searcher = space.make_searcher("tpe", grid, seed=0, num_samples=5)
+    for i in range(5):
+        config = searcher.suggest(f"t{i}")
+        assert point_key(config) in set(map(point_key, PAPER_GRID))
+        searcher.on_trial_complete(f"t{i}", {"best_dev_f1": 0.1 * i, "training_iteration": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+def test_help_documents_every_flag_and_ray_tune_is_not_shadowed():
+    result = subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--help"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for flag in ("--dataset", "--data-dir", "--model", "--epochs", "--limit-train", "--num-samples", "--mlflow-uri",
+                 "--experiment-name", "--resume", "--max-failures", "--max-concurrent", "--sampler", "--scheduler",
+                 "--seeds", "--gpus-per-trial", "--cpus-per-trial", "--address", "--alphas", "--beta", "--gamma"):
+        assert f"{flag} " in text, flag
+    assert "--inject-crash" not in text  # a test hook, not a user flag
+    # From the repository root, where a `tune/` folder sits beside `softfine/`, both with the
+    # current directory first on sys.path (python -c) and with tune/ first (python tune/search.py).
+    for code in ("import ray.tune, sys; print(ray.tune.__file__)",
+                 "import sys; sys.path.insert(0, 'tune'); import ray.tune; print(ray.tune.__file__)"):
+        where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert where.returncode == 0, where.stderr
+        assert "site-packages" in where.stdout and str(REPO / "tune") not in where.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals before any trial starts (before Ray starts, even).
+
+def refused(argv: list[str], tmp_path: Path) -> str:
+    import ray
+
+    storage = tmp_path / "ray"
+    code, output = run_search([*argv, "--storage-path", storage, "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    assert code == 2, output
+    assert not ray.is_initialized()
+    assert not storage.exists()  # no search record, no trial
+    return output
+
+
+def test_refuses_an_unknown_dataset(tmp_path):
+    output = refused(["--dataset", "nosuch", "--model", "tiny"], tmp_path)
+    assert "unknown dataset 'nosuch'" in output and "weibo" in output
+
+
+def test_refuses_missing_data_files(tmp_path):
+    (tmp_path / "data" / "resume").mkdir(parents=True)
+    output = refused(["--dataset", "resume", "--data-dir", tmp_path / "data", "--model", "tiny"], tmp_path)
+    assert str(tmp_path / "data" / "resume" / "train.char.bmes") in output
+
+
+def test_refuses_an_impossible_grid_value(tmp_path):
+    data = shared_data_dir()
+    output = refused(["--dataset", "resume", "--data-dir", data, "--beta", "0.5", "2"], tmp_path)
+    assert "--beta must be > 1, got 0.5" in output
+    output = refused(["--dataset", "resume", "--data-dir", data, "--gamma", "0", "--sampler", "tpe"], tmp_path)
+    assert "--gamma must be > 0, got 0.0" in output
+
+
+def test_refuses_a_tracking_server_that_does_not_answer(tmp_path):
+    import ray
+
+    data = shared_data_dir()
+    port = free_port()  # nothing listens there
+    code, output = run_search(["--dataset", "resume", "--data-dir", data, "--model", "tiny", "--gpus-per-trial", "0",
+                               "--mlflow-uri", f"http://127.0.0.1:{port}", "--storage-path", tmp_path / "ray"])
+    assert code == 2
+    assert f"the MLflow tracking store http://127.0.0.1:{port} does not answer" in output
+    assert not ray.is_initialized() and not (tmp_path / "ray").exists()
+
+
+def test_refuses_a_grid_search_with_another_budget(tmp_path):
+    output = refused(["--dataset", "resume", "--data-dir", shared_data_dir(), "--num-samples", "5"], tmp_path)
+    assert "runs each of its 36 points exactly once" in output
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial's MLflow logging never raises.
+
+def test_child_run_logging_queues_what_an_unanswering_server_does_not_take(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    settings = {"uri": f"http://127.0.0.1:{free_port()}", "experiment_id": "1", "parent_run_id": "p",
+                "probe_interval": 0}
+    run = ChildRun(settings, "trial1", "trial1", {}, [])
+    run.submit({"op": "attach"})
+    run.submit({"op": "metrics", "metrics": {"dev_f1": 0.5}, "step": 10})
+    run.submit({"op": "end", "status": "FINISHED"})
+    account = run.account()
+    assert account["mlflow_unlogged"] == 3 and account["mlflow_run_id"] == ""
+    assert account["mlflow_failures"] >= 1 and "Connection" in account["mlflow_error"]
+    run.save(tmp_path)
+    queued = [json.loads(line) for line in (tmp_path / "mlflow_unlogged.jsonl").read_text().splitlines()]
+    assert [op["op"] for op in queued] == ["attach", "metrics", "end"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_selection_takes_the_best_dev_f1_never_test():
+    from softfine_tune_tracking import select
+
+    rows = [{"trial": 0, "best_dev_f1": 0.5, "test_f1": 0.9}, {"trial": 1, "best_dev_f1": 0.7, "test_f1": 0.1},
+            {"trial": 2, "best_dev_f1": 0.7, "test_f1": 0.8}, {"trial": 3, "best_dev_f1": None}]
+    assert select(rows)["trial"] == 1  # the earliest of the tied best
+    assert select([{"trial": 0, "best_dev_f1": None}]) is None
+
+
+def test_max_overlap_counts_trials_running_together():
+    rows = [{"trial_start_time": 0, "trial_end_time": 10}, {"trial_start_time": 5, "trial_end_time": 15},
+            {"trial_start_time": 10, "trial_end_time": 20}, {"trial_start_time": 11, "trial_end_time": 12}]
+    assert search.max_overlap(rows) == 3

@@ -1,0 +1,140 @@
+"""Helpers for the tests of tune/ (tests/test_tune_*.py): real Ray, real MLflow, real data.
+
+tune/ is not a package (tune/search.py is a script; its modules are imported from its folder,
+as Python does for a script), so the tests put tune/ on sys.path the same way. The module names
+there are unique (softfine_tune_*), so nothing is shadowed, `ray.tune` included.
+
+Servers listen on 127.0.0.1 only and are stopped by the fixtures that start them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TUNE = REPO / "tune"
+SEARCH_SCRIPT = TUNE / "search.py"
+if str(TUNE) not in sys.path:
+    sys.path.insert(0, str(TUNE))
+
+
+def shared_data_dir() -> Path:
+    """$SOFTFINE_DATA_DIR, else ../shared/data beside the repository; a test fails (never skips)
+    when the data is missing."""
+    path = Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data")
+    needed = [path / "weibo" / "weiboNER_2nd_conll.train", path / "resume" / "train.char.bmes",
+              path / "resume" / "dev.char.bmes", path / "resume" / "test.char.bmes"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.fail(f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put the shared data "
+                    "in ../shared/data beside the repository)")
+    return path
+
+
+def small_search_flags(data_dir: Path, *extra: str) -> list[str]:
+    """A search that takes seconds per trial on CPU: tiny encoder, 24 Resume sentences, 2 epochs
+    at a learning rate high enough that dev F1 differs between grid points."""
+    return ["--dataset", "resume", "--data-dir", str(data_dir), "--model", "tiny", "--limit-train", "24",
+            "--limit-eval", "24", "--epochs", "2", "--batch-size", "2", "--lr", "5e-3", "--gpus-per-trial", "0",
+            *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite store in a temporary folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.log = open(self.folder / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", str(self.folder / "artifacts")],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.folder)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        """Stops the server and the worker processes it started (its own process group)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=20)
+        self.log.close()
+
+
+def run_search(argv: list[str]) -> tuple[int, str]:
+    """tune/search.py's main() in this process (on the Ray instance the test started); returns
+    the exit status and what it printed (stdout and stderr)."""
+    import softfine_tune_search
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = softfine_tune_search.main([str(a) for a in argv])
+    text = out.getvalue()
+    sys.stdout.write(text[-20000:])  # shown by pytest when the test fails
+    return code, text
+
+
+def children(uri: str, experiment_name: str, parent_run_id: str | None = None) -> list:
+    """The child runs of an experiment (of one parent if given)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    query = "tags.`softfine.phase` != 'parent'" if parent_run_id is None else \
+        f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    return client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000)
+
+
+def parents(uri: str, experiment_name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    return client.search_runs([experiment.experiment_id], filter_string="tags.`softfine.phase` = 'parent'")
+
+
+def read_summary(storage: Path, name: str) -> dict:
+    import json
+
+    return json.loads((storage / name / "summary.json").read_text())

@@ -1,0 +1,34 @@
+"""The selected SoftFiNE checkpoint as an MLflow pyfunc model.
+
+    model = mlflow.pyfunc.load_model("runs:/<parent run id>/model")
+    model.predict(["高勇：男，中国国籍。"])
+    # [[{"text": "高勇", "category": "NAME", "levels": ["NAME"], "start": 0, "end": 1}, ...]]
+
+The model is logged from code (this file) with the checkpoint directory (best/) as an artifact
+and the softfine package as code, so loading needs torch, transformers, tokenizers, safetensors
+and seqeval, not this repository.
+"""
+
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+
+
+class SoftFiNEModel(mlflow.pyfunc.PythonModel):
+    """predict(texts) -> one list of entities per text: {"text", "category", "levels", "start",
+    "end"}, character offsets, `end` inclusive."""
+
+    def load_context(self, context) -> None:
+        from softfine.predict import Predictor
+
+        self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device="auto")
+
+    def predict(self, context, model_input: list[str], params=None) -> list[list[dict[str, Any]]]:
+        # The type hints give the model its signature (a list of strings in; a pandas DataFrame
+        # of one text column works too) and make MLflow check what callers pass.
+        return self.predictor.predict(list(model_input))
+
+
+# Models from code: MLflow runs this file to build the model (no pickled Python object).
+mlflow.models.set_model(SoftFiNEModel())

@@ -1,0 +1,406 @@
+"""The Ray Tune trainable: one SoftFiNE training run per trial, logged to its own MLflow child run.
+
+`softfine_trial(config)` is a thin function over `softfine.train.train`:
+
+* it builds a `TrainConfig` from the trial config (the search's fixed training settings plus the
+  sampled alpha_aug, alpha_fea, beta, gamma, or a seed in the seeds phase);
+* after every dev evaluation it logs the metrics to the trial's MLflow child run and calls
+  `tune.report(metrics, checkpoint=...)` with the training directory (state/ to resume from,
+  best/ so far, and `mlflow_run.json`, which names the child run);
+* at the end it reports the test scores of the best checkpoint, with a final, smaller checkpoint
+  that holds only best/ and the records;
+* when Ray restarts it (`--max-failures`, `--resume`), `tune.get_checkpoint()` gives the last
+  reported directory back: training goes on from it (`resume_from`) and logs to the same child
+  run, whose id is in the checkpoint (or, before the first checkpoint, found by its trial-id tag).
+
+MLflow is never allowed to kill training: every logging call that fails is queued, retried at
+the next evaluation (at most once per `probe_interval` seconds while the server is down), and
+whatever is still unlogged at the end is written to `mlflow_unlogged.jsonl` in the final
+checkpoint and counted in the final result (`mlflow_unlogged`, `mlflow_error`), which the driver
+turns into an account when the search ends.
+
+This module must stay importable on its own (it is pickled by value into Ray workers, which may
+not have tune/ on their path): it imports only the standard library, softfine, ray and mlflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("softfine.tune.trial")
+
+RUN_RECORD = "mlflow_run.json"  # {"run_id", "params_logged", ...}: kept in every checkpoint
+FINAL_RECORD = "final.json"  # the final result: a checkpoint holding it means "trial finished"
+UNLOGGED = "mlflow_unlogged.jsonl"  # MLflow operations that could not be sent
+TRIAL_ID_TAG = "softfine.trial_id"
+PHASE_TAG = "softfine.phase"
+SEARCH_TAG = "softfine.search"  # the Ray experiment name, on the parent and every child
+SEARCH_KEYS = ("alpha_aug", "alpha_fea", "beta", "gamma")
+
+
+# ---------------------------------------------------------------------------------------------
+# The (alpha_aug, alpha_fea) pair is one categorical dimension: the paper searches 4 pairs, not
+# the 4 x 4 product. Grid samplers need str/int/float values, so a pair is the string "aug,fea".
+
+def alphas_key(alpha_aug: float, alpha_fea: float) -> str:
+    return f"{float(alpha_aug):g},{float(alpha_fea):g}"
+
+
+def parse_alphas(key: str) -> tuple[float, float]:
+    try:
+        aug, fea = (float(part) for part in str(key).split(","))
+    except ValueError:
+        raise ValueError(f"an (alpha_aug, alpha_fea) pair is written AUG,FEA (e.g. 0.1,0.05), got {key!r}") from None
+    return aug, fea
+
+
+def hyperparameters(config: dict) -> dict:
+    """alpha_aug, alpha_fea, beta, gamma of a trial config."""
+    aug, fea = parse_alphas(config["alphas"])
+    return {"alpha_aug": aug, "alpha_fea": fea, "beta": float(config["beta"]), "gamma": float(config["gamma"])}
+
+
+def train_config_values(config: dict) -> dict:
+    """The TrainConfig fields of a trial config (without `out` and `device`, set per attempt)."""
+    values = dict(config["train"])
+    values.update(hyperparameters(config))
+    if config.get("seed") is not None:  # the seeds phase varies the seed
+        values["seed"] = int(config["seed"])
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow: the child run, with a queue for what the server did not take.
+
+class ChildRun:
+    """The trial's MLflow child run. Operations go through a queue: a failing server delays
+    them (retried at the next call, at most every `probe_interval` seconds) but never raises."""
+
+    def __init__(self, settings: dict, trial_id: str, trial_name: str, record: dict, pending: list[dict]):
+        from mlflow.tracking import MlflowClient
+
+        self.settings = settings
+        self.trial_id, self.trial_name = trial_id, trial_name
+        self.client = MlflowClient(tracking_uri=settings["uri"])
+        self.record = dict(record)
+        self.pending: list[dict] = list(pending)
+        self.failures = 0
+        self.first_error: str | None = None
+        self.last_error: str | None = None
+        self.down_since: float | None = None
+        self.last_try = 0.0
+        self.probe_interval = float(settings.get("probe_interval", 30))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.record.get("run_id")
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        """Find this trial's child run (by the checkpoint's record, else by its trial-id tag), or
+        create it. Re-attaching sets it RUNNING again."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        if self.run_id is None:
+            found = self.client.search_runs(
+                [self.settings["experiment_id"]],
+                filter_string=f"tags.`{TRIAL_ID_TAG}` = '{self.trial_id}' and "
+                              f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.settings['parent_run_id']}'",
+                max_results=5)
+            if found:
+                self.record["run_id"] = found[0].info.run_id
+        if self.run_id is None:
+            run = self.client.create_run(
+                self.settings["experiment_id"], run_name=self.trial_name,
+                tags={MLFLOW_PARENT_RUN_ID: self.settings["parent_run_id"], TRIAL_ID_TAG: self.trial_id,
+                      PHASE_TAG: self.settings.get("phase", "search"),
+                      SEARCH_TAG: self.settings.get("search", "")})
+            self.record["run_id"] = run.info.run_id
+            self.record["attempt"] = 1
+        else:
+            status = self.client.get_run(self.run_id).info.status
+            if status != "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            self.record["attempt"] = int(self.record.get("attempt", 1)) + 1
+
+    def _apply(self, op: dict) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        kind = op["op"]
+        if kind == "attach":
+            self._attach()
+            return
+        run_id = self.run_id
+        if kind == "metrics":
+            ts = int(op["time"] * 1000)
+            metrics = [Metric(k, float(v), ts, int(op["step"])) for k, v in op["metrics"].items()]
+            for start in range(0, len(metrics), 500):
+                self.client.log_batch(run_id, metrics=metrics[start:start + 500])
+        elif kind == "params":
+            if not self.record.get("params_logged"):
+                items = [Param(k, str(v)[:6000]) for k, v in op["params"].items()]
+                for start in range(0, len(items), 100):
+                    self.client.log_batch(run_id, params=items[start:start + 100])
+                self.record["params_logged"] = True
+        elif kind == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
+        elif kind == "dict":
+            self.client.log_dict(run_id, op["data"], op["name"])
+        elif kind == "end":
+            self.client.set_terminated(run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown MLflow operation {kind!r}")
+
+    def submit(self, op: dict) -> None:
+        self.pending.append({**op, "time": op.get("time", time.time())})
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is queued, in order; True when the queue is empty."""
+        if self.down_since is not None and not force and time.time() - self.last_try < self.probe_interval:
+            return not self.pending
+        while self.pending:
+            op = self.pending[0]
+            if op["op"] != "attach" and self.run_id is None:
+                self.pending.insert(0, {"op": "attach", "time": time.time()})
+                op = self.pending[0]
+            self.last_try = time.time()
+            try:
+                self._apply(op)
+            except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; none may stop training
+                self.failures += 1
+                message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                self.first_error = self.first_error or message
+                self.last_error = message
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    log.warning("MLflow at %s did not take an update (%s); training goes on, and the "
+                                "updates are kept to be sent later", self.settings["uri"], message)
+                return False
+            self.pending.pop(0)
+            if self.down_since is not None:
+                log.warning("MLflow at %s answers again; sending %d queued update(s)",
+                            self.settings["uri"], len(self.pending))
+                self.down_since = None
+        return True
+
+    def save(self, directory: Path) -> None:
+        """Writes the run record and the queue into a checkpoint directory."""
+        (directory / RUN_RECORD).write_text(json.dumps(self.record, indent=1))
+        queue = directory / UNLOGGED
+        if self.pending:
+            queue.write_text("".join(json.dumps(op, ensure_ascii=False) + "\n" for op in self.pending),
+                             encoding="utf-8")
+        elif queue.exists():
+            queue.unlink()
+
+    def account(self) -> dict:
+        return {"mlflow_run_id": self.run_id or "", "mlflow_unlogged": len(self.pending),
+                "mlflow_failures": self.failures, "mlflow_error": self.last_error or self.first_error or ""}
+
+
+def read_records(directory: Path) -> tuple[dict, list[dict]]:
+    record = json.loads((directory / RUN_RECORD).read_text()) if (directory / RUN_RECORD).is_file() else {}
+    queue = directory / UNLOGGED
+    pending = ([json.loads(line) for line in queue.read_text(encoding="utf-8").splitlines() if line.strip()]
+               if queue.is_file() else [])
+    return record, pending
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run needs to be reproduced.
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("softfine", "torch", "transformers", "ray", "optuna", "mlflow"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def data_checksum(values: dict) -> str:
+    from softfine.datasets import available_splits, dataset_files, sha256_of
+
+    splits = [s for s in ("train", "dev", "test") if s in available_splits(values["dataset"], values["data_dir"])]
+    files = dataset_files(values["dataset"], values["data_dir"], splits)
+    return sha256_of([files[s] for s in splits])
+
+
+def choose_device(allow_cpu_fallback: bool) -> tuple[str, str | None]:
+    """cuda when Ray gave this trial a GPU, cpu otherwise. A GPU that torch cannot see is a
+    DeviceError naming the node, unless `allow_cpu_fallback` (then: cpu, and a warning)."""
+    import ray
+    import torch
+    from softfine.errors import DeviceError
+
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
+        return "cpu", None
+    if torch.cuda.is_available():
+        return "cuda", None
+    message = (f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node "
+               f"{ray.get_runtime_context().get_node_id()} ({socket.gethostname()}), but torch "
+               f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device "
+               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Install a CUDA build "
+               f"of torch on that node, or run the search with --gpus-per-trial 0 to train on CPU.")
+    if allow_cpu_fallback:
+        log.warning("%s Training on CPU instead (--allow-cpu-fallback).", message)
+        return "cpu", message
+    raise DeviceError(message)
+
+
+def probe_cuda() -> dict:
+    """Run as a Ray task holding a trial's GPUs: does torch see them on this node?"""
+    import ray
+    import torch
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "gpu_ids": ray.get_gpu_ids(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
+            "cuda_build": torch.version.cuda, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _metric_items(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable.
+
+def softfine_trial(config: dict) -> None:
+    import ray
+    from ray import tune
+    from softfine.train import TrainConfig, train
+
+    started = time.time()
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    settings = dict(config["mlflow"])
+    runtime = dict(config.get("runtime") or {})
+    # Per-trial training logs only with --verbose; the data reader's notes about skipped
+    # sentences would otherwise repeat once per trial.
+    logging.getLogger("softfine").setLevel(logging.INFO if runtime.get("verbose") else logging.WARNING)
+    logging.getLogger("softfine.data").setLevel(logging.INFO if runtime.get("verbose") else logging.ERROR)
+    # Fail fast on an unreachable tracking server: a few seconds per try, not minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.get("max_retries", 1)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.get("timeout", 10))))
+
+    work = Path(tempfile.mkdtemp(prefix=f"softfine-{trial_id}-"))
+    out = work / "run"
+    try:
+        checkpoint = tune.get_checkpoint()
+        resume_from = None
+        if checkpoint is not None:
+            checkpoint.to_directory(str(out))
+            resume_from = str(out)
+        out.mkdir(parents=True, exist_ok=True)
+        record, pending = read_records(out)
+        run = ChildRun(settings, trial_id, trial_name, record, pending)
+
+        if (out / FINAL_RECORD).is_file():
+            # Restored after it had finished (e.g. the driver died before it saw the end): the
+            # result stands as it was; report it again without training or touching the run.
+            final = json.loads((out / FINAL_RECORD).read_text())
+            tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(out)))
+            return
+
+        device, device_note = choose_device(bool(runtime.get("allow_cpu_fallback")))
+        values = train_config_values(config)
+        values.update(out=str(out), device=device)
+        train_config = TrainConfig(**values).validate()
+        resolved = dataclasses.asdict(train_config)
+        node_id = ray.get_runtime_context().get_node_id()
+        identity = {"node_id": node_id, "trial_start_time": started}
+
+        run.submit({"op": "attach"})
+        if not run.record.get("params_logged"):
+            run.submit({"op": "params", "params": {k: v for k, v in resolved.items() if k not in ("out",)}})
+        code = settings.get("code_version") or {}
+        tags = {
+            "softfine.node_id": node_id, "softfine.hostname": socket.gethostname(),
+            "softfine.device": device, "softfine.gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+            "softfine.data_sha256": data_checksum(resolved), "softfine.seed": train_config.seed,
+            "softfine.attempt": run.record.get("attempt", 1),
+            **{f"softfine.version.{k}": v for k, v in versions().items()},
+        }
+        if code.get("commit"):
+            tags.update({"mlflow.source.git.commit": code["commit"], "softfine.git_dirty": code.get("dirty", "")})
+        if device_note:
+            tags["softfine.device_note"] = device_note
+        if resume_from:
+            tags["softfine.resumed_from_step"] = _last_step(out)
+        run.submit({"op": "tags", "tags": tags})
+        run.submit({"op": "dict", "name": "config.json", "data": {"train_config": resolved, "trial_config": config,
+                                                                    "versions": versions(), "code": code}})
+        crash_at = runtime.get("crash_at_step")
+        reported = {"n": 0}
+
+        def on_evaluate(metrics: dict, out_dir: str) -> None:
+            if (crash_at is not None and metrics["step"] >= int(crash_at) and reported["n"] >= 1
+                    and not Path(runtime["crash_marker"]).exists()):
+                # Fault injection for the tests (--inject-crash): the process dies as a crash
+                # would, once, after a checkpoint has been reported.
+                Path(runtime["crash_marker"]).write_text(f"{trial_id} step {metrics['step']}\n")
+                log.error("injected crash at step %s", metrics["step"])
+                sys.stdout.flush(), sys.stderr.flush()
+                os._exit(3)
+            run.submit({"op": "metrics", "metrics": _metric_items(metrics), "step": metrics["step"]})
+            run.save(Path(out_dir))
+            reported["n"] += 1
+            tune.report({**metrics, **identity, **run.account()},
+                        checkpoint=tune.Checkpoint.from_directory(out_dir))
+
+        try:
+            result = train(train_config, on_evaluate=on_evaluate, resume_from=resume_from)
+        except BaseException as err:
+            # SystemExit: the scheduler stopped the trial (ASHA); anything else: a failure that Ray
+            # may retry, in which case the next attempt sets the run RUNNING again.
+            stopped = isinstance(err, SystemExit)
+            run.submit({"op": "tags", "tags": {"softfine.stopped_early": "true"} if stopped
+                        else {"softfine.error": f"{type(err).__name__}: {err}"[:4000]}})
+            run.submit({"op": "end", "status": "KILLED" if stopped else "FAILED"})
+            raise
+
+        test = {k: v for k, v in result.items() if k.startswith("test_")}
+        final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final.update(identity, trial_end_time=time.time(), data_sha256=result["data_sha256"], final=1)
+        run.submit({"op": "metrics", "metrics": {"best_dev_f1": result["best_dev_f1"], "best_step": result["best_step"],
+                                                 **test}, "step": result["best_step"]})
+        if (out / "test_metrics.json").is_file():
+            run.submit({"op": "dict", "name": "test_metrics.json",
+                        "data": json.loads((out / "test_metrics.json").read_text(encoding="utf-8"))})
+        run.submit({"op": "end", "status": "FINISHED"})
+        run.flush(force=True)
+
+        # The final checkpoint: best/ and the records only (state/ is no longer needed).
+        final_dir = work / "final"
+        final_dir.mkdir()
+        shutil.move(str(out / "best"), str(final_dir / "best"))
+        for name in ("metrics.jsonl", "test_metrics.json"):
+            if (out / name).is_file():
+                shutil.copy2(out / name, final_dir / name)
+        final.update(run.account())
+        (final_dir / FINAL_RECORD).write_text(json.dumps(final, indent=1))
+        run.save(final_dir)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(str(final_dir)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _last_step(out: Path) -> int:
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    return json.loads(lines[-1])["step"] if lines else 0
