@@ -5,7 +5,6 @@ trial retried in its MLflow run, a killed driver resumed, a tracking server that
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import softfine_tune_trial
 from softfine_tune_space import METRIC, MODE, SearchError, check_grid, grid_from_flags, load_preset, make_searcher
-from softfine_tune_trial import PHASE_TAG, SEARCH_KEYS, alphas_key, softfine_trial
+from softfine_tune_trial import SEARCH_KEYS, alphas_key, softfine_trial
 
 log = logging.getLogger("softfine.tune")
 
@@ -79,10 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     grid = parser.add_argument_group("grid", "Values searched; the preset's grid where not given "
                                      "(the paper: 4 alpha pairs x beta 2,3,4 x gamma 1.5,2,2.5 = 36 points).")
-    grid.add_argument("--alphas", nargs="+", metavar="AUG,FEA",
+    # dest grid_*: not the TrainConfig fields beta and gamma, which each trial sets from the grid
+    grid.add_argument("--alphas", nargs="+", metavar="AUG,FEA", dest="grid_alphas",
                       help="(alpha_aug, alpha_fea) pairs, e.g. --alphas 0.1,0.1 0.01,0.005")
-    grid.add_argument("--beta", nargs="+", type=float, metavar="B", help="soft-label base values, each > 1")
-    grid.add_argument("--gamma", nargs="+", type=float, metavar="G", help="wrong-component penalty values, each > 0")
+    grid.add_argument("--beta", nargs="+", type=float, metavar="B", dest="grid_beta",
+                      help="soft-label base values, each > 1")
+    grid.add_argument("--gamma", nargs="+", type=float, metavar="G", dest="grid_gamma",
+                      help="wrong-component penalty values, each > 0")
 
     search = parser.add_argument_group("search")
     search.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
@@ -131,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--name", metavar="NAME",
                         help="name of this search: its Ray results folder (default: DATASET-SAMPLER-TIME)")
     faults.add_argument("--storage-path", metavar="DIR",
-                        help=f"where Ray keeps results and checkpoints; must be shared by all nodes of a multi-node "
-                             f"cluster (NFS, or s3://...) (default: {DEFAULT_STORAGE})")
+                        help=f"folder where Ray keeps results and checkpoints; on a multi-node cluster, one that every "
+                             f"node shares (e.g. NFS) (default: {DEFAULT_STORAGE})")
     faults.add_argument("--resume", nargs="?", const="latest", metavar="NAME",
                         help="continue a search whose driver stopped (the latest one, or NAME or a results folder): "
                              "finished trials are kept, unfinished ones go on from their checkpoints, in their MLflow "
@@ -184,7 +187,7 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
         dataset_files(dataset, config.data_dir, ("train", "dev"))
     except SoftFiNEError as err:
         raise SearchError(str(err)) from None
-    grid = grid_from_flags(preset["grid"], args.alphas, args.beta, args.gamma)
+    grid = grid_from_flags(preset["grid"], args.grid_alphas, args.grid_beta, args.grid_gamma)
     train = {k: v for k, v in dataclasses.asdict(config).items() if k not in EXCLUDED_TRAIN_FIELDS}
     check_grid(grid, train)
 
@@ -214,8 +217,9 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
         if not step.isdigit() or not marker:
             raise SearchError("--inject-crash takes STEP:MARKER_FILE")
     storage = args.storage_path or str(DEFAULT_STORAGE)
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
+    if "://" in storage:
+        raise SearchError(f"--storage-path {storage}: give a folder (on a multi-node cluster, a shared one, e.g. NFS)")
+    storage = str(Path(storage).resolve())
     name = args.name or f"{dataset}-{args.sampler}-{datetime.now():%Y%m%d-%H%M%S}"
     return Plan(args=args, argv=list(argv), dataset=dataset, train=train, grid=grid, num_samples=num_samples,
                 preset=preset, tracking_uri=resolve_tracking_uri(args.mlflow_uri),
@@ -244,10 +248,22 @@ def cluster_resources() -> dict:
             "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
             "max_node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
             "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
-            "gpu_nodes": [n["NodeID"] for n in nodes if n["Resources"].get("GPU", 0) >= 1e-9]}
+            "gpu_nodes": [n["NodeID"] for n in nodes if n["Resources"].get("GPU", 0) >= 1e-9],
+            "hosts": sorted({n["NodeManagerAddress"] for n in nodes})}
 
 
-def check_cluster(args: argparse.Namespace, cluster: dict) -> None:
+def check_cluster(args: argparse.Namespace, cluster: dict, tracking_uri: str, storage_path: str) -> None:
+    from softfine_tune_tracking import is_remote
+
+    if len(cluster["hosts"]) > 1 and not is_remote(tracking_uri):
+        raise SearchError(f"the Ray cluster spans {len(cluster['hosts'])} hosts: trials on the others cannot write to "
+                          f"the local MLflow store {tracking_uri}. Start a tracking server (e.g. `mlflow server --host "
+                          "0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow/mlflow.db`) and pass "
+                          "--mlflow-uri http://HEAD:5000.")
+    if len(cluster["hosts"]) > 1:
+        log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
+                    "NFS), for the checkpoints that --max-failures and --resume use", len(cluster["hosts"]),
+                    storage_path)
     if args.gpus_per_trial > cluster["max_node_gpus"]:
         raise SearchError(f"--gpus-per-trial {args.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
                           f"(the most on one node: {cluster['max_node_gpus']:g}; {cluster['nodes']} node(s)). "
@@ -303,14 +319,14 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
 
     args = plan.args
     path = f"{plan.storage_path.rstrip('/')}/{name}"
-    if restore and tune.Tuner.can_restore(path):
-        log.warning("resuming %s from %s", phase, path)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with the columns below
     # Every evaluation checkpoints (num_to_keep=1 forces an experiment snapshot each time): that
     # is what --max-failures and --resume need, not a bottleneck worth a warning per trial.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if restore and tune.Tuner.can_restore(path):
+        log.warning("resuming %s from %s", phase, path)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     columns = {"alphas": "α_aug,α_fea", "beta": "β", "gamma": "γ"}
     if phase == "seeds":
         columns = {"seed": "seed"}
@@ -356,15 +372,28 @@ def find_search(storage_path: str, which: str) -> Path:
     return records[-1].parent
 
 
-def run_phase(plan: Plan, tracker, phase: str, param_space: dict, name: str, trainable, restore: bool) -> list:
+class Interrupted(Exception):
+    """The search stopped before its trials ended (Ctrl-C): it can be resumed, not summarised."""
+
+
+def run_phase(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool) -> list:
     tuner = make_tuner(plan, phase, param_space, name, trainable, restore)
     started = time.time()
     results = tuner.fit()
     log.info("%s phase: %d trials in %.0f s", phase, len(results), time.time() - started)
+    # Ray Tune returns normally after SIGINT, having saved the unfinished trials for a restore:
+    # the saved experiment state tells (the trials in memory are all stopped by then).
+    from ray.tune import ExperimentAnalysis
+
+    saved = ExperimentAnalysis(results.experiment_path).trials
+    unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+    expected = plan.num_samples if phase == "search" else plan.args.seeds
+    if unfinished or len(saved) < expected:
+        raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
     return [results[i] for i in range(len(results))]
 
 
-def reconcile(tracker, plan: Plan, experiment_id: str, rows: list[dict], children: dict) -> None:
+def reconcile(tracker, rows: list[dict], children: dict) -> None:
     """Child runs that their trial could not close (stopped by ASHA, killed, out of retries)."""
     for row in rows:
         run = children.get(row["trial_id"])
@@ -406,7 +435,8 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: argparse.Argum
         args.name, args.storage_path = folder.name, str(folder.parent)
         args.resume = None
         argv = record["argv"]
-        print(f"{PROG}: resuming search {folder.name} ({folder}), stage: {record.get('stage')}", flush=True)
+        print(f"{PROG}: resuming search {folder.name} ({folder}), stage: {record.get('stage')}, with its own flags: "
+              f"{' '.join(record['argv'])}", flush=True)
         if record.get("stage") == "done":
             print(json.dumps(record.get("summary", {}), indent=1, default=str))
             return 0
@@ -421,7 +451,7 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: argparse.Argum
     try:
         _register_trainable_by_value()
         cluster = cluster_resources()
-        check_cluster(args, cluster)
+        check_cluster(args, cluster, plan.tracking_uri, plan.storage_path)
         probe_gpus(args, cluster)
         return _search(plan, record, folder, cluster)
     finally:
@@ -477,12 +507,12 @@ def _search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
     trainable = tune.with_resources(softfine_trial, {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
 
     started = time.time()
-    results = run_phase(plan, tracker, "search", {**base_space, "mlflow": {**mlflow_settings, "phase": "search"}},
+    results = run_phase(plan, "search", {**base_space, "mlflow": {**mlflow_settings, "phase": "search"}},
                         plan.name, trainable, restore=restoring)
     search_seconds = time.time() - started
     children = tracker.attempt("list the child runs", lambda: tracker.children(experiment_id, parent_run_id), {})
     rows = trial_rows(results, children, "search")
-    reconcile(tracker, plan, experiment_id, rows, children)
+    reconcile(tracker, rows, children)
     selected = select(rows)
 
     seed_rows: list[dict] = []
@@ -494,12 +524,12 @@ def _search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
                        "alphas": alphas_key(selected["alpha_aug"], selected["alpha_fea"]),
                        "beta": selected["beta"], "gamma": selected["gamma"],
                        "seed": tune.grid_search([base_seed + i for i in range(args.seeds)])}
-        seed_results = run_phase(plan, tracker, "seeds", seeds_space, f"{plan.name}-seeds", trainable,
+        seed_results = run_phase(plan, "seeds", seeds_space, f"{plan.name}-seeds", trainable,
                                  restore=restoring)
         children = tracker.attempt("list the child runs", lambda: tracker.children(experiment_id, parent_run_id),
                                    children)
         seed_rows = trial_rows(seed_results, children, "seeds")
-        reconcile(tracker, plan, experiment_id, seed_rows, children)
+        reconcile(tracker, seed_rows, children)
 
     summary = finish(plan, tracker, folder, experiment_id, parent_run_id, rows, seed_rows, selected, search_seconds)
     record.update(stage="done", summary=summary)
@@ -679,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SearchError, SoftFiNEError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; continue this search with: python {PROG} --resume", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as err:
+        print(f"{PROG}: interrupted ({err or 'Ctrl-C'}); the search is saved: continue it with "
+              f"python {PROG} --resume", file=sys.stderr, flush=True)
         return 130

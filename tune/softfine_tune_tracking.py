@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,7 +140,7 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri))
 
     def start_parent(self, experiment_id: str, run_name: str, search: str, params: dict, tags: dict) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         run = self.client.create_run(experiment_id, run_name=run_name,
                                      tags={SEARCH_TAG: search, PHASE_TAG: "parent", **tags})
@@ -265,7 +266,9 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
         except Exception:  # noqa: BLE001
             requirements.append(name)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=parent_run_id):
+    with mlflow.start_run(run_id=parent_run_id), warnings.catch_warnings():
+        # MLflow notes that the entity dicts' values are typed Any (str, int, list): intended.
+        warnings.filterwarnings("ignore", message=".*Any type hint is inferred", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_code), artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(softfine.__file__).parent)],
