@@ -87,11 +87,19 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"mlflow server did not answer within {timeout} s")
 
+    def pause(self) -> None:
+        """The server stops answering: its processes are stopped (SIGSTOP), its port stays open."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """Stops the server and the worker processes it started (its own process group)."""
         if self.process is None or self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGCONT)
             os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=20)

@@ -61,14 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "Optuna over the paper's grid of (alpha_aug, alpha_fea) x beta x gamma, one trial per "
                     "GPU, every trial a nested MLflow run under one parent run per search.",
         epilog="examples:\n"
-               "  # CPU, tiny encoder, a small subset (minutes):\n"
-               "  python tune/search.py --dataset weibo --model tiny --limit-train 200 --limit-eval 100 \\\n"
-               "      --epochs 2 --gpus-per-trial 0\n"
+               "  # CPU, tiny encoder, a small subset of Resume (minutes), data from $SOFTFINE_DATA_DIR:\n"
+               "  python tune/search.py --dataset resume --model tiny --limit-train 300 --limit-eval 100 \\\n"
+               "      --epochs 3 --batch-size 8 --lr 2e-3 --gpus-per-trial 0 --cpus-per-trial 0.5\n"
                "  # the paper's grid on GPUs with bert-base-chinese, logging to a tracking server:\n"
                "  python tune/search.py --dataset weibo --mlflow-uri http://HEAD:5000 --seeds 5\n"
                "  # after a crash of this driver:\n"
                "  python tune/search.py --resume\n")
-    parser.add_argument("-v", "--verbose", action="store_true", help="training progress of every trial, debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every trial's training log (progress, data notes) as well")
 
     train = parser.add_argument_group(
         "data and training", "One flag per training setting. The dataset's preset (tune/presets/DATASET.yaml: "
@@ -700,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from softfine.errors import SoftFiNEError
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from softfine_tune_space import SearchError
-from softfine_tune_trial import PHASE_TAG, SEARCH_KEYS, SEARCH_TAG, TRIAL_ID_TAG
+from softfine_tune_trial import PHASE_TAG, SEARCH_KEYS, SEARCH_TAG, TRIAL_ID_TAG, describe_error
 
 log = logging.getLogger("softfine.tune")
 
@@ -120,14 +120,28 @@ class Tracker:
         self.failures: list[str] = []
 
     def attempt(self, what: str, call: Callable[[], Any], default: Any = None) -> Any:
+        """`call()`, or `default` and a recorded failure. Once a call has failed, each further one
+        is tried only if the store answers a quick check, so that a server that hangs costs
+        seconds, not a timeout per call."""
+        if self.failures and not self.answers():
+            self.failures.append(f"{what}: not tried, the store still does not answer")
+            log.warning("MLflow: could not %s (the store does not answer)", what)
+            return default
         try:
             with short_http(self.timeout, retries=1):
                 return call()
         except Exception as err:  # noqa: BLE001
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.failures.append(f"{what}: {type(err).__name__}: {first[:300]}")
-            log.warning("MLflow: could not %s (%s: %s)", what, type(err).__name__, first[:300])
+            self.failures.append(f"{what}: {describe_error(err)}")
+            log.warning("MLflow: could not %s (%s)", what, describe_error(err))
             return default
+
+    def answers(self) -> bool:
+        try:
+            with short_http(min(self.timeout, 5), retries=0):
+                self.client.search_experiments(max_results=1)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
     def experiment(self, name: str) -> str:
         """The experiment's id, created if needed (with the artifact root beside a SQLite store)."""

@@ -179,7 +179,7 @@ class ChildRun:
                 self._apply(op)
             except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; none may stop training
                 self.failures += 1
-                message = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                message = describe_error(err)
                 self.first_error = self.first_error or message
                 self.last_error = message
                 if self.down_since is None:
@@ -207,6 +207,21 @@ class ChildRun:
     def account(self) -> dict:
         return {"mlflow_run_id": self.run_id or "", "mlflow_unlogged": len(self.pending),
                 "mlflow_failures": self.failures, "mlflow_error": self.last_error or self.first_error or ""}
+
+
+def describe_error(err: BaseException) -> str:
+    """One short line for an MLflow failure: what happened, and the URL it happened on."""
+    import re
+
+    text = str(err).strip()
+    url = re.search(r"request to (\S+) failed", text)
+    where = f" ({url.group(1)})" if url else ""
+    if "Read timed out" in text or "ReadTimeout" in text:
+        return f"no answer within the timeout{where}"
+    if "Connection refused" in text or "NewConnectionError" in text:
+        return f"connection refused{where}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:240]}"
 
 
 def read_records(directory: Path) -> tuple[dict, list[dict]]:
