@@ -628,10 +628,16 @@ def _log_selected_model(uri: str, parent_run_id: str, checkpoint: str) -> str:
 
 
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    from softfine_tune_tracking import default_tracking_uri
+
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"open {uri.rstrip('/')}/{page}"
+    server = REPO / "mlflow" / "server.sh"
+    if uri == default_tracking_uri() and server.is_file():  # the repository's server serves this store
+        return f"run `{server.relative_to(REPO)}` (the UI on this store), then open http://127.0.0.1:5000/{page}"
     return (f"run `mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000`, then open "
-            f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}")
+            f"http://127.0.0.1:5000/{page}")
 
 
 def _short(text: str, width: int = 160) -> str:
