@@ -96,7 +96,8 @@ def check_tracking(uri: str, timeout: float) -> None:
 
 
 def git_version(repo: Path = REPO) -> dict:
-    """The commit the search runs, and whether the working tree differs from it."""
+    """The commit the search runs, and whether the working tree differs from it. Without a git
+    checkout (e.g. `ray job submit --working-dir .` uploads no .git), $SOFTFINE_GIT_COMMIT."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20,
                               check=True).stdout.strip()
@@ -105,7 +106,11 @@ def git_version(repo: Path = REPO) -> dict:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "", "dirty": ""}
+        commit = os.environ.get("SOFTFINE_GIT_COMMIT", "")
+        if not commit:
+            log.warning("no git checkout in %s and no $SOFTFINE_GIT_COMMIT: runs will not record the code version",
+                        repo)
+        return {"commit": commit, "dirty": "unknown"}
     return {"commit": commit, "dirty": str(dirty).lower()}
 
 
