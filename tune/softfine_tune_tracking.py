@@ -281,7 +281,7 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
         try:
             import importlib.metadata as md
 
-            requirements.append(f"{name}=={md.version(name)}")
+            requirements.append(f"{name}=={md.version(name).split('+')[0]}")  # no local label (2.13.0+cpu)
         except Exception:  # noqa: BLE001
             requirements.append(name)
     mlflow.set_tracking_uri(uri)
