@@ -6,7 +6,7 @@
 * `start_chromium()` -> `Chromium`: a browser driven over the DevTools protocol on a pipe
   (`--remote-debugging-pipe`: JSON messages separated by NUL bytes on fds 3 and 4, no WebSocket and
   no Python package needed), for pages that need a click: `page = browser.open(url)`,
-  `page.wait_for(js)`, `page.evaluate(js)`, `page.click(css)`, `page.html()`, `page.screenshot(path)`;
+  `page.wait_for(js)`, `page.evaluate(js)`, `page.click(css)`, `page.type_into(css, text)`, `page.html()`, `page.screenshot(path)`;
 * `text_of(html)`: the visible text of a page, whitespace collapsed, for assertions;
 * `mlflow_server(store)`: mlflow/server.sh --daemon on a free 127.0.0.1 port, stopped on exit;
 * `runs_page_url` / `run_page_url`: MLflow 3.17's routes. The UI opens experiments in its "GenAI"
@@ -248,6 +248,14 @@ class Page:
                               " if (!e) return false; e.scrollIntoView({block: 'center'}); e.click(); return true; })()")
         if not found:
             raise ChromiumError(f"nothing to click at {selector}")
+
+    def type_into(self, selector: str, text: str) -> None:
+        """Focuses a text field and types into it, as keystrokes (React sees real input events)."""
+        found = self.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                              " if (!e) return false; e.scrollIntoView({block: 'center'}); e.focus(); return true; })()")
+        if not found:
+            raise ChromiumError(f"nothing to type into at {selector}")
+        self.call("Input.insertText", {"text": text})
 
     def html(self) -> str:
         return self.evaluate("document.documentElement.outerHTML")

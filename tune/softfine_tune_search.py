@@ -258,9 +258,9 @@ def check_cluster(args: argparse.Namespace, cluster: dict, tracking_uri: str, st
 
     if len(cluster["hosts"]) > 1 and not is_remote(tracking_uri):
         raise SearchError(f"the Ray cluster spans {len(cluster['hosts'])} hosts: trials on the others cannot write to "
-                          f"the local MLflow store {tracking_uri}. Start a tracking server (e.g. `mlflow server --host "
-                          "0.0.0.0 --port 5000 --backend-store-uri sqlite:///mlflow/mlflow.db`) and pass "
-                          "--mlflow-uri http://HEAD:5000.")
+                          f"the local MLflow store {tracking_uri}. Start a tracking server on a private address "
+                          "every node reaches (mlflow/server.sh --host PRIVATE_IP --port 5000; cluster/a100.yaml does "
+                          "this on the head) and pass --mlflow-uri http://PRIVATE_IP:5000.")
     if len(cluster["hosts"]) > 1:
         log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
                     "NFS), for the checkpoints that --max-failures and --resume use", len(cluster["hosts"]),
@@ -630,7 +630,8 @@ def _log_selected_model(uri: str, parent_run_id: str, checkpoint: str) -> str:
 def ui_hint(uri: str, experiment_id: str, run_id: str) -> str:
     from softfine_tune_tracking import default_tracking_uri
 
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    # MLflow 3's experiment pages open in GenAI mode; workflowType=machine_learning shows the runs.
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
         return f"open {uri.rstrip('/')}/{page}"
     server = REPO / "mlflow" / "server.sh"
