@@ -258,9 +258,10 @@ def check_cluster(args: argparse.Namespace, cluster: dict, tracking_uri: str, st
 
     if len(cluster["hosts"]) > 1 and not is_remote(tracking_uri):
         raise SearchError(f"the Ray cluster spans {len(cluster['hosts'])} hosts: trials on the others cannot write to "
-                          f"the local MLflow store {tracking_uri}. Start a tracking server on a private address "
-                          "every node reaches (mlflow/server.sh --host PRIVATE_IP --port 5000; cluster/a100.yaml does "
-                          "this on the head) and pass --mlflow-uri http://PRIVATE_IP:5000.")
+                          f"the local MLflow store {tracking_uri}. Pass a tracking server that every node reaches: on "
+                          "a cluster from cluster/*.yaml, --mlflow-uri http://127.0.0.1:5000 (the head's server, "
+                          "forwarded to every node); elsewhere start mlflow/server.sh --host PRIVATE_IP on one host "
+                          "and pass --mlflow-uri http://PRIVATE_IP:5000.")
     if len(cluster["hosts"]) > 1:
         log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
                     "NFS), for the checkpoints that --max-failures and --resume use", len(cluster["hosts"]),
