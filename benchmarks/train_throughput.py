@@ -24,19 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from softfine.data import categories  # noqa: E402
 from softfine.labels import LabelSpace  # noqa: E402
-from softfine.model import TINY_SHAPE, CharIds, SoftFiNEModel, load_encoder, tiny_tokenizer  # noqa: E402
+from softfine.model import TINY_SHAPE, CharIds, SoftFiNEModel, add_aug_tokens, load_encoder, random_encoder  # noqa: E402
 from softfine.train import TrainConfig, build_optimizer, encode, load_splits, resolve_device, train_loader, train_step  # noqa: E402
 
 
 def build(shape: str, model: str | None, chars):
     if model:
         return load_encoder(model, chars)
-    from transformers import BertConfig, BertModel
-
-    tokenizer = tiny_tokenizer(chars)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[B]", "[I]", "[E]", "[S]"]})
-    sizes = {} if shape == "bert-base" else TINY_SHAPE  # BertConfig's defaults are bert-base's shape
-    return tokenizer, BertModel(BertConfig(vocab_size=len(tokenizer), **sizes), add_pooling_layer=False)
+    # bert-base: BertConfig's defaults, which are bert-base-chinese's shape.
+    return add_aug_tokens(*random_encoder(chars, None if shape == "bert-base" else TINY_SHAPE))
 
 
 def main() -> None:

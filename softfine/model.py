@@ -59,14 +59,23 @@ def tiny_tokenizer(chars: Iterable[str]):
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
+def random_encoder(chars: Iterable[str], shape: dict | None = None) -> tuple[object, nn.Module]:
+    """(tokenizer, encoder): a character tokenizer over `chars` and a randomly initialised BERT of
+    the given shape (BertConfig fields; None is BertConfig's default, bert-base-chinese's shape)."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = tiny_tokenizer(chars)
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **(shape or {}))
+    return tokenizer, BertModel(config, add_pooling_layer=False)
+
+
 def load_encoder(name: str, train_chars: Iterable[str] = ()) -> tuple[object, nn.Module]:
-    """(tokenizer, encoder) for `name`: a hub name, a local directory, or "tiny"."""
-    from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+    """(tokenizer, encoder) for `name`: a hub name, a local directory, or "tiny"; the
+    augmentation tokens are added to the tokenizer and the embeddings resized."""
+    from transformers import AutoModel, AutoTokenizer
 
     if name == "tiny":
-        tokenizer = tiny_tokenizer(train_chars)
-        encoder = BertModel(BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512,
-                                       **TINY_SHAPE), add_pooling_layer=False)
+        tokenizer, encoder = random_encoder(train_chars, TINY_SHAPE)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -75,6 +84,11 @@ def load_encoder(name: str, train_chars: Iterable[str] = ()) -> tuple[object, nn
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"--model {name}: cannot load this encoder ({first}); give a Hugging Face "
                               "name that is reachable or cached, a local directory, or `tiny`") from None
+    return add_aug_tokens(tokenizer, encoder)
+
+
+def add_aug_tokens(tokenizer, encoder: nn.Module) -> tuple[object, nn.Module]:
+    """`[B] [I] [E] [S]` as special tokens (never split, never lower-cased), embeddings resized."""
     tokenizer.add_special_tokens({"additional_special_tokens": list(AUG_TOKENS)})
     encoder.resize_token_embeddings(len(tokenizer))
     return tokenizer, encoder

@@ -320,7 +320,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
                    out / "state" / "training_state.pt")
         n = max(running["n"], 1)
         metrics = {"epoch": epoch, "step": step,
-                   **{f"train_{k}": running[k] / n for k in ("loss", "loss_soft", "loss_aug", "loss_fea")},
+                   **{f"train_{k}": float(running[k]) / n for k in ("loss", "loss_soft", "loss_aug", "loss_fea")},
                    **flat_scores("dev", scores), "best_dev_f1": best_f1}
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -346,13 +346,13 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
             optimizer.zero_grad(set_to_none=True)
             step += 1
             for k in ("loss", "loss_soft", "loss_aug", "loss_fea"):
-                running[k] += parts[k]
+                running[k] += parts[k]  # tensors on the device: no host sync per step
             running["n"] += 1
             seen_chars += int(batch["label_ids"].ne(-100).sum())
             if config.log_every and step % config.log_every == 0:
                 elapsed = time.perf_counter() - started
                 log.info("epoch %d step %d/%d loss %.4f (%.0f chars/s, lr %.2e)", epoch + 1, step, total_steps,
-                         running["loss"] / max(running["n"], 1), seen_chars / elapsed, scheduler.get_last_lr()[0])
+                         float(running["loss"]) / max(running["n"], 1), seen_chars / elapsed, scheduler.get_last_lr()[0])
             if config.eval_every and step % config.eval_every == 0 and step % steps_per_epoch:
                 evaluate_and_keep(epoch + 1, running)
         evaluate_and_keep(epoch + 1, running)
@@ -373,7 +373,8 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
 
 def train_step(model: SoftFiNEModel, batch: dict, soft_table: torch.Tensor, config: TrainConfig,
                 device: torch.device) -> dict:
-    """One forward and backward pass; original and augmented sentences share one encoder call."""
+    """One forward and backward pass; original and augmented sentences share one encoder call.
+    Returns the loss and its parts as detached tensors on `device` (reading them syncs CUDA)."""
     input_ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     label_ids = batch["label_ids"].to(device)
@@ -392,4 +393,4 @@ def train_step(model: SoftFiNEModel, batch: dict, soft_table: torch.Tensor, conf
             _, logits = model(input_ids, mask)
             parts = softfine_loss(logits[chars], targets)
     parts["loss"].backward()
-    return {k: float(v.detach()) for k, v in parts.items()}
+    return {k: v.detach() for k, v in parts.items()}
