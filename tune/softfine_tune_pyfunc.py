@@ -9,10 +9,19 @@ and the softfine package as code, so loading needs torch, transformers, tokenize
 and seqeval, not this repository.
 """
 
-from typing import Any
-
 import mlflow
 import mlflow.pyfunc
+from pydantic import BaseModel
+
+
+class Entity(BaseModel):
+    """One entity found in a text: character offsets, `end` inclusive (the FiNE convention)."""
+
+    text: str
+    category: str
+    levels: list[str]
+    start: int
+    end: int
 
 
 class SoftFiNEModel(mlflow.pyfunc.PythonModel):
@@ -24,9 +33,10 @@ class SoftFiNEModel(mlflow.pyfunc.PythonModel):
 
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device="auto")
 
-    def predict(self, context, model_input: list[str], params=None) -> list[list[dict[str, Any]]]:
-        # The type hints give the model its signature (a list of strings in; a pandas DataFrame
-        # of one text column works too) and make MLflow check what callers pass.
+    def predict(self, context, model_input: list[str], params=None) -> list[list[Entity]]:
+        # The type hints give the model its signature (a list of strings in, lists of Entity
+        # out; a pandas DataFrame of one text column works too) and make MLflow check the
+        # input. The entities are returned as plain dicts with Entity's fields.
         return self.predictor.predict(list(model_input))
 
 

@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import subprocess
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -285,9 +284,7 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
         except Exception:  # noqa: BLE001
             requirements.append(name)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=parent_run_id), warnings.catch_warnings():
-        # MLflow notes that the entity dicts' values are typed Any (str, int, list): intended.
-        warnings.filterwarnings("ignore", message=".*Any type hint is inferred", category=UserWarning)
+    with mlflow.start_run(run_id=parent_run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_code), artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(softfine.__file__).parent)],

@@ -309,6 +309,8 @@ def softfine_trial(config: dict) -> None:
     # sentences would otherwise repeat once per trial.
     logging.getLogger("softfine").setLevel(logging.INFO if runtime.get("verbose") else logging.WARNING)
     logging.getLogger("softfine.data").setLevel(logging.INFO if runtime.get("verbose") else logging.ERROR)
+    # Ray's note after every reported checkpoint ("Checkpoint successfully created at ..."), too.
+    logging.getLogger("ray.train").setLevel(logging.INFO if runtime.get("verbose") else logging.WARNING)
     # Fail fast on an unreachable tracking server: a few seconds per try, not minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.get("max_retries", 1)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
