@@ -5,6 +5,7 @@ trial retried in its MLflow run, a killed driver resumed, a tracking server that
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,31 @@ def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, 
     assert summary["terminated"] == 1 and summary["error"] == 0
 
 
+def saved_trials(experiment: Path) -> dict:
+    """The trials of the search's last experiment snapshot, by trial id."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t for t in ExperimentAnalysis(str(experiment)).trials}
+    except Exception:  # no snapshot yet, or one being written
+        return {}
+
+
+def trial_id(run) -> str:
+    return run.data.tags["softfine.trial_id"]
+
+
+def lose_the_named_checkpoint(trial) -> None:
+    """What Ray leaves when its driver dies after deleting a trial's checkpoint (num_to_keep=1) for
+    the next one and before saving the snapshot that names the next one."""
+    named = Path(trial.checkpoint.path)
+    newer = named.with_name(f"checkpoint_{int(named.name.split('_')[1]) + 1:06d}")
+    if newer.exists():
+        shutil.rmtree(named)
+    else:
+        named.rename(newer)
+
+
 def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -213,7 +239,10 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
             kids = children(mlflow_server.uri, "killed")
             done = [k for k in kids if k.info.status == "FINISHED"]
             going = [k for k in kids if k.info.status == "RUNNING" and "dev_f1" in k.data.metrics]
-            if done and going:
+            saved = saved_trials(storage / "killed")  # Ray's view: what a resume starts from
+            ended = [k for k in done if getattr(saved.get(trial_id(k)), "status", "") == "TERMINATED"]
+            checkpointed = [k for k in going if getattr(saved.get(trial_id(k)), "checkpoint", None)]
+            if done and len(ended) == len(done) and checkpointed:
                 finished_before = {k.info.run_id: k.info.end_time for k in done}
                 break
         else:
@@ -223,10 +252,17 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
         driver.wait(timeout=60)
         log.close()
     time.sleep(2)  # Ray notices the driver is gone and ends its trials
+    # The worst moment to be killed at, every time (unless the trial ended in the last instant).
+    interrupted = next((t for t in saved_trials(storage / "killed").values()
+                        if t.status != "TERMINATED" and t.checkpoint), None)
+    if interrupted:
+        lose_the_named_checkpoint(interrupted)
 
     code, output = run_search(["--resume", "killed", "--storage-path", storage])
     assert code == 0
     assert "resuming search killed" in output
+    if interrupted:
+        assert f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output
     (parent,) = parents(mlflow_server.uri, "killed")  # the same parent, not a second one
     kids = children(mlflow_server.uri, "killed", parent.info.run_id)
     assert len(kids) == 4 and len({point(k) for k in kids}) == 4  # no duplicate runs, no repeated points

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import statistics
 import sys
 import tempfile
@@ -314,6 +315,48 @@ def evaluations_per_trial(train: dict) -> int | None:
     return int(train["epochs"]) + 1
 
 
+def _checkpoint_index(name: str) -> int | None:
+    prefix, _, number = name.rpartition("_")
+    return int(number) if prefix == "checkpoint" and number.isdigit() else None
+
+
+def mend_checkpoints(path: str) -> list[str]:
+    """Makes a stopped search's checkpoints agree with its last experiment snapshot; returns notes.
+
+    With num_to_keep=1, Ray Tune deletes a trial's checkpoint as soon as it registers the next one,
+    and saves the snapshot that names the new one only afterwards. A driver killed in between leaves
+    a snapshot naming a deleted checkpoint, and the restored trial fails ("does not exist on storage
+    anymore"). A deletion only follows the registration of a newer, complete checkpoint, so the
+    oldest newer one takes the missing one's place. Checkpoints newer than the snapshot's are unknown
+    to Ray, which would write the trial's next ones into them (a merge, stale files and all): they go.
+    """
+    import pyarrow.fs
+    from ray.tune import ExperimentAnalysis
+
+    notes = []
+    for trial in ExperimentAnalysis(path).trials:
+        if trial.status == "TERMINATED":
+            continue
+        fs, trial_dir = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+        named = trial.checkpoint.path if trial.checkpoint else None
+        known = _checkpoint_index(posixpath.basename(named)) if named else -1
+        if known is None:
+            continue
+        found = {}
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True)):
+            index = _checkpoint_index(info.base_name)
+            if info.type == pyarrow.fs.FileType.Directory and index is not None and index >= max(known, 0):
+                found[index] = info.path
+        newer = sorted(i for i in found if i > known)
+        if named and known not in found and newer:
+            pyarrow.fs.copy_files(found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs)
+            notes.append(f"trial {trial.trial_id}: {posixpath.basename(named)}, named by the last snapshot, was "
+                         f"deleted by Ray; it goes on from {posixpath.basename(found[newer[0]])} in its place")
+        for index in newer:
+            fs.delete_dir(found[index])
+    return notes
+
+
 def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool):
     from ray import tune
     from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig
@@ -328,6 +371,8 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if restore and tune.Tuner.can_restore(path):
         log.warning("resuming %s from %s", phase, path)
+        for note in mend_checkpoints(path):
+            print(f"{PROG}: {note}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     columns = {"alphas": "α_aug,α_fea", "beta": "β", "gamma": "γ"}
     if phase == "seeds":
