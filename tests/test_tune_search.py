@@ -216,6 +216,24 @@ def lose_the_named_checkpoint(trial) -> None:
         named.rename(newer)
 
 
+def check_mend_on_a_copy(experiment: Path, trial, copy: Path) -> None:
+    """mend_checkpoints on a copy of the killed search, with a half-written checkpoint added after
+    the next one: the next one takes the named one's place, and both newer ones go."""
+    from softfine_tune_search import mend_checkpoints
+
+    shutil.copytree(experiment, copy / experiment.name)
+    trial_dir = copy / experiment.name / Path(trial.path).name
+    named = trial_dir / Path(trial.checkpoint.path).name
+    index = int(named.name.split("_")[1])
+    nexts = [trial_dir / f"checkpoint_{index + k:06d}" for k in (1, 2)]
+    nexts[1].mkdir(exist_ok=True)
+    (nexts[1] / "final.json").write_text("{")
+    notes = mend_checkpoints(str(copy / experiment.name))
+    assert len(notes) == 1 and trial.trial_id in notes[0] and "deleted by Ray" in notes[0]
+    assert (named / "mlflow_run.json").is_file() and not any(p.exists() for p in nexts)
+    assert mend_checkpoints(str(copy / experiment.name)) == []  # nothing left to mend
+
+
 def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -257,6 +275,7 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
                         if t.status != "TERMINATED" and t.checkpoint), None)
     if interrupted:
         lose_the_named_checkpoint(interrupted)
+        check_mend_on_a_copy(storage / "killed", interrupted, tmp_path / "copy")
 
     code, output = run_search(["--resume", "killed", "--storage-path", storage])
     assert code == 0
