@@ -342,12 +342,10 @@ def mend_checkpoints(path: str) -> list[str]:
         known = _checkpoint_index(posixpath.basename(named)) if named else -1
         if known is None:
             continue
-        found = {}
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True)):
-            index = _checkpoint_index(info.base_name)
-            if info.type == pyarrow.fs.FileType.Directory and index is not None and index >= max(known, 0):
-                found[index] = info.path
-        newer = sorted(i for i in found if i > known)
+        found = {_checkpoint_index(info.base_name): info.path
+                 for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
+                 if info.type == pyarrow.fs.FileType.Directory}
+        newer = sorted(i for i in found if i is not None and i > known)
         if named and known not in found and newer:
             pyarrow.fs.copy_files(found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs)
             notes.append(f"trial {trial.trial_id}: {posixpath.basename(named)}, named by the last snapshot, was "
