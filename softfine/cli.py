@@ -7,8 +7,8 @@
     softfine evaluate --checkpoint runs/resume-tiny/best --dataset resume --split test
     softfine predict --checkpoint runs/resume-tiny/best "高勇：男，中国国籍。"
 
-Problems the user can fix (bad data, impossible flags, a missing device) end with one line,
-`softfine: error: ...`, and exit status 2.
+Problems the user can fix (bad data, impossible flags, a missing device, a full disk) end with one
+line, `softfine: error: ...`, and exit status 2; `-v` adds the traceback for a bug report.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Sequence
@@ -28,54 +29,42 @@ log = logging.getLogger("softfine")
 
 
 # ---------------------------------------------------------------------------------------------
-# Config dataclasses as flags: one flag per field, YAML values underneath, explicit flags on top.
+# TrainConfig as flags: one flag per field; a YAML file underneath, the flags given on top.
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, exclude: Sequence[str] = ()) -> None:
-    """Adds `--field-name` for every field of `cls`, with default SUPPRESS so that only the flags
-    actually given reach `config_from_args`. A bool field that defaults to True gets `--no-NAME`."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """Adds `--field-name` for every TrainConfig field, with default SUPPRESS so that only the
+    flags actually given reach `given_values`. A bool field that defaults to True gets `--no-NAME`."""
+    from .config import FINE_TUNING, FROM_SCRATCH, TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         if kind is bool:
-            if f.default is True:
-                parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
-                                    default=argparse.SUPPRESS, help=help_text)
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                                    help=help_text)
+            name = f"--no-{f.name.replace('_', '-')}" if f.default is True else flag
+            parser.add_argument(name, dest=f.name, action="store_false" if f.default is True else "store_true",
+                                default=argparse.SUPPRESS, help=help_text)
             continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, dest=f.name, type=base, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"{help_text} (default: {f.default})")
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X]: X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        base = kind
+        choices = typing.get_args(base) if typing.get_origin(base) is typing.Literal else None
+        if f.name in FINE_TUNING:
+            default = f"{FINE_TUNING[f.name]}; tiny: {FROM_SCRATCH[f.name]}"
+        else:
+            default = f.default
+        parser.add_argument(flag, dest=f.name, type=str if choices else base, choices=choices,
+                            default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{help_text} (default: {default})")
 
 
-def read_yaml_config(path: str | Path, cls: type) -> dict:
-    """A YAML mapping of `cls` fields; an unknown key is a ConfigError naming it and the file."""
-    import yaml
+def given_values(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:
+    """The TrainConfig fields given on the command line."""
+    from .config import FIELDS
 
-    try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--config {path}: cannot read it ({err})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in values if k.replace("-", "_") not in known]
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(map(str, unknown))}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
-
-
-def config_from_args(cls: type, args: argparse.Namespace, base: dict | None = None):
-    """`cls(**base)` with every field given on the command line overriding it."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = dict(base or {})
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return cls(**values)
+    return {k: v for k, v in vars(args).items() if k in FIELDS and k not in exclude}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +74,7 @@ def cmd_data_download(args: argparse.Namespace) -> None:
     from .datasets import download
 
     for split, path in download(args.name, args.data_dir, mirror=args.mirror, splits=args.split,
-                                force=args.force).items():
+                                force=args.force, allow_unverified=args.allow_unverified).items():
         print(f"{split}\t{path}")
 
 
@@ -97,8 +86,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     if not splits:
         from .datasets import dataset_files
         dataset_files(args.name, args.data_dir)  # raises, naming the missing files
-    on_problem = "error" if args.strict else "keep"
-    rows = {s: stats(read_split(args.name, s, args.data_dir, on_problem)) for s in splits}
+    rows = {s: stats(read_split(args.name, s, args.data_dir, args.strict)) for s in splits}
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -130,13 +118,13 @@ def cmd_labels(args: argparse.Namespace) -> None:
         gold = space.index(args.gold)
     except KeyError as err:
         raise ConfigError(f"--gold: {err.args[0]}") from None
-    row = space.soft_targets(args.beta, args.gamma)[gold].tolist()
+    row = space.soft_targets(args.beta, args.gamma, args.soft_scope)[gold].tolist()
     scores = sorted(zip(space.labels, row), key=lambda pair: -pair[1])
     if args.json:
         print(json.dumps(dict(scores), ensure_ascii=False, indent=1))
         return
     width = max(len(label) for label in space.labels)
-    print(f"relevance to {args.gold} (beta={args.beta}, gamma={args.gamma})")
+    print(f"relevance to {args.gold} (beta={args.beta}, gamma={args.gamma}, scope {args.soft_scope})")
     print(f"{'label':<{width}}  miss  wrong  score")
     for label, score in scores:
         miss, wrong = space.miss_wrong(args.gold, label) if "O" not in (label, args.gold) else ("-", "-")
@@ -144,10 +132,11 @@ def cmd_labels(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import TrainConfig, train
+    from .config import load_config, make_config
+    from .train import train
 
-    base = read_yaml_config(args.config, TrainConfig) if args.config else {}
-    config = config_from_args(TrainConfig, args, base).validate()
+    flags = given_values(args)
+    config = load_config(args.config, flags) if args.config else make_config(flags)
     result = train(config)
     print(json.dumps(result, indent=1))
 
@@ -159,17 +148,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     model, tokenizer, labels, config = load_checkpoint(args.checkpoint, device)
-    sentences = read_split(args.dataset, args.split, args.data_dir, "error" if args.strict else "skip")
-    sentences = sentences[:args.limit] if args.limit else sentences
+    sentences = read_split(args.dataset, args.split, args.data_dir, args.strict)
+    if args.limit is not None:
+        if not 1 <= args.limit <= len(sentences):
+            raise ConfigError(f"--limit {args.limit}: give 1 to {len(sentences)} ({args.dataset} {args.split} has "
+                              f"{len(sentences)} sentences), or leave it out to score the whole split")
+        sentences = sentences[:args.limit]
     try:
         examples = encode(sentences, CharIds(tokenizer), labels, config.get("max_length", 512))
     except KeyError as err:
         raise ConfigError(f"--dataset {args.dataset}: {err.args[0]}; was the checkpoint trained on it?") from None
     scores = evaluate(model, Split(sentences, examples), labels, device)
     if args.json:
-        print(json.dumps(scores, indent=1, ensure_ascii=False))
+        print(json.dumps({"dataset": args.dataset, "split": args.split, **scores}, indent=1, ensure_ascii=False))
         return
-    print(f"{args.dataset} {args.split}: {len(sentences)} sentences")
+    print(f"{args.dataset} {args.split}: {scores['sentences']} sentences, {scores['gold_entities']} gold entities")
     print(f"precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  f1 {scores['f1']:.4f}")
     for key in sorted(k for k in scores if k.startswith("f1_level")):
         print(f"{key} {scores[key]:.4f}")
@@ -180,7 +173,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import Predictor
 
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.text:
+        texts = args.text
+    else:
+        try:
+            texts = [line.rstrip("\n") for line in sys.stdin.buffer.read().decode("utf-8").split("\n") if line.strip()]
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"standard input: not UTF-8 text (byte {err.start}); give UTF-8 text, one per line") from None
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
     for text, found in zip(texts, predictor.predict(texts)):
         print(json.dumps({"text": text, "entities": found}, ensure_ascii=False))
@@ -190,7 +189,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="softfine", description="SoftFiNE: fine-grained Chinese NER with "
                                      "hierarchical soft labels and entity augmentation (Yang et al., ACL 2023).")
@@ -207,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(MIRROR/NAME/FILE) instead of the public origin")
     download.add_argument("--split", nargs="+", default=["train", "dev", "test"], choices=["train", "dev", "test"])
     download.add_argument("--force", action="store_true", help="download even files already present and valid")
+    download.add_argument("--allow-unverified", action="store_true",
+                          help="also save files that have no pinned SHA-256 (FiNE's train.json), with a warning")
     download.set_defaults(func=cmd_data_download)
     stats = data_commands.add_parser("stats", help="per split: sentences, average characters, average entities, "
                                      "categories (the paper's Table 1)")
@@ -222,16 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--categories", help="comma-separated categories instead of a dataset")
     labels.add_argument("--data-dir")
     labels.add_argument("--label-separator", help="hierarchy separator (default: the dataset's)")
-    labels.add_argument("--beta", type=float, required=True)
-    labels.add_argument("--gamma", type=float, required=True)
+    labels.add_argument("--beta", type=float, required=True, help="soft-label base, > 1")
+    labels.add_argument("--gamma", type=float, required=True, help="penalty of a wrong component, > 0")
     labels.add_argument("--gold", required=True, help="gold label, e.g. B-/work/video/teleplay")
+    labels.add_argument("--soft-scope", choices=("paper", "related"), default="paper",
+                        help="paper: every entity label gets a score; related: only those sharing the segment tag "
+                             "or a level at the same depth (the authors' code) (default: paper)")
     labels.add_argument("--json", action="store_true", help="print an object label -> score")
     labels.set_defaults(func=cmd_labels)
 
     train = commands.add_parser("train", help="train SoftFiNE, keep the best checkpoint by dev F1, test it",
                                 argument_default=argparse.SUPPRESS)
     train.add_argument("--config", default=None, help="YAML file of options; flags override it")
-    add_dataclass_arguments(train, TrainConfig)
+    add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split")
@@ -242,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="only the first N sentences")
     evaluate.add_argument("--strict", action="store_true")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object: sentences, gold_entities, "
+                          "precision, recall, f1, per_category, ...")
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="print entities of texts as JSON lines")
@@ -260,12 +264,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except SoftFiNEError as err:
-        print(f"softfine: error: {err}", file=sys.stderr)
-        return 2
+        return fail(err, args.verbose)
+    except OSError as err:  # a full disk, a folder without write permission: the file and the cause
+        where = f"{err.filename}: " if err.filename else ""
+        return fail(f"{where}{err.strerror or err}", args.verbose)
     except KeyboardInterrupt:
         print("softfine: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def fail(message: object, verbose: bool) -> int:
+    """One line on stderr (the traceback too with -v, for a bug report); exit status 2."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(f"softfine: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

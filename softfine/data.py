@@ -6,15 +6,18 @@ hierarchy levels is the label space's job (labels.py), not the readers'.
 
 Problem policy, the same for every reader:
 - a missing or empty file, or one that is not UTF-8, is always an error (DataError);
-- a problem inside a sentence (a malformed line, an unknown tag prefix, an I/E tag with no opening
-  B, an entity left open, a span that does not match its mention text, overlapping spans) drops
-  that whole sentence with a warning naming file and line, and a count at the end; with
-  `on_problem="error"` the first such problem is an error instead. A sentence is never kept with a
-  guessed label.
+- tags that are not valid in the file's scheme are read the way conlleval, the CoNLL evaluation
+  script, reads them (seqeval's `get_entities`, its default mode): an I-X or E-X that continues no
+  X chunk starts one, and an entity still open at the end of a sentence ends there. The sentence
+  is kept, repaired, with a warning naming file and line;
+- a sentence that cannot be read (a line without a tag, an unknown tag prefix, an empty category,
+  an empty text, a span outside the text or not matching its mention, overlapping spans, a record
+  without labels) is never kept with a guessed label. `on_problem` says what happens to it:
+  "skip" drops it with a warning (training splits), "refuse" makes it an error (dev and test: an
+  evaluation never scores fewer sentences than its split has), "error" (`--strict`) makes every
+  problem an error, repairs included.
 
-`on_problem` selects the policy: "skip" (the default), "error" (what `--strict` sets), or "keep",
-which keeps such sentences with their tags as written; only `softfine data stats` uses it, to count
-a file the way the paper's Table 1 does.
+Line numbers count "\n" only, whatever Unicode line separators the text holds.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -36,6 +40,7 @@ _PREFIXES = {
     "bioes": {"B": "B", "I": "I", "E": "E", "S": "S"},
     "bmes": {"B": "B", "M": "I", "E": "E", "S": "S"},
 }
+ON_PROBLEM = ("skip", "refuse", "error")
 
 
 @dataclass(frozen=True)
@@ -59,49 +64,46 @@ class SentenceProblem(ValueError):
         self.index = index
 
 
-def to_bioes(tags: Sequence[str], scheme: str) -> list[str]:
-    """Validate a tag sequence in `scheme` (bio, bioes, bmes) and rewrite it in BIOES.
+def _render(chunks: list[tuple[str, int, int]], length: int, scheme: str) -> list[str]:
+    """Tags of the given (category, start, end) chunks, written in BIO or BIOES."""
+    tags = ["O"] * length
+    for category, start, end in chunks:
+        for i in range(start, end + 1):
+            tags[i] = f"I-{category}"
+        if scheme == "bio" or start < end:
+            tags[start] = f"B-{category}"
+        if scheme != "bio":
+            tags[end] = f"E-{category}" if start < end else f"S-{category}"
+    return tags
 
-    Raises SentenceProblem naming the position (0-based) of the first bad tag.
+
+def to_bioes(tags: Sequence[str], scheme: str) -> tuple[list[str], SentenceProblem | None]:
+    """(BIOES tags, repair note) of a tag sequence in `scheme` (bio, bioes, bmes).
+
+    Chunks are read as conlleval reads them; the note (None when the tags were valid) names the
+    first tag that was not valid in its scheme. An unknown tag prefix raises SentenceProblem.
     """
+    from seqeval.metrics.sequence_labeling import get_entities
+
     prefixes = _PREFIXES[scheme]
-    parsed: list[tuple[str, str]] = []
+    mapped = []
     for i, tag in enumerate(tags):
-        if tag == "O":
-            parsed.append(("O", ""))
-            continue
         seg, sep, category = tag.partition("-")
-        if not sep or seg not in prefixes or not category:
+        if tag != "O" and (not sep or seg not in prefixes or not category.strip()):
             known = "/".join(prefixes)
-            raise SentenceProblem(f"tag {tag!r} at character {i + 1}: unknown tag prefix "
+            raise SentenceProblem(f"tag {tag!r} at character {i + 1}: unknown tag prefix or empty category "
                                   f"(expected O or {known}-CATEGORY for {scheme.upper()})", i)
-        parsed.append((prefixes[seg], category))
-
-    out: list[str] = []
-    open_category = None  # category of the entity being read, if any
-    for i, (seg, category) in enumerate(parsed):
-        if seg in ("I", "E"):
-            if open_category != category:
-                raise SentenceProblem(f"tag {tags[i]!r} at character {i + 1} has no opening B-{category}", i)
-        elif open_category is not None and scheme != "bio":
-            raise SentenceProblem(f"entity {open_category!r} opened before character {i + 1} is never "
-                                  f"closed with E-{open_category}", i)
-        open_category = category if seg in ("B", "I") else None
-        out.append("O" if seg == "O" else f"{seg}-{category}")
-    if open_category is not None and scheme != "bio":
-        raise SentenceProblem(f"entity {open_category!r} is still open at the end of the sentence",
-                              len(parsed) - 1)
-    if scheme == "bio":  # a B or I not continued by I of its category ends its entity
-        for i, (seg, category) in enumerate(parsed):
-            continued = i + 1 < len(parsed) and parsed[i + 1] == ("I", category)
-            if seg == "B" and not continued:
-                out[i] = f"S-{category}"
-            elif seg == "I" and not continued:
-                out[i] = f"E-{category}"
-    return out
-
-
-ON_PROBLEM = ("skip", "error", "keep")
+        mapped.append("O" if tag == "O" else f"{prefixes[seg]}-{category}")
+    chunks = get_entities(mapped)
+    canonical = "bio" if scheme == "bio" else "bioes"
+    written = _render(chunks, len(mapped), canonical)
+    note = None
+    if written != mapped:
+        i = next(i for i, (a, b) in enumerate(zip(written, mapped)) if a != b)
+        chunk = next((f"part of {c} at characters {s + 1}-{e + 1}" for c, s, e in chunks if s <= i <= e), "O")
+        note = SentenceProblem(f"tag {tags[i]!r} at character {i + 1} is not valid {scheme.upper()}; read as "
+                               f"conlleval does: {chunk}", i)
+    return _render(chunks, len(mapped), "bioes"), note
 
 
 class _Problems:
@@ -110,26 +112,37 @@ class _Problems:
     def __init__(self, path: Path, on_problem: str):
         if on_problem not in ON_PROBLEM:
             raise ValueError(f"on_problem must be one of {ON_PROBLEM}, got {on_problem!r}")
-        self.path, self.on_problem, self.count = path, on_problem, 0
+        self.path, self.on_problem = path, on_problem
+        self.skipped = self.repaired = 0
 
-    def report(self, line: int, message: str) -> bool:
-        """Record a problem; True when the sentence is kept anyway."""
+    def unreadable(self, line: int, message: str) -> None:
+        """A sentence that cannot be read: skipped, or an error."""
+        where = f"{self.path}:{line}: {message}"
+        if self.on_problem != "skip":
+            hint = "" if self.on_problem == "error" else " (an evaluation split is scored whole: fix the file)"
+            raise DataError(where + hint)
+        self.skipped += 1
+        log.warning("%s (sentence skipped)", where)
+
+    def repaired_tags(self, line: int, message: str) -> None:
         where = f"{self.path}:{line}: {message}"
         if self.on_problem == "error":
             raise DataError(where)
-        self.count += 1
-        keep = self.on_problem == "keep"
-        log.warning("%s (sentence %s)", where, "kept as written" if keep else "skipped")
-        return keep
+        self.repaired += 1
+        log.warning("%s (sentence kept)", where)
 
     def summary(self, total: int) -> None:
-        if self.count:
-            done = "kept as written" if self.on_problem == "keep" else "skipped"
-            log.warning("%s: %s %d of %d sentences with problems (see warnings above; "
-                        "--strict makes them errors)", self.path, done, self.count, total)
+        if self.repaired:
+            log.warning("%s: read %d of %d sentences with invalid tags as conlleval does (see warnings "
+                        "above; --strict makes them errors)", self.path, self.repaired, total)
+        if self.skipped:
+            log.warning("%s: skipped %d of %d sentences that cannot be read (see warnings above; "
+                        "--strict makes them errors)", self.path, self.skipped, total)
 
 
 def _lines(path: Path) -> list[str]:
+    """The file's lines, split on "\n" only (not on U+2028 and the other separators that
+    str.splitlines honours), so that line numbers are those of an editor."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -137,9 +150,11 @@ def _lines(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror})") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
-    return text.splitlines()
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _blocks(lines: list[str]) -> Iterator[tuple[int, list[str]]]:
@@ -166,7 +181,8 @@ def read_columns(path: str | Path, *, scheme: str = "bioes", delimiter: str | No
     """Read a one-character-per-line file: `CHAR<delimiter>TAG`, blank lines between sentences.
 
     `scheme` is the tagging scheme of the file (bio, bioes or bmes); tags are returned in BIOES.
-    `delimiter=None` splits on whitespace and takes the first and last columns. With
+    With a `delimiter` every line has exactly two columns; `delimiter=None` splits on whitespace
+    and takes the first and last columns (CoNLL-style files with more). With
     `strip_position_digits`, the word-position digits that Weibo appends to each character are
     removed (`科0` -> `科`).
     """
@@ -176,30 +192,38 @@ def read_columns(path: str | Path, *, scheme: str = "bioes", delimiter: str | No
     problems = _Problems(path, on_problem)
     sentences = []
     for start, block in _blocks(_lines(path)):
-        chars, tags = [], []
         try:
-            for offset, line in enumerate(block):
-                fields = line.split(delimiter) if delimiter is None else line.rsplit(delimiter, 1)
-                if len(fields) < 2 or not fields[0] or not fields[-1].strip():
-                    sep = "whitespace" if delimiter is None else repr(delimiter)
-                    raise SentenceProblem(f"malformed line {line!r}: expected CHAR, {sep}, TAG", offset)
-                char, tag = fields[0], fields[-1].strip()
-                if strip_position_digits:
-                    match = _WEIBO_CHAR.fullmatch(char)
-                    if not match:
-                        raise SentenceProblem(f"malformed character {char!r}: expected a character "
-                                              "followed by its word-position digits", offset)
-                    char = match.group(1)
-                chars.append(char)
-                tags.append(tag)
-            bioes = to_bioes(tags, scheme)
+            chars, tags = _columns(block, delimiter, strip_position_digits)
+            bioes, repair = to_bioes(tags, scheme)
         except SentenceProblem as problem:  # index: the line (= character) within the sentence
-            if not problems.report(start + problem.index, str(problem)) or len(tags) < len(block):
-                continue
-            bioes = tags
+            problems.unreadable(start + problem.index, str(problem))
+            continue
+        if repair is not None:
+            problems.repaired_tags(start + repair.index, str(repair))
         sentences.append(Sentence(tuple(chars), tuple(bioes), f"{path}:{start}"))
-    problems.summary(len(sentences) + (0 if on_problem == "keep" else problems.count))
+    problems.summary(len(sentences) + problems.skipped)
     return sentences
+
+
+def _columns(block: list[str], delimiter: str | None, strip_position_digits: bool) -> tuple[list[str], list[str]]:
+    chars, tags = [], []
+    for offset, line in enumerate(block):
+        fields = line.split(delimiter)
+        if delimiter is None and len(fields) > 2:
+            fields = [fields[0], fields[-1]]
+        if len(fields) != 2 or not fields[0] or not fields[1].strip():
+            sep = "whitespace" if delimiter is None else repr(delimiter)
+            raise SentenceProblem(f"malformed line {line!r}: expected CHAR, {sep}, TAG", offset)
+        char, tag = fields[0], fields[1].strip()
+        if strip_position_digits:
+            match = _WEIBO_CHAR.fullmatch(char)
+            if not match:
+                raise SentenceProblem(f"malformed character {char!r}: expected a character "
+                                      "followed by its word-position digits", offset)
+            char = match.group(1)
+        chars.append(char)
+        tags.append(tag)
+    return chars, tags
 
 
 def read_weibo(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
@@ -217,6 +241,8 @@ def read_fine(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
     """FiNE: JSON lines `{"id", "text", "label": {CATEGORY: {MENTION: [[start, end], ...]}}}`.
 
     Offsets are characters, `end` inclusive; CATEGORY is a path such as `/person/entertainment`.
+    A mention matches its span after Unicode NFKC normalisation of both (the files write some
+    spaces as U+00A0 in the mention and as U+0020 in the text).
     """
     path = Path(path)
     problems = _Problems(path, on_problem)
@@ -224,58 +250,65 @@ def read_fine(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
     for number, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
+        record = None
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.report(number, f"not valid JSON ({err.msg}, column {err.colno})")
-            continue  # nothing to keep, whatever the policy
-        try:
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SentenceProblem('expected an object with a "text" string')
-            text = record["text"]
-            tags = _fine_tags(text, record.get("label") or {})
+            record = _fine_record(line)
+            tags = _fine_tags(record["text"], record["label"])
         except SentenceProblem as problem:
-            sid = record.get("id") if isinstance(record, dict) else None
-            keep = problems.report(number, f"id {sid}: {problem}")
-            try:  # the "keep" policy: every in-range span, as written
-                if not keep:
-                    continue
-                text = record["text"]
-                tags = _fine_tags(text, record.get("label") or {}, check=False)
-            except (SentenceProblem, KeyError, TypeError, AttributeError):
-                continue
+            sid = f"id {record.get('id')}: " if record else ""
+            problems.unreadable(number, sid + str(problem))
+            continue
         where = f"{path}:{number} (id {record.get('id')})"
-        sentences.append(Sentence(tuple(text), tuple(tags), where))
-    problems.summary(len(sentences) + (0 if on_problem == "keep" else problems.count))
+        sentences.append(Sentence(tuple(record["text"]), tuple(tags), where))
+    problems.summary(len(sentences) + problems.skipped)
     return sentences
+
+
+def _fine_record(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SentenceProblem(f"not valid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise SentenceProblem(f"expected a JSON object, got {type(record).__name__}")
+    if not isinstance(record.get("text"), str) or not record["text"]:
+        raise SentenceProblem(f'id {record.get("id")}: expected a non-empty "text" string')
+    if not isinstance(record.get("label"), dict):
+        got = "no \"label\"" if "label" not in record else f'"label" {json.dumps(record["label"])[:40]}'
+        raise SentenceProblem(f'id {record.get("id")}: {got}: expected an object {{CATEGORY: {{MENTION: [[start, end], ...]}}}} '
+                              '({} for a sentence without entities)')
+    return record
 
 
 def _fine_spans(labels: dict) -> Iterator[tuple[str, str, int, int]]:
     """(category, mention, start, end) of a FiNE "label" field, checking its shape."""
     try:
         for category, mentions in labels.items():
+            if not category.strip("/ "):
+                raise SentenceProblem(f"empty category {category!r}")
             for mention, spans in mentions.items():
                 for start, end in spans:
-                    if not (isinstance(start, int) and isinstance(end, int)):
+                    if not (type(start) is int and type(end) is int):
                         raise TypeError
                     yield category, mention, start, end
+    except SentenceProblem:
+        raise
     except (AttributeError, TypeError, ValueError):
         raise SentenceProblem('malformed "label": expected {CATEGORY: {MENTION: [[start, end], ...]}}') from None
 
 
-def _fine_tags(text: str, labels: dict, check: bool = True) -> list[str]:
-    """BIOES tags of a FiNE record; `check=False` (the "keep" policy) writes every in-range span."""
+def _fine_tags(text: str, labels: dict) -> list[str]:
+    """BIOES tags of a FiNE record."""
+    nfkc = lambda s: unicodedata.normalize("NFKC", s)  # noqa: E731
     tags = ["O"] * len(text)
     for category, mention, start, end in _fine_spans(labels):
-        if not check and 0 <= start <= end < len(text):
-            pass
-        elif not (0 <= start <= end < len(text)):
+        if not (0 <= start <= end < len(text)):
             raise SentenceProblem(f"span [{start}, {end}] of {mention!r} is outside the "
                                   f"text of {len(text)} characters")
-        elif text[start:end + 1] != mention:
+        if nfkc(text[start:end + 1]) != nfkc(mention):
             raise SentenceProblem(f"span [{start}, {end}] reads {text[start:end + 1]!r}, "
                                   f"not its mention {mention!r}")
-        elif any(tag != "O" for tag in tags[start:end + 1]):
+        if any(tag != "O" for tag in tags[start:end + 1]):
             raise SentenceProblem(f"span [{start}, {end}] of {mention!r} overlaps another entity")
         if start == end:
             tags[start] = f"S-{category}"
@@ -291,23 +324,10 @@ def categories(sentences: Sequence[Sentence]) -> list[str]:
     return sorted({tag[2:] for s in sentences for tag in s.tags if tag != "O"})
 
 
-def _entity_starts(tags: Sequence[str]) -> int:
-    """Entities in a tag sequence counted the conlleval way, which also reads tags as written
-    (an I/M/E that continues no entity starts one)."""
-    count, previous = 0, "O"
-    for tag in tags:
-        seg, _, category = tag.partition("-")
-        p_seg, _, p_category = previous.partition("-")
-        continues = seg in "IME" and p_seg in "BIM" and p_category == category
-        count += tag != "O" and not continues
-        previous = tag
-    return count
-
-
 def stats(sentences: Sequence[Sentence]) -> dict:
     """The figures of the paper's Table 1: sentences, average characters, average entities, categories."""
     n = len(sentences)
-    n_entities = sum(_entity_starts(s.tags) for s in sentences)
+    n_entities = sum(tag[0] in "BS" for s in sentences for tag in s.tags)
     return {
         "sentences": n,
         "avg_chars": sum(map(len, sentences)) / n if n else 0.0,

@@ -80,9 +80,10 @@ DATASETS: dict[str, DatasetSpec] = {
         read_fine,
         "/",
         "https://raw.githubusercontent.com/XpastaX/SoftFiNE/main/data/FiNE",
-        # Only dev.json is checked in here; train and test are checked against the origin's
-        # size and printed checksum until someone pins theirs.
-        {"dev": "8022fbf8794c56af98cebf1479d2dd3e2fddefb54376f7a41ab76ccbd3af4c19"},
+        # dev and test as published in the authors' repository (checked against its snapshot);
+        # train.json has no pinned checksum yet: `data download fine --allow-unverified` only.
+        {"dev": "8022fbf8794c56af98cebf1479d2dd3e2fddefb54376f7a41ab76ccbd3af4c19",
+         "test": "1f13606e64bbef2f885691a5ad87d914f97873b8367b93efcf6b64f052e7145a"},
         "FiNE (Yang et al., ACL 2023)",
     ),
 }
@@ -120,8 +121,11 @@ def dataset_files(name: str, directory: str | os.PathLike | None = None,
 
 
 def read_split(name: str, split: str, directory: str | os.PathLike | None = None,
-               on_problem: str = "skip") -> list[Sentence]:
+               strict: bool = False) -> list[Sentence]:
+    """A split's sentences. An unreadable sentence is skipped in train and an error in dev and
+    test, whose sentences are all scored; `strict` makes every problem an error (data.py)."""
     path = dataset_files(name, directory, [split])[split]
+    on_problem = "error" if strict else ("skip" if split == "train" else "refuse")
     return get_spec(name).reader(path, on_problem=on_problem)
 
 
@@ -142,11 +146,14 @@ def sha256_of(paths: Sequence[Path]) -> str:
 
 
 def download(name: str, directory: str | os.PathLike | None = None, *, mirror: str | None = None,
-             splits: Sequence[str] = SPLITS, force: bool = False, timeout: float = 60.0) -> dict[str, Path]:
+             splits: Sequence[str] = SPLITS, force: bool = False, allow_unverified: bool = False,
+             timeout: float = 60.0) -> dict[str, Path]:
     """Fetch a dataset's files from its public origin (or a mirror with the data-dir layout).
 
     Each file is checked against its pinned SHA-256 before it is moved into place, so a failed
-    or tampered download never replaces good data. Files already present and valid are kept.
+    or tampered download never replaces good data. Files already present and valid are kept. A
+    file without a pinned checksum is refused unless `allow_unverified`, and then saved with a
+    warning that prints its checksum.
     """
     spec = get_spec(name)
     if mirror:
@@ -155,8 +162,15 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
         base = spec.origin
     else:
         raise DataError(f"{name!r} has no public origin to download from: {spec.note}")
+    unpinned = [spec.files[s] for s in splits if s not in spec.sha256]
+    if unpinned and not allow_unverified:
+        raise DataError(f"{name}: no pinned checksum for {', '.join(unpinned)}, so it cannot be verified; "
+                        "pass --allow-unverified to save it anyway, or --split to leave it out")
     folder = data_dir(directory) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--data-dir: cannot create {folder} ({err.strerror})") from None
     fetched = {}
     for split in splits:
         target = folder / spec.files[split]
@@ -180,7 +194,7 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
             raise DataError(f"{url}: checksum mismatch (sha256 {got}, expected {expected}); "
                             f"nothing was written to {target}")
         if not expected:
-            log.warning("%s: no pinned checksum for this file; its sha256 is %s", url, got)
+            log.warning("%s: UNVERIFIED (no pinned checksum; --allow-unverified): its sha256 is %s", url, got)
         os.replace(tmp.name, target)
         fetched[split] = target
     return fetched

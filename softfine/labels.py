@@ -11,12 +11,18 @@ For gold label g and candidate j (both not O):
     wrong = components of j (segment tag included) that are not components of g
     score = 1 / beta ** (miss + gamma * wrong)
 The gold label scores 1, `O` scores 0 as a candidate, and an `O` gold gets a one-hot row.
+
+Which candidates get a score is the `scope`. "paper" (the paper's text): every non-O label.
+"related" (the authors' released code, `dataloader/gen_soft_label.py`): only a candidate that
+shares the gold's segment tag or the name of a hierarchy level at the same depth; the others
+score 0.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -24,6 +30,8 @@ import torch
 
 from .data import SEGMENTS
 from .errors import ConfigError
+
+SCOPES = ("paper", "related")
 
 
 @dataclass(frozen=True)
@@ -83,20 +91,28 @@ class LabelSpace:
         levels = self.levels(category)
         return seg, frozenset(levels[:k + 1] for k in range(len(levels)))
 
-    def soft_targets(self, beta: float, gamma: float) -> torch.Tensor:
+    def soft_targets(self, beta: float, gamma: float, scope: str = "paper") -> torch.Tensor:
         """N x N tensor: row g holds every label's relevance to gold label g."""
-        if not beta > 1:
-            raise ConfigError(f"--beta must be > 1, got {beta}")
-        if not gamma > 0:
-            raise ConfigError(f"--gamma must be > 0, got {gamma}")
+        if not (math.isfinite(beta) and beta > 1):
+            raise ConfigError(f"--beta must be a finite number > 1, got {beta}")
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ConfigError(f"--gamma must be a finite number > 0, got {gamma}")
+        if scope not in SCOPES:
+            raise ConfigError(f"--soft-scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         labels = self.labels
         table = torch.eye(len(labels), dtype=torch.float32)
         for g in range(1, len(labels)):
             for j in range(1, len(labels)):
-                if j != g:
+                if j != g and (scope == "paper" or self.related(labels[g], labels[j])):
                     miss, wrong = self.miss_wrong(labels[g], labels[j])
                     table[g, j] = 1.0 / beta ** (miss + gamma * wrong)
         return table
+
+    def related(self, gold: str, candidate: str) -> bool:
+        """The same segment tag, or the same level name at some depth (the authors' code)."""
+        g_seg, g_category = gold.split("-", 1)
+        j_seg, j_category = candidate.split("-", 1)
+        return g_seg == j_seg or any(a == b for a, b in zip(self.levels(g_category), self.levels(j_category)))
 
     def miss_wrong(self, gold: str, candidate: str) -> tuple[int, int]:
         """(levels of `gold` that `candidate` lacks, components of `candidate` not in `gold`)."""
@@ -115,4 +131,9 @@ class LabelSpace:
     @classmethod
     def from_json(cls, text: str) -> "LabelSpace":
         data = json.loads(text)
-        return cls(tuple(data["categories"]), data.get("separator"))
+        categories, separator = data["categories"], data.get("separator")
+        if not (isinstance(categories, list) and all(isinstance(c, str) and c for c in categories)):
+            raise ValueError('"categories" must be a list of non-empty strings')
+        if separator is not None and not isinstance(separator, str):
+            raise ValueError('"separator" must be a string or null')
+        return cls(tuple(categories), separator)

@@ -1,5 +1,8 @@
 """Entity metrics: seqeval in strict mode with the IOBES scheme, plus the paper's level-k F1
-(Appendix D): the same score after cutting every category to its first k hierarchy levels."""
+(Appendix D): the same score after cutting every category to its first k hierarchy levels.
+
+Every score says what it counted: `sentences` and `gold_entities` (an evaluation is of a whole
+split: a number that differs from the split's is visible next to the F1)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
     for key in ("macro avg", "weighted avg"):
         report.pop(key, None)
     return {
+        "sentences": len(gold),
+        "gold_entities": int(micro["support"]),
         "precision": float(micro["precision"]),
         "recall": float(micro["recall"]),
         "f1": float(micro["f1-score"]),
@@ -29,8 +34,10 @@ def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
 
 
 def evaluate_tags(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: LabelSpace) -> dict:
-    """Flat metrics: precision, recall, f1, f1_level1..f1_levelK (K = hierarchy depth, when > 1),
-    and per_category."""
+    """Flat metrics: sentences, gold_entities, precision, recall, f1, f1_level1..f1_levelK
+    (K = hierarchy depth, when > 1), and per_category."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predicted")
     scores = entity_scores(gold, pred)
     if labels.depth > 1:
         for k in range(1, labels.depth + 1):

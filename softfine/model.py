@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 AUG_TOKENS = ("[B]", "[I]", "[E]", "[S]")
 TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused1]")
-# A small BERT: 2 layers of width 128, about 1M parameters plus the character embeddings.
-TINY_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
 
 
 class SoftFiNEModel(nn.Module):
@@ -69,13 +67,13 @@ def random_encoder(chars: Iterable[str], shape: dict | None = None) -> tuple[obj
     return tokenizer, BertModel(config, add_pooling_layer=False)
 
 
-def load_encoder(name: str, train_chars: Iterable[str] = ()) -> tuple[object, nn.Module]:
-    """(tokenizer, encoder) for `name`: a hub name, a local directory, or "tiny"; the
-    augmentation tokens are added to the tokenizer and the embeddings resized."""
+def load_encoder(name: str, train_chars: Iterable[str] = (), tiny_shape: dict | None = None) -> tuple[object, nn.Module]:
+    """(tokenizer, encoder) for `name`: a hub name, a local directory, or "tiny" (of `tiny_shape`,
+    BertConfig fields); the augmentation tokens are added to the tokenizer and the embeddings resized."""
     from transformers import AutoModel, AutoTokenizer
 
     if name == "tiny":
-        tokenizer, encoder = random_encoder(train_chars, TINY_SHAPE)
+        tokenizer, encoder = random_encoder(train_chars, tiny_shape)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -131,17 +129,40 @@ def save_checkpoint(directory: str | Path, model: SoftFiNEModel, tokenizer, labe
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, label space, train config) of a checkpoint directory, model in eval mode."""
+    """(model, tokenizer, label space, train config) of a checkpoint directory, model in eval mode.
+
+    Everything is read without unpickling (safetensors and JSON); a missing or damaged file is a
+    ConfigError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     directory = Path(directory)
     if not (directory / "model.safetensors").is_file():
         raise ConfigError(f"--checkpoint {directory}: not a SoftFiNE checkpoint (no model.safetensors)")
-    labels = LabelSpace.from_json((directory / "labels.json").read_text(encoding="utf-8"))
-    train_config = json.loads((directory / "train_config.json").read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory), add_pooling_layer=False)
-    model = SoftFiNEModel(encoder, len(labels), train_config.get("dropout", 0.1))
-    load_model(model, str(directory / "model.safetensors"), device=str(device))
+
+    def damaged(name: str, err: BaseException) -> ConfigError:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return ConfigError(f"--checkpoint {directory}: {name} is missing or damaged ({first}); "
+                           "train again or copy the checkpoint anew")
+
+    try:
+        labels = LabelSpace.from_json((directory / "labels.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise damaged("labels.json", err) from None
+    try:
+        train_config = json.loads((directory / "train_config.json").read_text(encoding="utf-8"))
+        dropout = float(train_config.get("dropout") or 0.0)
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        raise damaged("train_config.json", err) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory), add_pooling_layer=False)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise damaged("config.json or the tokenizer files", err) from None
+    model = SoftFiNEModel(encoder, len(labels), dropout)
+    try:
+        load_model(model, str(directory / "model.safetensors"), device=str(device))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:  # RuntimeError: shapes that differ
+        raise damaged("model.safetensors", err) from None
     return model.to(device).eval(), tokenizer, labels, train_config

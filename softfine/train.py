@@ -21,14 +21,15 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from .config import TrainConfig
 from .data import Sentence, categories
-from .datasets import available_splits, dataset_files, get_spec, read_split, sha256_of
+from .datasets import available_splits, dataset_files, read_split, sha256_of
 from .errors import ConfigError, DataError, DeviceError
 from .labels import LabelSpace
 from .losses import softfine_loss
@@ -38,80 +39,17 @@ from .model import CharIds, SoftFiNEModel, load_checkpoint, load_encoder, save_c
 log = logging.getLogger(__name__)
 
 
-def option(default, help: str):
-    """A config field with its --help text."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on. Defaults are the paper's Weibo settings (Appendix C)."""
-
-    dataset: str = option("weibo", "dataset name: weibo, resume, ontonotes4 or fine")
-    data_dir: str | None = option(None, "data directory (default: $SOFTFINE_DATA_DIR, else ~/.cache/softfine/data)")
-    model: str = option("bert-base-chinese", "encoder: a Hugging Face name, a local directory, or tiny "
-                        "(a small offline BERT with a character vocabulary from the training split)")
-    epochs: int = option(12, "training epochs")
-    batch_size: int = option(4, "sentences per batch")
-    lr: float = option(2e-5, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.1, "AdamW weight decay (the paper's 'decay rate')")
-    warmup_ratio: float = option(0.1, "fraction of the training steps spent in linear warm-up")
-    dropout: float = option(0.5, "dropout before the linear classifier")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
-    seed: int = option(42, "random seed")
-    alpha_aug: float = option(0.01, "weight of the augmented-sentence loss (alpha_aug)")
-    alpha_fea: float = option(0.01, "weight of the KL feature loss (alpha_fea)")
-    beta: float = option(3.0, "soft-label base, > 1: relevance = 1 / beta^(miss + gamma * wrong)")
-    gamma: float = option(2.0, "soft-label penalty of a wrong component, > 0")
-    soft: bool = option(True, "soft labels; --no-soft trains with one-hot cross-entropy (ablation)")
-    aug: bool = option(True, "entity augmentation; --no-aug drops it and the feature loss (ablation)")
-    limit_train: int | None = option(None, "use only the first N training sentences")
-    limit_eval: int | None = option(None, "use only the first N dev and test sentences")
-    eval_every: int = option(0, "evaluate on dev every N steps (0: after every epoch)")
-    out: str = option("runs/softfine", "output directory (best/ checkpoint, state/, metrics.jsonl)")
-    label_separator: str | None = option(None, "hierarchy separator of categories (default: the "
-                                          "dataset's, '/' for FiNE; e.g. '.' splits Weibo's PER.NAM)")
-    max_length: int = option(512, "tokens per window, [CLS] and [SEP] included; longer sentences are split")
-    strict: bool = option(False, "make every data problem an error instead of a skipped sentence")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)")
-    log_every: int = option(50, "training steps between progress lines")
-
-    def validate(self) -> "TrainConfig":
-        get_spec(self.dataset)
-        checks = [
-            (self.beta > 1, f"--beta must be > 1, got {self.beta}"),
-            (self.gamma > 0, f"--gamma must be > 0, got {self.gamma}"),
-            (self.alpha_aug >= 0, f"--alpha-aug must be >= 0, got {self.alpha_aug}"),
-            (self.alpha_fea >= 0, f"--alpha-fea must be >= 0, got {self.alpha_fea}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.limit_train is None or self.limit_train >= 1, f"--limit-train must be >= 1, got {self.limit_train}"),
-            (self.limit_eval is None or self.limit_eval >= 1, f"--limit-eval must be >= 1, got {self.limit_eval}"),
-            (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
-            (8 <= self.max_length <= 512, f"--max-length must be in [8, 512], got {self.max_length}"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             f"--device must be auto, cpu or cuda[:N], got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        return self
-
-    def separator(self) -> str | None:
-        return self.label_separator if self.label_separator is not None else get_spec(self.dataset).label_separator
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise DeviceError(f"--device {name}: torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
                           f"{visible!r}, torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -125,8 +63,7 @@ class Split:
 
 
 def load_splits(config: TrainConfig, splits: Sequence[str]) -> dict[str, list[Sentence]]:
-    on_problem = "error" if config.strict else "skip"
-    read = {s: read_split(config.dataset, s, config.data_dir, on_problem) for s in splits}
+    read = {s: read_split(config.dataset, s, config.data_dir, config.strict) for s in splits}
     if "train" in read and config.limit_train:
         read["train"] = read["train"][:config.limit_train]
     for split in ("dev", "test"):
@@ -239,6 +176,24 @@ def build_optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Op
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
 
 
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG: tensors and plain values only
+
+
+def load_training_state(path: Path) -> dict:
+    """The training state saved beside the weights, loaded without running any pickled code:
+    a file that holds anything but tensors and plain values is refused."""
+    import pickle
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; cannot resume from {path.parent.parent}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path}: refused to load it: not a training state of plain tensors and values "
+                          f"({first[:200]}); was it written by someone else?") from None
+
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -259,11 +214,12 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     state to resume from and the best checkpoint so far. `resume_from` is such a directory (or
     a copy of it): training continues from its last evaluation.
     """
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import get_scheduler, set_seed
 
-    config.validate()
     device = resolve_device(config.device)
     out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file is there; give a directory")
     out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
 
@@ -274,17 +230,18 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
         raise DataError(f"{files['train']}: no usable training sentences")
     labels = LabelSpace.from_categories(
         [c for s in sentences.values() for c in categories(s)], config.separator())
-    soft_table = (labels.soft_targets(config.beta, config.gamma) if config.soft
+    soft_table = (labels.soft_targets(config.beta, config.gamma, config.soft_scope) if config.soft
                   else labels.one_hot_targets()).to(device)
 
     resume_state = Path(resume_from) / "state" if resume_from else None
     if resume_state is not None:
         model, tokenizer, _, _ = load_checkpoint(resume_state, device)
-        state = torch.load(resume_state / "training_state.pt", map_location="cpu", weights_only=False)
+        state = load_training_state(resume_state / TRAINING_STATE)
         if Path(resume_from).resolve() != out.resolve() and (Path(resume_from) / "best").is_dir():
             shutil.copytree(Path(resume_from) / "best", out / "best", dirs_exist_ok=True)
     else:
-        tokenizer, encoder = load_encoder(config.model, (c for s in sentences["train"] for c in s.chars))
+        tokenizer, encoder = load_encoder(config.model, (c for s in sentences["train"] for c in s.chars),
+                                          config.tiny_shape())
         model = SoftFiNEModel(encoder, len(labels), config.dropout).to(device)
         state = None
 
@@ -293,7 +250,8 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     steps_per_epoch = math.ceil(len(data["train"].examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = build_optimizer(model, config)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
     step, best_f1, best_step = 0, -1.0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -317,15 +275,16 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
         save_checkpoint(out / "state", model, tokenizer, labels, run_config)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                     "best_f1": best_f1, "best_step": best_step, "rng": _rng_state()},
-                   out / "state" / "training_state.pt")
+                   out / "state" / TRAINING_STATE)
         n = max(running["n"], 1)
         metrics = {"epoch": epoch, "step": step,
                    **{f"train_{k}": float(running[k]) / n for k in ("loss", "loss_soft", "loss_aug", "loss_fea")},
                    **flat_scores("dev", scores), "best_dev_f1": best_f1}
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
-        log.info("epoch %d step %d: dev P %.4f R %.4f F1 %.4f (best %.4f at step %d)", epoch, step,
-                 scores["precision"], scores["recall"], scores["f1"], best_f1, best_step)
+        log.info("epoch %d step %d: dev P %.4f R %.4f F1 %.4f on %d sentences, %d gold entities (best %.4f "
+                 "at step %d)", epoch, step, scores["precision"], scores["recall"], scores["f1"],
+                 scores["sentences"], scores["gold_entities"], best_f1, best_step)
         if on_evaluate is not None:
             model.train()
             on_evaluate(metrics, str(out))
@@ -364,8 +323,9 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
         test_scores = evaluate(best_model, data["test"], labels, device)
         result.update(flat_scores("test", test_scores))
         (out / "test_metrics.json").write_text(json.dumps(test_scores, indent=1, ensure_ascii=False))
-        log.info("test (best checkpoint, step %d): P %.4f R %.4f F1 %.4f", best_step,
-                 test_scores["precision"], test_scores["recall"], test_scores["f1"])
+        log.info("test (best checkpoint, step %d): P %.4f R %.4f F1 %.4f on %d sentences, %d gold entities",
+                 best_step, test_scores["precision"], test_scores["recall"], test_scores["f1"],
+                 test_scores["sentences"], test_scores["gold_entities"])
     else:
         log.warning("%s has no test split in %s: skipped the test evaluation", config.dataset, files["train"].parent)
     return result

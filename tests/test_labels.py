@@ -83,6 +83,26 @@ def test_labels_command_on_fine(data_dir):
 def test_labels_command_rejects_bad_beta_and_unknown_gold(data_dir):
     base = [sys.executable, "-m", "softfine", "labels", "--dataset", "fine", "--data-dir", str(data_dir), "--gamma", "2"]
     bad = subprocess.run(base + ["--beta", "1", "--gold", "B-/work/video/teleplay"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "softfine: error: --beta must be > 1, got 1.0"
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "softfine: error: --beta must be a finite number > 1, got 1.0"
     unknown = subprocess.run(base + ["--beta", "2", "--gold", "B-/nothing"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "--gold: label 'B-/nothing' is not in this label space" in unknown.stderr
+
+
+def test_both_soft_label_scopes_on_fine(data_dir):
+    def row(scope):
+        out = subprocess.run([sys.executable, "-m", "softfine", "labels", "--dataset", "fine", "--data-dir",
+                              str(data_dir), "--beta", "2", "--gamma", "2", "--gold", "B-/work/video/teleplay",
+                              "--soft-scope", scope, "--json"], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    paper, related = row("paper"), row("related")
+    assert paper.keys() == related.keys() and len(paper) == 1 + 4 * 54
+    # A candidate sharing the segment tag or a level name at the same depth keeps the paper's score ...
+    assert related["B-/location/site"] == paper["B-/location/site"] == pytest.approx(2 ** -(1 + 2 * 2))
+    assert related["E-/work/game_software/game"] == paper["E-/work/game_software/game"] == pytest.approx(2 ** -(2 * 3))
+    # ... one that shares neither scores 0 with the authors' code, and something with the paper's text.
+    assert related["E-/location/site"] == 0 and paper["E-/location/site"] == pytest.approx(2 ** -(1 + 2 * 3))
+    unrelated = [label for label in paper if label != "O" and not label.startswith("B-")
+                 and not label.split("-", 1)[1].startswith("/work/")]
+    assert unrelated and all(related[label] == 0 and paper[label] > 0 for label in unrelated)
+    assert sum(value > 0 for value in related.values()) < sum(value > 0 for value in paper.values())

@@ -10,14 +10,16 @@ from softfine.errors import ConfigError, DeviceError
 from softfine.losses import feature_kl, soft_cross_entropy, softfine_loss
 from softfine.model import CharIds, load_checkpoint, tiny_tokenizer
 from softfine.predict import Predictor
-from softfine.train import TrainConfig, train
+from softfine.config import FROM_SCRATCH, TrainConfig, make_config
+from softfine.train import TRAINING_STATE, train
 
 
 def tiny_config(data_dir, out, **overrides) -> TrainConfig:
-    values = dict(dataset="resume", data_dir=str(data_dir), model="tiny", epochs=2, batch_size=8, lr=1e-3,
-                  limit_train=48, limit_eval=24, out=str(out), seed=7, dropout=0.1, log_every=0)
+    # a smaller tiny encoder than the default, for speed
+    values = dict(dataset="resume", data_dir=str(data_dir), model="tiny", tiny_layers=1, tiny_hidden=64, epochs=2,
+                  batch_size=8, lr=1e-3, limit_train=48, limit_eval=24, out=str(out), seed=7, dropout=0.1, log_every=0)
     values.update(overrides)
-    return TrainConfig(**values)
+    return make_config(values)
 
 
 def test_train_reports_every_evaluation_and_keeps_the_best(data_dir, tmp_path):
@@ -30,9 +32,11 @@ def test_train_reports_every_evaluation_and_keeps_the_best(data_dir, tmp_path):
         assert {"best", "state", "metrics.jsonl"} <= set(files)
         assert {"train_loss", "train_loss_soft", "train_loss_aug", "train_loss_fea", "dev_precision", "dev_recall",
                 "dev_f1", "best_dev_f1", "epoch"} <= set(metrics)
+        assert metrics["dev_sentences"] == 24 and metrics["dev_gold_entities"] > 0
         assert metrics["train_loss_aug"] > 0 and metrics["train_loss_fea"] > 0
     assert result["best_dev_f1"] == max(m["dev_f1"] for m, _ in reports)
     assert {"test_precision", "test_recall", "test_f1", "data_sha256"} <= set(result)
+    assert result["test_sentences"] == 24 and result["test_gold_entities"] > 0
     best = tmp_path / "run" / "best"
     assert {"model.safetensors", "labels.json", "config.json", "tokenizer.json", "train_config.json"} <= {p.name for p in best.iterdir()}
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -108,10 +112,10 @@ def test_long_sentences_are_split_into_windows(data_dir, tmp_path):
 
 
 def test_bad_config_and_missing_device(data_dir, tmp_path):
-    with pytest.raises(ConfigError, match="--beta must be > 1"):
-        train(tiny_config(data_dir, tmp_path, beta=1.0))
-    with pytest.raises(ConfigError, match="--limit-train must be >= 1"):
-        tiny_config(data_dir, tmp_path, limit_train=0).validate()
+    with pytest.raises(ConfigError, match="--beta: Input should be greater than 1"):
+        tiny_config(data_dir, tmp_path, beta=1.0)
+    with pytest.raises(ConfigError, match="--limit-train: Input should be greater than or equal to 1"):
+        tiny_config(data_dir, tmp_path, limit_train=0)
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="--device cuda: torch sees no CUDA device"):
             train(tiny_config(data_dir, tmp_path, device="cuda"))
@@ -121,6 +125,32 @@ def test_config_is_plain_data():
     config = TrainConfig()
     assert dataclasses.asdict(config)["beta"] == 3.0
     assert json.loads(json.dumps(dataclasses.asdict(config)))["model"] == "bert-base-chinese"
+
+
+def test_the_tiny_encoder_has_defaults_of_its_own():
+    tiny, bert = TrainConfig(model="tiny"), TrainConfig()
+    assert {k: getattr(tiny, k) for k in FROM_SCRATCH} == FROM_SCRATCH
+    assert (bert.lr, bert.batch_size, bert.epochs, bert.dropout, bert.schedule) == (2e-5, 4, 12, 0.5, "linear")
+    given = TrainConfig(model="tiny", lr=5e-4)  # a value given wins over the encoder's default
+    assert given.lr == 5e-4 and given.batch_size == FROM_SCRATCH["batch_size"]
+
+
+def test_a_planted_pickle_in_the_training_state_is_refused_and_never_run(data_dir, tmp_path):
+    snapshot = tmp_path / "after-epoch-1"
+    train(tiny_config(data_dir, tmp_path / "full", epochs=1),
+          on_evaluate=lambda metrics, out: shutil.copytree(out, snapshot, dirs_exist_ok=True))
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    state = torch.load(snapshot / "state" / TRAINING_STATE, weights_only=True)
+    state["extra"] = Payload()
+    torch.save(state, snapshot / "state" / TRAINING_STATE)  # a zip file as torch writes it, a payload inside
+    with pytest.raises(ConfigError, match=r"training_state.pt: refused to load it"):
+        train(tiny_config(data_dir, tmp_path / "resumed"), resume_from=snapshot)
+    assert not marker.exists()
 
 
 def test_encoder_from_a_local_directory(data_dir, tmp_path):
