@@ -24,15 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from softfine.data import categories  # noqa: E402
 from softfine.labels import LabelSpace  # noqa: E402
-from softfine.model import TINY_SHAPE, CharIds, SoftFiNEModel, add_aug_tokens, load_encoder, random_encoder  # noqa: E402
-from softfine.train import TrainConfig, build_optimizer, encode, load_splits, resolve_device, train_loader, train_step  # noqa: E402
+from softfine.config import TrainConfig  # noqa: E402
+from softfine.model import CharIds, SoftFiNEModel, add_aug_tokens, load_encoder, random_encoder  # noqa: E402
+from softfine.train import build_optimizer, encode, load_splits, resolve_device, train_loader, train_step  # noqa: E402
 
 
 def build(shape: str, model: str | None, chars):
     if model:
         return load_encoder(model, chars)
     # bert-base: BertConfig's defaults, which are bert-base-chinese's shape.
-    return add_aug_tokens(*random_encoder(chars, None if shape == "bert-base" else TINY_SHAPE))
+    return add_aug_tokens(*random_encoder(chars, None if shape == "bert-base" else TrainConfig(model="tiny").tiny_shape()))
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 
-from .errors import ConfigError
+from .errors import ConfigError, SoftFiNEError
 
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
@@ -124,7 +124,10 @@ def make_config(values: Mapping[str, Any], where: Callable[[str], str] = lambda 
         config = dataclasses.replace(base, **values) if base is not None else TrainConfig(**values)
     except ValidationError as err:
         raise validation_error(err, where) from None
-    get_spec(config.dataset)  # an unknown dataset, before any data is read
+    try:
+        get_spec(config.dataset)  # an unknown dataset, before any data is read
+    except SoftFiNEError as err:
+        raise ConfigError(f"{where('dataset')}: {err}") from None
     return config
 
 

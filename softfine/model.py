@@ -135,7 +135,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     ConfigError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoTokenizer
+    from transformers import __version__ as transformers_version
 
     directory = Path(directory)
     if not (directory / "model.safetensors").is_file():
@@ -156,9 +157,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     except (OSError, ValueError, AttributeError, TypeError) as err:
         raise damaged("train_config.json", err) from None
     try:
+        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"model_type {model_type!r} is not one this transformers {transformers_version} knows")
         tokenizer = AutoTokenizer.from_pretrained(directory)
         encoder = AutoModel.from_config(AutoConfig.from_pretrained(directory), add_pooling_layer=False)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise damaged("config.json or the tokenizer files", err) from None
     model = SoftFiNEModel(encoder, len(labels), dropout)
     try:
