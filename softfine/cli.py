@@ -135,9 +135,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config, make_config
     from .train import train
 
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     flags = given_values(args)
     config = load_config(args.config, flags) if args.config else make_config(flags)
-    result = train(config)
+    with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+        result = train(config)
     print(json.dumps(result, indent=1))
 
 

@@ -74,6 +74,7 @@ def load_encoder(name: str, train_chars: Iterable[str] = (), tiny_shape: dict | 
 
     if name == "tiny":
         tokenizer, encoder = random_encoder(train_chars, tiny_shape)
+        return add_aug_tokens(tokenizer, encoder, mean_resizing=False)  # random weights: no mean to keep
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -85,10 +86,10 @@ def load_encoder(name: str, train_chars: Iterable[str] = (), tiny_shape: dict | 
     return add_aug_tokens(tokenizer, encoder)
 
 
-def add_aug_tokens(tokenizer, encoder: nn.Module) -> tuple[object, nn.Module]:
+def add_aug_tokens(tokenizer, encoder: nn.Module, mean_resizing: bool = True) -> tuple[object, nn.Module]:
     """`[B] [I] [E] [S]` as special tokens (never split, never lower-cased), embeddings resized."""
     tokenizer.add_special_tokens({"additional_special_tokens": list(AUG_TOKENS)})
-    encoder.resize_token_embeddings(len(tokenizer))
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=mean_resizing)
     return tokenizer, encoder
 
 

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,15 @@ def eval_loader(examples: list[dict], batch_size: int):
 # ---------------------------------------------------------------------------------------------
 # Evaluation and prediction.
 
+def progress(total: int, desc: str, initial: int = 0):
+    """A tqdm bar on an interactive terminal; nothing in Ray trials, CI or a redirected log, which
+    get the log lines instead."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
 def autocast(device: torch.device):
     # bf16 on CUDA: the A100/H100 fast path; CPU runs stay in fp32.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -143,7 +153,10 @@ def predict_tags(model: SoftFiNEModel, split: Split, labels: LabelSpace, device:
     model.eval()
     names = labels.labels
     predicted = [["O"] * len(s) for s in split.sentences]
-    for batch in eval_loader(split.examples, batch_size):
+    batches = eval_loader(split.examples, batch_size)
+    bar = progress(len(batches), "evaluate")
+    for batch in batches:
+        bar.update()
         with autocast(device):
             _, logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         best = logits.argmax(-1).cpu()
@@ -151,6 +164,7 @@ def predict_tags(model: SoftFiNEModel, split: Split, labels: LabelSpace, device:
             chars = label_ids.ne(-100)  # positions of real characters
             for i, label in enumerate(row[chars].tolist()):
                 predicted[number][offset + i] = names[label]
+    bar.close()
     return predicted
 
 
@@ -292,6 +306,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
 
     running = dict.fromkeys(("loss", "loss_soft", "loss_aug", "loss_fea", "n"), 0.0)
     started, seen_chars = time.perf_counter(), 0
+    bar = progress(total_steps, "train", step)
     for epoch in range(step // steps_per_epoch, config.epochs):
         model.train()
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
@@ -308,13 +323,16 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
                 running[k] += parts[k]  # tensors on the device: no host sync per step
             running["n"] += 1
             seen_chars += int(batch["label_ids"].ne(-100).sum())
+            bar.update()
             if config.log_every and step % config.log_every == 0:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{float(running['loss']) / max(running['n'], 1):.4f}")
                 elapsed = time.perf_counter() - started
                 log.info("epoch %d step %d/%d loss %.4f (%.0f chars/s, lr %.2e)", epoch + 1, step, total_steps,
                          float(running["loss"]) / max(running["n"], 1), seen_chars / elapsed, scheduler.get_last_lr()[0])
             if config.eval_every and step % config.eval_every == 0 and step % steps_per_epoch:
                 evaluate_and_keep(epoch + 1, running)
         evaluate_and_keep(epoch + 1, running)
+    bar.close()
 
     result = {"best_dev_f1": best_f1, "best_step": best_step, "best_checkpoint": str(out / "best"),
               "data_sha256": data_sha256, "train_seconds": time.perf_counter() - started}
