@@ -25,15 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from softfine.data import categories  # noqa: E402
 from softfine.labels import LabelSpace  # noqa: E402
 from softfine.config import TrainConfig  # noqa: E402
-from softfine.model import CharIds, SoftFiNEModel, add_aug_tokens, load_encoder, random_encoder  # noqa: E402
+from softfine.model import CharIds, SoftFiNEModel, build_model, random_model  # noqa: E402
 from softfine.train import build_optimizer, encode, load_splits, resolve_device, train_loader, train_step  # noqa: E402
 
 
-def build(shape: str, model: str | None, chars):
+def build(shape: str, model: str | None, labels, dropout: float, chars):
     if model:
-        return load_encoder(model, chars)
+        return build_model(model, labels, dropout, chars)
     # bert-base: BertConfig's defaults, which are bert-base-chinese's shape.
-    return add_aug_tokens(*random_encoder(chars, None if shape == "bert-base" else TrainConfig(model="tiny").tiny_shape()))
+    tiny = None if shape == "bert-base" else TrainConfig(model="tiny").tiny_shape()
+    tokenizer, net = random_model(chars, labels, dropout, tiny)
+    return tokenizer, SoftFiNEModel(net)
 
 
 def main() -> None:
@@ -55,8 +57,8 @@ def main() -> None:
     torch.manual_seed(0)
     sentences = load_splits(config, ["train"])["train"]
     labels = LabelSpace.from_categories(categories(sentences), config.separator())
-    tokenizer, encoder = build(args.shape, args.model, (c for s in sentences for c in s.chars))
-    model = SoftFiNEModel(encoder, len(labels), config.dropout).to(device).train()
+    tokenizer, model = build(args.shape, args.model, labels, config.dropout, (c for s in sentences for c in s.chars))
+    model = model.to(device).train()
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
     optimizer = build_optimizer(model, config)
     table = labels.soft_targets(config.beta, config.gamma).to(device)

@@ -35,7 +35,7 @@ from .errors import ConfigError, DataError, DeviceError
 from .labels import LabelSpace
 from .losses import softfine_loss
 from .metrics import evaluate_tags
-from .model import CharIds, SoftFiNEModel, load_checkpoint, load_encoder, save_checkpoint
+from .model import CharIds, SoftFiNEModel, build_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -254,9 +254,9 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
         if Path(resume_from).resolve() != out.resolve() and (Path(resume_from) / "best").is_dir():
             shutil.copytree(Path(resume_from) / "best", out / "best", dirs_exist_ok=True)
     else:
-        tokenizer, encoder = load_encoder(config.model, (c for s in sentences["train"] for c in s.chars),
-                                          config.tiny_shape())
-        model = SoftFiNEModel(encoder, len(labels), config.dropout).to(device)
+        tokenizer, model = build_model(config.model, labels, config.dropout,
+                                       (c for s in sentences["train"] for c in s.chars), config.tiny_shape())
+        model = model.to(device)
         state = None
 
     char_ids = CharIds(tokenizer)

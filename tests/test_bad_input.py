@@ -318,7 +318,7 @@ CHECKPOINT_CASES = [
     ("labels-not-json", damage("labels.json", "{categories"), "labels.json is missing or damaged"),
     ("labels-wrong-shape", damage("labels.json", '{"categories": 5}'), "labels.json is missing or damaged"),
     ("labels-empty-category", damage("labels.json", '{"categories": [""]}'), "labels.json is missing or damaged"),
-    ("labels-fewer", damage("labels.json", '{"categories": ["NAME"]}'), "model.safetensors is missing or damaged"),
+    ("labels-fewer", damage("labels.json", '{"categories": ["NAME"]}'), "labels.json is missing or damaged (5 labels, but"),
     ("unknown-model-type", damage("config.json", edit_json(model_type="no-such-model")),
      "config.json or the tokenizer files is missing or damaged"),
     ("no-config", damage("config.json", None), "config.json or the tokenizer files is missing or damaged"),

@@ -63,7 +63,7 @@ def test_train_evaluate_predict(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--dataset", "nope"], "softfine: error: unknown dataset 'nope'; known: weibo, resume, ontonotes4, fine"),
+    (["train", "--dataset", "nope"], "softfine: error: --dataset: unknown dataset 'nope'; known: weibo, resume, ontonotes4, fine"),
     (["train", "--dataset", "fine", "--model", "tiny"], "softfine: error: missing data file(s) for 'fine'"),
     (["train", "--dataset", "resume", "--beta", "0.5"], "softfine: error: --beta: Input should be greater than 1"),
     (["evaluate", "--checkpoint", "/nonexistent", "--dataset", "resume"], "softfine: error: --checkpoint /nonexistent: not a SoftFiNE checkpoint"),

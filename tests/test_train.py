@@ -167,3 +167,29 @@ def test_encoder_from_a_local_directory(data_dir, tmp_path):
     assert model.encoder.config.hidden_size == 32
     assert tokenizer.convert_tokens_to_ids("[E]") != tokenizer.unk_token_id
     assert model.encoder.get_input_embeddings().num_embeddings == len(tokenizer)
+
+
+def test_the_checkpoint_is_a_hugging_face_token_classification_model(data_dir, tmp_path):
+    """transformers.pipeline loads the best checkpoint as it is and labels every character as
+    `softfine predict` does."""
+    from seqeval.scheme import IOBES, Entities
+    from transformers import pipeline
+
+    result = train(tiny_config(data_dir, tmp_path / "run", epochs=4, limit_train=400, batch_size=16, lr=5e-3,
+                               tiny_hidden=128))
+    texts = ["高勇：男，中国国籍，无境外居留权。", "汉族，中共党员，本科学历，北京大学工程师。"]
+    tagger = pipeline("token-classification", model=result["best_checkpoint"], aggregation_strategy="none",
+                      ignore_labels=[], device="cpu")
+    assert tagger.model.config.id2label[0] == "O" and tagger.model.config.num_labels == 33
+    piped = []
+    for text, tokens in zip(texts, tagger(texts)):
+        tags = ["O"] * len(text)
+        for token in tokens:
+            assert token["end"] - token["start"] == 1  # one token per character on this text
+            tags[token["start"]] = token["entity"]
+        piped.append(tags)
+    predictor = Predictor.from_checkpoint(result["best_checkpoint"])
+    ours = predictor.predict(texts)
+    assert sum(len(e) for e in ours) > 0  # something to compare
+    from_pipeline = [[(e.tag, e.start, e.end - 1) for e in sentence] for sentence in Entities(piped, IOBES).entities]
+    assert from_pipeline == [[(e["category"], e["start"], e["end"]) for e in sentence] for sentence in ours]
