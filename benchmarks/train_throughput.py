@@ -66,7 +66,7 @@ def main() -> None:
     def batches():
         epoch = 0
         while True:
-            yield from train_loader(examples, config.batch_size, config.seed, epoch)
+            yield from train_loader(examples, config.batch_size, config.seed, epoch, device.type == "cuda")
             epoch += 1
 
     stream = batches()

@@ -113,15 +113,16 @@ def collate(examples: list[dict]) -> dict:
     }
 
 
-def train_loader(examples: list[dict], batch_size: int, seed: int, epoch: int):
-    """Batches of similar length (transformers' LengthGroupedSampler), reshuffled each epoch."""
+def train_loader(examples: list[dict], batch_size: int, seed: int, epoch: int, pin_memory: bool = False):
+    """Batches of similar length (transformers' LengthGroupedSampler), reshuffled each epoch;
+    `pin_memory` (for CUDA) lets the copies to the GPU run asynchronously."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     sampler = LengthGroupedSampler(batch_size, lengths=[len(e["input_ids"]) for e in examples],
                                    generator=generator)
     return torch.utils.data.DataLoader(examples, batch_size=batch_size, sampler=sampler,
-                                       collate_fn=collate, drop_last=False)
+                                       collate_fn=collate, drop_last=False, pin_memory=pin_memory)
 
 
 def eval_loader(examples: list[dict], batch_size: int):
@@ -158,7 +159,8 @@ def predict_tags(model: SoftFiNEModel, split: Split, labels: LabelSpace, device:
     for batch in batches:
         bar.update()
         with autocast(device):
-            _, logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            _, logits = model(batch["input_ids"].to(device, non_blocking=True),
+                              batch["attention_mask"].to(device, non_blocking=True))
         best = logits.argmax(-1).cpu()
         for row, number, offset, label_ids in zip(best, batch["sentence"], batch["offset"], batch["label_ids"]):
             chars = label_ids.ne(-100)  # positions of real characters
@@ -186,8 +188,9 @@ def build_optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Op
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    fused = all(p.is_cuda for p in decay + no_decay)  # one kernel for the whole update on a GPU
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
 
 
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG: tensors and plain values only
@@ -310,7 +313,8 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     for epoch in range(step // steps_per_epoch, config.epochs):
         model.train()
         skip = step - epoch * steps_per_epoch  # batches of this epoch done before a resume
-        for batch_number, batch in enumerate(train_loader(data["train"].examples, config.batch_size, config.seed, epoch)):
+        batches = train_loader(data["train"].examples, config.batch_size, config.seed, epoch, device.type == "cuda")
+        for batch_number, batch in enumerate(batches):
             if batch_number < skip:
                 continue
             parts = train_step(model, batch, soft_table, config, device)
@@ -353,15 +357,17 @@ def train_step(model: SoftFiNEModel, batch: dict, soft_table: torch.Tensor, conf
                 device: torch.device) -> dict:
     """One forward and backward pass; original and augmented sentences share one encoder call.
     Returns the loss and its parts as detached tensors on `device` (reading them syncs CUDA)."""
-    input_ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    label_ids = batch["label_ids"].to(device)
+    # non_blocking: the copies from pinned memory overlap the GPU's work (no host sync per step)
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["attention_mask"].to(device, non_blocking=True)
+    label_ids = batch["label_ids"].to(device, non_blocking=True)
     chars = label_ids.ne(-100)
     targets = soft_table[label_ids[chars]]  # a row lookup per character
     use_aug = config.aug and (config.alpha_aug > 0 or config.alpha_fea > 0)
     with autocast(device):
         if use_aug:
-            features, logits = model(torch.cat([input_ids, batch["aug_ids"].to(device)]), torch.cat([mask, mask]))
+            features, logits = model(torch.cat([input_ids, batch["aug_ids"].to(device, non_blocking=True)]),
+                                     torch.cat([mask, mask]))
             n = input_ids.shape[0]
             entity = chars & label_ids.ne(0)  # label 0 is O
             parts = softfine_loss(logits[:n][chars], targets, aug_logits=logits[n:][chars],

@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Several trials on one GPU: grid throughput with 1, 2, 4 and 8 trials sharing it.
+
+    python benchmarks/gpu_packing.py                          # bert-base shape, bf16, Weibo, batch 4 and 16
+    python benchmarks/gpu_packing.py --packing 1 4 --batch-size 16 --steps 200
+
+Each trial is a process running benchmarks/train_throughput.py (full SoftFiNE steps: original and
+augmented sentences, soft labels, feature loss) on a randomly initialised encoder of
+bert-base-chinese's shape, in bf16, on the same GPU, started together after an untimed warm-up.
+Printed per packing: the trials' summed training characters/s, the grid throughput in
+trial-epochs per hour (summed characters/s over the characters of one Weibo training epoch), and
+each trial's peak GPU memory. This is what `--gpus-per-trial 1/K` buys on a real search. Figures
+are printed, not asserted; it needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_packing(k: int, args: argparse.Namespace) -> list[dict]:
+    command = [sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--shape", "bert-base",
+               "--device", "cuda", "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    trials = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+    results = []
+    for trial in trials:
+        out, _ = trial.communicate()
+        if trial.returncode:
+            sys.exit(f"gpu_packing: a trial exited {trial.returncode} with {k} trials on the GPU")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def epoch_chars(data_dir: str | None) -> int:
+    from softfine.datasets import read_split
+
+    return sum(len(s) for s in read_split("weibo", "train", data_dir))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--packing", type=int, nargs="+", default=[1, 2, 4, 8], help="trials per GPU")
+    parser.add_argument("--batch-size", type=int, default=4, help="the paper's Weibo batch size is 4")
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per trial")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per trial first")
+    parser.add_argument("--data-dir")
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("gpu_packing: needs a CUDA GPU (torch sees none); CPU figures come from train_throughput.py")
+    per_epoch = epoch_chars(args.data_dir)
+    print(f"{torch.cuda.get_device_name()}, bf16, bert-base shape, Weibo ({per_epoch} training characters an "
+          f"epoch), batch {args.batch_size}")
+    print(f"{'trials/GPU':>10} {'chars/s (sum)':>14} {'trial-epochs/h':>15} {'chars/s per trial':>18} "
+          f"{'peak MiB per trial':>19}")
+    base = None
+    for k in args.packing:
+        results = run_packing(k, args)
+        total = sum(r["chars_per_s"] for r in results)
+        base = base or total
+        print(f"{k:>10} {total:>14,} {total * 3600 / per_epoch:>15.1f} {total // k:>18,} "
+              f"{max(r['peak_memory_MiB'] for r in results):>19,}   ({total / base:.2f}x one trial)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
