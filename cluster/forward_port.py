@@ -10,7 +10,12 @@ of the Ray clusters in this folder (see cluster/README.md):
 
 Nothing listens on a public address. `--daemon` detaches, writes --pidfile and returns once the
 port is listening (an old forwarder of the same --pidfile is stopped first); `--stop` stops it.
-Standard library only."""
+
+The pid file holds the forwarder's pid, its start time (field 22 of /proc/PID/stat) and its command
+line; `--stop` and `--daemon` signal a process only if all three still match, so a stale pid file (a
+crash, a reboot, a reused pid) never stops a stranger: it is removed with a one-line note, and
+`--stop` exits 1. A pid file that is a symbolic link or belongs to another user is refused (it may sit
+in a shared folder such as /tmp). Linux only (/proc). Standard library only."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 PROG = "cluster/forward_port.py"
@@ -74,9 +80,7 @@ async def handle(client_reader, client_writer, target: tuple[str, int]) -> None:
 async def serve(listen: tuple[str, int], target: tuple[str, int], pidfile: str | None) -> None:
     server = await asyncio.start_server(lambda r, w: handle(r, w, target), *listen, reuse_address=True)
     if pidfile:  # written only once listening: --daemon waits for it
-        with open(pidfile + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(pidfile + ".tmp", pidfile)
+        write_pidfile(pidfile)
     print(f"{PROG}: forwarding {listen[0]}:{listen[1]} -> {target[0]}:{target[1]}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
@@ -85,31 +89,124 @@ async def serve(listen: tuple[str, int], target: tuple[str, int], pidfile: str |
     async with server:
         await stop
     if pidfile:
-        with contextlib.suppress(FileNotFoundError):
-            if open(pidfile).read().strip() == str(os.getpid()):
+        with contextlib.suppress(OSError, PidfileError):
+            if read_pidfile(pidfile)[0] == os.getpid():
                 os.remove(pidfile)
 
 
-def stop_running(pidfile: str) -> bool:
+class PidfileError(Exception):
+    """A pid file this program must not act on; the message says why, in one line."""
+
+
+def process_identity(pid: int) -> tuple[str, str] | None:
+    """(start time, command line) of a live process: field 22 of /proc/PID/stat (clock ticks after
+    boot; a reused pid has another) and /proc/PID/cmdline with its NULs as spaces. None when no such
+    process runs (a zombie counts as gone)."""
     try:
-        pid = int(open(pidfile).read().strip())
-    except (FileNotFoundError, ValueError):
-        return False
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(pidfile)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after "PID (COMM)": COMM may hold spaces
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return None
+    if not fields or fields[0] == "Z":
+        return None
+    return fields[19], cmdline.replace(b"\0", b" ").replace(b"\n", b" ").decode(errors="replace")
+
+
+def write_pidfile(pidfile: str) -> None:
+    """This process's pid, start time and command line, written atomically through a private
+    temporary file (O_EXCL, mode 0600: no link planted in a shared folder is followed)."""
+    start, cmdline = process_identity(os.getpid())
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(pidfile) or ".", prefix=os.path.basename(pidfile) + ".")
     try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n{start}\n{cmdline}\n")
+        os.replace(tmp, pidfile)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def read_pidfile(pidfile: str) -> tuple[int, str, str]:
+    """(pid, start time, command line) from a pid file of ours. FileNotFoundError when there is none;
+    PidfileError for a link or another user's file (never trusted, never removed)."""
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise PidfileError(f"cannot read {pidfile} ({e.strerror}): a symbolic link is never trusted; "
+                           "choose another --pidfile") from e
+    with os.fdopen(fd) as f:
+        owner = os.fstat(f.fileno()).st_uid
+        if owner != os.geteuid():
+            raise PidfileError(f"{pidfile} belongs to uid {owner}, not to you: not trusted; choose another --pidfile")
+        lines = f.read().split("\n")
+    if len(lines) < 3 or not lines[0].isdigit() or not lines[1].isdigit():
+        return 0, "", ""  # an old or foreign format: names no process we could vouch for
+    return int(lines[0]), lines[1], lines[2]
+
+
+def owned_forwarder(pidfile: str) -> tuple[int | None, str]:
+    """(pid, "") of the forwarder that wrote pidfile if that very process still runs; else (None, why).
+    FileNotFoundError when there is no pid file."""
+    pid, start, cmdline = read_pidfile(pidfile)
+    if not pid:
+        return None, "it records no pid, start time and command line"
+    identity = process_identity(pid)
+    if identity is None:
+        return None, f"pid {pid} is not running"
+    if identity != (start, cmdline):
+        return None, f"pid {pid} is another process now"
+    return pid, ""
+
+
+def stop_pid(pid: int) -> None:
+    """TERM, then KILL after 5 s if that very process still runs: only ever called with a pid
+    owned_forwarder vouched for."""
+    identity = process_identity(pid)
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
     for _ in range(50):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
+        if process_identity(pid) != identity:
+            return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    return True
+
+
+def clear_pidfile(pidfile: str) -> str | None:
+    """Before a --daemon start: stops the forwarder pidfile names if it is ours, removes a stale pid
+    file. Returns a note for the user, or None when there was no pid file."""
+    try:
+        pid, why = owned_forwarder(pidfile)
+    except FileNotFoundError:
+        return None
+    if pid is not None:
+        stop_pid(pid)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(pidfile)
+    return (f"replaced the forwarder of {pidfile} (pid {pid})" if pid is not None
+            else f"removed the stale {pidfile} ({why}); no process was signalled")
+
+
+def stop_command(pidfile: str) -> int:
+    try:
+        pid, why = owned_forwarder(pidfile)
+    except FileNotFoundError:
+        print(f"{PROG}: --stop: no forwarder running for {pidfile} (no such file)", file=sys.stderr)
+        return 1
+    if pid is not None:
+        stop_pid(pid)
+    with contextlib.suppress(FileNotFoundError):  # the forwarder removes its own on a clean exit
+        os.remove(pidfile)
+    if pid is None:
+        print(f"{PROG}: --stop: {pidfile} is stale ({why}): removed it, stopped nothing", file=sys.stderr)
+        return 1
+    print(f"{PROG}: stopped the forwarder of {pidfile} (pid {pid})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +224,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.daemon or args.stop) and not args.pidfile:
         parser.error("--daemon and --stop need --pidfile")
+    if args.pidfile and not os.path.isdir("/proc/self"):
+        parser.error("--pidfile needs Linux's /proc (to check which process a pid file names)")
     if args.stop:
-        print(f"{PROG}: {'stopped' if stop_running(args.pidfile) else 'no forwarder running for'} {args.pidfile}")
-        return 0
+        try:
+            return stop_command(os.path.abspath(args.pidfile))
+        except PidfileError as e:
+            print(f"{PROG}: --stop: {e}", file=sys.stderr)
+            return 1
     if not args.listen or not args.to:
         parser.error("--listen and --to are required")
     if args.listen == args.to:
@@ -144,11 +246,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     pidfile = os.path.abspath(args.pidfile)
-    stop_running(pidfile)
+    try:
+        note = clear_pidfile(pidfile)
+    except PidfileError as e:
+        print(f"{PROG}: --pidfile {e}", file=sys.stderr)
+        return 1
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr)
     log = os.path.abspath(args.log or pidfile + ".log")
     child_argv = [sys.executable, os.path.abspath(__file__), "--listen", "%s:%d" % args.listen,
                   "--to", "%s:%d" % args.to, "--pidfile", pidfile]
-    with open(log, "ab") as out:
+    try:  # private, and no link planted in a shared folder (the default log sits beside the pid file)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        print(f"{PROG}: cannot open the log {log}: {e.strerror} (choose another --log)", file=sys.stderr)
+        return 1
+    with os.fdopen(out, "ab") as out:
         child = subprocess.Popen(child_argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                  start_new_session=True, close_fds=True)
     deadline = time.monotonic() + args.timeout
@@ -157,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             tail = open(log, errors="replace").read().strip().splitlines()[-1:] or ["(no output)"]
             print(f"{PROG}: the forwarder exited: {tail[0]}", file=sys.stderr)
             return 1
-        if os.path.exists(pidfile):
+        listening = False
+        with contextlib.suppress(OSError, PidfileError):
+            listening = read_pidfile(pidfile)[0] == child.pid
+        if listening:
             print(f"{PROG}: forwarding {args.listen[0]}:{args.listen[1]} -> {args.to[0]}:{args.to[1]} "
                   f"in the background (pid {child.pid}, log {log})")
             return 0
