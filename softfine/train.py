@@ -193,6 +193,17 @@ def build_optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Op
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
 
 
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
+            pct_start=max(config.warmup_ratio, 1e-3), anneal_strategy="cos", cycle_momentum=False)
+    from transformers import get_scheduler
+
+    return get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG: tensors and plain values only
 
 
@@ -231,7 +242,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     state to resume from and the best checkpoint so far. `resume_from` is such a directory (or
     a copy of it): training continues from its last evaluation.
     """
-    from transformers import get_scheduler, set_seed
+    from transformers import set_seed
 
     device = resolve_device(config.device)
     out = Path(config.out)
@@ -267,8 +278,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     steps_per_epoch = math.ceil(len(data["train"].examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = build_optimizer(model, config)
-    scheduler = get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = make_scheduler(config, optimizer, total_steps)
     step, best_f1, best_step = 0, -1.0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
