@@ -34,7 +34,7 @@ Count = Annotated[int, Field(ge=1)]
 # training the tiny encoder from scratch (measured in benchmarks/tiny_resume.py; see README).
 FINE_TUNING = dict(epochs=12, batch_size=4, lr=2e-5, weight_decay=0.1, warmup_ratio=0.1, dropout=0.5,
                    schedule="linear")
-FROM_SCRATCH = dict(epochs=16, batch_size=32, lr=2e-3, weight_decay=0.01, warmup_ratio=0.1, dropout=0.1,
+FROM_SCRATCH = dict(epochs=20, batch_size=32, lr=2e-3, weight_decay=0.01, warmup_ratio=0.1, dropout=0.1,
                     schedule="onecycle")
 # after warm-up: linear or cosine decay (transformers.get_scheduler), or torch's OneCycleLR (a cosine
 # warm-up from lr/25 and a cosine anneal, what the tiny encoder trains best with)
