@@ -56,8 +56,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
             default = f"{FINE_TUNING[f.name]}; tiny: {FROM_SCRATCH[f.name]}"
         else:
             default = f.default
+        shown = f" (default: {default})" if default is not None else ""  # None: the help says what happens
         parser.add_argument(flag, dest=f.name, type=str if choices else base, choices=choices,
-                            default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"{help_text} (default: {default})")
+                            default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text + shown)
 
 
 def given_values(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:

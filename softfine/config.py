@@ -122,8 +122,15 @@ def make_config(values: Mapping[str, Any], where: Callable[[str], str] = lambda 
     unknown = [k for k in values if k not in FIELDS]
     if unknown:
         raise ConfigError(f"{where(unknown[0])}: unknown option {unknown[0]!r} (known: {', '.join(FIELDS)})")
+    if base is not None:
+        base_values = dataclasses.asdict(base)
+        if values.get("model", base.model) != base.model:  # a new encoder: its own defaults, not the old one's
+            for name, default in encoder_defaults(base.model).items():
+                if base_values[name] == default:
+                    base_values[name] = None
+        values = {**base_values, **values}
     try:
-        config = dataclasses.replace(base, **values) if base is not None else TrainConfig(**values)
+        config = TrainConfig(**values)
     except ValidationError as err:
         raise validation_error(err, where) from None
     try:

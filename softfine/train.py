@@ -349,6 +349,8 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     bar.close()
 
     result = {"best_dev_f1": best_f1, "best_step": best_step, "best_checkpoint": str(out / "best"),
+              "dev_sentences": len(data["dev"].sentences),
+              "dev_gold_entities": sum(tag[0] in "BS" for s in data["dev"].sentences for tag in s.tags),
               "data_sha256": data_sha256, "train_seconds": time.perf_counter() - started}
     if "test" in data:
         best_model, *_ = load_checkpoint(out / "best", device)

@@ -1,6 +1,8 @@
 """tune/search.py end to end on one local Ray instance (shared by the tests of this module), the
 tiny encoder and a few Resume sentences: the full 36-point grid, TPE with seeds, ASHA, a crashed
-trial retried in its MLflow run, a killed driver resumed, a tracking server that stops."""
+trial retried in its MLflow run, a killed driver resumed, a tracking server that stops, the soft
+scope as a grid dimension, one configuration over seeds (an ablation), a failure after the parent
+run was created, a tracking server with a password."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -48,7 +51,8 @@ def point(run) -> tuple:
 
 
 def check_selection(uri: str, parent, kids: list) -> None:
-    """The parent's selected params are those of the child with the best dev F1."""
+    """The parent's selected params are those of the child with the best dev F1, and its metrics
+    say what that child's F1s were computed on."""
     best = max(k.data.metrics["best_dev_f1"] for k in kids)
     tied = [k for k in kids if k.data.metrics["best_dev_f1"] == best]
     params, metrics = parent.data.params, parent.data.metrics
@@ -58,6 +62,8 @@ def check_selection(uri: str, parent, kids: list) -> None:
         assert float(params[f"selected_{key}"]) == float(chosen.data.params[key])
     assert metrics["best_dev_f1"] == pytest.approx(best)
     assert metrics["best_test_f1"] == pytest.approx(chosen.data.metrics["test_f1"])
+    for key in ("dev_sentences", "dev_gold_entities", "test_sentences", "test_gold_entities"):
+        assert metrics[f"best_{key}"] == chosen.data.metrics[key] > 0, key
 
 
 def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_server, tmp_path):
@@ -78,15 +84,22 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert all(k.info.status == "FINISHED" for k in kids)
     summary = read_summary(tmp_path, "grid36")
     assert summary["terminated"] == 36 and summary["max_trials_at_once"] >= 3  # many trials in flight
+    assert summary["best_dev_sentences"] == summary["best_test_sentences"] == 24
+    assert summary["best_dev_gold_entities"] > 0 and summary["best_test_gold_entities"] > 0
+    assert (f"test F1 {summary['best_test_f1']:.4f} on 24 sentences, {summary['best_test_gold_entities']} gold "
+            "entities") in output
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     kid = kids[0]
     for key in ("train_loss", "train_loss_soft", "train_loss_aug", "train_loss_fea", "dev_precision", "dev_recall",
-                "dev_f1", "best_dev_f1", "test_precision", "test_recall", "test_f1"):
+                "dev_f1", "best_dev_f1", "test_precision", "test_recall", "test_f1", "dev_sentences",
+                "dev_gold_entities", "test_sentences", "test_gold_entities"):
         assert key in kid.data.metrics, key
-    for key in ("alpha_aug", "alpha_fea", "beta", "gamma", "lr", "batch_size", "epochs", "dropout", "weight_decay",
-                "warmup_ratio", "seed", "model", "limit_train"):
+    assert kid.data.metrics["dev_sentences"] == kid.data.metrics["test_sentences"] == 24  # --limit-eval 24
+    for key in ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "lr", "batch_size", "epochs", "dropout",
+                "weight_decay", "warmup_ratio", "schedule", "seed", "model", "limit_train", "tiny_layers"):
         assert key in kid.data.params, key
+    assert kid.data.params["soft_scope"] == "paper" and kid.data.params["tiny_hidden"] == "64"
     tags = kid.data.tags
     assert len(tags["mlflow.source.git.commit"]) == 40 and len(tags["softfine.data_sha256"]) == 64
     assert tags["softfine.seed"] == "42"
@@ -140,6 +153,8 @@ def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
     values = [k.data.metrics["best_dev_f1"] for k in seeds]
     assert metrics["seeds_dev_f1_mean"] == pytest.approx(sum(values) / 2)
     assert "seeds_dev_f1_std" in metrics and "seeds_test_f1_mean" in metrics and "seeds_test_f1_std" in metrics
+    assert metrics["seeds_dev_sentences"] == metrics["seeds_test_sentences"] == 24
+    assert metrics["seeds_dev_gold_entities"] > 0 and metrics["seeds_test_gold_entities"] > 0
     assert "(mean ± standard deviation)" in output
     assert f"mlflow ui --backend-store-uri {uri}" in output
     from mlflow.tracking import MlflowClient
@@ -362,3 +377,113 @@ def test_refuses_more_gpus_per_trial_than_any_node_has(ray_local, tmp_path):
     assert code == 2
     assert "--gpus-per-trial 1: no node of the Ray cluster has that many GPUs (the most on one node: 0" in output
     assert not (tmp_path / "ray").exists()
+
+
+def test_the_soft_scope_as_a_grid_dimension(ray_local, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--soft-scope", "paper", "related",
+        "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "scope", "--storage-path",
+        tmp_path / "ray", "--name", "scope"))
+    assert code == 0
+    (parent,) = parents(uri, "scope")
+    kids = children(uri, "scope", parent.info.run_id)
+    assert sorted(k.data.params["soft_scope"] for k in kids) == ["paper", "related"]
+    chosen = next(k for k in kids if k.info.run_id == parent.data.params["selected_run_id"])
+    assert parent.data.params["selected_soft_scope"] == chosen.data.params["soft_scope"]
+    assert json.loads(parent.data.params["grid"])["soft_scope"] == ["paper", "related"]
+    header = (tmp_path / "ray" / "scope" / "trials.csv").read_text().splitlines()[0].split(",")
+    assert "soft_scope" in header
+    assert "  scope  " in output and "  related  " in output and "  paper  " in output  # the summary's table
+    assert read_summary(tmp_path / "ray", "scope")["selected"]["soft_scope"] in ("paper", "related")
+
+
+def test_one_configuration_over_seeds_is_an_ablation(ray_local, tmp_path):
+    """One grid point with --seeds 3: three trials with seeds 42, 43, 44 and nothing else (no
+    search phase), their mean and standard deviation with what the F1s were computed on."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--alphas", "0.01,0.005", "--beta", "2", "--gamma", "2", "--seeds", "3", "--no-soft",
+        "--soft-scope", "related", "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "ablation",
+        "--storage-path", tmp_path / "ray", "--name", "ablation"))
+    assert code == 0
+    (parent,) = parents(uri, "ablation")
+    kids = children(uri, "ablation", parent.info.run_id)
+    assert len(kids) == 3 and {k.data.tags["softfine.phase"] for k in kids} == {"seeds"}  # no search trial
+    assert sorted(k.data.params["seed"] for k in kids) == ["42", "43", "44"]
+    assert {(point(k), k.data.params["soft"], k.data.params["soft_scope"]) for k in kids} == {
+        ((alphas_key(0.01, 0.005), 2.0, 2.0), "False", "related")}
+    assert all(k.info.status == "FINISHED" for k in kids) and parent.info.status == "FINISHED"
+    metrics, params = parent.data.metrics, parent.data.params
+    dev = [k.data.metrics["best_dev_f1"] for k in kids]
+    test = [k.data.metrics["test_f1"] for k in kids]
+    assert metrics["seeds_dev_f1_mean"] == pytest.approx(statistics.fmean(dev))
+    assert metrics["seeds_dev_f1_std"] == pytest.approx(statistics.stdev(dev))
+    assert metrics["seeds_test_f1_mean"] == pytest.approx(statistics.fmean(test))
+    assert metrics["seeds_test_f1_std"] == pytest.approx(statistics.stdev(test))
+    assert metrics["seeds_dev_sentences"] == metrics["seeds_test_sentences"] == 24
+    assert metrics["seeds_dev_gold_entities"] == kids[0].data.metrics["dev_gold_entities"]
+    assert metrics["seeds_test_gold_entities"] == kids[0].data.metrics["test_gold_entities"]
+    assert params["mode"] == "seeds" and params["selected_beta"] == "2.0" and params["train.soft"] == "False"
+    summary = read_summary(tmp_path / "ray", "ablation")
+    assert summary["mode"] == "seeds" and summary["seed_values"] == [42, 43, 44] and not summary["soft_labels"]
+    assert summary["seeds_test_f1_mean"] == pytest.approx(statistics.fmean(test))
+    assert "test_f1" not in [k for k in summary if k.startswith("best_")]  # no cherry-picked best seed
+    line = next(x for x in output.splitlines() if x.startswith("The configuration with 3 seeds"))
+    assert f"test F1 {summary['seeds_test_f1_mean']:.4f} ± {summary['seeds_test_f1_std']:.4f} on 24 sentences" in line
+    assert "soft labels off (--no-soft)" in output and "seeds 42, 43, 44" in output
+
+
+def test_a_failure_after_the_parent_run_was_created_ends_it_failed(ray_local, tmp_path, monkeypatch):
+    import softfine_tune_search
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the search broke\nin two lines")
+
+    monkeypatch.setattr(softfine_tune_search, "run_phase", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--mlflow-uri", uri,
+        "--experiment-name", "broken", "--storage-path", tmp_path / "ray", "--name", "broken"))
+    assert code == 1
+    assert output.strip().splitlines()[-1] == "tune/search.py: error: RuntimeError: the search broke in two lines"
+    assert "Traceback" not in output
+    (parent,) = parents(uri, "broken")
+    assert parent.info.status == "FAILED" and "the search broke" in parent.data.tags["softfine.error"]
+
+
+def test_a_password_in_the_tracking_uri_reaches_the_trials_and_is_stored_nowhere(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    password = "s3cret-Pw-" + os.urandom(4).hex()
+    server = MlflowServer(tmp_path / "server", password=password).start()
+    try:
+        uri = f"http://admin:{password}@127.0.0.1:{server.port}"
+        code, output = run_search(small_search_flags(
+            shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--epochs", "1",
+            "--mlflow-uri", uri, "--experiment-name", "auth", "--storage-path", tmp_path / "ray", "--name", "auth"))
+        assert code == 0
+        assert password not in output and f"http://admin:***@127.0.0.1:{server.port}" in output
+        assert "MLFLOW_TRACKING_PASSWORD" not in os.environ  # the driver's environment put back
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+        try:
+            (parent,) = parents(server.uri, "auth")
+            (kid,) = children(server.uri, "auth", parent.info.run_id)  # the trial authenticated
+            assert kid.info.status == "FINISHED" and "test_f1" in kid.data.metrics
+            client = MlflowClient(tracking_uri=server.uri)
+            config = Path(client.download_artifacts(kid.info.run_id, "config.json", str(tmp_path / "dl"))).read_text()
+            stored = [json.dumps(r.data.params) + json.dumps(r.data.tags) for r in (parent, kid)] + [config]
+        finally:
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                os.environ.pop(key, None)
+        assert f"http://admin:***@127.0.0.1:{server.port}" in parent.data.params["mlflow_uri"]
+        assert all(password not in text for text in stored)
+        # Nor anywhere in the results folder: Ray's trial configs, the record, the summary.
+        for path in (tmp_path / "ray").rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                assert password.encode() not in path.read_bytes(), path
+        summary = read_summary(tmp_path / "ray", "auth")
+        assert summary["mlflow_uri"] == f"http://admin:***@127.0.0.1:{server.port}"
+        assert summary["model_uri"] and not summary["mlflow_account"]["driver_failures"]  # the driver authenticated
+    finally:
+        server.stop()

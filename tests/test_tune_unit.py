@@ -54,14 +54,86 @@ def plan_for(*argv: str) -> search.Plan:
 
 
 def test_flags_override_the_preset():
+    from softfine.config import TrainConfig
+
     data = shared_data_dir()
     plan = plan_for("--dataset", "resume", "--data-dir", str(data), "--lr", "1e-4", "--epochs", "2",
                     "--beta", "2", "3", "--alphas", "0.1,0.1", "--limit-train", "8")
-    assert plan.train["lr"] == 1e-4 and plan.train["epochs"] == 2 and plan.train["limit_train"] == 8
-    assert plan.train["batch_size"] == 4 and plan.train["weight_decay"] == 0.5  # from the Resume preset
-    assert plan.train["data_dir"] == str(data.resolve())
-    assert len(plan.grid) == 1 * 2 * 3 and plan.num_samples == 6
+    assert isinstance(plan.base, TrainConfig)  # one typed config, validated
+    assert plan.base.lr == 1e-4 and plan.base.epochs == 2 and plan.base.limit_train == 8
+    assert plan.base.batch_size == 4 and plan.base.weight_decay == 0.5  # from the Resume preset
+    assert plan.base.schedule == "linear" and plan.base.model == "bert-base-chinese"
+    assert plan.base.data_dir == str(data.resolve())
+    assert len(plan.grid) == 1 * 2 * 3 and plan.num_samples == 6 and plan.mode == "search"
     assert plan.grid.gamma == [1.5, 2.0, 2.5]  # from the preset
+
+
+def test_the_tiny_encoder_gets_its_own_defaults_not_the_presets_bert_base_ones():
+    from softfine.config import FINE_TUNING, FROM_SCRATCH
+
+    data = shared_data_dir()
+    plan = plan_for("--dataset", "resume", "--data-dir", str(data), "--model", "tiny")
+    for key, value in FROM_SCRATCH.items():  # not the Resume preset's batch 4, lr 3e-5, decay 0.5, 12 epochs
+        assert getattr(plan.base, key) == value, key
+    assert len(plan.grid) == 36  # the preset's grid still applies
+    plan = plan_for("--dataset", "resume", "--data-dir", str(data), "--model", "tiny", "--lr", "2e-3", "--epochs", "3")
+    assert plan.base.lr == 2e-3 and plan.base.epochs == 3 and plan.base.batch_size == FROM_SCRATCH["batch_size"]
+    text = " ".join(search.build_parser().format_help().split())
+    assert "With --model tiny, the preset's epochs" in text
+    assert f"(default: {FINE_TUNING['epochs']}; tiny: {FROM_SCRATCH['epochs']})" in text
+
+
+def test_each_trial_config_is_the_base_with_its_point_validated_again():
+    import dataclasses
+
+    from softfine.errors import ConfigError
+    from softfine_tune_trial import trial_train_config
+
+    plan = plan_for("--dataset", "resume", "--data-dir", str(shared_data_dir()), "--model", "tiny",
+                    "--soft-scope", "paper", "related", "--seed", "7")
+    assert plan.keys == ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope") and len(plan.grid) == 72
+    point = plan.grid.points()[-1]
+    config = {"train": dataclasses.asdict(plan.base), **point, "seed": 9}
+    trial = trial_train_config(config, out="/tmp/x", device="cpu")
+    assert (trial.alpha_aug, trial.alpha_fea, trial.beta, trial.gamma) == (0.01, 0.005, 4.0, 2.5)
+    assert trial.soft_scope == "related" and trial.seed == 9 and trial.lr == plan.base.lr and trial.out == "/tmp/x"
+    bad = {**config, "train": {**config["train"], "epochs": 2.5}}  # plain data from Ray: checked again
+    with pytest.raises(ConfigError, match="trial config: train: epochs"):
+        trial_train_config(bad)
+    assert search.progress_columns(plan.grid, "search")["soft_scope"] == "soft scope"  # Ray Tune's table
+    assert search.progress_columns(plan.grid, "seeds") == {"seed": "seed"}
+    plan = plan_for("--dataset", "resume", "--data-dir", str(shared_data_dir()), "--soft-scope", "related")
+    assert plan.base.soft_scope == "related" and "soft_scope" not in plan.grid.space() and len(plan.grid) == 36
+
+
+def test_one_point_with_seeds_runs_only_the_seeds():
+    data = shared_data_dir()
+    plan = plan_for("--dataset", "resume", "--data-dir", str(data), "--model", "tiny", "--alphas", "0.01,0.005",
+                    "--beta", "2", "--gamma", "2", "--seeds", "3", "--no-aug")
+    assert plan.mode == "seeds" and plan.num_samples == 3 and not plan.base.aug
+    plan = plan_for("--dataset", "resume", "--data-dir", str(data), "--alphas", "0.01,0.005", "--beta", "2", "3",
+                    "--gamma", "2", "--seeds", "3")
+    assert plan.mode == "search" and plan.num_samples == 2
+
+
+def test_credentials_in_the_tracking_uri_are_masked_and_kept_in_memory(monkeypatch):
+    from softfine_tune_space import SearchError
+    from softfine_tune_tracking import mask_argv, tracking_store
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    store = tracking_store("http://alice:s%40cret@127.0.0.1:5000")
+    assert store.uri == "http://127.0.0.1:5000" and store.display == "http://alice:***@127.0.0.1:5000"
+    assert store.env == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s@cret"}
+    assert mask_argv(["--mlflow-uri", "https://alice:pw@host/x"]) == ["--mlflow-uri", "https://alice:***@host/x"]
+    assert mask_argv(["--mlflow-uri=http://a:p@ss@h:1/p@q"]) == ["--mlflow-uri=http://a:***@h:1/p@q"]
+    database = tracking_store("postgresql://bob:pw@db:5432/mlflow")  # its driver needs them in the URI
+    assert database.uri.endswith("bob:pw@db:5432/mlflow") and database.display == "postgresql://bob:***@db:5432/mlflow"
+    with pytest.raises(SearchError, match="password is masked"):  # a record's URI, on --resume
+        tracking_store(store.display)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s@cret")
+    assert tracking_store(store.display).env["MLFLOW_TRACKING_PASSWORD"] == "s@cret"
+    assert tracking_store("sqlite:////tmp/m.db").display == "sqlite:////tmp/m.db"
 
 
 def test_tpe_budget_and_grid_sizes():
@@ -134,7 +206,8 @@ def test_help_documents_every_flag_and_ray_tune_is_not_shadowed():
     text = " ".join(result.stdout.split())
     for flag in ("--dataset", "--data-dir", "--model", "--epochs", "--limit-train", "--num-samples", "--mlflow-uri",
                  "--experiment-name", "--resume", "--max-failures", "--max-concurrent", "--sampler", "--scheduler",
-                 "--seeds", "--gpus-per-trial", "--cpus-per-trial", "--address", "--alphas", "--beta", "--gamma"):
+                 "--seeds", "--gpus-per-trial", "--cpus-per-trial", "--address", "--alphas", "--beta", "--gamma",
+                 "--soft-scope", "--schedule", "--tiny-layers", "--tiny-hidden", "--no-soft", "--no-aug"):
         assert f"{flag} " in text, flag
     assert "--inject-crash" not in text  # a test hook, not a user flag
     # From the repository root, where a `tune/` folder sits beside `softfine/`, both with the
@@ -174,9 +247,9 @@ def test_refuses_missing_data_files(tmp_path):
 def test_refuses_an_impossible_grid_value(tmp_path):
     data = shared_data_dir()
     output = refused(["--dataset", "resume", "--data-dir", data, "--beta", "0.5", "2"], tmp_path)
-    assert "--beta must be > 1, got 0.5" in output
+    assert "--beta: Input should be greater than 1 (got 0.5: float)" in output
     output = refused(["--dataset", "resume", "--data-dir", data, "--gamma", "0", "--sampler", "tpe"], tmp_path)
-    assert "--gamma must be > 0, got 0.0" in output
+    assert "--gamma: Input should be greater than 0 (got 0.0: float)" in output
 
 
 def test_refuses_a_tracking_server_that_does_not_answer(tmp_path):
@@ -187,7 +260,7 @@ def test_refuses_a_tracking_server_that_does_not_answer(tmp_path):
     code, output = run_search(["--dataset", "resume", "--data-dir", data, "--model", "tiny", "--gpus-per-trial", "0",
                                "--mlflow-uri", f"http://127.0.0.1:{port}", "--storage-path", tmp_path / "ray"])
     assert code == 2
-    assert f"the MLflow tracking store http://127.0.0.1:{port} does not answer" in output
+    assert f"--mlflow-uri: the MLflow tracking store http://127.0.0.1:{port} does not answer" in output
     assert not ray.is_initialized() and not (tmp_path / "ray").exists()
 
 

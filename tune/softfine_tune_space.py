@@ -1,8 +1,12 @@
 """Presets, the grid, and the Optuna searchers of the search.
 
-A preset (tune/presets/DATASET.yaml) holds the paper's training settings for a dataset and the
-SoftFiNE grid; flags override any of its values. The grid's (alpha_aug, alpha_fea) pairs are one
-categorical dimension ("aug,fea"), beta and gamma two more: 4 x 3 x 3 = 36 points.
+A preset (tune/presets/DATASET.yaml) holds the paper's training settings for a dataset (`train:`,
+the paper's bert-base fine-tuning settings), the SoftFiNE grid (`grid:`) and the paper's
+selection; flags override any of its values. Every value is checked when the preset is read: a
+`train:` value as a TrainConfig field (its type and range: pydantic, strict), a grid value as a
+number, each error naming the file and the key. The grid's (alpha_aug, alpha_fea) pairs are one
+categorical dimension ("aug,fea"), beta and gamma two more: 4 x 3 x 3 = 36 points; soft_scope
+("paper", "related") is a fourth when it is given more than one value.
 
 `--sampler grid` uses Optuna's GridSampler through Ray Tune's OptunaSearch, with one guard:
 GridSampler hands out points by trial number, or at random among the points no trial holds yet,
@@ -16,17 +20,23 @@ ask-and-tell) and is not needed: Ray Tune decides when the search ends.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from optuna.samplers import GridSampler
-from softfine_tune_trial import alphas_key, parse_alphas
+from softfine_tune_trial import SEARCH_KEYS, alphas_key, parse_alphas, point_values
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 METRIC, MODE = "best_dev_f1", "max"
+SCOPES = ("paper", "related")
+# TrainConfig fields a preset's train: may not set: the grid's, and those set per trial or by flag.
+NOT_IN_TRAIN = {"alpha_aug": "a grid value: put it under grid: alphas", "alpha_fea": "a grid value: put it under "
+                "grid: alphas", "beta": "a grid value: put it under grid:", "gamma": "a grid value: put it under grid:",
+                "soft_scope": "a grid value: put it under grid:", "out": "set per trial", "device": "set per trial",
+                "dataset": "the dataset is chosen with --dataset"}
 
 
 class SearchError(Exception):
@@ -38,11 +48,22 @@ class Grid:
     alphas: list[tuple[float, float]]
     beta: list[float]
     gamma: list[float]
+    soft_scope: list[str] = field(default_factory=lambda: ["paper"])
+    # Where each dimension's values come from ("--beta", "preset FILE: grid: beta"), for errors.
+    origin: dict[str, str] = field(default_factory=dict)
+
+    def keys(self) -> tuple[str, ...]:
+        """The hyperparameters a point sets: the paper's four, and soft_scope when it is searched
+        (one value is no dimension: it is part of the base config)."""
+        return SEARCH_KEYS + (("soft_scope",) if len(self.soft_scope) > 1 else ())
 
     def space(self) -> dict[str, list]:
         """The grid as GridSampler takes it (str/int/float values only)."""
-        return {"alphas": [alphas_key(*pair) for pair in self.alphas], "beta": list(self.beta),
-                "gamma": list(self.gamma)}
+        space = {"alphas": [alphas_key(*pair) for pair in self.alphas], "beta": list(self.beta),
+                 "gamma": list(self.gamma)}
+        if len(self.soft_scope) > 1:
+            space["soft_scope"] = list(self.soft_scope)
+        return space
 
     def optuna_space(self) -> dict:
         from optuna.distributions import CategoricalDistribution
@@ -54,10 +75,11 @@ class Grid:
         return [dict(zip(space, values)) for values in itertools.product(*space.values())]
 
     def __len__(self) -> int:
-        return len(self.alphas) * len(self.beta) * len(self.gamma)
+        return math.prod(len(values) for values in self.space().values())
 
     def describe(self) -> dict:
-        return {"alphas": [list(p) for p in self.alphas], "beta": self.beta, "gamma": self.gamma}
+        return {"alphas": [list(p) for p in self.alphas], "beta": self.beta, "gamma": self.gamma,
+                "soft_scope": self.soft_scope}
 
 
 def preset_path(dataset: str) -> Path:
@@ -65,69 +87,111 @@ def preset_path(dataset: str) -> Path:
 
 
 def load_preset(dataset: str, path: str | Path | None = None) -> dict:
-    """{"train": {...}, "grid": Grid, "paper_selection": {...} | None} from a preset file; a
-    dataset without a preset gets the trainer's defaults and the paper's grid."""
-    import yaml
-    from softfine.train import TrainConfig
+    """{"train": {...}, "grid": Grid, "paper_selection": {...} | None, "path": str} from a preset
+    file, every value checked; a dataset without a preset gets the trainer's defaults and the
+    paper's grid."""
+    from softfine.config import read_yaml
 
-    path = Path(path) if path else preset_path(dataset)
-    if not path.is_file():
-        if path != preset_path(dataset):
-            raise SearchError(f"--preset {path}: no such file")
-        values = yaml.safe_load((PRESETS / "weibo.yaml").read_text(encoding="utf-8"))
-        values = {"train": {}, "grid": values["grid"]}
+    explicit = path is not None
+    path = Path(path) if explicit else preset_path(dataset)
+    if not explicit and not path.is_file():
+        values = {"grid": read_yaml(PRESETS / "weibo.yaml", "preset")["grid"]}
     else:
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise SearchError(f"preset {path}: not valid YAML ({err})") from None
-    unknown = set(values) - {"train", "grid", "paper_selection"}
+        values = read_yaml(path, "--preset" if explicit else "preset")
+    where = f"preset {path}"
+    unknown = sorted(map(str, set(values) - {"train", "grid", "paper_selection"}))
     if unknown:
-        raise SearchError(f"preset {path}: unknown section(s) {', '.join(sorted(unknown))} "
-                          "(expected train, grid, paper_selection)")
-    train = {k.replace("-", "_"): v for k, v in (values.get("train") or {}).items()}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(train) - fields) + sorted(set(train) & {"alpha_aug", "alpha_fea", "beta", "gamma"})
-    if bad:
-        raise SearchError(f"preset {path}: train: option(s) {', '.join(bad)} are not training settings "
-                          "(alpha_aug, alpha_fea, beta and gamma belong in grid:)")
-    grid = values.get("grid") or {}
-    try:
-        parsed = Grid([tuple(float(x) for x in pair) for pair in grid["alphas"]],
-                      [float(b) for b in grid["beta"]], [float(g) for g in grid["gamma"]])
-    except (KeyError, TypeError, ValueError) as err:
-        raise SearchError(f"preset {path}: grid needs alphas (a list of [alpha_aug, alpha_fea] pairs), "
-                          f"beta and gamma (lists of numbers): {err}") from None
-    if any(len(pair) != 2 for pair in parsed.alphas):
-        raise SearchError(f"preset {path}: every grid alphas entry is a pair [alpha_aug, alpha_fea]")
-    return {"train": train, "grid": parsed, "paper_selection": values.get("paper_selection"), "path": str(path)}
+        raise SearchError(f"{where}: unknown section {unknown[0]!r} (expected train, grid, paper_selection)")
+    return {"train": preset_train(values.get("train") or {}, path), "grid": preset_grid(values.get("grid"), path),
+            "paper_selection": paper_selection(values.get("paper_selection"), path), "path": str(path)}
+
+
+def preset_train(train, path: Path) -> dict:
+    """The train: section's values, each checked as a TrainConfig field (on its own, as it is
+    written, whatever flags override later)."""
+    from softfine.config import config_values, make_config
+
+    if not isinstance(train, dict):
+        raise SearchError(f"preset {path}: train: expected a mapping of option: value, got {type(train).__name__}")
+    values = config_values(train, path, "preset")
+    for key in values:
+        if key in NOT_IN_TRAIN:
+            raise SearchError(f"preset {path}: key {key!r}: not a train: setting ({NOT_IN_TRAIN[key]})")
+    make_config(values, where=lambda key: f"preset {path}: key {key!r}")
+    return values
+
+
+def _numbers(values, where: str) -> list[float]:
+    """A YAML list of numbers (ints or floats, finite; a quoted number or a boolean is refused)."""
+    if not isinstance(values, list) or not values:
+        raise SearchError(f"{where}: expected a non-empty list of numbers, got {values!r}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SearchError(f"{where}: expected a list of numbers, got {value!r} ({type(value).__name__})")
+    return [float(v) for v in values]
+
+
+def preset_grid(grid, path: Path) -> Grid:
+    where = f"preset {path}: grid"
+    if not isinstance(grid, dict):
+        raise SearchError(f"{where}: expected a mapping with alphas, beta and gamma, got {grid!r}")
+    unknown = sorted(map(str, set(grid) - {"alphas", "beta", "gamma", "soft_scope"}))
+    missing = [k for k in ("alphas", "beta", "gamma") if k not in grid]
+    if unknown or missing:
+        problem = f"unknown key {unknown[0]!r}" if unknown else f"key {missing[0]!r} is missing"
+        raise SearchError(f"{where}: {problem} (expected alphas, beta, gamma and optionally soft_scope)")
+    pairs = grid["alphas"]
+    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise SearchError(f"{where}: alphas: expected a list of [alpha_aug, alpha_fea] pairs, got {pairs!r}")
+    alphas = [tuple(_numbers(pair, f"{where}: alphas")) for pair in pairs]
+    scopes = grid.get("soft_scope", ["paper"])
+    if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
+        raise SearchError(f"{where}: soft_scope: expected a list of {' and '.join(SCOPES)}, got {scopes!r}")
+    origin = {key: f"{where}: {key}" for key in ("alphas", "beta", "gamma", "soft_scope")}
+    return Grid(list(dict.fromkeys(alphas)), list(dict.fromkeys(_numbers(grid["beta"], f"{where}: beta"))),
+                list(dict.fromkeys(_numbers(grid["gamma"], f"{where}: gamma"))), list(dict.fromkeys(scopes)), origin)
+
+
+def paper_selection(selection, path: Path) -> dict | None:
+    """What the paper selected, shown beside the search's selection: numbers for SEARCH_KEYS."""
+    if selection is None:
+        return None
+    where = f"preset {path}: paper_selection"
+    if not isinstance(selection, dict):
+        raise SearchError(f"{where}: expected a mapping like {{alpha_aug: 0.1, alpha_fea: 0.1, beta: 4, gamma: 2}}")
+    for key, value in selection.items():
+        if key not in SEARCH_KEYS:
+            raise SearchError(f"{where}: unknown key {key!r} (expected {', '.join(SEARCH_KEYS)})")
+        _numbers([value], f"{where}: {key}")
+    return selection
 
 
 def grid_from_flags(grid: Grid, alphas: Sequence[str] | None, beta: Sequence[float] | None,
-                    gamma: Sequence[float] | None) -> Grid:
+                    gamma: Sequence[float] | None, soft_scope: Sequence[str] | None = None) -> Grid:
+    """The preset's grid with the dimensions given on the command line replaced."""
     try:
         pairs = [parse_alphas(a) for a in alphas] if alphas else grid.alphas
     except ValueError as err:
         raise SearchError(f"--alphas: {err}") from None
+    given = {"alphas": alphas, "beta": beta, "gamma": gamma, "soft_scope": soft_scope}
+    origin = {key: (f"--{key.replace('_', '-')}" if given[key] else grid.origin.get(key, f"the grid's {key}"))
+              for key in given}
     return Grid(list(dict.fromkeys(pairs)), list(dict.fromkeys(beta or grid.beta)),
-                list(dict.fromkeys(gamma or grid.gamma)))
+                list(dict.fromkeys(gamma or grid.gamma)), list(dict.fromkeys(soft_scope or grid.soft_scope)), origin)
 
 
-def check_grid(grid: Grid, train: dict) -> None:
-    """Every point of the grid must make a valid TrainConfig: an impossible value (beta <= 1,
-    gamma <= 0, a negative alpha) is refused before any trial starts."""
-    from softfine.errors import ConfigError
-    from softfine.train import TrainConfig
+def check_grid(grid: Grid, base) -> None:
+    """Every point of the grid must make a valid TrainConfig from the base config: an impossible
+    value (beta <= 1, gamma <= 0, a negative alpha, inf) is refused, naming where it came from,
+    before any trial starts."""
+    from softfine.config import make_config
 
     if not len(grid):
         raise SearchError("the grid is empty: --alphas, --beta and --gamma each need at least one value")
-    for values in itertools.product(grid.alphas, grid.beta, grid.gamma):
-        (aug, fea), beta, gamma = values
-        try:
-            TrainConfig(**{**train, "alpha_aug": aug, "alpha_fea": fea, "beta": beta, "gamma": gamma}).validate()
-        except ConfigError as err:
-            raise SearchError(f"impossible grid value (alpha_aug={aug:g}, alpha_fea={fea:g}, beta={beta:g}, "
-                              f"gamma={gamma:g}): {err}") from None
+    dimension = {"alpha_aug": "alphas", "alpha_fea": "alphas", "beta": "beta", "gamma": "gamma",
+                 "soft_scope": "soft_scope"}
+    for point in grid.points():
+        make_config(point_values(point), where=lambda key: grid.origin.get(dimension.get(key, key), key), base=base)
 
 
 # ---------------------------------------------------------------------------------------------

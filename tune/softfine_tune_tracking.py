@@ -6,6 +6,11 @@ search ends the parent gets the selected (alpha_aug, alpha_fea, beta, gamma) as 
 dev and test F1 as metrics, a table of all trials, a plot of dev F1 against each hyperparameter,
 and the selected checkpoint as an MLflow pyfunc model.
 
+Credentials in `--mlflow-uri` (http://user:password@host) never leave memory: the URI that MLflow
+uses is the one without them, they reach MLflow's HTTP client as MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD (the driver's environment; the trials' through tune.with_parameters),
+and whatever is printed, logged or stored shows `http://user:***@host`.
+
 Every call to the tracking server here goes through `Tracker.attempt`, which records a failure
 instead of raising, so that a server that stops answering costs the search its records, never
 its results: the account is printed at the end and the same facts are written next to the Ray
@@ -16,16 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
 import os
 import subprocess
+import urllib.parse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from softfine_tune_space import SearchError
-from softfine_tune_trial import PHASE_TAG, SEARCH_KEYS, SEARCH_TAG, TRIAL_ID_TAG, describe_error
+from softfine_tune_trial import (COUNT_KEYS, PHASE_TAG, SEARCH_KEYS, SEARCH_TAG, TRIAL_ID_TAG, describe_error,
+                                 mask_credentials)
 
 log = logging.getLogger("softfine.tune")
 
@@ -53,6 +61,75 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+MASK = "***"
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingStore:
+    """A tracking store as the search uses it. `uri`: what MLflow clients are given (an HTTP
+    server's without credentials; a database URI as given, kept in memory only). `display`: what
+    is printed, logged and stored (the password masked). `env`: the credentials for MLflow's HTTP
+    client, from the URI or the environment."""
+
+    uri: str
+    display: str
+    env: dict = dataclasses.field(default_factory=dict)
+
+
+def tracking_store(uri: str | None, what: str = "--mlflow-uri") -> TrackingStore:
+    """The store of `--mlflow-uri` (absolute paths for local stores). A password written as ***
+    (the masked URI of a search record, on --resume) must come from MLFLOW_TRACKING_PASSWORD."""
+    uri = resolve_tracking_uri(uri)
+    env = {k: os.environ[k] for k in CREDENTIAL_VARS if os.environ.get(k)}
+    parts = urllib.parse.urlsplit(uri)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return TrackingStore(uri, uri, env)
+    user, colon, password = userinfo.partition(":")
+    display = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}{':' + MASK if colon else ''}@{host}"))
+    if not is_remote(uri):  # a database URI: its driver needs the credentials in it
+        if password == MASK:
+            raise SearchError(f"{what} {display}: the password is masked (a search record keeps none); give "
+                              f"{what} with the password again")
+        return TrackingStore(uri, display, env)
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    env = {**env, "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(user)}
+    if colon and password != MASK:
+        env["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(password)
+    elif colon and not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        raise SearchError(f"{what} {display}: the password is masked (a search record keeps none); give "
+                          f"{what} with the password again, or set MLFLOW_TRACKING_PASSWORD")
+    return TrackingStore(bare, display, env)
+
+
+@contextlib.contextmanager
+def credentials(env: dict):
+    """MLflow's HTTP client reads its credentials from the environment: set them for the search,
+    and put back what was there after (tests run the search in their own process)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def without_credentials(uri: str | None) -> str:
+    """The store's address alone, to compare two URIs of one store."""
+    parts = urllib.parse.urlsplit(resolve_tracking_uri(uri))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def mask_argv(argv: Sequence[str]) -> list[str]:
+    """A command line as it may be stored and shown: credentials in URIs masked."""
+    return [mask_credentials(str(a)) for a in argv]
+
+
 def local_artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go to an `artifacts/` folder beside the database file."""
     if uri.startswith("sqlite:///"):
@@ -77,21 +154,26 @@ def short_http(timeout: float, retries: int = 0):
                 os.environ[key] = value
 
 
-def check_tracking(uri: str, timeout: float) -> None:
+def check_tracking(store: TrackingStore, timeout: float) -> None:
     """Refuses a tracking store that does not answer (before anything starts)."""
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if store.uri.startswith("sqlite:///"):
+        folder = Path(store.uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SearchError(f"--mlflow-uri {store.display}: cannot create {folder} ({err.strerror})") from None
     try:
         with short_http(timeout):
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            MlflowClient(tracking_uri=store.uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - whatever it is, the store cannot be used: say so, with its type
+        why = describe_error(err)
+        silent = why.startswith(("connection refused", "no answer"))
         hint = (" Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --mlflow-uri "
-                "(the default is the embedded SQLite store under mlflow/)." if is_remote(uri) else "")
-        raise SearchError(f"the MLflow tracking store {uri} does not answer ({type(err).__name__}: {first[:300]})."
-                          f"{hint}") from None
+                "(the default is the embedded SQLite store under mlflow/)." if is_remote(store.uri) else "")
+        raise SearchError(f"--mlflow-uri: the MLflow tracking store {store.display} "
+                          f"{'does not answer' if silent else 'cannot be used'} ({why}).{hint}") from None
 
 
 def git_version(repo: Path = REPO) -> dict:
@@ -163,8 +245,12 @@ class Tracker:
         run = self.client.create_run(experiment_id, run_name=run_name,
                                      tags={SEARCH_TAG: search, PHASE_TAG: "parent", **tags})
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(run.info.run_id, params=items[start:start + 100])
+        try:
+            for start in range(0, len(items), 100):
+                self.client.log_batch(run.info.run_id, params=items[start:start + 100])
+        except BaseException:  # the run exists: not RUNNING forever
+            self.attempt("end the parent run (FAILED)", lambda: self.client.set_terminated(run.info.run_id, "FAILED"))
+            raise
         return run.info.run_id
 
     def children(self, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
@@ -203,7 +289,7 @@ def trial_rows(results: list, children: dict[str, Any], phase: str) -> list[dict
         row = {"trial": number, "trial_id": trial_id, "phase": phase, "status": status,
                "mlflow_run_id": run.info.run_id if run else metrics.get("mlflow_run_id", ""),
                **hyperparameters(config), "seed": config.get("seed", (config.get("train") or {}).get("seed"))}
-        for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1"):
+        for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
             row[key] = metrics.get(key)
         row.update({k: v for k, v in metrics.items() if k.startswith("test_f1_level")})
         row.update(node_id=metrics.get("node_id", ""), trial_start_time=metrics.get("trial_start_time"),
@@ -237,18 +323,18 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def plot_dev_f1(rows: list[dict], path: Path, title: str) -> Path:
-    """Dev F1 of every trial against each of alpha_aug, alpha_fea, beta, gamma: the points, and
-    the mean per value."""
+def plot_dev_f1(rows: list[dict], path: Path, title: str, keys: Sequence[str] = SEARCH_KEYS) -> Path:
+    """Dev F1 of every trial against each hyperparameter (alpha_aug, alpha_fea, beta, gamma, and
+    soft_scope when searched): the points, and the mean per value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))]
-    labels = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ"}
-    figure, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
-    for ax, key in zip(axes, SEARCH_KEYS):
+    labels = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), sharey=True)
+    for ax, key in zip(axes, keys):
         values = sorted({r[key] for r in scored})
         positions = {v: i for i, v in enumerate(values)}
         xs = [positions[r[key]] + 0.08 * ((n % 5) - 2) for n, r in enumerate(scored)]
@@ -256,7 +342,7 @@ def plot_dev_f1(rows: list[dict], path: Path, title: str) -> Path:
         means = [sum(r["best_dev_f1"] for r in scored if r[key] == v) / max(1, sum(r[key] == v for r in scored))
                  for v in values]
         ax.plot(range(len(values)), means, color="black", marker="D", label="mean")
-        ax.set_xticks(range(len(values)), [f"{v:g}" for v in values])
+        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, float) else str(v) for v in values])
         ax.set_xlabel(labels[key])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("best dev F1")

@@ -2,8 +2,10 @@
 
 `softfine_trial(config)` is a thin function over `softfine.train.train`:
 
-* it builds a `TrainConfig` from the trial config (the search's fixed training settings plus the
-  sampled alpha_aug, alpha_fea, beta, gamma, or a seed in the seeds phase);
+* it builds its `TrainConfig` from the trial config: the search's base config travels as plain
+  data (`dataclasses.asdict`) and is validated again here (`make_config`), then the trial's grid
+  point (alpha_aug, alpha_fea, beta, gamma, and soft_scope where that is searched) and, in the
+  seeds phase, its seed replace their values;
 * after every dev evaluation it logs the metrics to the trial's MLflow child run and calls
   `tune.report(metrics, checkpoint=...)` with the training directory (state/ to resume from,
   best/ so far, and `mlflow_run.json`, which names the child run);
@@ -12,6 +14,10 @@
 * when Ray restarts it (`--max-failures`, `--resume`), `tune.get_checkpoint()` gives the last
   reported directory back: training goes on from it (`resume_from`) and logs to the same child
   run, whose id is in the checkpoint (or, before the first checkpoint, found by its trial-id tag).
+
+Credentials of the tracking server never travel in the trial config (Ray writes it to disk,
+params.json): they come as `secrets` (`tune.with_parameters`, held in memory by Ray) and reach
+MLflow's HTTP client as MLFLOW_TRACKING_USERNAME/PASSWORD in the trial's environment.
 
 MLflow is never allowed to kill training: every logging call that fails is queued, retried at
 the next evaluation (at most once per `probe_interval` seconds while the server is down), and
@@ -45,6 +51,8 @@ TRIAL_ID_TAG = "softfine.trial_id"
 PHASE_TAG = "softfine.phase"
 SEARCH_TAG = "softfine.search"  # the Ray experiment name, on the parent and every child
 SEARCH_KEYS = ("alpha_aug", "alpha_fea", "beta", "gamma")
+# What an F1 was computed on: the evaluations' counts, on every child run and in the summary.
+COUNT_KEYS = ("dev_sentences", "dev_gold_entities", "test_sentences", "test_gold_entities")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,18 +72,33 @@ def parse_alphas(key: str) -> tuple[float, float]:
 
 
 def hyperparameters(config: dict) -> dict:
-    """alpha_aug, alpha_fea, beta, gamma of a trial config."""
+    """alpha_aug, alpha_fea, beta, gamma and soft_scope of a trial config, for tables (the
+    soft scope from the base config where it is not searched)."""
     aug, fea = parse_alphas(config["alphas"])
-    return {"alpha_aug": aug, "alpha_fea": fea, "beta": float(config["beta"]), "gamma": float(config["gamma"])}
+    scope = config.get("soft_scope", (config.get("train") or {}).get("soft_scope", "paper"))
+    return {"alpha_aug": aug, "alpha_fea": fea, "beta": float(config["beta"]), "gamma": float(config["gamma"]),
+            "soft_scope": scope}
 
 
-def train_config_values(config: dict) -> dict:
-    """The TrainConfig fields of a trial config (without `out` and `device`, set per attempt)."""
-    values = dict(config["train"])
-    values.update(hyperparameters(config))
-    if config.get("seed") is not None:  # the seeds phase varies the seed
-        values["seed"] = int(config["seed"])
+def point_values(config: dict) -> dict:
+    """The TrainConfig values a trial sets on top of the search's base config: its grid point and,
+    in the seeds phase, its seed. Left as they are: make_config checks their types."""
+    aug, fea = parse_alphas(config["alphas"])
+    values = {"alpha_aug": aug, "alpha_fea": fea, "beta": config["beta"], "gamma": config["gamma"]}
+    if "soft_scope" in config:  # searched; otherwise the base config's
+        values["soft_scope"] = config["soft_scope"]
+    if config.get("seed") is not None:
+        values["seed"] = config["seed"]
     return values
+
+
+def trial_train_config(config: dict, **fixed):
+    """The trial's TrainConfig: the base config (plain data in the trial config, validated again),
+    with the trial's point, seed and `fixed` values (out, device) replaced."""
+    from softfine.config import make_config
+
+    base = make_config(config["train"], where=lambda key: f"trial config: train: {key}")
+    return make_config({**point_values(config), **fixed}, where=lambda key: f"trial config: {key}", base=base)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,6 +112,7 @@ class ChildRun:
         from mlflow.tracking import MlflowClient
 
         self.settings = settings
+        self.where = settings.get("display_uri") or settings["uri"]  # what log lines show: no credentials
         self.trial_id, self.trial_name = trial_id, trial_name
         self.client = MlflowClient(tracking_uri=settings["uri"])
         self.record = dict(record)
@@ -185,12 +209,12 @@ class ChildRun:
                 if self.down_since is None:
                     self.down_since = time.time()
                     log.warning("MLflow at %s did not take an update (%s); training goes on, and the "
-                                "updates are kept to be sent later", self.settings["uri"], message)
+                                "updates are kept to be sent later", self.where, message)
                 return False
             self.pending.pop(0)
             if self.down_since is not None:
                 log.warning("MLflow at %s answers again; sending %d queued update(s)",
-                            self.settings["uri"], len(self.pending))
+                            self.where, len(self.pending))
                 self.down_since = None
         return True
 
@@ -209,11 +233,18 @@ class ChildRun:
                 "mlflow_failures": self.failures, "mlflow_error": self.last_error or self.first_error or ""}
 
 
+def mask_credentials(text: str) -> str:
+    """`scheme://user:password@host` anywhere in `text` with the password replaced by ***."""
+    import re
+
+    return re.sub(r"(\w+://[^/@\s:]*:)[^/\s]*@", r"\1***@", text)  # up to the authority's last @
+
+
 def describe_error(err: BaseException) -> str:
     """One short line for an MLflow failure: what happened, and the URL it happened on."""
     import re
 
-    text = str(err).strip()
+    text = mask_credentials(str(err).strip())
     url = re.search(r"request to (\S+) failed", text)
     where = f" ({url.group(1)})" if url else ""
     if "Read timed out" in text or "ReadTimeout" in text:
@@ -295,15 +326,20 @@ def _metric_items(metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The trainable.
 
-def softfine_trial(config: dict) -> None:
+def softfine_trial(config: dict, secrets: dict | None = None) -> None:
+    """`secrets`: {"uri": the tracking URI to use, "env": MLflow credentials}, given by the driver
+    through tune.with_parameters (never part of `config`, which Ray writes to disk)."""
     import ray
     from ray import tune
-    from softfine.train import TrainConfig, train
+    from softfine.train import train
 
     started = time.time()
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
-    settings = dict(config["mlflow"])
+    secrets = secrets or {}
+    os.environ.update(secrets.get("env") or {})
+    settings = {**config["mlflow"], "display_uri": config["mlflow"]["uri"],
+                "uri": secrets.get("uri") or config["mlflow"]["uri"]}
     runtime = dict(config.get("runtime") or {})
     # Per-trial training logs only with --verbose; the data reader's notes about skipped
     # sentences would otherwise repeat once per trial.
@@ -336,9 +372,7 @@ def softfine_trial(config: dict) -> None:
             return
 
         device, device_note = choose_device(bool(runtime.get("allow_cpu_fallback")))
-        values = train_config_values(config)
-        values.update(out=str(out), device=device)
-        train_config = TrainConfig(**values).validate()
+        train_config = trial_train_config(config, out=str(out), device=device)
         resolved = dataclasses.asdict(train_config)
         node_id = ray.get_runtime_context().get_node_id()
         identity = {"node_id": node_id, "trial_start_time": started}
@@ -393,10 +427,12 @@ def softfine_trial(config: dict) -> None:
             raise
 
         test = {k: v for k, v in result.items() if k.startswith("test_")}
+        # What the best dev F1 was computed on (the dev split does not change between evaluations).
+        dev_counts = {k: v for k, v in _last_evaluation(out).items() if k in COUNT_KEYS}
         final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        final.update(identity, trial_end_time=time.time(), data_sha256=result["data_sha256"], final=1)
+        final.update({**dev_counts, **identity}, trial_end_time=time.time(), data_sha256=result["data_sha256"], final=1)
         run.submit({"op": "metrics", "metrics": {"best_dev_f1": result["best_dev_f1"], "best_step": result["best_step"],
-                                                 **test}, "step": result["best_step"]})
+                                                 **dev_counts, **test}, "step": result["best_step"]})
         if (out / "test_metrics.json").is_file():
             run.submit({"op": "dict", "name": "test_metrics.json",
                         "data": json.loads((out / "test_metrics.json").read_text(encoding="utf-8"))})
@@ -418,6 +454,11 @@ def softfine_trial(config: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _last_step(out: Path) -> int:
+def _last_evaluation(out: Path) -> dict:
+    """The last line of the training's metrics.jsonl (kept in every checkpoint), or {}."""
     lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    return json.loads(lines[-1])["step"] if lines else 0
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _last_step(out: Path) -> int:
+    return _last_evaluation(out).get("step", 0)
