@@ -15,3 +15,7 @@ class ConfigError(SoftFiNEError, ValueError):
 
 class DeviceError(SoftFiNEError):
     """The requested device cannot be used (e.g. CUDA asked for, none visible to torch)."""
+
+
+class StorageError(SoftFiNEError):
+    """A file cannot be written (a full disk, no permission); the message names it."""

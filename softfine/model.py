@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -154,14 +154,20 @@ def no_hf_progress_bars():
 
 def save_checkpoint(directory: str | Path, model: SoftFiNEModel, tokenizer, labels: LabelSpace,
                     train_config: dict) -> Path:
+    from safetensors import SafetensorError
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with no_hf_progress_bars():
-        model.net.save_pretrained(directory)  # model.safetensors and config.json
-    tokenizer.save_pretrained(directory)
-    (directory / "labels.json").write_text(labels.to_json(), encoding="utf-8")
-    (directory / "train_config.json").write_text(json.dumps(train_config, indent=1, ensure_ascii=False),
-                                                 encoding="utf-8")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with no_hf_progress_bars():
+            model.net.save_pretrained(directory)  # model.safetensors and config.json
+        tokenizer.save_pretrained(directory)
+        (directory / "labels.json").write_text(labels.to_json(), encoding="utf-8")
+        (directory / "train_config.json").write_text(json.dumps(train_config, indent=1, ensure_ascii=False),
+                                                     encoding="utf-8")
+    except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
+        reason = getattr(err, "strerror", None) or str(err).split(": ", 1)[-1]
+        raise StorageError(f"{directory}: cannot write the checkpoint ({reason})") from None
     return directory
 
 

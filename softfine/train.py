@@ -31,7 +31,7 @@ import torch
 from .config import TrainConfig
 from .data import Sentence, categories
 from .datasets import available_splits, dataset_files, read_split, sha256_of
-from .errors import ConfigError, DataError, DeviceError
+from .errors import ConfigError, DataError, DeviceError, StorageError
 from .labels import LabelSpace
 from .losses import softfine_loss
 from .metrics import evaluate_tags
@@ -300,9 +300,12 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
             best_f1, best_step = scores["f1"], step
             save_checkpoint(out / "best", model, tokenizer, labels, run_config)
         save_checkpoint(out / "state", model, tokenizer, labels, run_config)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "best_f1": best_f1, "best_step": best_step, "rng": _rng_state()},
-                   out / "state" / TRAINING_STATE)
+        try:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                        "best_f1": best_f1, "best_step": best_step, "rng": _rng_state()},
+                       out / "state" / TRAINING_STATE)
+        except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError on a full disk
+            raise StorageError(f"{out / 'state' / TRAINING_STATE}: cannot write it ({str(err)[:200]})") from None
         n = max(running["n"], 1)
         metrics = {"epoch": epoch, "step": step,
                    **{f"train_{k}": float(running[k]) / n for k in ("loss", "loss_soft", "loss_aug", "loss_fea")},

@@ -370,3 +370,20 @@ def test_errors_from_the_console_script_are_one_line(tmp_path):
     verbose = subprocess.run([sys.executable, "-m", "softfine", "-v", "train", "--config", str(config)],
                              capture_output=True, text=True)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr  # -v: the traceback for a bug report
+
+
+def test_a_full_disk_while_saving(capsys, small_data, tmp_path):
+    """A 200 KiB tmpfs as --out: the first checkpoint does not fit."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], check=True)
+    try:
+        code, err = run(capsys, "train", "--dataset", "resume", "--model", "tiny", "--tiny-layers", "1",
+                        "--tiny-hidden", "64", "--epochs", "1", "--data-dir", small_data, "--out", disk / "run")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert_one_line_error(code, err, f"{disk / 'run'}", "No space left on device")
