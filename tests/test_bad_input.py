@@ -175,7 +175,7 @@ CONFIG_CASES = [
     ("beta-one", "beta: 1\n", "key 'beta': Input should be greater than 1"),
     ("gamma-zero", "gamma: 0\n", "key 'gamma': Input should be greater than 0"),
     ("negative-alpha", "alpha_aug: -0.1\n", "key 'alpha_aug': Input should be greater than or equal to 0"),
-    ("unknown-schedule", "schedule: onecycle\n", "key 'schedule': Input should be 'linear', 'cosine'"),
+    ("unknown-schedule", "schedule: exponential\n", "key 'schedule': Input should be 'linear', 'cosine'"),
     ("unknown-scope", "soft_scope: all\n", "key 'soft_scope': Input should be 'paper' or 'related'"),
     ("tiny-hidden-not-64s", "tiny_hidden: 100\n", "key 'tiny_hidden': Input should be a multiple of 64"),
     ("short-max-length", "max_length: 4\n", "key 'max_length': Input should be greater than or equal to 8"),
@@ -224,7 +224,7 @@ def test_yaml_numbers_are_numbers(tmp_path):
 FLAG_CASES = [
     ("float-epochs", ["train", "--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'", True),
     ("text-lr", ["train", "--lr", "fast"], "argument --lr: invalid float value: 'fast'", True),
-    ("unknown-schedule", ["train", "--schedule", "onecycle"], "argument --schedule: invalid choice", True),
+    ("unknown-schedule", ["train", "--schedule", "exponential"], "argument --schedule: invalid choice", True),
     ("unknown-scope", ["train", "--soft-scope", "all"], "argument --soft-scope: invalid choice", True),
     ("unknown-flag", ["train", "--bta", "3"], "unrecognized arguments: --bta", True),
     ("negative-grad-norm", ["train", "--max-grad-norm", "-1"], "--max-grad-norm: Input should be greater than 0", False),
