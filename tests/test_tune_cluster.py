@@ -14,7 +14,7 @@ import pytest
 from tune_fixtures import MlflowServer, children, parents, run_search, shared_data_dir, small_search_flags
 
 import softfine_tune_trial  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
-from softfine_tune_search import max_overlap  # noqa: E402
+from softfine_tune_report import max_overlap  # noqa: E402
 
 WORKERS = 3
 

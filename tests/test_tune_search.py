@@ -248,7 +248,7 @@ def lose_the_named_checkpoint(trial) -> None:
 def check_mend_on_a_copy(experiment: Path, trial, copy: Path) -> None:
     """mend_checkpoints on a copy of the killed search, with a half-written checkpoint added after
     the newest: the oldest newer one takes the named one's place, and every newer one goes."""
-    from softfine_tune_search import mend_checkpoints
+    from softfine_tune_tuner import mend_checkpoints
 
     shutil.copytree(experiment, copy / experiment.name)
     trial_dir = copy / experiment.name / Path(trial.path).name

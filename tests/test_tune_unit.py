@@ -12,9 +12,12 @@ import pytest
 
 from tune_fixtures import REPO, SEARCH_SCRIPT, free_port, run_search, shared_data_dir
 
-import softfine_tune_search as search  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
+import softfine_tune_report as report  # noqa: E402
+import softfine_tune_search as search  # noqa: E402
+import softfine_tune_tuner as tuner  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
 import softfine_tune_space as space  # noqa: E402
-from softfine_tune_trial import ChildRun, alphas_key, parse_alphas  # noqa: E402
+from softfine_tune_trial import alphas_key, parse_alphas  # noqa: E402
+from softfine_tune_childrun import ChildRun  # noqa: E402
 
 PAPER_GRID = [dict(alphas=alphas_key(a, f), beta=b, gamma=g)
               for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
@@ -100,8 +103,8 @@ def test_each_trial_config_is_the_base_with_its_point_validated_again():
     bad = {**config, "train": {**config["train"], "epochs": 2.5}}  # plain data from Ray: checked again
     with pytest.raises(ConfigError, match="trial config: train: epochs"):
         trial_train_config(bad)
-    assert search.progress_columns(plan.grid, "search")["soft_scope"] == "soft scope"  # Ray Tune's table
-    assert search.progress_columns(plan.grid, "seeds") == {"seed": "seed"}
+    assert tuner.progress_columns(plan.grid, "search")["soft_scope"] == "soft scope"  # Ray Tune's table
+    assert tuner.progress_columns(plan.grid, "seeds") == {"seed": "seed"}
     plan = plan_for("--dataset", "resume", "--data-dir", str(shared_data_dir()), "--soft-scope", "related")
     assert plan.base.soft_scope == "related" and "soft_scope" not in plan.grid.space() and len(plan.grid) == 36
 
@@ -313,4 +316,4 @@ def test_the_default_tracking_store_is_sqlite_under_mlflow(tmp_path, monkeypatch
 def test_max_overlap_counts_trials_running_together():
     rows = [{"trial_start_time": 0, "trial_end_time": 10}, {"trial_start_time": 5, "trial_end_time": 15},
             {"trial_start_time": 10, "trial_end_time": 20}, {"trial_start_time": 11, "trial_end_time": 12}]
-    assert search.max_overlap(rows) == 3
+    assert report.max_overlap(rows) == 3

@@ -9,9 +9,10 @@ and the softfine package as code, so loading needs torch, transformers, tokenize
 and seqeval, not this repository.
 """
 
-import mlflow
 import mlflow.pyfunc
 from pydantic import BaseModel
+
+import mlflow
 
 
 class Entity(BaseModel):

@@ -31,9 +31,15 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from softfine_tune_childrun import (
+    PHASE_TAG,
+    SEARCH_TAG,
+    TRIAL_ID_TAG,
+    describe_error,
+    mask_credentials,
+)
 from softfine_tune_space import SearchError
-from softfine_tune_trial import (COUNT_KEYS, PHASE_TAG, SEARCH_KEYS, SEARCH_TAG, TRIAL_ID_TAG, describe_error,
-                                 mask_credentials)
+from softfine_tune_trial import COUNT_KEYS, SEARCH_KEYS
 
 log = logging.getLogger("softfine.tune")
 

@@ -1,0 +1,147 @@
+"""Ray: connect (refusing an address where no cluster answers), and check the cluster against
+the resources a trial asks for."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+import softfine_tune_trial
+from softfine_tune_space import SearchError
+
+log = logging.getLogger("softfine.tune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: connect, check the cluster against the requested resources.
+
+# The client's half of an HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server
+# (Ray's GCS, or a Ray Client server) answers with a SETTINGS frame of its own (type 4).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def probe_gcs(host: str, port: int, timeout: float) -> str | None:
+    """None when a gRPC server answers at host:port; else what happened instead."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return None  # TLS first: a TCP connection is all this can check
+            conn.settimeout(timeout)
+            conn.sendall(HTTP2_PREFACE)
+            head = conn.recv(9)
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+    if len(head) < 4 or head[3] != 0x04:
+        return "a server answers, but not Ray's: no gRPC"
+    return None
+
+
+def check_address(address: str | None, timeout: float = 10) -> None:
+    """Refuses a Ray address where no cluster answers, before ray.init, which would wait for it
+    for minutes. None: RAY_ADDRESS, a cluster started here, or a new local instance (ray.init's
+    own rules); auto: RAY_ADDRESS or a cluster started here, else an error."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    given = address or os.environ.get("RAY_ADDRESS")
+    source = "--address" if address else "RAY_ADDRESS"
+    if given and given.startswith("ray://"):  # Ray Client
+        target = given[len("ray://"):]
+    else:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            found = canonicalize_bootstrap_address(address)  # auto, RAY_ADDRESS, a cluster started here
+        except (ConnectionError, ValueError) as err:
+            raise SearchError(f"{source} {given}: {err}") from None
+        if found is None:
+            return  # a new local instance
+        # An address given is probed as written (ray.init may resolve 127.0.0.1 to this node's IP).
+        target = given if given not in (None, "auto") else found
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise SearchError(f"{source} {given}: expected HOST:PORT (e.g. 10.0.0.1:6379), auto or local")
+    why = probe_gcs(host.strip("[]"), int(port), timeout)
+    if why:
+        where = "there" if target == given else f"at {target}"
+        raise SearchError(f"{source} {given or address}: no Ray cluster answers {where} ({why}); start one (ray "
+                          "start --head) or check the address, or leave --address out for a local instance")
+
+
+def connect_ray(address: str | None) -> bool:
+    """Connects (or starts a local instance); True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+    except ConnectionError as err:  # e.g. auto, and no cluster is running
+        raise SearchError(f"--address {address}: {err}") from None
+    return True
+
+
+def cluster_resources() -> dict:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"nodes": len(nodes),
+            "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes),
+            "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
+            "max_node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
+            "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
+            "gpu_nodes": [n["NodeID"] for n in nodes if n["Resources"].get("GPU", 0) >= 1e-9],
+            "hosts": sorted({n["NodeManagerAddress"] for n in nodes})}
+
+
+def check_cluster(args: argparse.Namespace, cluster: dict, tracking, storage_path: str) -> None:
+    from softfine_tune_tracking import is_remote
+
+    if len(cluster["hosts"]) > 1 and not is_remote(tracking.uri):
+        raise SearchError(f"the Ray cluster spans {len(cluster['hosts'])} hosts: trials on the others cannot write to "
+                          f"the local MLflow store {tracking.display}. Pass a tracking server that every node reaches: "
+                          "on a cluster from cluster/*.yaml, --mlflow-uri http://127.0.0.1:5000 (the head's server, "
+                          "forwarded to every node); elsewhere start mlflow/server.sh --auth --host PRIVATE_IP on one "
+                          "host, set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and pass --mlflow-uri "
+                          "http://PRIVATE_IP:5000.")
+    if len(cluster["hosts"]) > 1:
+        log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
+                    "NFS), for the checkpoints that --max-failures and --resume use", len(cluster["hosts"]),
+                    storage_path)
+    if args.gpus_per_trial > cluster["max_node_gpus"]:
+        raise SearchError(f"--gpus-per-trial {args.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
+                          f"(the most on one node: {cluster['max_node_gpus']:g}; {cluster['nodes']} node(s)). "
+                          "Use --gpus-per-trial 0 to train on CPU, or connect to a GPU cluster with --address.")
+    if args.cpus_per_trial > cluster["max_node_cpus"]:
+        raise SearchError(f"--cpus-per-trial {args.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs "
+                          f"(the most on one node: {cluster['max_node_cpus']:g}).")
+
+
+def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) -> None:
+    """On every GPU node, a task holding the trial's GPUs checks that torch sees them."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if args.gpus_per_trial <= 0 or args.allow_cpu_fallback:
+        return
+    probe = ray.remote(softfine_tune_trial.probe_cuda)
+    refs = [probe.options(num_gpus=args.gpus_per_trial, num_cpus=0,
+                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+            for node in cluster["gpu_nodes"]]
+    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if waiting:
+        log.warning("%d GPU node(s) did not answer the CUDA check within %.0f s (GPUs busy?); going on",
+                    len(waiting), timeout)
+    blind = [r for r in ray.get(ready) if not r["cuda"]]
+    if blind:
+        lines = "; ".join(f"node {r['node_id'][:12]} ({r['hostname']}): Ray GPU {r['gpu_ids']}, torch "
+                          f"{r['torch']} CUDA build {r['cuda_build'] or 'none'}, CUDA_VISIBLE_DEVICES="
+                          f"{r['visible']!r}" for r in blind)
+        raise SearchError(f"Ray gives trials GPUs that torch cannot see on {len(blind)} node(s): {lines}. Install a "
+                          "CUDA build of torch there, use --gpus-per-trial 0 to train on CPU, or "
+                          "--allow-cpu-fallback to train on CPU where this happens.")

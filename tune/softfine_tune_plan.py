@@ -1,0 +1,179 @@
+"""The plan: every setting of a search decided and checked before Ray starts anything."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from softfine_tune_cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
+from softfine_tune_space import SearchError, check_grid, grid_from_flags, load_preset
+
+log = logging.getLogger("softfine.tune")
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: everything decided and checked before Ray starts anything.
+
+@dataclasses.dataclass
+class Plan:
+    args: argparse.Namespace
+    argv: list[str]  # as it may be stored and shown: credentials masked
+    dataset: str
+    base: object  # the TrainConfig every trial starts from (its grid point and seed replace values)
+    grid: object
+    mode: str  # "search": the grid or TPE search (then --seeds re-runs the selection); "seeds": one point, N seeds
+    num_samples: int
+    preset: dict
+    tracking: object  # softfine_tune_tracking.TrackingStore
+    experiment_name: str
+    storage_path: str
+    name: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The hyperparameters of a grid point (soft_scope among them when it is searched)."""
+        return self.grid.keys()
+
+
+def base_config(dataset: str, preset: dict, flags: dict):
+    """The TrainConfig every trial starts from: the preset's train: values, then the flags given.
+    The preset's values of the encoder-dependent settings are bert-base fine-tuning settings: with
+    the tiny encoder they give way to its own defaults (which flags still override)."""
+    from softfine.config import FINE_TUNING, make_config
+    from softfine.datasets import data_dir
+
+    train = dict(preset["train"])
+    if flags.get("model", train.get("model")) == "tiny":
+        unused = {k: train.pop(k) for k in list(train) if k in FINE_TUNING}
+        if unused:
+            log.info("--model tiny: the tiny encoder's own defaults replace the preset's bert-base settings (%s)",
+                     ", ".join(f"{k}={v}" for k, v in unused.items()))
+    where = lambda key: (f"--{key.replace('_', '-')}" if key in flags  # noqa: E731
+                         else f"preset {preset['path']}: key {key!r}")
+    config = make_config({**train, **flags, "dataset": dataset}, where)
+    # Trials run in other working directories, on other nodes: an absolute data folder.
+    return make_config({"data_dir": str(data_dir(config.data_dir).resolve())}, where, base=config)
+
+
+def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
+    """The search's own numeric flags: in range and finite."""
+    from softfine.config import make_config
+
+    checks = [
+        ("--num-samples", num_samples, num_samples >= 1, ">= 1"),
+        ("--gpus-per-trial", args.gpus_per_trial, args.gpus_per_trial >= 0, ">= 0"),
+        ("--cpus-per-trial", args.cpus_per_trial, args.cpus_per_trial > 0, "> 0"),
+        ("--max-concurrent", args.max_concurrent, args.max_concurrent >= 0, ">= 0"),
+        ("--max-failures", args.max_failures, args.max_failures >= 0, ">= 0"),
+        ("--seeds", args.seeds, args.seeds >= 0, ">= 0"),
+        ("--search-seed", args.search_seed, 0 <= args.search_seed < 2 ** 32, "in [0, 2**32)"),
+        ("--asha-grace-period", args.asha_grace_period, args.asha_grace_period >= 1, ">= 1"),
+        ("--asha-reduction-factor", args.asha_reduction_factor, args.asha_reduction_factor >= 2, ">= 2"),
+        ("--mlflow-timeout", args.mlflow_timeout, args.mlflow_timeout > 0, "> 0"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok or not math.isfinite(value):
+            raise SearchError(f"{flag} {value:g}: must be {rule} and finite")
+    if args.seeds:  # the last seed must be a seed too
+        make_config({"seed": base.seed + args.seeds - 1}, lambda key: f"--seed {base.seed} with --seeds {args.seeds}",
+                    base=base)
+    if args.inject_crash:
+        step, _, marker = args.inject_crash.partition(":")
+        if not step.isdigit() or not marker:
+            raise SearchError("--inject-crash takes STEP:MARKER_FILE")
+
+
+def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
+    """("seeds", N) for one grid point with --seeds N: that point once per seed, nothing else;
+    ("search", trials) otherwise."""
+    if len(grid) == 1 and args.seeds > 0:
+        for refused, flag, why in ((args.sampler == "tpe", "--sampler tpe", "there is nothing to sample"),
+                                   (args.num_samples is not None, f"--num-samples {args.num_samples}",
+                                    f"it runs {args.seeds} trials, one per seed"),
+                                   (args.scheduler == "asha", "--scheduler asha", "no seed may be stopped early")):
+            if refused:
+                raise SearchError(f"{flag}: the grid has one point, which --seeds {args.seeds} runs with "
+                                  f"{args.seeds} seeds ({why}); leave {flag.split()[0]} out")
+        return "seeds", args.seeds
+    if args.sampler == "grid":
+        if args.num_samples not in (None, len(grid)):
+            raise SearchError(f"--num-samples {args.num_samples}: a grid search runs each of its {len(grid)} points "
+                              "exactly once; use --sampler tpe for a budgeted search")
+        return "search", len(grid)
+    return "search", 12 if args.num_samples is None else args.num_samples
+
+
+def check_storage(storage: Path) -> None:
+    """Refuses a results folder that cannot be written, without creating anything: the nearest
+    folder that exists must take a file."""
+    existing = storage
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SearchError(f"--storage-path {storage}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise SearchError(f"--storage-path {storage}: cannot write in {existing} ({err.strerror or err})") from None
+
+
+def settings(args: argparse.Namespace, dataset: str) -> tuple[dict, object, object]:
+    """The preset, the base TrainConfig and the grid, every value checked."""
+    from softfine.cli import given_values
+    from softfine.config import make_config
+
+    preset = load_preset(dataset, args.preset)
+    base = base_config(dataset, preset, given_values(args, EXCLUDED_TRAIN_FIELDS))
+    grid = grid_from_flags(preset["grid"], args.grid_alphas, args.grid_beta, args.grid_gamma, args.grid_soft_scope)
+    if len(grid.soft_scope) == 1:  # not searched: every trial's
+        base = make_config({"soft_scope": grid.soft_scope[0]}, lambda key: grid.origin[key], base=base)
+    check_grid(grid, base)
+    return preset, base, grid
+
+
+def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Path, str]:
+    """--storage-path (checked, not created) and the search's name."""
+    storage = args.storage_path or str(DEFAULT_STORAGE)
+    if "://" in storage:
+        raise SearchError(f"--storage-path {storage}: give a folder (on a multi-node cluster, a shared one, e.g. NFS)")
+    storage = Path(storage).resolve()
+    check_storage(storage)
+    name = args.name or f"{dataset}-{args.sampler}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not name or "/" in name or name in (".", ".."):
+        raise SearchError(f"--name {name!r}: give a folder name (no '/')")
+    return storage, name
+
+
+def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
+    """Everything the search needs, checked in this order: the settings (flags and preset), the
+    search's own flags, the results folder, the tracking URI; then that the data files are there."""
+    from softfine_tune_tracking import mask_argv, tracking_store
+
+    from softfine.datasets import dataset_files, get_spec
+    from softfine.errors import SoftFiNEError
+
+    dataset = getattr(args, "dataset", "weibo")
+    try:
+        get_spec(dataset)
+    except SoftFiNEError as err:
+        raise SearchError(f"--dataset: {err}") from None
+    preset, base, grid = settings(args, dataset)
+    mode, num_samples = search_mode(args, grid)
+    check_numbers(args, num_samples, base)
+    storage, name = results_folder(args, dataset)
+    if args.experiment_name is not None and not args.experiment_name.strip():
+        raise SearchError("--experiment-name: give a name")
+    tracking = tracking_store(args.mlflow_uri)
+    try:  # the first look at the data: its files are there (the trials read them)
+        dataset_files(dataset, base.data_dir, ("train", "dev"))
+    except SoftFiNEError as err:
+        raise SearchError(str(err)) from None
+    return Plan(args=args, argv=mask_argv(argv), dataset=dataset, base=base, grid=grid, mode=mode,
+                num_samples=num_samples, preset=preset, tracking=tracking,
+                experiment_name=args.experiment_name or f"softfine-{dataset}", storage_path=str(storage), name=name)

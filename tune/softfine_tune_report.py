@@ -1,0 +1,256 @@
+"""The end of a search: the parent run's params, metrics and artifacts, summary.json, trials.csv
+and the console summary."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from softfine_tune_cli import REPO
+from softfine_tune_plan import Plan
+from softfine_tune_trial import COUNT_KEYS
+
+log = logging.getLogger("softfine.tune")
+
+
+def max_overlap(rows: list[dict]) -> int:
+    """The most trials that ran at the same time (from their start and end times)."""
+    events = []
+    for r in rows:
+        if r.get("trial_start_time") and r.get("trial_end_time"):
+            events += [(r["trial_start_time"], 1), (r["trial_end_time"], -1)]
+    running = most = 0
+    for _, change in sorted(events, key=lambda e: (e[0], e[1])):
+        running += change
+        most = max(most, running)
+    return most
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _first(rows: list[dict], key: str):
+    return next((r[key] for r in rows if isinstance(r.get(key), (int, float))), None)
+
+
+def finished(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "TERMINATED"]
+
+
+def seed_stats(rows: list[dict]) -> dict:
+    """Mean and standard deviation of dev and test F1 over the seeds' runs that finished (a seed
+    that failed or stopped has no final result), and what the F1s were computed on (the same dev
+    and test sentences for every seed)."""
+    done = finished(rows)
+    dev_mean, dev_std = _mean_std([r["best_dev_f1"] for r in done])
+    test_mean, test_std = _mean_std([r.get("test_f1") for r in done])
+    return {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done),
+            "seeds_dev_f1_mean": dev_mean, "seeds_dev_f1_std": dev_std,
+            "seeds_test_f1_mean": test_mean, "seeds_test_f1_std": test_std,
+            **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS}}
+
+
+
+def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id: str, rows: list[dict],
+           seed_rows: list[dict], selected: dict | None, seconds: float) -> dict:
+    """The parent run's params, metrics and artifacts; summary.json and trials.csv beside the Ray
+    results; the summary on the console, with an account of what MLflow did not get."""
+    from softfine_tune_tracking import plot_dev_f1, write_json, write_table
+
+    args = plan.args
+    all_rows = rows + seed_rows
+    counted = rows if plan.mode == "search" else seed_rows
+    table = write_table(all_rows, folder / "trials.csv")
+    plot = None
+    if plan.mode == "search":
+        plot = plot_dev_f1(rows, folder / "dev_f1_vs_hyperparameters.png",
+                           f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per trial", plan.keys)
+    counts = {s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")}
+    summary: dict = {"search": plan.name, "mode": plan.mode, "dataset": plan.dataset, "trials": len(counted),
+                     **{k.lower().replace(" ", "_"): v for k, v in counts.items()}, "wall_seconds": round(seconds, 1),
+                     "max_trials_at_once": max_overlap(counted), "soft_labels": plan.base.soft,
+                     "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
+                     "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
+                     "parent_run_id": parent_run_id, "results": str(folder)}
+    metrics = {"trials_finished": counts["TERMINATED"], "trials_failed": counts["ERROR"],
+               "trials_stopped_early": counts["STOPPED"], "search_wall_seconds": seconds,
+               "max_trials_at_once": summary["max_trials_at_once"]}
+    params: dict = {}
+    if selected is not None:
+        summary["selected"] = {k: selected[k] for k in plan.keys}
+        params.update({f"selected_{k}": selected[k] for k in plan.keys})
+        if plan.mode == "search":
+            best = {"best_dev_f1": selected["best_dev_f1"], "best_test_f1": selected.get("test_f1"),
+                    **{f"best_{key}": selected.get(key) for key in COUNT_KEYS}}
+            summary.update(best, selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
+            params.update(selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
+            metrics.update({f"best_{k}": v for k, v in selected.items() if k.startswith("test_")})
+            metrics.update(best)
+        else:  # one configuration: its model is the seed with the best dev F1
+            summary.update(model_seed=selected["seed"], model_run_id=selected["mlflow_run_id"])
+            params.update(model_seed=selected["seed"], model_run_id=selected["mlflow_run_id"])
+    if seed_rows:
+        stats = seed_stats(seed_rows)
+        summary.update(stats)
+        metrics.update({k: v for k, v in stats.items() if k not in ("seeds", "seed_values")})
+        metrics["seeds"] = stats["seeds"]
+    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and not math.isnan(v)}
+    if params:
+        tracker.attempt("log the selected hyperparameters", lambda: tracker.client.log_batch(
+            parent_run_id, params=_params(params)))
+    tracker.attempt("log the search metrics",
+                    lambda: tracker.client.log_batch(parent_run_id, metrics=_metrics(metrics)))
+    tracker.attempt("log the trials table", lambda: tracker.client.log_artifact(parent_run_id, str(table)))
+    if plot is not None:
+        tracker.attempt("log the dev F1 plot", lambda: tracker.client.log_artifact(parent_run_id, str(plot)))
+    if selected is not None and selected.get("checkpoint"):
+        summary["model_uri"] = tracker.attempt("log the selected model", lambda: _log_selected_model(
+            plan.tracking.uri, parent_run_id, selected["checkpoint"]))
+        summary["selected_checkpoint"] = selected["checkpoint"]
+    complete = selected is not None and (plan.mode == "search" or summary["seeds_finished"] == summary["seeds"])
+    tracker.attempt("close the parent run", lambda: tracker.client.set_terminated(
+        parent_run_id, status="FINISHED" if complete else "FAILED"))
+
+    unlogged = [r for r in all_rows if r.get("mlflow_unlogged")]
+    summary["mlflow_account"] = {
+        "driver_failures": tracker.failures,
+        "trials_with_unlogged": [{"trial_id": r["trial_id"], "mlflow_run_id": r["mlflow_run_id"],
+                                  "unlogged": r["mlflow_unlogged"], "error": r["mlflow_error"],
+                                  "kept_in": r["checkpoint"]} for r in unlogged]}
+    write_json(folder / "summary.json", summary)
+    print_summary(plan, summary, rows, seed_rows)
+    return summary
+
+
+def _params(values: dict) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in values.items()]
+
+
+def _metrics(values: dict) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float))]
+
+
+def _log_selected_model(uri: str, parent_run_id: str, checkpoint: str) -> str:
+    from ray.tune import Checkpoint
+    from softfine_tune_tracking import log_model
+
+    with tempfile.TemporaryDirectory(prefix="softfine-selected-") as tmp:
+        local = Checkpoint(checkpoint).to_directory(tmp)
+        return log_model(uri, parent_run_id, Path(local) / "best")
+
+
+def ui_hint(store, experiment_id: str, run_id: str) -> str:
+    from softfine_tune_tracking import default_tracking_uri, is_remote
+
+    # MLflow 3's experiment pages open in GenAI mode; workflowType=machine_learning shows the runs.
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if is_remote(store.uri):  # the server's address without credentials (the browser asks for them)
+        return f"open {store.uri.rstrip('/')}/{page}"
+    server = REPO / "mlflow" / "server.sh"
+    if store.uri == default_tracking_uri() and server.is_file():  # the repository's server serves this store
+        return f"run `{server.relative_to(REPO)}` (the UI on this store), then open http://127.0.0.1:5000/{page}"
+    return (f"run `mlflow ui --backend-store-uri {store.display} --host 127.0.0.1 --port 5000`, then open "
+            f"http://127.0.0.1:5000/{page}")
+
+
+def _short(text: str, width: int = 160) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _on(summary: dict, prefix: str, split: str) -> str:
+    """"on N sentences, M gold entities" of a split, where known."""
+    sentences, entities = summary.get(f"{prefix}{split}_sentences"), summary.get(f"{prefix}{split}_gold_entities")
+    if sentences is None:
+        return ""
+    return f" on {sentences:g} sentences, {entities:g} gold entities"
+
+
+def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[dict]) -> None:
+    def f1(value) -> str:
+        return f"{value:.4f}" if isinstance(value, (int, float)) and not math.isnan(value) else "  -   "
+
+    keys = plan.keys
+    scope = "soft_scope" in keys
+    out = []
+    kind = "Seeds" if plan.mode == "seeds" else "Search"
+    out.append(f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {summary['trials']} trials "
+               f"({summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed) "
+               f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once.")
+    if plan.mode == "search":
+        ranked = sorted([r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))],
+                        key=lambda r: (-r["best_dev_f1"], r["trial"]))
+        out.append("Best configurations by dev F1:")
+        out.append(f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  " + ("scope    " if scope else "")
+                   + f"{'dev F1':>6}  {'test F1':>7}  {'status':<10}  MLflow run")
+        for rank, r in enumerate(ranked[:10], 1):
+            out.append(f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
+                       + (f"{r['soft_scope']:<7}  " if scope else "")
+                       + f"{f1(r['best_dev_f1'])}  {f1(r.get('test_f1')):>7}  {r['status']:<10}  {r['mlflow_run_id']}")
+    for r in [r for r in rows + seed_rows if r["status"] == "ERROR"][:10]:
+        out.append(f"  failed: trial {r['trial_id']} (" + ", ".join(_value(r[k]) for k in keys)
+                   + f", seed {r['seed']}): {r['error']}")
+    setting = (f"soft labels {'on' if plan.base.soft else 'off (--no-soft)'}, augmentation "
+               f"{'on' if plan.base.aug else 'off (--no-aug)'}"
+               + ("" if scope else f", soft scope {plan.base.soft_scope}"))
+    point = " ".join(f"{k}={_value(v)}" for k, v in summary.get("selected", {}).items())
+    if plan.mode == "seeds":
+        out.append(f"Configuration: {point or ' '.join(f'{k}={_value(v)}' for k, v in plan.grid.points()[0].items())}"
+                   f" ({setting}), seeds {', '.join(map(str, summary['seed_values']))}.")
+    elif "selected" in summary:
+        out.append(f"Selected: {point} ({setting}): dev F1 {f1(summary['best_dev_f1'])}{_on(summary, 'best_', 'dev')}, "
+                   f"test F1 {f1(summary['best_test_f1'])}{_on(summary, 'best_', 'test')}")
+        paper = plan.preset.get("paper_selection")
+        if paper:
+            out.append("  (the paper selected " + ", ".join(f"{k}={paper[k]:g}" for k in keys if k in paper)
+                       + f" on {plan.dataset})")
+    else:
+        out.append("No trial produced a dev F1: nothing selected.")
+    if seed_rows:
+        which = "The configuration" if plan.mode == "seeds" else "Selected configuration"
+        failed = summary["seeds"] - summary["seeds_finished"]
+        left_out = f" ({failed} did not finish: left out of the mean)" if failed else ""
+        dev, test = (f"{f1(summary[f'seeds_{split}_f1_mean'])} ± {f1(summary[f'seeds_{split}_f1_std'])}"
+                     f"{_on(summary, 'seeds_', split)}" for split in ("dev", "test"))
+        out.append(f"{which} with {summary['seeds']} seeds{left_out}: dev F1 {dev}; test F1 {test} "
+                   "(mean ± standard deviation)")
+    out.append(f"MLflow: experiment {plan.experiment_name}, parent run {summary['parent_run_id']} at "
+               f"{plan.tracking.display}")
+    out.append(f"  {ui_hint(plan.tracking, summary['experiment_id'], summary['parent_run_id'])}")
+    if summary.get("model_uri"):
+        which = f" (seed {summary['model_seed']}, the best dev F1 of the seeds)" if plan.mode == "seeds" else ""
+        out.append(f"  model{which}: mlflow.pyfunc.load_model('runs:/{summary['parent_run_id']}/model')"
+                   f".predict(['...'])  ({summary['model_uri']})")
+    account = summary["mlflow_account"]
+    if account["driver_failures"] or account["trials_with_unlogged"]:
+        total = sum(t["unlogged"] for t in account["trials_with_unlogged"])
+        out.append(f"MLflow could not record everything: {total} update(s) of "
+                   f"{len(account['trials_with_unlogged'])} trial(s) and {len(account['driver_failures'])} update(s) "
+                   "of the parent run were not logged:")
+        for t in account["trials_with_unlogged"][:20]:
+            out.append(f"  trial {t['trial_id']} (run {t['mlflow_run_id'] or 'not created'}): {t['unlogged']} "
+                       f"update(s) kept in {t['kept_in']}/mlflow_unlogged.jsonl; {_short(t['error'])}")
+        for failure in account["driver_failures"][:20]:
+            out.append(f"  parent: {_short(failure)}")
+        out.append(f"  The results themselves are complete in {summary['results']} (summary.json, trials.csv).")
+    else:
+        out.append("MLflow recorded every trial and the parent run.")
+    out.append(f"Ray results: {summary['results']}\n{'=' * 100}")
+    print("\n".join(out), flush=True)
