@@ -111,8 +111,8 @@ def tracking_store(uri: str | None, what: str = "--mlflow-uri") -> TrackingStore
 
 @contextlib.contextmanager
 def credentials(env: dict):
-    """MLflow's HTTP client reads its credentials from the environment: set them for the search,
-    and put back what was there after (tests run the search in their own process)."""
+    """Environment variables for MLflow's HTTP client (credentials, timeouts) while the block runs,
+    what was there put back after (tests run the search in their own process)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -143,21 +143,10 @@ def local_artifact_root(uri: str) -> str | None:
     return None
 
 
-@contextlib.contextmanager
 def short_http(timeout: float, retries: int = 0):
     """MLflow's HTTP client retries for minutes by default; a check must answer quickly."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-                                             "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries), MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout)),
-                      MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return credentials(dict(MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries), MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout)),
+                            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"))
 
 
 def check_tracking(store: TrackingStore, timeout: float) -> None:
