@@ -14,19 +14,15 @@ import argparse
 import json
 import platform
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from softfine.data import categories  # noqa: E402
-from softfine.labels import LabelSpace  # noqa: E402
-from softfine.config import TrainConfig  # noqa: E402
-from softfine.model import CharIds, SoftFiNEModel, build_model, random_model  # noqa: E402
-from softfine.train import build_optimizer, encode, load_splits, resolve_device, train_loader, train_step  # noqa: E402
+from softfine.config import TrainConfig
+from softfine.data import categories
+from softfine.labels import LabelSpace
+from softfine.model import CharIds, SoftFiNEModel, build_model, random_model
+from softfine.train import build_optimizer, encode, load_splits, resolve_device, train_loader, train_step
 
 
 def build(shape: str, model: str | None, labels, dropout: float, chars):

@@ -1,6 +1,6 @@
 """The Ray cluster configs in cluster/ against Ray's own launcher code (the functions `ray up` calls
 before it starts any machine), broken variants that this code must refuse, what the YAML says
-about GPUs and ports, and the MLflow port forwarder the configs start on every node.
+about GPUs and ports.
 
 The AWS config also goes through Ray's whole AWS bootstrap (IAM profile, key pair, subnets,
 security group, resource autodetection from the EC2 instance catalogue) against moto's
@@ -13,12 +13,6 @@ import importlib
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import threading
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import click
@@ -32,7 +26,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CONFIGS = {"a100": CLUSTER / "a100.yaml", "local": CLUSTER / "local.yaml"}
-FORWARDER = CLUSTER / "forward_port.py"
 
 # GPUs, accelerator and vCPUs of the A100 instance types a config may use (AWS and GCP public
 # specifications). Used to check the declared resources offline; the moto test below checks the
@@ -275,8 +268,8 @@ def test_no_config_opens_the_dashboard_or_mlflow_publicly(name):
     docker = config.get("docker") or {}
     options = [o for k in ("run_options", "head_run_options", "worker_run_options") for o in docker.get(k, [])]
     assert not [o for o in options if o.split("=")[0].split()[0] in ("-p", "--publish", "-P", "--publish-all")]
-    # Nothing binds to all interfaces: the dashboard and MLflow on 127.0.0.1, the forwarder of the
-    # head on its private address only.
+    # Nothing binds to all interfaces: the dashboard and MLflow on 127.0.0.1 (only the driver, on
+    # the head, talks to MLflow).
     commands = all_commands(config)
     assert not [c for c in commands if re.search(r"(?<![\d.])0\.0\.0\.0(?![\d])|--host :: |\[::\]", c)], commands
     head_start = config["head_start_ray_commands"]
@@ -284,10 +277,7 @@ def test_no_config_opens_the_dashboard_or_mlflow_publicly(name):
     assert "--dashboard-host=127.0.0.1" in ray_start
     (mlflow_start,) = [c for c in head_start if "mlflow/server.sh" in c]
     assert "--host 127.0.0.1" in mlflow_start and "--port 5000" in mlflow_start
-    (head_forward,) = [c for c in head_start if "forward_port.py" in c]
-    assert "--listen ray-node-ip:5000" in head_forward and "--to 127.0.0.1:5000" in head_forward
-    (worker_forward,) = [c for c in config["worker_start_ray_commands"] if "forward_port.py" in c]
-    assert "--listen 127.0.0.1:5000" in worker_forward and "--to $RAY_HEAD_IP:5000" in worker_forward
+    assert not [c for c in commands if "5000" in c and c not in head_start]  # no MLflow route from the workers
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -297,56 +287,6 @@ def test_config_ships_this_repo_and_uses_its_scripts(name):
     assert ".gitignore" in config["rsync_filter"]  # runs, stores, checkpoints stay behind
     commands = all_commands(config)
     assert any('pip install -q -e "$HOME/softfine-tune[tune]"' in c for c in commands)
-    for script in ("mlflow/server.sh", "cluster/forward_port.py"):
+    for script in ("mlflow/server.sh",):
         assert any(f"~/softfine-tune/{script}" in c for c in commands), script
         assert os.access(REPO / script, os.X_OK), script
-
-
-# ---------------------------------------------------------------------------------------------
-# The forwarder the configs start on every node.
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Echo(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[::-1])
-
-    def log_message(self, *args):
-        pass
-
-
-def forwarder(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(FORWARDER), *args], capture_output=True, text=True, timeout=timeout)
-
-
-def test_forwarder_carries_requests_and_stops(tmp_path):
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    port, pidfile = free_port(), tmp_path / "fw.pid"
-    try:
-        started = forwarder("--daemon", "--listen", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{upstream.server_port}",
-                            "--pidfile", str(pidfile))
-        assert started.returncode == 0, started.stderr
-        assert pidfile.is_file()
-        payload = os.urandom(300_000)  # larger than one read: several round trips through the pipe
-        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", data=payload), timeout=10) as r:
-            assert r.read() == payload[::-1]
-        # A second forwarder on the same port says why it cannot start.
-        busy = forwarder("--daemon", "--listen", f"127.0.0.1:{port}", "--to", f"127.0.0.1:{upstream.server_port}",
-                         "--pidfile", str(tmp_path / "other.pid"))
-        assert busy.returncode == 1 and "address already in use" in busy.stderr
-    finally:
-        stopped = forwarder("--stop", "--pidfile", str(pidfile))
-        upstream.shutdown()
-    assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    with socket.socket() as s:  # nothing listens there any more
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))

@@ -2,9 +2,8 @@
 
 * a foreground server, written to and read back over HTTP with MlflowClient, with an mlflow server
   option it does not know passed through, and its store private to its owner;
-* a --daemon with --auth: 401 without credentials, 200 with the admin's, the same runs through the
-  port forwarder the cluster configs use, then --stop;
-* stale pid files (of server.sh and of the forwarder) that name an unrelated process: never killed;
+* a --daemon with --auth: 401 without credentials, 200 with the admin's, then --stop;
+* stale pid files of server.sh that name an unrelated process: never killed;
 * a table of bad inputs, each refused with one line on stderr;
 * the mlflow/ folder never shadowing the library.
 """
@@ -29,7 +28,6 @@ from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "mlflow" / "server.sh"
-FORWARDER = REPO / "cluster" / "forward_port.py"
 ADMIN_PASSWORD = "softfine-admin-0123"  # MLflow asks for at least 12 characters
 SECRET_KEY = "softfine-test-secret-key"
 SEARCH_API = "/api/2.0/mlflow/experiments/search?max_results=5"
@@ -312,26 +310,6 @@ class TestAuthDaemon:
             assert (auth_daemon.store / name).is_file(), name
         assert_private(auth_daemon.store)
 
-    def test_daemon_behind_the_cluster_forwarder(self, auth_daemon, tmp_path, monkeypatch):
-        """What the cluster configs run on the head: server.sh --daemon on 127.0.0.1, a forwarder in
-        front of it (here 127.0.0.1 -> 127.0.0.1), a client that only knows the forwarder."""
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
-        front, pidfile = free_port(), tmp_path / "fw.pid"
-        fw = subprocess.run([sys.executable, str(FORWARDER), "--daemon", "--listen", f"127.0.0.1:{front}",
-                             "--to", f"127.0.0.1:{auth_daemon.port}", "--pidfile", str(pidfile)],
-                            capture_output=True, text=True, timeout=60)
-        try:
-            assert fw.returncode == 0, fw.stderr
-            assert pidfile.stat().st_mode & 0o077 == 0
-            experiment_id, run_id = log_and_read_back(f"http://127.0.0.1:{front}", tmp_path, "through-forwarder")
-            assert MlflowClient(tracking_uri=auth_daemon.uri).get_run(run_id).data.params["alpha_aug"] == "0.01"
-        finally:
-            stopped = subprocess.run([sys.executable, str(FORWARDER), "--stop", "--pidfile", str(pidfile)],
-                                     capture_output=True, text=True, timeout=60)
-        assert stopped.returncode == 0 and "stopped the forwarder" in stopped.stdout
-        assert_port_free(front)
-
     def test_stop_stops_the_daemon_it_started(self, auth_daemon):
         """The last test of the class: the daemon is gone afterwards."""
         pid = int((auth_daemon.store / "server.pid").read_text().split("\n")[0])
@@ -367,29 +345,6 @@ def test_stop_spares_the_process_a_stale_pid_file_names(kind, sleeper, tmp_path)
     assert not pidfile.exists()
     time.sleep(0.2)
     assert sleeper.poll() is None  # still alive
-
-
-@pytest.mark.parametrize("kind", STALE_PID_FILES)
-def test_forwarder_stop_spares_the_process_a_stale_pid_file_names(kind, sleeper, tmp_path):
-    pidfile = tmp_path / "fw.pid"
-    pidfile.write_text(STALE_PID_FILES[kind](sleeper.pid, *proc_identity(sleeper.pid)))
-    result = subprocess.run([sys.executable, str(FORWARDER), "--stop", "--pidfile", str(pidfile)],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"cluster/forward_port.py: --stop: {pidfile} is stale (")
-    assert result.stderr.count("\n") == 1 and not pidfile.exists()
-    time.sleep(0.2)
-    assert sleeper.poll() is None
-
-
-def test_forwarder_never_trusts_a_linked_pid_file(sleeper, tmp_path):
-    target = tmp_path / "elsewhere.pid"
-    target.write_text("{}\n{}\n{}\n".format(sleeper.pid, *proc_identity(sleeper.pid)))  # would verify
-    (tmp_path / "fw.pid").symlink_to(target)
-    result = subprocess.run([sys.executable, str(FORWARDER), "--stop", "--pidfile", str(tmp_path / "fw.pid")],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1 and "symbolic link is never trusted" in result.stderr
-    assert target.exists() and sleeper.poll() is None
 
 
 # ---------------------------------------------------------------------------------------------

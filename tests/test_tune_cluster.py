@@ -7,14 +7,16 @@ on CPU where that happens (--allow-cpu-fallback), and a trial that meets one say
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 
 import pytest
 
+from mlflow.tracking import MlflowClient
 from tune_fixtures import MlflowServer, children, parents, run_search, shared_data_dir, small_search_flags
 
-import softfine_tune_trial  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
-from softfine_tune_report import max_overlap  # noqa: E402
+from softfine_tune.cluster import choose_device
+from softfine_tune.results import max_overlap
 
 WORKERS = 3
 
@@ -67,6 +69,39 @@ def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlf
         assert kid.data.tags["softfine.gpu_ids"] == "0" and kid.data.tags["softfine.device"] == "cpu"
         assert "torch" in kid.data.tags["softfine.device_note"] and "sees no CUDA device" in kid.data.tags[
             "softfine.device_note"]
+    # Occupancy: computed from where the trials really ran, logged as a figure and a metric.
+    summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
+    held = sum(r["trial_end_time"] - r["trial_start_time"] for r in rows)  # one whole GPU each
+    span = max(r["trial_end_time"] for r in rows) - min(r["trial_start_time"] for r in rows)
+    assert summary["gpu_busy_fraction"] == pytest.approx(held / (WORKERS * span))
+    assert 0 < summary["gpu_busy_fraction"] <= 1
+    assert parent.data.metrics["gpu_busy_fraction"] == pytest.approx(summary["gpu_busy_fraction"])
+    assert f"the GPUs were busy {summary['gpu_busy_fraction']:.0%} of the time" in output
+    artifacts = {a.path for a in MlflowClient(tracking_uri=mlflow_server.uri).list_artifacts(parent.info.run_id)}
+    assert "occupancy_timeline.png" in artifacts
+
+
+def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlflow_server, tmp_path):
+    # 6 points, half a GPU each, on 3 nodes with one GPU: two trials share each GPU, never three.
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "4", "--gamma", "2",
+        "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--allow-cpu-fallback", "--mlflow-uri",
+        mlflow_server.uri, "--experiment-name", "packed", "--storage-path", tmp_path, "--name", "packed"))
+    assert code == 0
+    with open(tmp_path / "packed" / "trials.csv", newline="") as f:
+        rows = [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
+                for r in csv.DictReader(f)]
+    assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
+    by_gpu = defaultdict(list)
+    for row in rows:
+        assert row["gpu_ids"] == "0" and float(row["gpu_share"]) == 0.5
+        by_gpu[row["node_id"], row["gpu_ids"]].append(row)
+    assert max(max_overlap(lane) for lane in by_gpu.values()) == 2  # trials shared a GPU ...
+    assert all(max_overlap(lane) <= 2 for lane in by_gpu.values())  # ... never more than 1 / 0.5 of them
+    (parent,) = parents(mlflow_server.uri, "packed")
+    for kid in children(mlflow_server.uri, "packed", parent.info.run_id):  # the device is the GPU Ray assigned
+        assert kid.data.tags["softfine.cuda_visible_devices"] == kid.data.tags["softfine.gpu_ids"] == "0"
+        assert kid.data.tags["softfine.gpu_share"] == "0.5"
 
 
 def test_refuses_gpus_that_torch_cannot_see(gpu_cluster, tmp_path):
@@ -89,15 +124,12 @@ def test_refuses_more_gpus_per_trial_than_a_node_has(gpu_cluster, tmp_path):
 
 def test_a_trial_given_a_gpu_torch_cannot_see_says_so(gpu_cluster):
     import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(softfine_tune_trial)
 
     def attempt(fallback: bool):
         from softfine.errors import DeviceError
 
         try:
-            return softfine_tune_trial.choose_device(fallback)
+            return choose_device(fallback)
         except DeviceError as err:
             return "DeviceError", str(err)
 

@@ -23,7 +23,7 @@ import pytest
 from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, parents, read_summary, run_search,
                            shared_data_dir, small_search_flags)
 
-from softfine_tune_trial import alphas_key  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
+from softfine_tune.space import alphas_key
 
 PAPER_POINTS = {(alphas_key(a, f), b, g) for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
                 for b in (2.0, 3.0, 4.0) for g in (1.5, 2.0, 2.5)}
@@ -102,18 +102,35 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert kid.data.params["soft_scope"] == "paper" and kid.data.params["tiny_hidden"] == "64"
     tags = kid.data.tags
     assert len(tags["mlflow.source.git.commit"]) == 40 and len(tags["softfine.data_sha256"]) == 64
-    assert tags["softfine.seed"] == "42"
+    assert tags["mlflow.source.name"] == "tune/search.py" and kid.data.params["seed"] == "42"
+    assert tags["softfine.device"] == "cpu" and tags["softfine.hostname"]
     for package in ("torch", "transformers", "ray", "optuna", "mlflow"):
         assert tags[f"softfine.version.{package}"], package
     resolved = client.download_artifacts(kid.info.run_id, "config.json", str(tmp_path / "dl"))
     assert json.loads(Path(resolved).read_text())["train_config"]["beta"] == float(kid.data.params["beta"])
+    # A run says what it is: named by its point, its data splits as dataset inputs.
+    assert {k.info.run_name for k in kids} == {f"aug{a}-fea{f}-b{b:g}-g{g:g}" for a, f, b, g in (
+        (*key.split(","), b, g) for key, b, g in PAPER_POINTS)}
+    inputs = client.get_run(kid.info.run_id).inputs.dataset_inputs
+    assert {i.dataset.name for i in inputs} == {"resume-train", "resume-dev", "resume-test"}
+    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {"train", "dev", "test"}
 
     check_selection(mlflow_server.uri, parent, kids)
     assert parent.data.params["dataset"] == "resume" and parent.data.params["sampler"] == "grid"
     assert parent.data.params["cluster_nodes"] == "1" and len(parent.data.params["code_version"]) >= 40
     assert json.loads(parent.data.params["grid"])["beta"] == [2.0, 3.0, 4.0]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "dev_f1_vs_hyperparameters.png"} <= artifacts
+    assert {"trials.csv", "dev_f1_vs_hyperparameters.png", "optuna"} <= artifacts
+    optuna_files = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {f"optuna/{name}" for name in ("param_importances.png", "slice.png", "contour_beta_gamma.png",
+                                          "optimization_history.png", "trials.json")} <= optuna_files
+    import optuna
+
+    study = optuna.load_study(study_name="grid36", storage=f"sqlite:///{tmp_path / 'grid36' / 'optuna.db'}")
+    assert len(study.trials) == 36 and study.best_value == pytest.approx(parent.data.metrics["best_dev_f1"])
+    # The selected model, registered with the alias champion.
+    champion = client.get_model_version_by_alias("softfine-resume", "champion")
+    assert champion.run_id == parent.info.run_id and summary["registered_model"].startswith("softfine-resume@champion")
     table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path / "dl"))).read_text()
     assert len(table.strip().splitlines()) == 1 + 36
     png = Path(client.download_artifacts(parent.info.run_id, "dev_f1_vs_hyperparameters.png", str(tmp_path / "dl")))
@@ -184,25 +201,43 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
     assert parent.data.params["scheduler"] == "asha"
 
 
+def kill_the_trial_once(folder: Path, killed: dict) -> None:
+    """Kills the trial's process (SIGKILL, as a crash would) once it has reported a checkpoint:
+    the pid comes from the trial's first result (Ray Tune records it with every result)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        for results in folder.glob("trial_*/result.json"):
+            lines = results.read_text().splitlines()
+            if lines and list(results.parent.glob("checkpoint_*")):
+                first = json.loads(lines[0])
+                os.kill(first["pid"], signal.SIGKILL)
+                killed.update(pid=first["pid"], step=first["step"])
+                return
+        time.sleep(0.05)
+
+
 def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    marker = tmp_path / "crashed"
     # 24 sentences, batch 4: 6 steps per epoch; evaluations at steps 2, 4, 6, 8, 10, 12. The
-    # trial's process dies at step 4, after the checkpoint of step 2 was reported.
+    # trial's process is killed once it has reported its first checkpoint.
+    killed: dict = {}
+    watcher = threading.Thread(target=kill_the_trial_once, args=(tmp_path / "ray" / "crash", killed))
+    watcher.start()
     code, output = run_search(small_search_flags(
         shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--epochs", "2", "--eval-every", "2",
-        "--batch-size", "4", "--max-failures", "1", "--inject-crash", f"4:{marker}", "--mlflow-uri", uri, "--experiment-name", "crash",
+        "--batch-size", "4", "--max-failures", "1", "--mlflow-uri", uri, "--experiment-name", "crash",
         "--storage-path", tmp_path / "ray", "--name", "crash"))
-    assert code == 0
-    assert marker.read_text().split()[-1] == "4"  # it did crash, once
+    watcher.join()
+    assert code == 0 and killed, output[-3000:]  # it did crash, once
     (parent,) = parents(uri, "crash")
     (kid,) = children(uri, "crash", parent.info.run_id)  # one run: the retry went on in it
     assert kid.info.status == "FINISHED"
-    assert kid.data.tags["softfine.attempt"] == "2" and kid.data.tags["softfine.resumed_from_step"] == "2"
+    assert kid.data.tags["softfine.attempt"] == "2" and int(kid.data.tags["softfine.resumed_from_step"]) >= 2
+    assert kid.data.tags["softfine.retried_after"]  # what Ray said of the crash
     from mlflow.tracking import MlflowClient
 
     history = MlflowClient(tracking_uri=uri).get_metric_history(kid.info.run_id, "dev_f1")
-    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]  # from step 2 on, nothing twice
+    assert {m.step for m in history} == {2, 4, 6, 8, 10, 12}  # from its checkpoint on, to the end
     assert "test_f1" in kid.data.metrics
     summary = read_summary(tmp_path / "ray", "crash")
     assert summary["terminated"] == 1 and summary["error"] == 0
@@ -248,7 +283,7 @@ def lose_the_named_checkpoint(trial) -> None:
 def check_mend_on_a_copy(experiment: Path, trial, copy: Path) -> None:
     """mend_checkpoints on a copy of the killed search, with a half-written checkpoint added after
     the newest: the oldest newer one takes the named one's place, and every newer one goes."""
-    from softfine_tune_tuner import mend_checkpoints
+    from softfine_tune.tuner import mend_checkpoints
 
     shutil.copytree(experiment, copy / experiment.name)
     trial_dir = copy / experiment.name / Path(trial.path).name
@@ -259,7 +294,7 @@ def check_mend_on_a_copy(experiment: Path, trial, copy: Path) -> None:
     (half_written / "final.json").write_text("{")
     notes = mend_checkpoints(str(copy / experiment.name))
     assert len(notes) == 1 and trial.trial_id in notes[0] and "deleted by Ray" in notes[0]
-    assert (named / "mlflow_run.json").is_file()
+    assert (named / "metrics.jsonl").is_file()
     assert [p.name for p in trial_dir.glob("checkpoint_*")] == [named.name]
     assert mend_checkpoints(str(copy / experiment.name)) == []  # nothing left to mend
 
@@ -362,10 +397,10 @@ def test_a_tracking_server_that_stops_answering_does_not_stop_the_trials(ray_loc
     assert isinstance(summary["best_test_f1"], float)
     account = summary["mlflow_account"]
     assert account["driver_failures"]  # the parent's results could not be logged ...
-    assert account["trials_with_unlogged"]  # ... nor the end of the trials' runs
-    for trial in account["trials_with_unlogged"]:
-        queued = Path(trial["kept_in"]) / "mlflow_unlogged.jsonl"
-        assert len(queued.read_text().splitlines()) == trial["unlogged"] > 0
+    assert account["trials_with_unlogged"]  # ... nor the end of the trials' runs, kept beside the results
+    queued = (tmp_path / "ray" / "outage" / "mlflow_unlogged.search.jsonl").read_text().splitlines()
+    assert len(queued) == account["unlogged_updates"] > 0
+    assert {json.loads(op)["trial_id"] for op in queued} == set(account["trials_with_unlogged"])
     assert "MLflow could not record everything" in result["output"]
     assert "were not logged" in result["output"]
 
@@ -435,12 +470,12 @@ def test_one_configuration_over_seeds_is_an_ablation(ray_local, tmp_path):
 
 
 def test_a_failure_after_the_parent_run_was_created_ends_it_failed(ray_local, tmp_path, monkeypatch):
-    import softfine_tune_search
+    from softfine_tune import search
 
     def broken(*args, **kwargs):
         raise RuntimeError("the search broke\nin two lines")
 
-    monkeypatch.setattr(softfine_tune_search, "run_phase", broken)
+    monkeypatch.setattr(search, "run_phase", broken)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, output = run_search(small_search_flags(
         shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--mlflow-uri", uri,
@@ -452,7 +487,7 @@ def test_a_failure_after_the_parent_run_was_created_ends_it_failed(ray_local, tm
     assert parent.info.status == "FAILED" and "the search broke" in parent.data.tags["softfine.error"]
 
 
-def test_a_password_in_the_tracking_uri_reaches_the_trials_and_is_stored_nowhere(ray_local, tmp_path):
+def test_a_password_in_the_tracking_uri_is_used_by_the_driver_and_stored_nowhere(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
     password = "s3cret-Pw-" + os.urandom(4).hex()
@@ -468,7 +503,7 @@ def test_a_password_in_the_tracking_uri_reaches_the_trials_and_is_stored_nowhere
         os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
         try:
             (parent,) = parents(server.uri, "auth")
-            (kid,) = children(server.uri, "auth", parent.info.run_id)  # the trial authenticated
+            (kid,) = children(server.uri, "auth", parent.info.run_id)  # the driver authenticated
             assert kid.info.status == "FINISHED" and "test_f1" in kid.data.metrics
             client = MlflowClient(tracking_uri=server.uri)
             config = Path(client.download_artifacts(kid.info.run_id, "config.json", str(tmp_path / "dl"))).read_text()

@@ -3,7 +3,6 @@ come before any trial starts, MLflow logging that must not raise."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,9 @@ import pytest
 
 from tune_fixtures import REPO, SEARCH_SCRIPT, free_port, run_search, shared_data_dir
 
-import softfine_tune_report as report  # noqa: E402
-import softfine_tune_search as search  # noqa: E402
-import softfine_tune_tuner as tuner  # noqa: E402  (tune/ is on sys.path via tune_fixtures)
-import softfine_tune_space as space  # noqa: E402
-from softfine_tune_trial import alphas_key, parse_alphas  # noqa: E402
-from softfine_tune_childrun import ChildRun  # noqa: E402
+from softfine_tune import results, search, space, tuner
+from softfine_tune.callback import MLflowChildRuns, read_account
+from softfine_tune.space import alphas_key, parse_alphas
 
 PAPER_GRID = [dict(alphas=alphas_key(a, f), beta=b, gamma=g)
               for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
@@ -90,19 +86,19 @@ def test_each_trial_config_is_the_base_with_its_point_validated_again():
     import dataclasses
 
     from softfine.errors import ConfigError
-    from softfine_tune_trial import trial_train_config
-
     plan = plan_for("--dataset", "resume", "--data-dir", str(shared_data_dir()), "--model", "tiny",
                     "--soft-scope", "paper", "related", "--seed", "7")
     assert plan.keys == ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope") and len(plan.grid) == 72
-    point = plan.grid.points()[-1]
-    config = {"train": dataclasses.asdict(plan.base), **point, "seed": 9}
-    trial = trial_train_config(config, out="/tmp/x", device="cpu")
+    point = {**plan.grid.points()[-1], "seed": 9}  # a trial's config: its point (and seed), nothing else
+    trial = space.trial_config(plan.base, point, out="/tmp/x", device="cpu")
     assert (trial.alpha_aug, trial.alpha_fea, trial.beta, trial.gamma) == (0.01, 0.005, 4.0, 2.5)
     assert trial.soft_scope == "related" and trial.seed == 9 and trial.lr == plan.base.lr and trial.out == "/tmp/x"
-    bad = {**config, "train": {**config["train"], "epochs": 2.5}}  # plain data from Ray: checked again
-    with pytest.raises(ConfigError, match="trial config: train: epochs"):
-        trial_train_config(bad)
+    assert dataclasses.replace(trial, out=plan.base.out, device=plan.base.device, seed=7, alpha_aug=plan.base.alpha_aug,
+                               alpha_fea=plan.base.alpha_fea, beta=plan.base.beta, gamma=plan.base.gamma,
+                               soft_scope=plan.base.soft_scope) == plan.base  # the point's fields, nothing else
+    assert space.point_name(point) == "aug0.01-fea0.005-b4-g2.5-related-s9"
+    with pytest.raises(ConfigError, match="trial config: beta"):  # a point is checked again
+        space.trial_config(plan.base, {**point, "beta": "4"})
     assert tuner.progress_columns(plan.grid, "search")["soft_scope"] == "soft scope"  # Ray Tune's table
     assert tuner.progress_columns(plan.grid, "seeds") == {"seed": "seed"}
     plan = plan_for("--dataset", "resume", "--data-dir", str(shared_data_dir()), "--soft-scope", "related")
@@ -120,8 +116,8 @@ def test_one_point_with_seeds_runs_only_the_seeds():
 
 
 def test_credentials_in_the_tracking_uri_are_masked_and_kept_in_memory(monkeypatch):
-    from softfine_tune_space import SearchError
-    from softfine_tune_tracking import mask_argv, tracking_store
+    from softfine_tune.space import SearchError
+    from softfine_tune.tracking import mask_argv, tracking_store
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
         monkeypatch.delenv(key, raising=False)
@@ -155,44 +151,26 @@ def test_alpha_pairs_round_trip():
 # ---------------------------------------------------------------------------------------------
 # The grid sampler: each point exactly once, however many trials are in flight.
 
-def test_grid_search_gives_each_point_once_with_every_trial_in_flight():
+def test_grid_search_gives_each_point_once_with_every_trial_in_flight(tmp_path):
     grid = space.load_preset("weibo")["grid"]
-    searcher = space.make_searcher("grid", grid, seed=0, num_samples=len(grid))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = space.make_searcher("grid", grid, seed=0, num_samples=len(grid), storage=storage, study_name="g")
     # Ray Tune asks the searcher for a trial whenever resources allow; here all 36 are asked for
-    # before any finishes: 36 trials in flight at once.
+    # before any finishes: 36 trials in flight at once, each given an enqueued point.
     configs = [searcher.suggest(f"trial{i}") for i in range(36)]
     assert sorted(map(point_key, configs)) == sorted(map(point_key, PAPER_GRID))
-    with pytest.raises(RuntimeError, match="would repeat"):
-        searcher.suggest("trial36")  # a 37th trial is refused, not given a repeated point
     for i in reversed(range(36)):  # completing them (in any order) does not disturb the study
         searcher.on_trial_complete(f"trial{i}", {"best_dev_f1": i / 100, "training_iteration": 1})
-    held = [t.system_attrs["grid_id"] for t in searcher._ot_study.trials if "grid_id" in t.system_attrs]
-    assert len(held) == len(set(held)) == 36
-
-
-def test_grid_guard_skips_points_other_trials_hold():
-    """Optuna's GridSampler gives trial number n the grid point n, so a point that a trial
-    created elsewhere already holds (another worker, an added or restored trial) is given twice.
-    The guard gives the first point no trial holds."""
     import optuna
-    from optuna.samplers import GridSampler
-    from optuna.trial import TrialState
 
-    grid = {"x": [0, 1, 2, 3]}
-    for sampler_class, expect_repeat in ((GridSampler, True), (space.ExclusiveGridSampler, False)):
-        study = optuna.create_study(sampler=sampler_class(grid, seed=0))
-        study.add_trial(optuna.trial.create_trial(  # trial number 0, holding point 2
-            state=TrialState.COMPLETE, value=0.0, system_attrs={"grid_id": 2, "search_space": grid}))
-        for _ in range(3):  # trials number 1, 2, 3
-            trial = study.ask()
-            trial.suggest_categorical("x", grid["x"])
-        points = [t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)]
-        assert (len(set(points)) < len(points)) == expect_repeat, (sampler_class.__name__, points)
+    study = optuna.load_study(study_name="g", storage=storage)  # persisted, for Optuna's own tools
+    assert len(study.trials) == 36 and study.best_value == 0.35
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 36
 
 
 def test_tpe_searcher_samples_the_grid_values():
     grid = space.load_preset("resume")["grid"]
-    searcher = space.make_searcher("tpe", grid, seed=0, num_samples=5)
+    searcher = space.make_searcher("tpe", grid, seed=0, num_samples=5, storage="sqlite:///:memory:", study_name="t")
     for i in range(5):
         config = searcher.suggest(f"t{i}")
         assert point_key(config) in set(map(point_key, PAPER_GRID))
@@ -273,29 +251,37 @@ def test_refuses_a_grid_search_with_another_budget(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The trial's MLflow logging never raises.
+# The driver's MLflow logging never raises.
 
-def test_child_run_logging_queues_what_an_unanswering_server_does_not_take(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    settings = {"uri": f"http://127.0.0.1:{free_port()}", "experiment_id": "1", "parent_run_id": "p",
-                "probe_interval": 0}
-    run = ChildRun(settings, "trial1", "trial1", {}, [])
-    run.submit({"op": "attach"})
-    run.submit({"op": "metrics", "metrics": {"dev_f1": 0.5}, "step": 10})
-    run.submit({"op": "end", "status": "FINISHED"})
-    account = run.account()
-    assert account["mlflow_unlogged"] == 3 and account["mlflow_run_id"] == ""
-    assert account["mlflow_failures"] >= 1 and account["mlflow_error"].startswith("connection refused")
-    run.save(tmp_path)
-    queued = [json.loads(line) for line in (tmp_path / "mlflow_unlogged.jsonl").read_text().splitlines()]
-    assert [op["op"] for op in queued] == ["attach", "metrics", "end"]
+def test_child_run_logging_queues_what_an_unanswering_server_does_not_take(tmp_path):
+    from softfine.config import make_config
+
+    base = make_config({"dataset": "resume", "data_dir": str(shared_data_dir())})
+    callback = MLflowChildRuns(str(tmp_path), "1", "p", "s", "search", base, {}, [], timeout=2, probe_interval=0)
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    try:
+        callback.setup()
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    callback.submit({"op": "open", "trial_id": "t1", "point": {"alphas": "0.1,0.1", "beta": 2, "gamma": 2}})
+    callback.submit({"op": "result", "trial_id": "t1", "metrics": {"dev_f1": 0.5}, "tags": {}, "step": 10})
+    callback.submit({"op": "end", "trial_id": "t1", "status": "FINISHED"})
+    assert len(callback.pending) == 3 and callback.runs == {}
+    assert callback.failures[0].startswith("connection refused")
+    restored = MLflowChildRuns(str(tmp_path), "1", "p", "s", "search", base, {}, [])
+    restored.set_state(callback.get_state())  # Tune checkpoints it with the experiment
+    assert [op["op"] for op in restored.pending] == ["open", "result", "end"]
+    callback.on_experiment_end(trials=[])
+    runs, pending, failures = read_account(tmp_path, "search")
+    assert runs == {} and [op["op"] for op in pending] == ["open", "result", "end"] and failures
 
 
 # ---------------------------------------------------------------------------------------------
 
 def test_selection_takes_the_best_dev_f1_never_test():
-    from softfine_tune_tracking import select
+    from softfine_tune.results import select
 
     rows = [{"trial": 0, "best_dev_f1": 0.5, "test_f1": 0.9}, {"trial": 1, "best_dev_f1": 0.7, "test_f1": 0.1},
             {"trial": 2, "best_dev_f1": 0.7, "test_f1": 0.8}, {"trial": 3, "best_dev_f1": None}]
@@ -304,7 +290,7 @@ def test_selection_takes_the_best_dev_f1_never_test():
 
 
 def test_the_default_tracking_store_is_sqlite_under_mlflow(tmp_path, monkeypatch):
-    from softfine_tune_tracking import local_artifact_root, resolve_tracking_uri
+    from softfine_tune.tracking import local_artifact_root, resolve_tracking_uri
 
     assert resolve_tracking_uri(None) == f"sqlite:///{REPO / 'mlflow' / 'mlflow.db'}"
     assert local_artifact_root(resolve_tracking_uri(None)) == (REPO / "mlflow" / "artifacts").as_uri()
@@ -316,4 +302,4 @@ def test_the_default_tracking_store_is_sqlite_under_mlflow(tmp_path, monkeypatch
 def test_max_overlap_counts_trials_running_together():
     rows = [{"trial_start_time": 0, "trial_end_time": 10}, {"trial_start_time": 5, "trial_end_time": 15},
             {"trial_start_time": 10, "trial_end_time": 20}, {"trial_start_time": 11, "trial_end_time": 12}]
-    assert report.max_overlap(rows) == 3
+    assert results.max_overlap(rows) == 3

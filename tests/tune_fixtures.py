@@ -1,8 +1,6 @@
 """Helpers for the tests of tune/ (tests/test_tune_*.py): real Ray, real MLflow, real data.
 
-tune/ is not a package (tune/search.py is a script; its modules are imported from its folder,
-as Python does for a script), so the tests put tune/ on sys.path the same way. The module names
-there are unique (softfine_tune_*), so nothing is shadowed, `ray.tune` included.
+tune/ is installed as the package `softfine_tune` (pyproject.toml); tune/search.py is its driver.
 
 Servers listen on 127.0.0.1 only and are stopped by the fixtures that start them.
 """
@@ -25,8 +23,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TUNE = REPO / "tune"
 SEARCH_SCRIPT = TUNE / "search.py"
-if str(TUNE) not in sys.path:
-    sys.path.insert(0, str(TUNE))
 
 
 def shared_data_dir() -> Path:
@@ -133,11 +129,11 @@ class MlflowServer:
 def run_search(argv: list[str]) -> tuple[int, str]:
     """tune/search.py's main() in this process (on the Ray instance the test started); returns
     the exit status and what it printed (stdout and stderr)."""
-    import softfine_tune_search
+    from softfine_tune import search
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = softfine_tune_search.main([str(a) for a in argv])
+        code = search.main([str(a) for a in argv])
     text = out.getvalue()
     sys.stdout.write(text[-20000:])  # shown by pytest when the test fails
     return code, text

@@ -2,22 +2,265 @@
 """Distributed hyperparameter search for SoftFiNE: Ray Tune + Optuna over the paper's grid, one
 GPU per trial, every trial an MLflow child run under one parent run per search.
 
-    python tune/search.py --dataset weibo
-    python tune/search.py --help
+    python tune/search.py --dataset weibo                       # the paper's 36-point grid, 1 GPU per trial
+    python tune/search.py --dataset resume --sampler tpe --num-samples 12 --scheduler asha
+    python tune/search.py --dataset resume --model tiny --alphas 0.01,0.005 --beta 2 --gamma 2 --seeds 3
+    python tune/search.py --resume                               # continue the last search after a crash
 
-The work is done by the modules beside this script (softfine_tune_*.py), imported from this
-directory, which Python puts first on sys.path when it runs a script. Their names are unique, so
-they shadow nothing (and `import ray.tune` is never shadowed by this `tune/` folder).
+(`softfine-search` is the same command.) Everything that can be refused is refused before a trial
+starts, most of it before any data is read or Ray starts (plan.py, cluster.py): each refusal is
+one line, `tune/search.py: error: ...`, naming the flag, file or key; `-v` adds the traceback.
+Once the search's MLflow parent run exists, a failure ends it as FAILED.
 """
 
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Sequence
 
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:  # run as `python tune/search.py`, sys.path[0] is already this directory
-    sys.path.insert(0, HERE)
+from softfine_tune.callback import MLflowChildRuns, read_account
+from softfine_tune.cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, Parser, build_parser
+from softfine_tune.cluster import check_address, check_cluster, cluster_resources, connect_ray, probe_gpus
+from softfine_tune.plan import Plan, make_plan
+from softfine_tune.report import finish, short
+from softfine_tune.results import finished, select, trial_rows
+from softfine_tune.resume import resume_args
+from softfine_tune.space import SearchError, point_of
+from softfine_tune.tracking import (
+    Tracker,
+    check_tracking,
+    credentials,
+    dataset_inputs,
+    git_version,
+    mask_credentials,
+    versions,
+    write_json,
+)
+from softfine_tune.trial import softfine_trial
+from softfine_tune.tuner import make_tuner
 
-from softfine_tune_search import main  # noqa: E402
+log = logging.getLogger("softfine.tune")
+
+
+class Interrupted(Exception):
+    """The search stopped before its trials ended (Ctrl-C): it can be resumed, not summarised."""
+
+
+def prepare_folder(folder: Path) -> None:
+    """The search's results folder, created and written to once before the MLflow parent run
+    exists: a folder that cannot be written is refused before anything is recorded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SearchError(f"--storage-path {folder.parent}: cannot write the search's folder {folder} "
+                          f"({err.strerror or err})") from None
+
+
+def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
+    record: dict = {}
+    if args.resume:
+        args, argv, record, folder = resume_args(args, parser)
+        print(f"{PROG}: resuming search {folder.name} ({folder}), stage: {record['stage']}, with its own flags: "
+              f"{' '.join(argv)}", flush=True)
+        if record["stage"] == "done":
+            print(json.dumps(record.get("summary", {}), indent=1, default=str))
+            return 0
+
+    plan = make_plan(args, argv)
+    folder = Path(plan.storage_path) / plan.name
+    if not record and (folder / RECORD).exists():
+        raise SearchError(f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
+                          f"continue it with --resume {plan.name} or choose another name")
+    check_address(args.address)
+    # The credentials are in the driver's environment only while it talks to MLflow, not when it
+    # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
+    mlflow_env = {**plan.tracking.env, "MLFLOW_TRACKING_URI": plan.tracking.uri}
+    with credentials(mlflow_env):
+        check_tracking(plan.tracking, args.mlflow_timeout)
+    started_ray = connect_ray(args.address)
+    try:
+        cluster = cluster_resources()
+        check_cluster(args, cluster, plan.storage_path)
+        probe_gpus(args, cluster)
+        prepare_folder(folder)
+        with credentials(mlflow_env):
+            return search(plan, record, folder, cluster)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
+    """The parent run, the phases, the summary; a failure ends the parent run."""
+    tracker = Tracker(plan.tracking.uri, plan.args.mlflow_timeout)
+    restoring = bool(record)
+    if restoring:
+        parent_run_id = record["parent_run_id"]
+        tracker.attempt("reopen the parent run", lambda: tracker.client.update_run(parent_run_id, status="RUNNING"))
+    else:
+        code = git_version()
+        experiment_id = tracker.experiment(plan.experiment_name)
+        parent_run_id = open_parent(plan, tracker, experiment_id, cluster, code)
+        record = {"argv": plan.argv, "name": plan.name, "created": time.time(), "mlflow_uri": plan.tracking.display,
+                  "experiment_id": experiment_id, "experiment_name": plan.experiment_name,
+                  "parent_run_id": parent_run_id, "code": code, "mode": plan.mode,
+                  "stage": "seeds" if plan.mode == "seeds" else "search"}
+    try:
+        write_json(folder / RECORD, record)
+        return run_phases(plan, tracker, record, folder, cluster, restoring)
+    except BaseException as err:
+        # Never RUNNING forever: a search stopped by Ctrl-C (which --resume continues) is KILLED,
+        # a failed one FAILED, with the error on the run.
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
+        if status == "FAILED":
+            error = mask_credentials(f"{type(err).__name__}: {err}")[:4000]
+            tracker.attempt("record the error on the parent run",
+                            lambda: tracker.client.set_tag(parent_run_id, "softfine.error", error))
+        tracker.attempt(f"end the parent run ({status})",
+                        lambda: tracker.client.set_terminated(parent_run_id, status=status))
+        raise
+
+
+def run_tags(code: dict) -> dict:
+    """Where a run's code came from, as MLflow's UI shows it (Source, Git commit)."""
+    return {"mlflow.source.name": PROG, "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": code["commit"],
+            "softfine.git_dirty": code["dirty"], **{f"softfine.version.{k}": v for k, v in versions().items()}}
+
+
+def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict, code: dict) -> str:
+    """The search's MLflow parent run: what the search is (params), its command (the note), its data."""
+    args = plan.args
+    params = {"dataset": plan.dataset, "mode": plan.mode, "sampler": args.sampler, "scheduler": args.scheduler,
+              "grid": json.dumps(plan.grid.describe()), "grid_size": len(plan.grid), "num_samples": plan.num_samples,
+              "seeds": args.seeds, "gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
+              "max_concurrent": args.max_concurrent, "max_failures": args.max_failures,
+              "cluster_nodes": cluster["nodes"], "cluster_gpus": cluster["gpus"], "cluster_cpus": cluster["cpus"],
+              "code_version": code["commit"] + ("+dirty" if code["dirty"] == "true" else ""),
+              "preset": plan.preset["path"], "search_name": plan.name, "mlflow_uri": plan.tracking.display,
+              **{f"train.{k}": v for k, v in dataclasses.asdict(plan.base).items()
+                 if k not in EXCLUDED_TRAIN_FIELDS or (k == "soft_scope" and "soft_scope" not in plan.keys)}}
+    what = (f"{plan.num_samples} seeds of one configuration" if plan.mode == "seeds"
+            else f"{args.sampler} search, {plan.num_samples} trials")
+    tags = {**run_tags(code), "mlflow.note.content": f"SoftFiNE {what} on {plan.dataset}; command: {PROG} "
+                                                     f"{' '.join(plan.argv)}"}
+    run_id = tracker.start_parent(experiment_id, plan.name, plan.name, params, tags)
+    tracker.attempt("log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.base)))
+    return run_id
+
+
+def run_phase(plan: Plan, phase: str, points, name: str, record: dict, folder: Path, restoring: bool) -> list[dict]:
+    """One Tuner.fit: the search over the grid, or one point over seeds; its rows."""
+    from ray import tune
+    from ray.tune import ExperimentAnalysis
+
+    args = plan.args
+    trainable = tune.with_resources(
+        tune.with_parameters(softfine_trial, base=plan.base, allow_cpu_fallback=args.allow_cpu_fallback,
+                             verbose=bool(args.verbose)),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
+    callback = MLflowChildRuns(str(folder), record["experiment_id"], record["parent_run_id"], plan.name, phase,
+                               plan.base, run_tags(record["code"]), dataset_inputs(plan.base), args.mlflow_timeout)
+    tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback)
+    started = time.time()
+    results = tuner.fit()
+    log.info("%s phase: %d trials in %.0f s", phase, len(results), time.time() - started)
+    # Ray Tune returns normally after SIGINT, having saved the unfinished trials for a restore:
+    # the saved experiment state tells (the trials in memory are all stopped by then).
+    saved = ExperimentAnalysis(results.experiment_path).trials
+    unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
+    expected = plan.num_samples if phase == "search" else args.seeds
+    if unfinished or len(saved) < expected:
+        raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
+    runs, _, _ = read_account(folder, phase)
+    return trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base)
+
+
+def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster: dict, restoring: bool) -> int:
+    """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
+    with --seeds, only the seeds. Then the summary."""
+    from ray import tune
+
+    args = plan.args
+    what = (f"{plan.num_samples} seeds of one configuration" if plan.mode == "seeds"
+            else f"{plan.num_samples} trials ({args.sampler})")
+    print(f"{PROG}: {what} on {plan.dataset}, cluster of {cluster['nodes']} node(s) "
+          f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {args.cpus_per_trial:g} CPU + "
+          f"{args.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
+          f"{plan.tracking.display}", flush=True)
+
+    def seeds(point: dict, name: str) -> list[dict]:
+        space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(args.seeds)])}
+        return run_phase(plan, "seeds", space, name, record, folder, restoring)
+
+    started = time.time()
+    rows: list[dict] = []
+    seed_rows: list[dict] = []
+    if plan.mode == "seeds":
+        seed_rows = seeds(plan.grid.points()[0], plan.name)
+        selected = select(finished(seed_rows))  # the seed whose model the parent run gets
+    else:
+        rows = run_phase(plan, "search", {}, plan.name, record, folder, restoring)
+        selected = select(rows)
+        if selected is not None and args.seeds:
+            record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})
+            write_json(folder / RECORD, record)
+            seed_rows = seeds(point_of(selected, plan.keys), f"{plan.name}-seeds")
+    unlogged = [op for phase in ("search", "seeds") for op in read_account(folder, phase)[1]]
+    summary = finish(plan, tracker, folder, record["experiment_id"], record["parent_run_id"], rows, seed_rows,
+                     selected, time.time() - started, unlogged, cluster)
+    record.update(stage="done", summary=summary)
+    write_json(folder / RECORD, record)
+    # An ablation is complete only with every seed; a search, with a selection.
+    complete = len(finished(seed_rows)) == len(seed_rows) if plan.mode == "seeds" else True
+    return 0 if selected is not None and complete else 1
+
+
+# ---------------------------------------------------------------------------------------------
+
+def fail(message: str, verbose: bool, code: int = 2) -> int:
+    """One line on stderr, the last (the traceback before it with -v); credentials masked."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    line = " ".join(mask_credentials(message).split()) or "unknown error"
+    print(f"{PROG}: error: {short(line, 2000)}", file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from softfine.errors import SoftFiNEError
+
+    try:
+        return run_search(args, argv, parser)
+    except (SearchError, SoftFiNEError) as err:
+        return fail(str(err), args.verbose)
+    except (KeyboardInterrupt, Interrupted) as err:
+        print(f"{PROG}: interrupted ({err or 'Ctrl-C'}); the search is saved: continue it with "
+              f"python {PROG} --resume", file=sys.stderr, flush=True)
+        return 130
+    except OSError as err:  # a full disk, a folder without permission: the file and the cause
+        where = f"{err.filename}: " if err.filename else ""
+        return fail(f"{where}{err.strerror or err} ({type(err).__name__})", args.verbose, code=1)
+    except Exception as err:  # noqa: BLE001 - not hidden: its type and message, the traceback with -v
+        return fail(f"{type(err).__name__}: {err}", args.verbose, code=1)
+
 
 if __name__ == "__main__":
     sys.exit(main())

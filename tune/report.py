@@ -1,69 +1,28 @@
-"""The end of a search: the parent run's params, metrics and artifacts, summary.json, trials.csv
-and the console summary."""
+"""The end of a search: the parent run's params, metrics, figures, tables and model (registered
+with the alias `champion`), summary.json and trials.csv beside the Ray results, and the console
+summary."""
 
 from __future__ import annotations
 
 import logging
 import math
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from softfine_tune_cli import REPO
-from softfine_tune_plan import Plan
-from softfine_tune_trial import COUNT_KEYS
+from softfine_tune.plan import Plan
+from softfine_tune.results import gpu_busy_fraction, max_overlap, seed_stats, write_table
+from softfine_tune.tracking import COUNT_KEYS, REPO, write_json
 
 log = logging.getLogger("softfine.tune")
 
 
-def max_overlap(rows: list[dict]) -> int:
-    """The most trials that ran at the same time (from their start and end times)."""
-    events = []
-    for r in rows:
-        if r.get("trial_start_time") and r.get("trial_end_time"):
-            events += [(r["trial_start_time"], 1), (r["trial_end_time"], -1)]
-    running = most = 0
-    for _, change in sorted(events, key=lambda e: (e[0], e[1])):
-        running += change
-        most = max(most, running)
-    return most
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _first(rows: list[dict], key: str):
-    return next((r[key] for r in rows if isinstance(r.get(key), (int, float))), None)
-
-
-def finished(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] == "TERMINATED"]
-
-
-def seed_stats(rows: list[dict]) -> dict:
-    """Mean and standard deviation of dev and test F1 over the seeds' runs that finished (a seed
-    that failed or stopped has no final result), and what the F1s were computed on (the same dev
-    and test sentences for every seed)."""
-    done = finished(rows)
-    dev_mean, dev_std = _mean_std([r["best_dev_f1"] for r in done])
-    test_mean, test_std = _mean_std([r.get("test_f1") for r in done])
-    return {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done),
-            "seeds_dev_f1_mean": dev_mean, "seeds_dev_f1_std": dev_std,
-            "seeds_test_f1_mean": test_mean, "seeds_test_f1_std": test_std,
-            **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS}}
-
-
-
 def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id: str, rows: list[dict],
-           seed_rows: list[dict], selected: dict | None, seconds: float) -> dict:
+           seed_rows: list[dict], selected: dict | None, seconds: float, unlogged: list[dict], cluster: dict) -> dict:
     """The parent run's params, metrics and artifacts; summary.json and trials.csv beside the Ray
-    results; the summary on the console, with an account of what MLflow did not get."""
-    from softfine_tune_tracking import plot_dev_f1, write_json, write_table
+    results; the summary on the console, with an account of what MLflow did not get (`unlogged`:
+    the child runs' updates that the callbacks could not send)."""
+    from softfine_tune.plots import plot_dev_f1, plot_timeline
 
     args = plan.args
     all_rows = rows + seed_rows
@@ -73,16 +32,19 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     if plan.mode == "search":
         plot = plot_dev_f1(rows, folder / "dev_f1_vs_hyperparameters.png",
                            f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per trial", plan.keys)
+    timeline = plot_timeline(all_rows, folder / "occupancy_timeline.png",
+                             f"{plan.name}: trials on the cluster's GPUs ({args.gpus_per_trial:g} GPU per trial)")
     counts = {s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")}
     summary: dict = {"search": plan.name, "mode": plan.mode, "dataset": plan.dataset, "trials": len(counted),
                      **{k.lower().replace(" ", "_"): v for k, v in counts.items()}, "wall_seconds": round(seconds, 1),
-                     "max_trials_at_once": max_overlap(counted), "soft_labels": plan.base.soft,
+                     "max_trials_at_once": max_overlap(counted), "gpu_busy_fraction": gpu_busy_fraction(
+                         all_rows, cluster["gpus"]), "soft_labels": plan.base.soft,
                      "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
                      "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
                      "parent_run_id": parent_run_id, "results": str(folder)}
     metrics = {"trials_finished": counts["TERMINATED"], "trials_failed": counts["ERROR"],
                "trials_stopped_early": counts["STOPPED"], "search_wall_seconds": seconds,
-               "max_trials_at_once": summary["max_trials_at_once"]}
+               "max_trials_at_once": summary["max_trials_at_once"], "gpu_busy_fraction": summary["gpu_busy_fraction"]}
     params: dict = {}
     if selected is not None:
         summary["selected"] = {k: selected[k] for k in plan.keys}
@@ -110,22 +72,23 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     tracker.attempt("log the search metrics",
                     lambda: tracker.client.log_batch(parent_run_id, metrics=_metrics(metrics)))
     tracker.attempt("log the trials table", lambda: tracker.client.log_artifact(parent_run_id, str(table)))
+    tracker.attempt("log the occupancy timeline", lambda: tracker.client.log_artifact(parent_run_id, str(timeline)))
     if plot is not None:
         tracker.attempt("log the dev F1 plot", lambda: tracker.client.log_artifact(parent_run_id, str(plot)))
+        log_study(tracker, parent_run_id, folder)
     if selected is not None and selected.get("checkpoint"):
         summary["model_uri"] = tracker.attempt("log the selected model", lambda: _log_selected_model(
             plan.tracking.uri, parent_run_id, selected["checkpoint"]))
         summary["selected_checkpoint"] = selected["checkpoint"]
+        if summary["model_uri"] and plan.mode == "search":
+            summary["registered_model"] = tracker.attempt("register the selected model", lambda: register(
+                tracker.client, summary["model_uri"], f"softfine-{plan.dataset}", plan.name, selected))
     complete = selected is not None and (plan.mode == "search" or summary["seeds_finished"] == summary["seeds"])
     tracker.attempt("close the parent run", lambda: tracker.client.set_terminated(
         parent_run_id, status="FINISHED" if complete else "FAILED"))
 
-    unlogged = [r for r in all_rows if r.get("mlflow_unlogged")]
-    summary["mlflow_account"] = {
-        "driver_failures": tracker.failures,
-        "trials_with_unlogged": [{"trial_id": r["trial_id"], "mlflow_run_id": r["mlflow_run_id"],
-                                  "unlogged": r["mlflow_unlogged"], "error": r["mlflow_error"],
-                                  "kept_in": r["checkpoint"]} for r in unlogged]}
+    summary["mlflow_account"] = {"driver_failures": tracker.failures, "unlogged_updates": len(unlogged),
+                                 "trials_with_unlogged": sorted({op["trial_id"] for op in unlogged})}
     write_json(folder / "summary.json", summary)
     print_summary(plan, summary, rows, seed_rows)
     return summary
@@ -144,9 +107,41 @@ def _metrics(values: dict) -> list:
     return [Metric(k, float(v), now, 0) for k, v in values.items() if isinstance(v, (int, float))]
 
 
+def log_study(tracker, parent_run_id: str, folder: Path) -> None:
+    """Optuna's plots of the search's study and its trials table, on the parent run (optuna/)."""
+    import optuna
+
+    from softfine_tune.plots import optuna_figures
+    from softfine_tune.tuner import OPTUNA_DB
+
+    storage = f"sqlite:///{folder / OPTUNA_DB}"
+    figures = optuna_figures(storage, folder.name)
+    for name, figure in figures.items():
+        tracker.attempt(f"log {name}", lambda f=figure, n=name: tracker.client.log_figure(parent_run_id, f, n))
+    table = optuna.load_study(study_name=folder.name, storage=storage).trials_dataframe()
+    table = table.astype({c: str for c in table.columns if str(table[c].dtype).startswith(("datetime", "timedelta"))})
+    tracker.attempt("log the study's trials table", lambda: tracker.client.log_table(
+        parent_run_id, data=table, artifact_file="optuna/trials.json"))
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def register(client, model_uri: str, name: str, search: str, selected: dict) -> str:
+    """The selected model as a new version of the dataset's registered model, with the alias
+    `champion` moved to it; returns "NAME@champion (version N)"."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags={"softfine.search": search,
+                                                           "best_dev_f1": str(selected["best_dev_f1"])})
+    client.set_registered_model_alias(name, "champion", version.version)
+    return f"{name}@champion (version {version.version})"
+
+
 def _log_selected_model(uri: str, parent_run_id: str, checkpoint: str) -> str:
     from ray.tune import Checkpoint
-    from softfine_tune_tracking import log_model
+
+    from softfine_tune.tracking import log_model
 
     with tempfile.TemporaryDirectory(prefix="softfine-selected-") as tmp:
         local = Checkpoint(checkpoint).to_directory(tmp)
@@ -154,7 +149,7 @@ def _log_selected_model(uri: str, parent_run_id: str, checkpoint: str) -> str:
 
 
 def ui_hint(store, experiment_id: str, run_id: str) -> str:
-    from softfine_tune_tracking import default_tracking_uri, is_remote
+    from softfine_tune.tracking import default_tracking_uri, is_remote
 
     # MLflow 3's experiment pages open in GenAI mode; workflowType=machine_learning shows the runs.
     page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
@@ -167,7 +162,7 @@ def ui_hint(store, experiment_id: str, run_id: str) -> str:
             f"http://127.0.0.1:5000/{page}")
 
 
-def _short(text: str, width: int = 160) -> str:
+def short(text: str, width: int = 160) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -193,7 +188,9 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     kind = "Seeds" if plan.mode == "seeds" else "Search"
     out.append(f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {summary['trials']} trials "
                f"({summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed) "
-               f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once.")
+               f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
+               + (f"; the GPUs were busy {summary['gpu_busy_fraction']:.0%} of the time while trials remained."
+                  if summary["gpu_busy_fraction"] is not None else "."))
     if plan.mode == "search":
         ranked = sorted([r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))],
                         key=lambda r: (-r["best_dev_f1"], r["trial"]))
@@ -238,17 +235,19 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
         which = f" (seed {summary['model_seed']}, the best dev F1 of the seeds)" if plan.mode == "seeds" else ""
         out.append(f"  model{which}: mlflow.pyfunc.load_model('runs:/{summary['parent_run_id']}/model')"
                    f".predict(['...'])  ({summary['model_uri']})")
+    if summary.get("registered_model"):
+        out.append(f"  registered: {summary['registered_model']}, "
+                   f"mlflow.pyfunc.load_model('models:/softfine-{plan.dataset}@champion')")
     account = summary["mlflow_account"]
-    if account["driver_failures"] or account["trials_with_unlogged"]:
-        total = sum(t["unlogged"] for t in account["trials_with_unlogged"])
-        out.append(f"MLflow could not record everything: {total} update(s) of "
+    if account["driver_failures"] or account["unlogged_updates"]:
+        out.append(f"MLflow could not record everything: {account['unlogged_updates']} update(s) of "
                    f"{len(account['trials_with_unlogged'])} trial(s) and {len(account['driver_failures'])} update(s) "
                    "of the parent run were not logged:")
-        for t in account["trials_with_unlogged"][:20]:
-            out.append(f"  trial {t['trial_id']} (run {t['mlflow_run_id'] or 'not created'}): {t['unlogged']} "
-                       f"update(s) kept in {t['kept_in']}/mlflow_unlogged.jsonl; {_short(t['error'])}")
+        if account["unlogged_updates"]:
+            out.append(f"  the trials' updates are kept in {summary['results']}/mlflow_unlogged.*.jsonl "
+                       f"(trials {', '.join(account['trials_with_unlogged'][:10])})")
         for failure in account["driver_failures"][:20]:
-            out.append(f"  parent: {_short(failure)}")
+            out.append(f"  parent: {short(failure)}")
         out.append(f"  The results themselves are complete in {summary['results']} (summary.json, trials.csv).")
     else:
         out.append("MLflow recorded every trial and the parent run.")

@@ -1,24 +1,20 @@
-"""Ray Tune: the Tuner of a search phase, and resuming a stopped search (its record, its checkpoints)."""
+"""Ray Tune: the Tuner of a search phase (searcher, scheduler, checkpoints, retries, the MLflow
+callback), restored when the search is resumed, with its checkpoints mended first."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import posixpath
-from pathlib import Path
 
-from softfine_tune_childrun import mask_credentials
-from softfine_tune_cli import DEFAULT_STORAGE, PROG, RECORD, RESUME_OVERRIDES, Parser
-from softfine_tune_plan import Plan
-from softfine_tune_space import METRIC, MODE, SearchError, make_searcher
+from softfine_tune.cli import PROG
+from softfine_tune.plan import Plan
+from softfine_tune.space import METRIC, MODE, make_searcher
 
 log = logging.getLogger("softfine.tune")
 
+OPTUNA_DB = "optuna.db"  # the study, in the search phase's folder
 
-# ---------------------------------------------------------------------------------------------
-# Ray Tune.
 
 def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
@@ -79,7 +75,9 @@ def progress_columns(grid, phase: str) -> dict:
     return {key: names[key] for key in grid.space()}
 
 
-def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool):
+def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback):
+    """The phase's Tuner; restored (unfinished and failed trials go on) when it was started before.
+    A restored Tuner keeps the callback it was made with (its state from the last snapshot)."""
     from ray import tune
     from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig
     from ray.tune.schedulers import ASHAScheduler
@@ -102,7 +100,8 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
                            max_report_frequency=30, sort_by_metric=True,
                            max_progress_rows=40)
     if phase == "search":
-        searcher = make_searcher(args.sampler, plan.grid, args.search_seed, plan.num_samples)
+        searcher = make_searcher(args.sampler, plan.grid, args.search_seed, plan.num_samples,
+                                 storage=f"sqlite:///{path}/{OPTUNA_DB}", study_name=plan.name)
         scheduler = None
         if args.scheduler == "asha":
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations_per_trial(plan.base) or 1000,
@@ -118,69 +117,5 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
     run_config = RunConfig(name=name, storage_path=plan.storage_path,
                            failure_config=FailureConfig(max_failures=args.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=1),
-                           progress_reporter=reporter, verbose=1)
+                           progress_reporter=reporter, callbacks=[callback], verbose=1)
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-
-
-# ---------------------------------------------------------------------------------------------
-# The search.
-
-def find_search(storage_path: str, which: str) -> Path:
-    """The results folder of the search to resume: NAME or a path, or the latest with a record."""
-    if which != "latest":
-        for candidate in (Path(which), Path(storage_path) / which):
-            if (candidate / RECORD).is_file():
-                return candidate.resolve()
-        raise SearchError(f"--resume {which}: no search record ({RECORD}) there or in {storage_path}")
-    records = sorted(Path(storage_path).glob(f"*/{RECORD}"), key=lambda p: p.stat().st_mtime)
-    if not records:
-        raise SearchError(f"--resume: no search to resume in {storage_path} (pass --storage-path, or NAME)")
-    return records[-1].parent
-
-
-RECORD_KEYS = {"argv": list, "name": str, "mlflow_uri": str, "experiment_id": str, "parent_run_id": str,
-               "stage": str}
-
-
-def read_record(path: Path) -> dict:
-    """A search record, checked: a damaged one is an error naming the file, not a traceback."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise SearchError(f"--resume: {path}: cannot read it ({err.strerror or err})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SearchError(f"--resume: {path}: not a search record (damaged: {err})") from None
-    if not isinstance(record, dict):
-        raise SearchError(f"--resume: {path}: not a search record (a JSON {type(record).__name__}, not an object)")
-    for key, kind in RECORD_KEYS.items():
-        strings = key != "argv" or all(isinstance(a, str) for a in record.get(key) or [])
-        if not isinstance(record.get(key), kind) or not strings:
-            raise SearchError(f"--resume: {path}: not a search record (key {key!r}: missing or not a "
-                              f"{'list of strings' if kind is list else 'string'})")
-    if record["stage"] not in ("search", "seeds", "done"):
-        raise SearchError(f"--resume: {path}: not a search record (key 'stage': {record['stage']!r})")
-    return record
-
-
-def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, list[str], dict, Path]:
-    """The flags of the search to resume (its record's), with those of RESUME_OVERRIDES given now."""
-    from softfine_tune_tracking import without_credentials
-
-    storage = args.storage_path or str(DEFAULT_STORAGE)
-    folder = find_search(storage, args.resume)
-    record = read_record(folder / RECORD)
-    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k, None)}
-    parser.record = folder / RECORD
-    try:
-        resumed = parser.parse_args(record["argv"])
-    finally:
-        parser.record = None
-    resumed.mlflow_uri = record["mlflow_uri"]  # resolved when the search started (the argv's may be relative)
-    given = overrides.get("mlflow_uri")
-    if given and without_credentials(given) != without_credentials(record["mlflow_uri"]):
-        raise SearchError(f"--mlflow-uri {mask_credentials(given)}: this search logs to {record['mlflow_uri']}; "
-                          "resume it with that store")
-    for key, value in overrides.items():
-        setattr(resumed, key, value)
-    resumed.name, resumed.storage_path, resumed.resume = folder.name, str(folder.parent), None
-    return resumed, record["argv"], record, folder

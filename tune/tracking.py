@@ -1,15 +1,10 @@
-"""The driver's side of MLflow: the tracking store, the parent run, and what it holds at the end.
-
-One parent run per search (dataset, sampler, grid, code version, cluster size); the trials log
-nested child runs themselves (softfine_tune_trial.py), tagged `mlflow.parentRunId`. When the
-search ends the parent gets the selected (alpha_aug, alpha_fea, beta, gamma) as params, the best
-dev and test F1 as metrics, a table of all trials, a plot of dev F1 against each hyperparameter,
-and the selected checkpoint as an MLflow pyfunc model.
+"""MLflow, the driver's side: the tracking store, the parent run's client, the data as dataset
+inputs, the selected model. Only the driver talks to MLflow (the child runs: callback.py).
 
 Credentials in `--mlflow-uri` (http://user:password@host) never leave memory: the URI that MLflow
 uses is the one without them, they reach MLflow's HTTP client as MLFLOW_TRACKING_USERNAME and
-MLFLOW_TRACKING_PASSWORD (the driver's environment; the trials' through tune.with_parameters),
-and whatever is printed, logged or stored shows `http://user:***@host`.
+MLFLOW_TRACKING_PASSWORD (the driver's environment, while it talks to MLflow), and whatever is
+printed, logged or stored shows `http://user:***@host`.
 
 Every call to the tracking server here goes through `Tracker.attempt`, which records a failure
 instead of raising, so that a server that stops answering costs the search its records, never
@@ -20,31 +15,46 @@ results (summary.json, trials.csv).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
-import math
 import os
+import re
 import subprocess
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from softfine_tune_childrun import (
-    PHASE_TAG,
-    SEARCH_TAG,
-    TRIAL_ID_TAG,
-    describe_error,
-    mask_credentials,
-)
-from softfine_tune_space import SearchError
-from softfine_tune_trial import COUNT_KEYS, SEARCH_KEYS
+from softfine_tune.space import SearchError
 
 log = logging.getLogger("softfine.tune")
 
-REPO = Path(__file__).resolve().parents[1]
+# This checkout (the package installed in place), else the working directory.
+REPO = next((p for p in [Path(__file__).resolve().parents[1]] if (p / "pyproject.toml").is_file()), Path.cwd())
 DEFAULT_STORE = REPO / "mlflow" / "mlflow.db"
+TRIAL_ID_TAG = "softfine.trial_id"
+PHASE_TAG = "softfine.phase"
+SEARCH_TAG = "softfine.search"  # the search's name, on the parent and every child
+# What an F1 was computed on: the evaluations' counts, on every child run and in the summary.
+COUNT_KEYS = ("dev_sentences", "dev_gold_entities", "test_sentences", "test_gold_entities")
+
+
+def mask_credentials(text: str) -> str:
+    """`scheme://user:password@host` anywhere in `text` with the password replaced by ***."""
+    return re.sub(r"(\w+://[^/@\s:]*:)[^/\s]*@", r"\1***@", text)  # up to the authority's last @
+
+
+def describe_error(err: BaseException) -> str:
+    """One short line for an MLflow failure: what happened, and the URL it happened on."""
+    text = mask_credentials(str(err).strip())
+    url = re.search(r"request to (\S+) failed", text)
+    where = f" ({url.group(1)})" if url else ""
+    if "Read timed out" in text or "ReadTimeout" in text:
+        return f"no answer within the timeout{where}"
+    if "Connection refused" in text or "NewConnectionError" in text:
+        return f"connection refused{where}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:240]}"
 
 
 def default_tracking_uri() -> str:
@@ -190,6 +200,21 @@ def git_version(repo: Path = REPO) -> dict:
     return {"commit": commit, "dirty": str(dirty).lower()}
 
 
+def versions() -> dict:
+    """The versions of Python and the packages a run depends on (the driver's; the cluster configs
+    install the same on every node)."""
+    import importlib.metadata as md
+    import sys
+
+    found = {"python": sys.version.split()[0]}
+    for name in ("softfine", "torch", "transformers", "ray", "optuna", "mlflow"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 class Tracker:
     """MLflow calls of the driver; failures are recorded, not raised (after the start)."""
 
@@ -248,105 +273,22 @@ class Tracker:
             raise
         return run.info.run_id
 
-    def children(self, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
-        """The parent's child runs by trial id (one each: a retried trial re-attaches to its run)."""
-        runs, token = {}, None
-        while True:
-            page = self.client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "
-                                           f"'{parent_run_id}'", max_results=1000, page_token=token)
-            for run in page:
-                runs.setdefault(run.data.tags.get(TRIAL_ID_TAG, run.info.run_id), run)
-            token = page.token
-            if not token:
-                return runs
 
+def dataset_inputs(config) -> list:
+    """The config's data splits as MLflow dataset inputs (name, file, SHA-256 digest), so that a
+    run's Datasets panel says what it was trained and scored on."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
-# ---------------------------------------------------------------------------------------------
-# The trials table, the selection, the plot.
+    from softfine.datasets import available_splits, dataset_files, sha256_of
 
-def trial_rows(results: list, children: dict[str, Any], phase: str) -> list[dict]:
-    """One row per trial of a Ray ResultGrid, with its child run."""
-    from softfine_tune_trial import hyperparameters
-
-    rows = []
-    for number, result in enumerate(results):
-        config, metrics = result.config or {}, result.metrics or {}
-        trial_id = metrics.get("trial_id") or (Path(result.path).name.split("_")[-1] if result.path else "")
-        run = children.get(trial_id)
-        if result.error is not None:
-            status = "ERROR"
-        elif metrics.get("final"):
-            status = "TERMINATED"
-        elif metrics:
-            status = "STOPPED"  # stopped early by the scheduler
-        else:
-            status = "NOT STARTED"
-        row = {"trial": number, "trial_id": trial_id, "phase": phase, "status": status,
-               "mlflow_run_id": run.info.run_id if run else metrics.get("mlflow_run_id", ""),
-               **hyperparameters(config), "seed": config.get("seed", (config.get("train") or {}).get("seed"))}
-        for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
-            row[key] = metrics.get(key)
-        row.update({k: v for k, v in metrics.items() if k.startswith("test_f1_level")})
-        row.update(node_id=metrics.get("node_id", ""), trial_start_time=metrics.get("trial_start_time"),
-                   # a trial stopped early has no end time of its own: its last report's
-                   trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
-                   evaluations=metrics.get("training_iteration"),
-                   mlflow_unlogged=metrics.get("mlflow_unlogged", 0), mlflow_error=metrics.get("mlflow_error", ""),
-                   checkpoint=result.checkpoint.path if result.checkpoint else "",
-                   error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "")
-        rows.append(row)
-    return rows
-
-
-def select(rows: list[dict]) -> dict | None:
-    """The trial with the best dev F1 (the earliest one on a tie); test F1 plays no part."""
-    scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float)) and not math.isnan(r["best_dev_f1"])]
-    if not scored:
-        return None
-    best = max(r["best_dev_f1"] for r in scored)
-    return min((r for r in scored if r["best_dev_f1"] == best), key=lambda r: r["trial"])
-
-
-def write_table(rows: list[dict], path: Path) -> Path:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
-    return path
-
-
-def plot_dev_f1(rows: list[dict], path: Path, title: str, keys: Sequence[str] = SEARCH_KEYS) -> Path:
-    """Dev F1 of every trial against each hyperparameter (alpha_aug, alpha_fea, beta, gamma, and
-    soft_scope when searched): the points, and the mean per value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))]
-    labels = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), sharey=True)
-    for ax, key in zip(axes, keys):
-        values = sorted({r[key] for r in scored})
-        positions = {v: i for i, v in enumerate(values)}
-        xs = [positions[r[key]] + 0.08 * ((n % 5) - 2) for n, r in enumerate(scored)]
-        ax.scatter(xs, [r["best_dev_f1"] for r in scored], s=18, alpha=0.6)
-        means = [sum(r["best_dev_f1"] for r in scored if r[key] == v) / max(1, sum(r[key] == v for r in scored))
-                 for v in values]
-        ax.plot(range(len(values)), means, color="black", marker="D", label="mean")
-        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, float) else str(v) for v in values])
-        ax.set_xlabel(labels[key])
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("best dev F1")
-    axes[0].legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    splits = [s for s in ("train", "dev", "test") if s in available_splits(config.dataset, config.data_dir)]
+    inputs = []
+    for split, path in dataset_files(config.dataset, config.data_dir, splits).items():
+        source = json.dumps({"uri": Path(path).resolve().as_uri()})
+        dataset = Dataset(name=f"{config.dataset}-{split}", digest=sha256_of([path])[:16], source_type="local",
+                          source=source, profile=json.dumps({"bytes": Path(path).stat().st_size}))
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
+    return inputs
 
 
 def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
@@ -354,7 +296,7 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
     import mlflow
     import softfine
 
-    model_code = Path(__file__).resolve().parent / "softfine_tune_pyfunc.py"
+    model_code = Path(__file__).resolve().parent / "pyfunc.py"
 
     requirements = []
     for name in ("torch", "transformers", "tokenizers", "safetensors", "seqeval", "pyyaml", "mlflow"):
@@ -369,7 +311,7 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_code), artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(softfine.__file__).parent)],
-            pip_requirements=requirements,
+            pip_requirements=requirements, input_example=["高勇：男，中国国籍。"],
             metadata={"task": "fine-grained Chinese NER (SoftFiNE)",
                       "predict": "list of texts -> list of entities {text, category, levels, start, end}"})
     return info.model_uri

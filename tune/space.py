@@ -1,21 +1,23 @@
-"""Presets, the grid, and the Optuna searchers of the search.
+"""The search space: the paper's grid, the presets, how a grid point becomes a TrainConfig, and
+the Optuna searcher.
 
-A preset (tune/presets/DATASET.yaml) holds the paper's training settings for a dataset (`train:`,
-the paper's bert-base fine-tuning settings), the SoftFiNE grid (`grid:`) and the paper's
-selection; flags override any of its values. Every value is checked when the preset is read: a
-`train:` value as a TrainConfig field (its type and range: pydantic, strict), a grid value as a
-number, each error naming the file and the key. The grid's (alpha_aug, alpha_fea) pairs are one
-categorical dimension ("aug,fea"), beta and gamma two more: 4 x 3 x 3 = 36 points; soft_scope
-("paper", "related") is a fourth when it is given more than one value.
+The grid is the paper's (Appendix C), the same for every dataset: the (alpha_aug, alpha_fea) pairs
+are one categorical dimension ("aug,fea"), beta and gamma two more, 4 x 3 x 3 = 36 points;
+soft_scope ("paper", "related") is a fourth when it is given more than one value. A preset
+(tune/presets/DATASET.yaml) holds the paper's training settings for a dataset (`train:`) and its
+selection; a preset of your own may set a `grid:` too; flags override any value. Every value is
+checked when the preset is read (a `train:` value as a TrainConfig field: pydantic, strict; a grid
+value as a number), each error naming the file and the key.
 
-`--sampler grid` uses Optuna's GridSampler through Ray Tune's OptunaSearch, with one guard:
-GridSampler hands out points by trial number, or at random among the points no trial holds yet,
-and may re-evaluate a point when more trials are in flight than points are left (see optuna
-issues #2039, #4627, #5489). `ExclusiveGridSampler` gives every new trial the first point that
-no trial of the study holds, whatever their state, and refuses a 37th trial instead of
-repeating one; Ray Tune asks for exactly one trial per point (num_samples = grid size). It also
-leaves out GridSampler's `study.stop()`, which only works inside `study.optimize` (Ray Tune uses
-ask-and-tell) and is not needed: Ray Tune decides when the search ends.
+A trial's config (Ray's param_space) is its grid point only: `trial_config(base, point)` is the
+search's base TrainConfig with the point's values (and the seeds phase's seed) replaced, validated
+again. `SEARCHED` names the TrainConfig fields a point sets, once.
+
+`--sampler grid`: every point is enqueued in the Optuna study (OptunaSearch's
+`points_to_evaluate`, i.e. `study.enqueue_trial`), and Ray Tune asks for exactly one trial per point;
+Optuna hands each enqueued point to exactly one trial, however many are in flight. `--sampler tpe`:
+TPE over the same values. The study is kept in an Optuna storage in the search's folder
+(`optuna.db`), for Optuna's own analysis (plots, optuna-dashboard).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from optuna.samplers import GridSampler
-from softfine_tune_trial import SEARCH_KEYS, alphas_key, parse_alphas, point_values
-
 PRESETS = Path(__file__).resolve().parent / "presets"
 METRIC, MODE = "best_dev_f1", "max"
 SCOPES = ("paper", "related")
+# The TrainConfig fields a grid point sets (soft_scope too, when it is searched).
+SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
+# The paper's grid (Appendix C): (alpha_aug, alpha_fea) pairs, beta, gamma.
+PAPER_GRID = {"alphas": [[0.1, 0.1], [0.1, 0.05], [0.01, 0.01], [0.01, 0.005]], "beta": [2, 3, 4],
+              "gamma": [1.5, 2, 2.5]}
 # TrainConfig fields a preset's train: may not set: the grid's, and those set per trial or by flag.
 NOT_IN_TRAIN = {"alpha_aug": "a grid value: put it under grid: alphas", "alpha_fea": "a grid value: put it under "
                 "grid: alphas", "beta": "a grid value: put it under grid:", "gamma": "a grid value: put it under grid:",
@@ -41,6 +45,57 @@ NOT_IN_TRAIN = {"alpha_aug": "a grid value: put it under grid: alphas", "alpha_f
 
 class SearchError(Exception):
     """A search that must not start; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# A grid point and its TrainConfig. Grid samplers need str/int/float values, so an
+# (alpha_aug, alpha_fea) pair is the string "aug,fea": the paper searches 4 pairs, not 4 x 4.
+
+def alphas_key(alpha_aug: float, alpha_fea: float) -> str:
+    return f"{float(alpha_aug):g},{float(alpha_fea):g}"
+
+
+def parse_alphas(key: str) -> tuple[float, float]:
+    try:
+        aug, fea = (float(part) for part in str(key).split(","))
+    except ValueError:
+        raise ValueError(f"an (alpha_aug, alpha_fea) pair is written AUG,FEA (e.g. 0.1,0.05), got {key!r}") from None
+    return aug, fea
+
+
+def point_values(point: dict) -> dict:
+    """The TrainConfig values of a trial's point: its grid point and, in the seeds phase, its
+    seed. Left as they are: make_config checks their types."""
+    aug, fea = parse_alphas(point["alphas"])
+    values = {"alpha_aug": aug, "alpha_fea": fea, "beta": point["beta"], "gamma": point["gamma"]}
+    for key in ("soft_scope", "seed"):  # soft_scope when searched; seed in the seeds phase
+        if point.get(key) is not None:
+            values[key] = point[key]
+    return values
+
+
+def trial_config(base, point: dict, **fixed):
+    """The trial's TrainConfig: the search's base config with the point's values and `fixed`
+    ones (out, device) replaced, validated again."""
+    from softfine.config import make_config
+
+    return make_config({**point_values(point), **fixed}, where=lambda key: f"trial config: {key}", base=base)
+
+
+def point_name(point: dict) -> str:
+    """A point as a run name: aug0.01-fea0.005-b2-g2.5 (-related when the scope is searched, -s3
+    for a seed)."""
+    values = point_values(point)
+    name = f"aug{values['alpha_aug']:g}-fea{values['alpha_fea']:g}-b{values['beta']:g}-g{values['gamma']:g}"
+    name += f"-{values['soft_scope']}" if "soft_scope" in values else ""
+    return name + (f"-s{values['seed']}" if "seed" in values else "")
+
+
+def point_of(values: dict, keys: Sequence[str]) -> dict:
+    """The point of a row of results (for the seeds phase: the selected configuration)."""
+    point = {"alphas": alphas_key(values["alpha_aug"], values["alpha_fea"]), "beta": values["beta"],
+             "gamma": values["gamma"]}
+    return {**point, "soft_scope": values["soft_scope"]} if "soft_scope" in keys else point
 
 
 @dataclass
@@ -55,7 +110,7 @@ class Grid:
     def keys(self) -> tuple[str, ...]:
         """The hyperparameters a point sets: the paper's four, and soft_scope when it is searched
         (one value is no dimension: it is part of the base config)."""
-        return SEARCH_KEYS + (("soft_scope",) if len(self.soft_scope) > 1 else ())
+        return SEARCHED + (("soft_scope",) if len(self.soft_scope) > 1 else ())
 
     def space(self) -> dict[str, list]:
         """The grid as GridSampler takes it (str/int/float values only)."""
@@ -88,21 +143,18 @@ def preset_path(dataset: str) -> Path:
 
 def load_preset(dataset: str, path: str | Path | None = None) -> dict:
     """{"train": {...}, "grid": Grid, "paper_selection": {...} | None, "path": str} from a preset
-    file, every value checked; a dataset without a preset gets the trainer's defaults and the
-    paper's grid."""
+    file, every value checked; the paper's grid unless the preset has its own; a dataset without a
+    preset gets the trainer's defaults."""
     from softfine.config import read_yaml
 
     explicit = path is not None
     path = Path(path) if explicit else preset_path(dataset)
-    if not explicit and not path.is_file():
-        values = {"grid": read_yaml(PRESETS / "weibo.yaml", "preset")["grid"]}
-    else:
-        values = read_yaml(path, "--preset" if explicit else "preset")
+    values = read_yaml(path, "--preset" if explicit else "preset") if explicit or path.is_file() else {}
     where = f"preset {path}"
     unknown = sorted(map(str, set(values) - {"train", "grid", "paper_selection"}))
     if unknown:
         raise SearchError(f"{where}: unknown section {unknown[0]!r} (expected train, grid, paper_selection)")
-    return {"train": preset_train(values.get("train") or {}, path), "grid": preset_grid(values.get("grid"), path),
+    return {"train": preset_train(values.get("train") or {}, path), "grid": preset_grid(values.get("grid", PAPER_GRID), path),
             "paper_selection": paper_selection(values.get("paper_selection"), path), "path": str(path)}
 
 
@@ -153,15 +205,15 @@ def preset_grid(grid, path: Path) -> Grid:
 
 
 def paper_selection(selection, path: Path) -> dict | None:
-    """What the paper selected, shown beside the search's selection: numbers for SEARCH_KEYS."""
+    """What the paper selected, shown beside the search's selection: numbers for SEARCHED."""
     if selection is None:
         return None
     where = f"preset {path}: paper_selection"
     if not isinstance(selection, dict):
         raise SearchError(f"{where}: expected a mapping like {{alpha_aug: 0.1, alpha_fea: 0.1, beta: 4, gamma: 2}}")
     for key, value in selection.items():
-        if key not in SEARCH_KEYS:
-            raise SearchError(f"{where}: unknown key {key!r} (expected {', '.join(SEARCH_KEYS)})")
+        if key not in SEARCHED:
+            raise SearchError(f"{where}: unknown key {key!r} (expected {', '.join(SEARCHED)})")
         _numbers([value], f"{where}: {key}")
     return selection
 
@@ -196,33 +248,18 @@ def check_grid(grid: Grid, base) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
-class ExclusiveGridSampler(GridSampler):
-    """Optuna's GridSampler that never gives a point to two trials (see the module docstring)."""
-
-    def before_trial(self, study, trial) -> None:
-        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
-            return
-        taken = {t.system_attrs["grid_id"] for t in study.get_trials(deepcopy=False)
-                 if t.number != trial.number and "grid_id" in t.system_attrs
-                 and self._same_search_space(t.system_attrs["search_space"])}
-        free = [i for i in range(len(self._all_grids)) if i not in taken]
-        if not free:
-            raise RuntimeError(f"all {len(self._all_grids)} grid points are taken: a further trial would "
-                               "repeat one (the search asked for more trials than the grid has)")
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", free[0])
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass  # no study.stop(): Ray Tune asks for exactly one trial per point
-
-
-def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int):
-    """Ray Tune's OptunaSearch over the grid's values with Optuna's grid or TPE sampler."""
+def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage: str, study_name: str):
+    """Ray Tune's OptunaSearch over the grid's values, its study kept in `storage` (an Optuna
+    storage URL). Grid: every point enqueued once; TPE: sampled from the same values."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    points = None
     if sampler == "grid":
-        ot_sampler = ExclusiveGridSampler(grid.space(), seed=seed)
+        # GridSampler only names the study's design: every trial takes an enqueued point.
+        ot_sampler = optuna.samplers.GridSampler(grid.space(), seed=seed)
+        points = grid.points()
     elif sampler == "tpe":
         # constant_liar: trials in flight count as provisional results, so concurrent trials are
         # not all sent to the same region of the space.
@@ -230,4 +267,6 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int):
                                                 n_startup_trials=max(2, min(10, num_samples // 3)))
     else:
         raise SearchError(f"--sampler must be grid or tpe, got {sampler!r}")
-    return OptunaSearch(space=grid.optuna_space(), metric=METRIC, mode=MODE, sampler=ot_sampler)
+    return OptunaSearch(space=grid.optuna_space(), metric=METRIC, mode=MODE, sampler=ot_sampler,
+                        points_to_evaluate=points, study_name=study_name,
+                        storage=optuna.storages.RDBStorage(storage))

@@ -8,12 +8,12 @@ import logging
 import textwrap
 from pathlib import Path
 
-from softfine_tune_space import SCOPES, SearchError
+from softfine_tune.space import SCOPES, SearchError
+from softfine_tune.tracking import REPO
 
 log = logging.getLogger("softfine.tune")
 
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = REPO / "ray_results"
 RECORD = "softfine_search.json"  # in the Ray experiment directory: how to resume this search
 PROG = "tune/search.py"
@@ -153,7 +153,4 @@ def build_parser() -> argparse.ArgumentParser:
                              "finished trials are kept, unfinished ones go on from their checkpoints, in their MLflow "
                              "runs; the search's own flags are reused, except --address, --storage-path, -v and "
                              "--mlflow-uri (give it again when it held a password: the record keeps it masked)")
-    # Fault injection for the tests: crash a trial's process once, at the first evaluation at or
-    # after STEP that follows a reported checkpoint; MARKER is a file that makes it happen once.
-    faults.add_argument("--inject-crash", metavar="STEP:MARKER", help=argparse.SUPPRESS)
     return parser

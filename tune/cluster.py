@@ -1,5 +1,5 @@
-"""Ray: connect (refusing an address where no cluster answers), and check the cluster against
-the resources a trial asks for."""
+"""Ray: connect (refusing an address where no cluster answers), check the cluster against the
+resources a trial asks for, and a trial's placement (node, GPUs, device)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import logging
 import os
 import socket
 
-import softfine_tune_trial
-from softfine_tune_space import SearchError
+from softfine_tune.space import SearchError
 
 log = logging.getLogger("softfine.tune")
 
@@ -99,16 +98,7 @@ def cluster_resources() -> dict:
             "hosts": sorted({n["NodeManagerAddress"] for n in nodes})}
 
 
-def check_cluster(args: argparse.Namespace, cluster: dict, tracking, storage_path: str) -> None:
-    from softfine_tune_tracking import is_remote
-
-    if len(cluster["hosts"]) > 1 and not is_remote(tracking.uri):
-        raise SearchError(f"the Ray cluster spans {len(cluster['hosts'])} hosts: trials on the others cannot write to "
-                          f"the local MLflow store {tracking.display}. Pass a tracking server that every node reaches: "
-                          "on a cluster from cluster/*.yaml, --mlflow-uri http://127.0.0.1:5000 (the head's server, "
-                          "forwarded to every node); elsewhere start mlflow/server.sh --auth --host PRIVATE_IP on one "
-                          "host, set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, and pass --mlflow-uri "
-                          "http://PRIVATE_IP:5000.")
+def check_cluster(args: argparse.Namespace, cluster: dict, storage_path: str) -> None:
     if len(cluster["hosts"]) > 1:
         log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
                     "NFS), for the checkpoints that --max-failures and --resume use", len(cluster["hosts"]),
@@ -129,7 +119,7 @@ def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) ->
 
     if args.gpus_per_trial <= 0 or args.allow_cpu_fallback:
         return
-    probe = ray.remote(softfine_tune_trial.probe_cuda)
+    probe = ray.remote(probe_cuda)
     refs = [probe.options(num_gpus=args.gpus_per_trial, num_cpus=0,
                           scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
             for node in cluster["gpu_nodes"]]
@@ -145,3 +135,57 @@ def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) ->
         raise SearchError(f"Ray gives trials GPUs that torch cannot see on {len(blind)} node(s): {lines}. Install a "
                           "CUDA build of torch there, use --gpus-per-trial 0 to train on CPU, or "
                           "--allow-cpu-fallback to train on CPU where this happens.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside a trial or task: where it runs.
+
+def probe_cuda() -> dict:
+    """Run as a Ray task holding a trial's GPUs: does torch see them on this node?"""
+    import ray
+    import torch
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "gpu_ids": ray.get_gpu_ids(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
+            "cuda_build": torch.version.cuda, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
+    """cuda when Ray gave this trial a GPU, cpu otherwise. A GPU that torch cannot see is a
+    DeviceError naming the node, unless `allow_cpu_fallback` (then: cpu, and a warning)."""
+    import ray
+    import torch
+
+    from softfine.errors import DeviceError
+
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
+        return "cpu", ""
+    if torch.cuda.is_available():
+        return "cuda", ""
+    message = (f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node "
+               f"{ray.get_runtime_context().get_node_id()} ({socket.gethostname()}), but torch "
+               f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device "
+               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Install a CUDA build "
+               f"of torch on that node, or run the search with --gpus-per-trial 0 to train on CPU.")
+    if allow_cpu_fallback:
+        log.warning("%s Training on CPU instead (--allow-cpu-fallback).", message)
+        return "cpu", message
+    raise DeviceError(message)
+
+
+def placement(allow_cpu_fallback: bool) -> dict:
+    """The trial's node, host, GPUs (Ray's ids, comma-separated; CUDA_VISIBLE_DEVICES, which Ray
+    sets to them, makes `cuda` that GPU), its share of them, and its device, for its results. A
+    trial with a fraction of a GPU may use that fraction of its memory, no more, so that the trials
+    packed on one GPU (--gpus-per-trial 0.25) cannot starve each other."""
+    import ray
+    import torch
+
+    device, note = choose_device(allow_cpu_fallback)
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    if device == "cuda" and 0 < share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, 0)
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "gpu_ids": ",".join(map(str, ray.get_gpu_ids())), "gpu_share": share, "device": device,
+            "device_note": note, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}

@@ -10,8 +10,10 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from softfine_tune_cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
-from softfine_tune_space import SearchError, check_grid, grid_from_flags, load_preset
+from softfine.config import TrainConfig
+from softfine_tune.cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
+from softfine_tune.space import Grid, SearchError, check_grid, grid_from_flags, load_preset
+from softfine_tune.tracking import TrackingStore, mask_argv, tracking_store
 
 log = logging.getLogger("softfine.tune")
 
@@ -24,12 +26,12 @@ class Plan:
     args: argparse.Namespace
     argv: list[str]  # as it may be stored and shown: credentials masked
     dataset: str
-    base: object  # the TrainConfig every trial starts from (its grid point and seed replace values)
-    grid: object
+    base: TrainConfig  # every trial's config is this one with its grid point (and seed) replaced
+    grid: Grid
     mode: str  # "search": the grid or TPE search (then --seeds re-runs the selection); "seeds": one point, N seeds
     num_samples: int
     preset: dict
-    tracking: object  # softfine_tune_tracking.TrackingStore
+    tracking: TrackingStore
     experiment_name: str
     storage_path: str
     name: str
@@ -40,7 +42,7 @@ class Plan:
         return self.grid.keys()
 
 
-def base_config(dataset: str, preset: dict, flags: dict):
+def base_config(dataset: str, preset: dict, flags: dict) -> TrainConfig:
     """The TrainConfig every trial starts from: the preset's train: values, then the flags given.
     The preset's values of the encoder-dependent settings are bert-base fine-tuning settings: with
     the tiny encoder they give way to its own defaults (which flags still override)."""
@@ -82,10 +84,6 @@ def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
     if args.seeds:  # the last seed must be a seed too
         make_config({"seed": base.seed + args.seeds - 1}, lambda key: f"--seed {base.seed} with --seeds {args.seeds}",
                     base=base)
-    if args.inject_crash:
-        step, _, marker = args.inject_crash.partition(":")
-        if not step.isdigit() or not marker:
-            raise SearchError("--inject-crash takes STEP:MARKER_FILE")
 
 
 def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
@@ -123,7 +121,7 @@ def check_storage(storage: Path) -> None:
         raise SearchError(f"--storage-path {storage}: cannot write in {existing} ({err.strerror or err})") from None
 
 
-def settings(args: argparse.Namespace, dataset: str) -> tuple[dict, object, object]:
+def settings(args: argparse.Namespace, dataset: str) -> tuple[dict, TrainConfig, Grid]:
     """The preset, the base TrainConfig and the grid, every value checked."""
     from softfine.cli import given_values
     from softfine.config import make_config
@@ -153,8 +151,6 @@ def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Path, str]:
 def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     """Everything the search needs, checked in this order: the settings (flags and preset), the
     search's own flags, the results folder, the tracking URI; then that the data files are there."""
-    from softfine_tune_tracking import mask_argv, tracking_store
-
     from softfine.datasets import dataset_files, get_spec
     from softfine.errors import SoftFiNEError
 

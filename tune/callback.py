@@ -1,0 +1,216 @@
+"""The trials' MLflow child runs, written from the driver: a Ray Tune callback.
+
+Like Ray's own `MLflowLoggerCallback`, it turns Tune's events into MLflow calls on the driver, so
+workers need no route to the tracking server. Beyond it, it keeps what this project needs:
+
+* one child run per trial, nested under the search's parent run and named by its point
+  (`aug0.01-fea0.005-b2-g2`), with the trial's TrainConfig as params, its data as dataset inputs,
+  the code version as source;
+* a retried or resumed trial goes on in its own run: the trial-to-run map is the callback's state,
+  which Tune checkpoints with the experiment (`get_state`/`set_state`), and a run is also found by
+  its trial-id tag, so no trial ever gets two runs;
+* a tracking server that stops answering delays the runs but never the trials: every call goes
+  through a queue, retried on later events (at most every `probe_interval` seconds while the
+  server is down) and kept in the callback's state; what is still unsent at the end is written
+  beside the Ray results (`mlflow_unlogged.jsonl`) and counted in the summary.
+
+Nothing secret is pickled with the Tuner: the client is made in `setup()` from the driver's
+environment (MLFLOW_TRACKING_URI and the credentials, set by search.py while the phase runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from softfine_tune.space import point_name, trial_config
+from softfine_tune.tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
+
+log = logging.getLogger("softfine.tune")
+
+ATTEMPT_TAG = "softfine.attempt"  # 2 and more: retried (--max-failures) or resumed (--resume)
+FINAL_KEYS = ("best_dev_f1", "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
+PLACEMENT = ("node_id", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device", "device_note",
+             "resumed_from_step")
+
+
+class MLflowChildRuns(Callback):
+    def __init__(self, folder: str, experiment_id: str, parent_run_id: str, search: str, phase: str, base,
+                 run_tags: dict, datasets: list, timeout: float = 10, probe_interval: float = 30):
+        self.folder = folder  # the search's folder: the phase's account goes there at the end
+        self.experiment_id, self.parent_run_id, self.search, self.phase = experiment_id, parent_run_id, search, phase
+        self.base = base  # the search's TrainConfig: a trial's params are it with the point replaced
+        self.run_tags, self.datasets = run_tags, datasets  # source and code version; mlflow DatasetInputs
+        self.timeout, self.probe_interval = timeout, probe_interval
+        self.runs: dict[str, str] = {}  # trial id -> run id
+        self.pending: list[dict] = []  # operations the server has not taken yet, in order
+        self.failures: list[str] = []
+        self.client = None
+        self.down_since: float | None = None
+        self.last_try = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "client": None}  # no connection in the Tuner's pickle
+
+    def get_state(self) -> dict:
+        return {"runs": self.runs, "pending": self.pending, "failures": self.failures}
+
+    def set_state(self, state: dict) -> None:
+        self.runs, self.pending, self.failures = dict(state["runs"]), list(state["pending"]), list(state["failures"])
+
+    def setup(self, **info) -> None:
+        import os
+
+        from mlflow.tracking import MlflowClient
+
+        # Explicitly the driver's store: mlflow.set_tracking_uri in this process would win otherwise.
+        self.client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+    # -- Tune's events ------------------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.submit({"op": "open", "trial_id": trial.trial_id, "point": dict(trial.config)})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        """An evaluation's metrics at its step; the final result's test scores at the best step.
+        The trial's placement as tags each time (a retried trial may run elsewhere)."""
+        final = bool(result.get("final"))
+        keys = ([k for k in result if k.startswith("test_")] + list(FINAL_KEYS) if final
+                else [k for k in result if k.startswith(("dev_", "train_"))] + ["epoch", "best_dev_f1"])
+        tags = {f"softfine.{k}": result[k] for k in PLACEMENT + ("data_sha256",) if result.get(k) not in (None, "")}
+        self.submit({"op": "result", "trial_id": trial.trial_id, "step": int(result.get("best_step" if final else "step") or 0),
+                     "metrics": {k: result[k] for k in keys if _number(result.get(k))}, "tags": tags})
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        finished = bool((trial.last_result or {}).get("final"))
+        if finished and trial.checkpoint is not None:
+            self.submit({"op": "artifact", "trial_id": trial.trial_id, "checkpoint": trial.checkpoint.path})
+        else:  # stopped by the scheduler (ASHA)
+            self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.stopped_early": "true"}})
+        self.submit({"op": "end", "trial_id": trial.trial_id, "status": "FINISHED" if finished else "KILLED"})
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.retried_after": _error(trial)}})
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.error": _error(trial)}})
+        self.submit({"op": "end", "trial_id": trial.trial_id, "status": "FAILED"})
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.flush(force=True)
+        write_account(Path(self.folder), self.phase, self.runs, self.pending, self.failures)
+
+    # -- the queue ----------------------------------------------------------------------------
+
+    def submit(self, op: dict) -> None:
+        self.pending.append({**op, "time": time.time()})
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Sends what is queued, in order; True when nothing is left."""
+        if self.down_since is not None and not force and time.time() - self.last_try < self.probe_interval:
+            return not self.pending
+        while self.pending:
+            self.last_try = time.time()
+            try:
+                with short_http(self.timeout, retries=1):
+                    self.apply(self.pending[0])
+            except Exception as err:  # noqa: BLE001 - MLflow raises many kinds; none may stop the search
+                self.failures.append(describe_error(err))
+                if self.down_since is None:
+                    self.down_since = time.time()
+                    log.warning("MLflow did not take an update of trial %s (%s); the trials go on, and the updates "
+                                "are kept to be sent later", self.pending[0]["trial_id"], self.failures[-1])
+                return False
+            self.pending.pop(0)
+            if self.down_since is not None:
+                log.warning("MLflow answers again; sending %d queued update(s)", len(self.pending))
+                self.down_since = None
+        return True
+
+    def apply(self, op: dict) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        if op["op"] == "open":
+            self.open(op["trial_id"], op["point"])
+            return
+        run_id = self.runs[op["trial_id"]]
+        if op["op"] == "result":
+            at = int(op["time"] * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), at, op["step"]) for k, v in op["metrics"].items()],
+                                  tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
+        elif op["op"] == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
+        elif op["op"] == "artifact":
+            test_metrics = Path(op["checkpoint"]) / "test_metrics.json"
+            if test_metrics.is_file():  # local or shared storage (a cloud URI has no local path)
+                self.client.log_artifact(run_id, str(test_metrics))
+        elif op["op"] == "end":
+            self.client.set_terminated(run_id, status=op["status"])
+
+    def open(self, trial_id: str, point: dict) -> None:
+        """The trial's run: created with its params, inputs and tags, or (a retried or resumed
+        trial) the one it has, RUNNING again."""
+        from mlflow.entities import Param
+
+        run_id = self.runs.get(trial_id) or self.find(trial_id)
+        if run_id is not None:
+            self.runs[trial_id] = run_id
+            attempt = int(self.client.get_run(run_id).data.tags.get(ATTEMPT_TAG, "1")) + 1
+            self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        tags = {"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id, PHASE_TAG: self.phase,
+                SEARCH_TAG: self.search, ATTEMPT_TAG: "1", **self.run_tags}
+        run_id = self.client.create_run(self.experiment_id, run_name=point_name(point), tags=tags).info.run_id
+        self.runs[trial_id] = run_id
+        config = dataclasses.asdict(trial_config(self.base, point))
+        params = [Param(k, str(v)[:6000]) for k, v in config.items() if k not in ("out", "device")]
+        self.client.log_batch(run_id, params=params)
+        self.client.log_inputs(run_id, datasets=self.datasets)
+        self.client.log_dict(run_id, {"train_config": config, "point": point}, "config.json")
+
+    def find(self, trial_id: str) -> str | None:
+        """A run of this trial made before the last experiment snapshot (the driver died)."""
+        found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
+            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"))
+        return found[0].info.run_id if found else None
+
+
+RUNS, UNLOGGED = "mlflow_runs.{}.json", "mlflow_unlogged.{}.jsonl"  # per phase: search, seeds
+
+
+def write_account(folder: Path, phase: str, runs: dict, pending: list, failures: list) -> None:
+    """Beside the Ray results: the trials' runs, and what MLflow never took (if anything)."""
+    (folder / RUNS.format(phase)).write_text(json.dumps({"runs": runs, "failures": failures[-100:]}, indent=1))
+    unlogged = folder / UNLOGGED.format(phase)
+    if pending:
+        unlogged.write_text("".join(json.dumps(op, ensure_ascii=False, default=str) + "\n" for op in pending),
+                            encoding="utf-8")
+    elif unlogged.exists():
+        unlogged.unlink()
+
+
+def read_account(folder: Path, phase: str) -> tuple[dict, list, list]:
+    """(runs by trial id, unsent updates, failures) of a phase, as its callback left them."""
+    runs = folder / RUNS.format(phase)
+    record = json.loads(runs.read_text()) if runs.is_file() else {"runs": {}, "failures": []}
+    unlogged = folder / UNLOGGED.format(phase)
+    pending = ([json.loads(line) for line in unlogged.read_text(encoding="utf-8").splitlines() if line.strip()]
+               if unlogged.is_file() else [])
+    return record["runs"], pending, record["failures"]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _error(trial) -> str:
+    """The last line of the trial's error (Ray keeps the traceback in its error file)."""
+    error = trial.get_error()
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:4000] if error else "unknown error"

@@ -1,0 +1,125 @@
+"""A search's results as rows: one per trial (its point, scores, counts, placement, child run),
+the selection by dev F1, the table, and the seeds' mean and standard deviation."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+
+from softfine_tune.space import SEARCHED, point_values
+from softfine_tune.tracking import COUNT_KEYS
+
+
+def hyperparameters(point: dict, base) -> dict:
+    """alpha_aug, alpha_fea, beta, gamma and soft_scope of a trial (the base config's scope where
+    it is not searched), for tables."""
+    values = point_values(point)
+    return {**{k: values[k] for k in SEARCHED}, "soft_scope": values.get("soft_scope", base.soft_scope)}
+
+
+def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[dict]:
+    """One row per trial of a Ray ResultGrid, with its MLflow child run."""
+    rows = []
+    for number, result in enumerate(results):
+        config, metrics = result.config or {}, result.metrics or {}
+        trial_id = metrics.get("trial_id") or (Path(result.path).name.split("_")[-1] if result.path else "")
+        if result.error is not None:
+            status = "ERROR"
+        elif metrics.get("final"):
+            status = "TERMINATED"
+        elif metrics:
+            status = "STOPPED"  # stopped early by the scheduler
+        else:
+            status = "NOT STARTED"
+        row = {"trial": number, "trial_id": trial_id, "phase": phase, "status": status,
+               "mlflow_run_id": runs.get(trial_id, ""), **hyperparameters(config, base),
+               "seed": config.get("seed", base.seed)}
+        for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
+            row[key] = metrics.get(key)
+        row.update({k: v for k, v in metrics.items() if k.startswith("test_f1_level")})
+        row.update(node_id=metrics.get("node_id", ""), gpu_ids=metrics.get("gpu_ids", ""),
+                   gpu_share=metrics.get("gpu_share", 0.0),
+                   trial_start_time=metrics.get("trial_start_time"),
+                   # a trial stopped early has no end time of its own: its last report's
+                   trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
+                   evaluations=metrics.get("training_iteration"),
+                   checkpoint=result.checkpoint.path if result.checkpoint else "",
+                   error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "")
+        rows.append(row)
+    return rows
+
+
+def select(rows: list[dict]) -> dict | None:
+    """The trial with the best dev F1 (the earliest one on a tie); test F1 plays no part."""
+    scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float)) and not math.isnan(r["best_dev_f1"])]
+    if not scored:
+        return None
+    best = max(r["best_dev_f1"] for r in scored)
+    return min((r for r in scored if r["best_dev_f1"] == best), key=lambda r: r["trial"])
+
+
+def write_table(rows: list[dict], path: Path) -> Path:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in row.items()} for row in rows])
+    return path
+
+
+def max_overlap(rows: list[dict]) -> int:
+    """The most trials that ran at the same time (from their start and end times)."""
+    events = []
+    for r in rows:
+        if r.get("trial_start_time") and r.get("trial_end_time"):
+            events += [(r["trial_start_time"], 1), (r["trial_end_time"], -1)]
+    running = most = 0
+    for _, change in sorted(events, key=lambda e: (e[0], e[1])):
+        running += change
+        most = max(most, running)
+    return most
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _first(rows: list[dict], key: str):
+    return next((r[key] for r in rows if isinstance(r.get(key), (int, float))), None)
+
+
+def finished(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "TERMINATED"]
+
+
+def seed_stats(rows: list[dict]) -> dict:
+    """Mean and standard deviation of dev and test F1 over the seeds' runs that finished (a seed
+    that failed or stopped has no final result), and what the F1s were computed on (the same dev
+    and test sentences for every seed)."""
+    done = finished(rows)
+    dev_mean, dev_std = _mean_std([r["best_dev_f1"] for r in done])
+    test_mean, test_std = _mean_std([r.get("test_f1") for r in done])
+    return {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done),
+            "seeds_dev_f1_mean": dev_mean, "seeds_dev_f1_std": dev_std,
+            "seeds_test_f1_mean": test_mean, "seeds_test_f1_std": test_std,
+            **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS}}
+
+
+def gpu_busy_fraction(rows: list[dict], cluster_gpus: float) -> float | None:
+    """The share of the cluster's GPU-time that trials held while the search had trials left:
+    each trial's GPUs (its share of each of its GPUs) times its duration, over the cluster's GPUs
+    times the span from the first trial's start to the last one's end. None without GPUs."""
+    timed = [r for r in rows if r.get("trial_start_time") and r.get("trial_end_time")]
+    if cluster_gpus <= 0 or not timed:
+        return None
+    span = max(r["trial_end_time"] for r in timed) - min(r["trial_start_time"] for r in timed)
+    held = sum((r["trial_end_time"] - r["trial_start_time"]) * float(r.get("gpu_share") or 0)
+               * len([g for g in str(r.get("gpu_ids") or "").split(",") if g]) for r in timed)
+    return held / (cluster_gpus * span) if span > 0 else None
