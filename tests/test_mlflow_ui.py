@@ -1,15 +1,20 @@
 """A small search as a user runs it, browsed in the MLflow UI and served as a model.
 
 The tracking server is the repository's one command (mlflow/server.sh) on 127.0.0.1; the search is
-`python tune/search.py` in its own process, on its own local Ray instance, logging over HTTP. Then:
+`python tune/search.py` in its own process, on its own local Ray instance, logging over HTTP. Then, in
+a headless Chromium driven by Playwright (tests/ui_browser.py), what a user looks for:
 
-* headless Chromium renders the experiment page: the search's parent run, its trials nested under it;
-* the parent run's page shows the selected alpha_aug, alpha_fea, beta and gamma;
-* `mlflow models serve --env-manager local` serves the selected model on 127.0.0.1 and answers a POST
-  with the entities of each sentence.
+* the experiment page: the search's parent run, its 3 trials nested under it (shown once expanded),
+  each named by its grid point (aug0.1-fea0.1-b2-g2);
+* the parent run's page: the selected alpha_aug, alpha_fea, beta and gamma, and its child runs;
+* the parent run's artifacts: the trials table, the dev F1 plot, and Optuna's plots in optuna/;
 
-Screenshots go to test-artifacts/ (or $TEST_ARTIFACTS_DIR). The browser tests need Chromium
-(apt-get install chromium; .ci/run installs it): skipped without it, except in CI, where they fail.
+and `mlflow models serve --env-manager local` serves the selected model on 127.0.0.1 and answers a
+POST with the entities of each sentence.
+
+Screenshots go to test-artifacts/mlflow-ui/ (or $TEST_ARTIFACTS_DIR/mlflow-ui/). The browser tests
+need Chromium (apt-get install chromium; .ci/run installs it) and Playwright (the `test` extra):
+skipped without them, except in CI, where they fail.
 """
 
 from __future__ import annotations
@@ -17,37 +22,60 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from mlflow_ui import (ARTIFACTS, chromium_path, mlflow_server, run_page_url, runs_page_url, start_chromium,
-                       text_of)
 from tune_fixtures import REPO, SEARCH_SCRIPT, children, free_port, parents, shared_data_dir, small_search_flags
+from ui_browser import browser_missing, chromium, open_page, run_page_url, runs_page_url
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Locator, Page
+with contextlib.suppress(ImportError):  # without Playwright the browser tests skip (in CI: fail, saying why)
+    from playwright.sync_api import expect
 
 needs_chromium = pytest.mark.skipif(
-    chromium_path() is None and not os.environ.get("CI"),
-    reason="Chromium is not installed (apt-get install chromium, or set $CHROMIUM); these tests run in CI")
+    browser_missing() is not None and not os.environ.get("CI"),
+    reason=f"{browser_missing()}; these tests run in CI")
 
 EXPERIMENT = "softfine-ui"
 SEARCH_NAME = "ui-search"
+GRID = [(0.1, 0.1), (0.01, 0.005), (0.01, 0.01)]  # (alpha_aug, alpha_fea), all with beta 2, gamma 2
 SELECTED = ("alpha_aug", "alpha_fea", "beta", "gamma")
-RUN_NAME_LINKS = "[...document.querySelectorAll('[role=gridcell][col-id=\"attributes.`Run Name`\"] a')]"
+OPTUNA_PLOTS = ("param_importances.png", "slice.png", "contour_beta_gamma.png", "optimization_history.png")
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path) -> Iterator[str]:
+    """mlflow/server.sh --daemon with its stores in `store`, on a free loopback port; yields its URI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHON"] = sys.executable
+    script, port = str(REPO / "mlflow" / "server.sh"), free_port()
+    started = subprocess.run([script, "--daemon", "--port", str(port), "--store", str(store)], env=env,
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, f"mlflow/server.sh failed: {started.stderr[-2000:]}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([script, "--stop", "--store", str(store)], env=env, capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def search(tmp_path_factory):
+def search(tmp_path_factory) -> Iterator[dict]:
     """mlflow/server.sh on a free loopback port, and a 3-trial search logging to it over HTTP."""
     folder = tmp_path_factory.mktemp("mlflow-ui")
     data = shared_data_dir()
     with mlflow_server(folder / "store") as uri:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+        alphas = [f"{aug:g},{fea:g}" for aug, fea in GRID]
         command = [sys.executable, str(SEARCH_SCRIPT), *small_search_flags(data),
-                   "--alphas", "0.1,0.1", "0.01,0.005", "0.01,0.01", "--beta", "2", "--gamma", "2",
+                   "--alphas", *alphas, "--beta", "2", "--gamma", "2",
                    "--cpus-per-trial", "0.5", "--address", "local", "--mlflow-uri", uri,
                    "--experiment-name", EXPERIMENT, "--storage-path", str(folder / "ray"), "--name", SEARCH_NAME]
         done = subprocess.run(command, env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, cwd=REPO,
@@ -60,10 +88,10 @@ def search(tmp_path_factory):
                "children": {k.info.run_name: k.info.run_id for k in kids}, "output": done.stdout}
 
 
-def run_name_cells(page) -> list[dict]:
-    return page.evaluate(f"{RUN_NAME_LINKS}.map(a => ({{name: a.textContent.trim(), href: a.getAttribute('href'), "
-                         "left: a.getBoundingClientRect().left, "
-                         "expander: !!a.closest('[role=gridcell]').querySelector('button')}))")
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as browser:
+        yield browser
 
 
 def test_search_prints_where_to_open_the_ui(search):
@@ -71,68 +99,90 @@ def test_search_prints_where_to_open_the_ui(search):
     assert run_page_url(search["uri"], search["experiment_id"], parent.info.run_id) in search["output"]
 
 
-@needs_chromium
-def test_experiment_page_nests_the_trials_under_the_parent_run(search):
-    uri, experiment_id = search["uri"], search["experiment_id"]
-    parent_id, parent_name = search["parent"].info.run_id, search["parent"].info.run_name
-    with start_chromium() as browser:
-        page = browser.open(runs_page_url(uri, experiment_id))
-        page.wait_for(f"{RUN_NAME_LINKS}.some(a => a.textContent.trim() === {parent_name!r})", timeout=60,
-                      what="the parent run in the runs table")
-        # Collapsed: the table's top level is the parent alone, with an expander; it counts all 4 runs.
-        (parent,) = run_name_cells(page)
-        assert parent["name"] == parent_name and parent["expander"]
-        assert parent["href"] == f"#/experiments/{experiment_id}/runs/{parent_id}"
-        assert "4 matching runs" in page.text()
+# --- The experiment page: the runs table. ------------------------------------------------------------
 
-        page.click(f'[role=row][row-id="{parent_id}"] [col-id="attributes.`Run Name`"] button')
-        page.wait_for(f"{RUN_NAME_LINKS}.length === 4", timeout=20, what="the child runs after expanding")
-        cells = run_name_cells(page)
-        shot = page.screenshot(ARTIFACTS / "mlflow-ui-experiment.png")
+def run_link(page: Page, name: str) -> Locator:
+    """A run's name in the runs table, a link to its page."""
+    return page.get_by_role("link", name=name, exact=True)
 
-    assert cells[0]["name"] == parent_name
-    kids = cells[1:]
-    assert sorted(k["name"] for k in kids) == sorted(search["children"])
-    for kid in kids:  # indented under the parent, links to their own run pages, no expander of their own
-        assert kid["left"] > parent["left"] + 8, (kid, parent)
-        assert kid["href"] == f"#/experiments/{experiment_id}/runs/{search['children'][kid['name']]}"
-        assert not kid["expander"]
-    assert len({k["left"] for k in kids}) == 1
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+def expand(page: Page, run_id: str) -> None:
+    """Opens a parent run's row: MLflow shows nested runs collapsed under their parent."""
+    page.locator(f'[role=row][row-id="{run_id}"] [col-id="attributes.`Run Name`"]').get_by_role("button").click()
+
+
+def left(link: Locator) -> float:
+    box = link.bounding_box()
+    assert box is not None, link
+    return box["x"]
 
 
 @needs_chromium
-def test_parent_run_page_shows_the_selected_hyperparameters(search):
+def test_experiment_page_nests_the_trials_under_the_parent_run(search, browser):
+    uri, experiment_id, parent = search["uri"], search["experiment_id"], search["parent"]
+    with open_page(browser, runs_page_url(uri, experiment_id), "experiment") as page:
+        parent_link = run_link(page, parent.info.run_name)
+        expect(parent_link).to_have_attribute("href", f"#/experiments/{experiment_id}/runs/{parent.info.run_id}")
+        for name in search["children"]:  # collapsed: the trials are not rows of their own yet
+            expect(run_link(page, name)).to_have_count(0)
+
+        expand(page, parent.info.run_id)
+        for name, run_id in search["children"].items():
+            child_link = run_link(page, name)
+            expect(child_link).to_be_visible()
+            expect(child_link).to_have_attribute("href", f"#/experiments/{experiment_id}/runs/{run_id}")
+            assert left(child_link) > left(parent_link) + 8, f"{name} is not indented under the parent run"
+
+
+@needs_chromium
+def test_trials_are_named_by_their_grid_point(search, browser):
+    names = [f"aug{aug:g}-fea{fea:g}-b2-g2" for aug, fea in GRID]  # --beta 2 --gamma 2
+    with open_page(browser, runs_page_url(search["uri"], search["experiment_id"]), "experiment-trial-names") as page:
+        expand(page, search["parent"].info.run_id)
+        for name in names:
+            expect(run_link(page, name), f"a trial named by its grid point, {name}").to_be_visible()
+
+
+# --- The parent run's page. -------------------------------------------------------------------------
+
+@needs_chromium
+def test_parent_run_page_shows_the_selected_hyperparameters(search, browser):
     parent = search["parent"]
     url = run_page_url(search["uri"], search["experiment_id"], parent.info.run_id)
-    with start_chromium(window=(1600, 2400)) as browser:  # tall: the parameters table too
-        page = browser.open(url)
-        page.wait_for("document.body?.innerText.includes('selected_gamma')", timeout=60,
-                      what="the parent run's parameters")
-        names = json.dumps(sorted(search["children"]))
-        page.wait_for(f"{names}.every(n => document.body.innerText.includes(n))", timeout=30,
-                      what="the child runs in 'About this run'")
-        text = page.text()
+    with open_page(browser, url, "parent-run", height=2400) as page:  # tall: the parameters table too
         # The search logs ~40 params; a person filters the table to find the selection.
-        page.type_into('input[placeholder="Search parameters"]', "selected_")
-        page.wait_for("!document.body.innerText.includes('cluster_cpus')", timeout=20,
-                      what="the parameters table filtered to selected_*")
-        params = page.text()
-        params = params[params.index("Parameters ("):]
-        shot = page.screenshot(ARTIFACTS / "mlflow-ui-parent-run.png")
+        page.get_by_placeholder("Search parameters").fill("selected_")
+        for name in SELECTED:
+            row = page.get_by_role("row").filter(has=page.get_by_text(f"selected_{name}", exact=True))
+            expect(row.get_by_role("cell").last).to_have_text(parent.data.params[f"selected_{name}"])
+        for name in search["children"]:  # "About this run" lists the nested runs
+            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
 
-    assert parent.info.run_name in text
-    for name in SELECTED:  # the table's rows: name, then value, as the search logged them
-        value = parent.data.params[f"selected_{name}"]
-        assert re.search(rf"(?<![\w.])selected_{name} {re.escape(value)}(?![\w.])", params), (name, params[:1500])
-    children_text = text[text.index("Child runs"):][:400]  # "About this run" lists the nested runs
-    for name in search["children"]:
-        assert name in children_text, children_text
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
 
+def expect_folder_lists(page: Page, folder: str, files: tuple[str, ...]) -> None:
+    """The artifact tree has `folder`, and opening it shows `files`."""
+    entry = page.get_by_text(folder, exact=True)
+    expect(entry, f"a folder {folder}/ in the run's artifacts").to_be_visible()
+    entry.click()
+    for name in files:
+        # In the viewport, not only visible: the tree slides a folder open, and an entry still clipped
+        # by that animation is in the page but not yet on screen (nor in the screenshot).
+        expect(page.get_by_text(name, exact=True), f"{folder}/{name} in the run's artifacts").to_be_in_viewport()
+
+
+@needs_chromium
+def test_parent_run_artifacts_list_the_plots(search, browser):
+    url = run_page_url(search["uri"], search["experiment_id"], search["parent"].info.run_id, tab="artifacts")
+    with open_page(browser, url, "parent-run-artifacts") as page:
+        for name in ("trials.csv", "dev_f1_vs_hyperparameters.png"):
+            expect(page.get_by_text(name, exact=True)).to_be_visible()
+        expect_folder_lists(page, "optuna", OPTUNA_PLOTS)  # Optuna's plots of the study (the tune/ refactor)
+
+
+# --- The selected model, served. ----------------------------------------------------------------------
 
 @contextlib.contextmanager
-def model_server(model_uri: str, tracking_uri: str, log_path):
+def model_server(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[str]:
     """`mlflow models serve` in this environment (--env-manager local) on a free loopback port."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
