@@ -16,6 +16,7 @@ grid's best. A figure, not a timed assertion.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -28,14 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def search(name: str, flags: list[str], common: list[str], tmp: str) -> tuple[list[dict], dict]:
-    """One search; its trials (search phase) as dicts, in the order they ended."""
-    command = [sys.executable, "tune/search.py", *common, *flags, "--name", name, "--storage-path", f"{tmp}/ray",
-               "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db", "--experiment-name", "budget"]
-    print("$ " + " ".join(command[1:]), flush=True)
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.exit(f"budgeted_search: {name} exited {done.returncode}: {done.stderr[-2000:]}")
+    """One search (or the one already in `tmp`); its trials (search phase) as dicts, in the order
+    they ended, and its summary."""
+    if not (Path(tmp) / "ray" / name / "summary.json").is_file():
+        run(name, flags, common, tmp)
     with open(Path(tmp) / "ray" / name / "trials.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["phase"] == "search"]
     summary = json.loads((Path(tmp) / "ray" / name / "summary.json").read_text())
@@ -45,6 +42,16 @@ def search(name: str, flags: list[str], common: list[str], tmp: str) -> tuple[li
         r["best_dev_f1"] = float(r["best_dev_f1"]) if r["best_dev_f1"] else float("nan")
     rows.sort(key=lambda r: float(r["trial_end_time"] or 0))
     return rows, summary
+
+
+def run(name: str, flags: list[str], common: list[str], tmp: str) -> None:
+    command = [sys.executable, "tune/search.py", *common, *flags, "--name", name, "--storage-path", f"{tmp}/ray",
+               "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db", "--experiment-name", "budget"]
+    print("$ " + " ".join(command[1:]), flush=True)
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"budgeted_search: {name} exited {done.returncode}: {done.stderr[-2000:]}")
 
 
 def describe(name: str, rows: list[dict], summary: dict, target: float) -> dict:
@@ -67,12 +74,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Optuna sampler seeds")
     parser.add_argument("--tolerance", type=float, default=0.003, help="F1 (0.003 = 0.3 points)")
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
+    parser.add_argument("--out", help="keep the searches' results and MLflow store here (default: a temporary "
+                                      "folder, removed at the end); a grid already there is reused")
     args = parser.parse_args()
     common = ["--dataset", args.dataset, "--model", "tiny", "--limit-train", str(args.limit_train),
               "--epochs", str(args.epochs), "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--address", "local"]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
     table = []
-    with tempfile.TemporaryDirectory(prefix="budgeted-search-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = str(Path(args.out).resolve()) if args.out else stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="budgeted-search-"))
         grid_rows, grid_summary = search("grid", [], common, tmp)
         target = grid_summary["best_dev_f1"] - args.tolerance
         table.append(describe("grid (36 points)", grid_rows, grid_summary, target))

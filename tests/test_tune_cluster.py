@@ -42,6 +42,13 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+def read_trials(folder) -> list[dict]:
+    """The search's trials.csv, with the trials' start and end times as numbers."""
+    with open(folder / "trials.csv", newline="") as f:
+        return [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
+                for r in csv.DictReader(f)]
+
+
 def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlflow_server, tmp_path):
     # 6 points on 3 nodes with one GPU each: trials land on every node, one at a time per node.
     code, output = run_search(small_search_flags(
@@ -49,9 +56,7 @@ def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlf
         "--gpus-per-trial", "1", "--cpus-per-trial", "1", "--allow-cpu-fallback", "--mlflow-uri", mlflow_server.uri,
         "--experiment-name", "cluster", "--storage-path", tmp_path, "--name", "cluster"))
     assert code == 0
-    with open(tmp_path / "cluster" / "trials.csv", newline="") as f:
-        rows = [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
-                for r in csv.DictReader(f)]
+    rows = read_trials(tmp_path / "cluster")
     assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
     by_node = defaultdict(list)
     for row in rows:
@@ -88,9 +93,7 @@ def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlf
         "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--allow-cpu-fallback", "--mlflow-uri",
         mlflow_server.uri, "--experiment-name", "packed", "--storage-path", tmp_path, "--name", "packed"))
     assert code == 0
-    with open(tmp_path / "packed" / "trials.csv", newline="") as f:
-        rows = [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
-                for r in csv.DictReader(f)]
+    rows = read_trials(tmp_path / "packed")
     assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
     by_gpu = defaultdict(list)
     for row in rows:
