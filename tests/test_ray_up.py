@@ -1,0 +1,441 @@
+"""cluster/local.yaml for real: `ray up` over SSH, a search submitted as a Ray job, its runs in
+the MLflow server on the head, `ray down`.
+
+The "cluster" is this machine: the test starts OpenSSH's sshd as the current user on 127.0.0.1 (a
+free port, a throwaway host key, a throwaway client key authorised in a temporary folder), and
+writes a head-only variant of cluster/local.yaml that differs from it only in addresses, ports
+and SSH settings (`head_only_variant` below says exactly what), plus setup commands that link
+this checkout's virtual environment instead of pip-installing from PyPI. Then, as in
+cluster/README.md:
+
+    ray up -y VARIANT.yaml                # SSH + rsync to the head, setup, `ray start --head`, mlflow/server.sh
+    ray job submit --address http://127.0.0.1:DASHBOARD --working-dir REPO -- python tune/search.py ...
+    ray down -y VARIANT.yaml              # `ray stop` on the head, over SSH
+
+and checks with MlflowClient that the head's tracking server received the search's parent run and
+its two child runs, finished. The head's HOME (sshd's `SetEnv HOME=...`) is a temporary folder,
+so ~/softfine-tune, ~/softfine-venv, ~/softfine-mlflow and ~/.bashrc of the head never touch the
+real home. sshd, the dashboard and MLflow listen on 127.0.0.1 (Ray's GCS, as on any head, on all
+interfaces); sshd and the tracking server are stopped by the test, Ray by `ray down`.
+
+Caution: the head is this machine, and `ray down` runs `ray stop` there (so does the first of
+local.yaml's head_start_ray_commands): that stops EVERY Ray process of this user on this machine,
+not only the test's. Do not run this test beside other Ray work of the same user.
+
+Needs OpenSSH's server and rsync (Ray's launcher copies files with it), `apt-get install -y
+openssh-server rsync`, and Ray's full dashboard in this venv (the Jobs API that `ray job submit`
+uses), `pip install "ray[default]"`, as local.yaml installs on a head; .ci/run installs all three.
+Without them the test is skipped, except in CI (CI set), where it fails; an sshd that is
+installed but does not start or let the test in is always a failure. Run it alone with
+`python -m pytest -q tests/test_ray_up.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import getpass
+import hashlib
+import json
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags
+
+LOCAL_YAML = REPO / "cluster" / "local.yaml"
+VENV = Path(sys.prefix)  # this checkout's virtual environment: the head's ~/softfine-venv
+RAY = str(Path(sys.executable).with_name("ray"))
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+EXPERIMENT = "softfine-ray-up"
+SEARCH_NAME = "ray-up"
+ALPHAS = ("0.1,0.1", "0.01,0.005")
+DEFAULT_PORTS = ("6379", "8265", "10001", "52365", "5000")  # GCS, dashboard, client, agent, MLflow
+
+# ssh's ProxyCommand: stdin/stdout <-> a TCP connection. Ray's local provider has no SSH port
+# setting (auth: ssh_user, ssh_private_key, ssh_proxy_command), so this carries the connection to
+# sshd's port. Ray hands the option to rsync's --rsh too, which splits it on spaces and knows no
+# backslashes: the command is plain words (checked in `Sshd.start`).
+PROXY = """\
+import os, socket, sys, threading
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+def upstream():
+    while data := os.read(0, 1 << 16):
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+threading.Thread(target=upstream, daemon=True).start()
+while data := conn.recv(1 << 16):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+"""
+
+
+def needed_tools() -> None:
+    """sshd, rsync and Ray's full dashboard: skipped where absent, but a failure in CI (.ci/run
+    installs them)."""
+    tools = (("sshd", SSHD, "apt-get install -y openssh-server"),
+             ("rsync", shutil.which("rsync"), "apt-get install -y rsync"))
+    missing = [f"{name} is not installed ({how})" for name, path, how in tools
+               if not path or not os.access(path, os.X_OK)]
+    try:  # what `ray job submit` talks to: the dashboard's Jobs API, absent from the minimal dashboard
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError as err:
+        missing.append(f"Ray's full dashboard is not installed ({err}; pip install 'ray[default]', as "
+                       "cluster/local.yaml does on the head)")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{'; '.join(missing)}: .ci/run installs them")
+        pytest.skip("; ".join(missing))
+
+
+def ray_client_installed() -> bool:
+    """Whether Ray Client's dependencies are installed (the head's venv is this one): then `ray
+    start --head` starts a client server, on 10001 unless told otherwise."""
+    from ray._private.utils import get_ray_client_dependency_error
+
+    return get_ray_client_dependency_error() is None
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports on 127.0.0.1 (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def answers(port: int, timeout: float = 2) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=timeout):
+        return True
+    return False
+
+
+def tail(text: str | bytes, n: int = 6000) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return text[-n:]
+
+
+class Sshd:
+    """OpenSSH's sshd as the current user on 127.0.0.1:port, in the foreground (-D), for one
+    client key; sessions get HOME=home."""
+
+    def __init__(self, folder: Path, home: Path, port: int):
+        self.folder, self.home, self.port = folder, home, port
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.key = folder / "client_key"
+        self.proxy = folder / "ssh_proxy.py"
+        self.log_path = folder / "sshd.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> Sshd:
+        self.folder.mkdir(parents=True)
+        self.home.mkdir(parents=True)
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"softfine-test-{key}",
+                            "-f", str(self.folder / key)], check=True, capture_output=True)
+        authorized = self.folder / "authorized_keys"
+        authorized.write_text((self.folder / "client_key.pub").read_text())
+        authorized.chmod(0o600)
+        self.proxy.write_text(PROXY)
+        if re.search(r"[\s'\"\\]", f"{sys.executable}{self.proxy}"):
+            pytest.fail(f"the ProxyCommand must be plain words for rsync's --rsh (no spaces, quotes or backslashes): "
+                        f"{self.proxy_command()}")
+        config = self.folder / "sshd_config"
+        config.write_text("\n".join([
+            f"ListenAddress 127.0.0.1:{self.port}",
+            f"HostKey {self.folder / 'host_key'}",
+            f"PidFile {self.folder / 'sshd.pid'}",
+            f"AuthorizedKeysFile {authorized}",
+            f"AllowUsers {self.user}",
+            "StrictModes no",  # the temporary folders are not checked like a home's ~/.ssh
+            "UsePAM no",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin prohibit-password",  # keys only, where the current user is root
+            "X11Forwarding no",
+            "PrintMotd no",
+            "MaxStartups 50",
+            "MaxSessions 50",
+            "LogLevel VERBOSE",
+            # The head's home: a temporary folder, not the user's. SetEnv overrides sshd's HOME.
+            f"SetEnv HOME={self.home} RAY_USAGE_STATS_ENABLED=0",
+            "",
+        ]))
+        if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
+            # sshd started as root wants its privilege separation folder, which Debian's ssh
+            # service creates when it starts (and apt-get install, in a container, does not).
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        checked = subprocess.run([SSHD, "-t", "-f", str(config)], check=False, capture_output=True, text=True)
+        if checked.returncode != 0:
+            pytest.fail(f"sshd refuses the test's configuration: {checked.stderr.strip()}")
+        self.log = open(self.log_path, "ab")
+        # An absolute path: sshd re-executes itself for every connection.
+        self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=self.log,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        listening = f"Server listening on 127.0.0.1 port {self.port}"
+        deadline = time.time() + timeout
+        while listening not in self.log_path.read_text(errors="replace"):
+            if self.process.poll() is not None:
+                self.fail(f"sshd exited with status {self.process.returncode}")
+            if time.time() > deadline:
+                self.fail(f"sshd did not listen on 127.0.0.1:{self.port} within {timeout} s")
+            time.sleep(0.2)
+        # In, with the client key, the way Ray connects, and the session's HOME is the test's.
+        try:
+            login = subprocess.run(["ssh", *self.options(), "-o", "ConnectTimeout=30", f"{self.user}@127.0.0.1",
+                                    "echo $HOME"], check=False, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("ssh to the test's sshd did not finish within 60 s")
+        if login.returncode != 0 or login.stdout.strip() != str(self.home):
+            self.fail(f"ssh to the test's sshd failed (status {login.returncode}, printed {login.stdout!r}): "
+                      f"{login.stderr.strip()}")
+        return self
+
+    def proxy_command(self) -> str:
+        return f"{sys.executable} {self.proxy} %h {self.port}"
+
+    def options(self) -> list[str]:
+        return ["-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={os.devnull}",
+                "-o", f"ProxyCommand={self.proxy_command()}"]
+
+    def fail(self, message: str) -> None:
+        self.stop()
+        pytest.fail(f"{message}; sshd's log:\n{tail(self.log_path.read_bytes())}")
+
+    def stop(self) -> None:
+        """Stops the listener and whatever connections it still serves (its process group: sshd
+        was started in a session of its own; the users' sessions make their own)."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.log.close()
+
+
+def head_only_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], name: str) -> dict:
+    """cluster/local.yaml with this machine as its only node. What changes:
+
+    * cluster_name (unique: Ray keeps a local cluster's state in /tmp/ray/cluster-NAME.state);
+    * provider: head_ip 127.0.0.1, no worker_ips; min_workers = max_workers = 0;
+    * auth: the current user, the throwaway key, and a ProxyCommand to sshd's port;
+    * setup_commands: ~/softfine-venv is a link to this checkout's venv; the `pip install` lines,
+      which would download from PyPI (and reinstall this project into that venv), are left out;
+    * ports: Ray's GCS, dashboard, dashboard agent, client server (where ray[client] is installed)
+      and MLflow on free ports instead of 6379, 8265, 52365, 10001 and 5000; `ray start --head` also gets
+      --node-ip-address=127.0.0.1 (which Ray 2.60 replaces with the machine's own address: it never
+      registers a node as loopback; SSH, the dashboard and MLflow stay on 127.0.0.1).
+
+    Everything else (file_mounts, rsync filters, the other commands, mlflow/server.sh and its
+    options) is the file's own."""
+    config = copy.deepcopy(base)
+    config["cluster_name"] = name
+    config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
+    config["min_workers"] = config["max_workers"] = 0
+    config["auth"] = {"ssh_user": sshd.user, "ssh_private_key": str(sshd.key),
+                      "ssh_proxy_command": sshd.proxy_command()}
+
+    pip = [c for c in config["setup_commands"] if "pip install" in c]
+    assert pip, "cluster/local.yaml no longer pip-installs in setup_commands: update head_only_variant"
+    config["setup_commands"] = [f"ln -sfn {shlex.quote(str(VENV))} ~/softfine-venv"] + \
+        [c for c in config["setup_commands"] if "pip install" not in c]
+
+    def relocate(command: str) -> str:
+        for old, new in ((r"--port=6379\b", f"--port={ports['gcs']}"),
+                         (r"\$RAY_HEAD_IP:6379\b", f"$RAY_HEAD_IP:{ports['gcs']}"),
+                         (r"--port 5000\b", f"--port {ports['mlflow']}")):
+            command = re.sub(old, new, command)
+        if "ray start --head" in command:
+            command += (f" --node-ip-address=127.0.0.1 --dashboard-port={ports['dashboard']}"
+                        f" --dashboard-agent-listen-port={ports['agent']}")
+            if ray_client_installed():  # `ray start` refuses the port without ray[client] (and then starts none)
+                command += f" --ray-client-server-port={ports['client']}"
+        return command
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        config[key] = [relocate(c) for c in config[key]]
+    head = config["head_start_ray_commands"]
+    assert len([c for c in head if "ray start --head" in c and f"--port={ports['gcs']}" in c]) == 1, head
+    assert len([c for c in head if "mlflow/server.sh" in c and f"--port {ports['mlflow']}" in c]) == 1, head
+    commands = [c for k in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+                for c in config[k]]
+    left = [c for c in commands for p in DEFAULT_PORTS if re.search(rf"(?<![\d]){p}(?![\d])", c)]
+    assert not left, f"a default port left in the variant (update head_only_variant): {left}"
+    return config
+
+
+def run(command: list[str], *, timeout: float, log: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Runs a Ray CLI command from the repository root; its output (stdout and stderr) also goes to
+    `log`, and a timeout is a test failure that shows it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    started = time.time()
+    try:
+        done = subprocess.run(command, check=False, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        log.write_text(err.output.decode(errors="replace") if isinstance(err.output, bytes) else err.output or "")
+        pytest.fail(f"`{' '.join(command[:3])} ...` did not finish within {timeout:g} s: {tail(log.read_text())}")
+    log.write_text(done.stdout)
+    print(f"{' '.join(command[:3])}: status {done.returncode} in {time.time() - started:.0f} s (log: {log})")
+    return done
+
+
+def ssh_control_dir(cluster_name: str) -> Path:
+    """Where Ray's SSH command runner keeps the ControlMaster sockets of a cluster."""
+    from ray.autoscaler._private.command_runner import HASH_MAX_LENGTH
+
+    user, cluster = (hashlib.sha256(text.encode()).hexdigest()[:HASH_MAX_LENGTH]
+                     for text in (getpass.getuser(), cluster_name))
+    return Path(f"/tmp/ray_ssh_{user}/{cluster}")
+
+
+def jobs_api_answers(port: int, timeout: float = 60) -> bool:
+    """Waits for the dashboard's Jobs API (`ray start` returns before the dashboard serves)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version",
+                                                                  timeout=5) as r:
+            if r.status == 200:
+                return True
+        time.sleep(1)
+    return False
+
+
+def mlflow_health(port: int) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return r.status == 200
+    return False
+
+
+def tear_down(config_path: Path, home: Path, name: str, log: Path) -> subprocess.CompletedProcess:
+    """`ray down -y`, then what Ray does not stop: the tracking server that head_start_ray_commands
+    started, and the local provider's record of the cluster. Never raises: every step runs."""
+    try:
+        down = run([RAY, "down", "-y", str(config_path)], timeout=120, log=log)
+    except (Exception, pytest.fail.Exception) as err:  # reported by the assertion on its status
+        down = subprocess.CompletedProcess(["ray", "down"], returncode=-1, stdout=f"ray down: {err!r}")
+    store = home / "softfine-mlflow"
+    with contextlib.suppress(Exception):
+        if (store / "server.pid").exists():  # stopped by the head's copy of the script that started it
+            subprocess.run([str(home / "softfine-tune" / "mlflow" / "server.sh"), "--stop", "--store", str(store)],
+                           check=False, env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                           timeout=60)
+    for suffix in ("state", "lock"):
+        with contextlib.suppress(OSError):
+            Path(f"/tmp/ray/cluster-{name}.{suffix}").unlink()
+    return down
+
+
+def test_head_only_variant_differs_from_local_yaml_only_where_it_says(tmp_path):
+    """The variant the next test runs, checked without SSH: Ray's launcher bootstrap accepts it,
+    and it differs from cluster/local.yaml in the keys head_only_variant lists and nowhere else."""
+    from ray.autoscaler._private.commands import _bootstrap_config
+
+    base = yaml.safe_load(LOCAL_YAML.read_text())
+    ports = dict(zip(("gcs", "dashboard", "client", "agent", "mlflow"), free_ports(5)))
+    sshd = Sshd(tmp_path / "sshd", tmp_path / "home", free_ports(1)[0])
+    variant = head_only_variant(base, sshd=sshd, ports=ports, name="softfine-local-test-check")
+    changed = {k for k in set(base) | set(variant) if base.get(k) != variant.get(k)}
+    assert changed == {"cluster_name", "provider", "auth", "min_workers", "max_workers", "setup_commands",
+                       "head_start_ray_commands", "worker_start_ray_commands"}
+    assert variant["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
+    assert variant["file_mounts"] == {"~/softfine-tune": "."} and variant["rsync_filter"] == [".gitignore"]
+    assert not [c for c in variant["setup_commands"] if "pip" in c]
+    # The head commands are local.yaml's, word for word, apart from ports and addresses.
+    def words(commands):
+        return [re.sub(r"\d+", "N", c).split() for c in commands]
+    head, variant_head = words(base["head_start_ray_commands"]), words(variant["head_start_ray_commands"])
+    assert len(head) == len(variant_head)
+    for original, changed_command in zip(head, variant_head):
+        added = changed_command[len(original):]
+        assert changed_command[:len(original)] == original
+        assert all(w.startswith(("--node-ip-address=", "--dashboard-port=", "--ray-client-server-port=",
+                                 "--dashboard-agent-listen-port=")) for w in added), added
+    resolved = _bootstrap_config(copy.deepcopy(variant), no_config_cache=True)
+    (node_type,) = resolved["available_node_types"].values()
+    assert node_type["min_workers"] == node_type["max_workers"] == 0
+    assert resolved["auth"]["ssh_proxy_command"].endswith(f" %h {sshd.port}")
+
+
+def test_ray_up_runs_a_search_on_local_yaml_and_ray_down_stops_it(tmp_path):
+    needed_tools()
+    data = shared_data_dir()
+    sshd_port, *rest = free_ports(6)
+    ports = dict(zip(("gcs", "dashboard", "client", "agent", "mlflow"), rest))
+    home = tmp_path / "head-home"
+    name = f"softfine-local-test-{uuid.uuid4().hex[:8]}"
+    sshd = Sshd(tmp_path / "sshd", home, sshd_port).start()
+    try:
+        config = head_only_variant(yaml.safe_load(LOCAL_YAML.read_text()), sshd=sshd, ports=ports, name=name)
+        config_path = tmp_path / "local-test.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        mlflow_store = home / "softfine-mlflow"  # the store of mlflow/server.sh on the head
+        try:
+            up = run([RAY, "up", "-y", "--no-config-cache", str(config_path)], timeout=180, log=tmp_path / "up.log")
+            assert up.returncode == 0, tail(up.stdout)
+            # The head as local.yaml sets it up: the repository synced to ~/softfine-tune (without
+            # .gitignore'd files), Ray's dashboard and MLflow on the variant's ports.
+            assert (home / "softfine-tune" / "tune" / "search.py").is_file()
+            assert not (home / "softfine-tune" / ".venv").exists() and not (home / "softfine-tune" / ".git").exists()
+            assert answers(ports["gcs"]), tail(up.stdout)
+            assert jobs_api_answers(ports["dashboard"]), tail(up.stdout)
+            assert mlflow_health(ports["mlflow"]), tail(up.stdout)
+
+            uri = f"http://127.0.0.1:{ports['mlflow']}"
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True,
+                                    text=True).stdout.strip()
+            flags = small_search_flags(data, "--alphas", *ALPHAS, "--beta", "2", "--gamma", "2",
+                                       "--cpus-per-trial", "0.5", "--address", "auto",
+                                       "--mlflow-uri", uri, "--experiment-name", EXPERIMENT,
+                                       "--storage-path", str(tmp_path / "ray_results"), "--name", SEARCH_NAME)
+            job = run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
+                       "--working-dir", str(REPO),
+                       "--runtime-env-json", json.dumps({"env_vars": {"SOFTFINE_GIT_COMMIT": commit or "unknown"}}),
+                       "--", "python", "tune/search.py", *flags], timeout=300, log=tmp_path / "job.log")
+            assert job.returncode == 0 and "succeeded" in job.stdout, tail(job.stdout)
+
+            # The head's tracking server has the search: one parent run, one child run per grid point.
+            (parent,) = parents(uri, EXPERIMENT)
+            assert parent.info.status == "FINISHED", parent.info
+            kids = children(uri, EXPERIMENT, parent.info.run_id)
+            assert len(kids) == 2, [k.info.run_name for k in kids]
+            assert all(k.info.status == "FINISHED" for k in kids), [(k.info.run_name, k.info.status) for k in kids]
+            assert {(float(k.data.params["alpha_aug"]), float(k.data.params["alpha_fea"])) for k in kids} == \
+                {tuple(float(x) for x in a.split(",")) for a in ALPHAS}
+            assert (mlflow_store / "mlflow.db").is_file()  # written by the server that `ray up` started
+        finally:
+            down = tear_down(config_path, home, name, tmp_path / "down.log")
+        assert down.returncode == 0, tail(down.stdout)  # `ray down` itself went well
+        deadline = time.time() + 30
+        while answers(ports["gcs"]) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not answers(ports["gcs"]) and not answers(ports["dashboard"]), "Ray still runs after ray down"
+        assert not answers(ports["mlflow"])
+    finally:
+        sshd.stop()  # and with it the SSH connections Ray keeps open (ControlPersist)
+        shutil.rmtree(ssh_control_dir(name), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            ssh_control_dir(name).parent.rmdir()  # if no other cluster uses it
