@@ -53,7 +53,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags
+from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags, stop_group
 
 LOCAL_YAML = REPO / "cluster" / "local.yaml"
 VENV = Path(sys.prefix)  # this checkout's virtual environment: the head's ~/softfine-venv
@@ -224,14 +224,7 @@ class Sshd:
         was started in a session of its own; the users' sessions make their own)."""
         if self.process is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
+        stop_group(self.process, timeout=10)
         self.log.close()
 
 

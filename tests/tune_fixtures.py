@@ -115,15 +115,22 @@ class MlflowServer:
         if self.process is None or self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGCONT)
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
+            os.killpg(self.process.pid, signal.SIGCONT)  # a paused server (pause()) must see the TERM
+        stop_group(self.process, timeout=20)
         self.log.close()
+
+
+def stop_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the process group of `process` (started in a session of its own), SIGKILL if it
+    has not ended within `timeout` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=timeout)
 
 
 def run_search(argv: list[str]) -> tuple[int, str]:
