@@ -1,29 +1,37 @@
 #!/usr/bin/env python
 """What the search machinery costs: one configuration trained directly (`softfine train`, i.e.
-softfine.train.train) and as a one-trial search (`tune/search.py`: a local Ray instance, Ray Tune
-with a checkpoint at every evaluation, the MLflow parent and child runs, the Optuna study, the
-model logged and registered), one after the other, each timed from its command's start to its exit.
+softfine.train.train) and as a one-trial search (`tune/search.py`: Ray Tune with a checkpoint at
+every evaluation, the MLflow parent and child runs in a SQLite store, the Optuna study, the
+model logged, checked on an example and registered), each timed from its command's start to its
+exit. The search runs twice: on a Ray instance it starts itself (`--address local`), and on a Ray
+instance already running (`ray start --head`, as a cluster from `ray up` is: the documented path).
 
-    python benchmarks/search_overhead.py                 # the tiny defaults on full Resume (20 epochs)
-    python benchmarks/search_overhead.py --epochs 3      # shorter trials: the fixed costs weigh more
+    python benchmarks/search_overhead.py --out DIR                # the tiny defaults on full Resume (20 epochs)
+    python benchmarks/search_overhead.py --out DIR --epochs 3     # shorter trials: the fixed costs weigh more
+    python benchmarks/search_overhead.py --out DIR --threads 1    # a core left to Ray's own processes
 
-Prints both wall times, the overhead in percent, and where the search's extra time went (Ray's
-start, the trial as Ray timed it, the end of the search). Run it on an otherwise idle machine:
-a figure, not a timed assertion.
+Prints the wall times, the overhead in percent of the direct run, and where the search's extra
+time went (the trial's own training against the direct run's, the seconds spent reporting
+checkpoints to Ray). Run it on an otherwise idle machine: a figure, not a timed assertion.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import json
 import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+POINT = ["--alpha-aug", "0.01", "--alpha-fea", "0.005", "--beta", "2", "--gamma", "2"]
 
 
 def timed(command: list[str], env: dict) -> tuple[float, str]:
@@ -36,37 +44,97 @@ def timed(command: list[str], env: dict) -> tuple[float, str]:
     return wall, done.stdout
 
 
+@contextlib.contextmanager
+def running_ray(cpus: int, env: dict):
+    """A Ray head on 127.0.0.1 for the search to join, with a token of its own (Ray's token
+    authentication; `env` gets it); `--block` ties the head's processes to this one."""
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--include-dashboard", "false", "--num-cpus", str(cpus), "--num-gpus", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in head.stdout:
+            if "Ray runtime started" in line:
+                break
+        else:
+            sys.exit(f"search_overhead: `ray start --head` exited with {head.wait()}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)
+        head.wait(60)
+        # `ray stop` removes the file naming the latest head (which `--address auto` reads); a
+        # stopped `ray start --block` leaves it behind.
+        latest = Path("/tmp/ray/ray_current_cluster")
+        if latest.is_file() and latest.read_text().strip().endswith(f":{port}"):
+            latest.unlink()
+
+
+def search(common: list[str], out: Path, address: str, threads: int, env: dict) -> tuple[float, dict, dict]:
+    """One one-trial search; its wall time, summary and trial row. Its MLflow store is made
+    before the clock starts, as a search finds it from the second on (a new SQLite store's
+    tables take MLflow about 1.6 s to create on this 2-core machine)."""
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
+                    f"sqlite:///{out / 'mlflow.db'}"], check=True, env=env, capture_output=True)
+    wall, _ = timed([sys.executable, "tune/search.py", *common, "--alphas", "0.01,0.005", "--beta", "2", "--gamma", "2",
+                     "--gpus-per-trial", "0", "--cpus-per-trial", str(threads), "--address", address,
+                     "--storage-path", str(out / "ray"), "--name", "overhead",
+                     "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}"], env)
+    summary = json.loads((out / "ray" / "overhead" / "summary.json").read_text())
+    with open(out / "ray" / "overhead" / "trials.csv", newline="") as f:
+        trial = next(csv.DictReader(f))
+    result = [json.loads(line) for line in next((out / "ray" / "overhead").glob("trial_*/result.json")).open()][-1]
+    return wall, summary, {**trial, **result}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--epochs", type=int, help="epochs of both runs (default: the tiny encoder's, 20)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
+    parser.add_argument("--ray", choices=("own", "running", "both"), default="both",
+                        help="which searches to run: on a Ray instance of their own, on a running one, or both")
+    parser.add_argument("--threads", type=int, help="CPU threads of each run (OMP_NUM_THREADS, and the search's "
+                        "--cpus-per-trial); default: every core. Fewer leaves Ray's own processes a core of their own, "
+                        "as a GPU node's spare cores do")
+    parser.add_argument("--out", required=True, help="a new folder for the runs (kept: the logs and MLflow stores)")
     args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=False)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    point = ["--alpha-aug", "0.01", "--alpha-fea", "0.005", "--beta", "2", "--gamma", "2"]
+    threads = args.threads or os.cpu_count()
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     common = ["--dataset", args.dataset, "--model", "tiny", "--seed", str(args.seed)]
     common += ["--epochs", str(args.epochs)] if args.epochs else []
     common += ["--data-dir", args.data_dir] if args.data_dir else []
-    with tempfile.TemporaryDirectory(prefix="search-overhead-") as tmp:
-        direct, out = timed([sys.executable, "-m", "softfine", "train", *common, *point, "--out", f"{tmp}/direct"], env)
-        direct_result = json.loads(out)
-        search, out = timed([sys.executable, "tune/search.py", *common, "--alphas", "0.01,0.005", "--beta", "2",
-                             "--gamma", "2", "--gpus-per-trial", "0", "--cpus-per-trial", str(os.cpu_count()),
-                             "--address", "local", "--storage-path", f"{tmp}/ray", "--name", "overhead",
-                             "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db"], env)
-        summary = json.loads((Path(tmp) / "ray" / "overhead" / "summary.json").read_text())
-        trials = (Path(tmp) / "ray" / "overhead" / "trials.csv").read_text().splitlines()
-        header, row = trials[0].split(","), trials[1].split(",")
-        trial = dict(zip(header, row))
-    trial_seconds = float(trial["trial_end_time"]) - float(trial["trial_start_time"])
-    print(f"\n{'run':<34} {'wall s':>8} {'test F1':>8}")
-    print(f"{'direct (softfine train)':<34} {direct:>8.1f} {direct_result['test_f1']:>8.4f}")
-    print(f"{'one-trial search (tune/search.py)':<34} {search:>8.1f} {summary['best_test_f1']:>8.4f}")
-    print(f"overhead: {search - direct:+.1f} s, {100 * (search - direct) / direct:+.1f} % of the direct run")
-    print(f"  the trial inside the search: {trial_seconds:.1f} s ({100 * (trial_seconds - direct) / direct:+.1f} % "
-          f"of the direct run); the search's own phases: {summary['wall_seconds']:.1f} s of {search:.1f} s")
-    print(f"cpu cores: {os.cpu_count()}, epochs: {args.epochs or 'the tiny default'}, dataset: {args.dataset}")
+
+    direct, stdout = timed([sys.executable, "-m", "softfine", "train", *common, *POINT, "--out", str(out / "direct")], env)
+    direct_result = json.loads(stdout)
+    rows = [("direct (softfine train)", direct, direct_result)]
+    if args.ray in ("own", "both"):
+        wall, summary, trial = search(common, out / "own", "local", threads, env)
+        rows.append(("search, Ray started by it", wall, trial))
+    if args.ray in ("running", "both"):
+        head_env = dict(env)
+        with running_ray(os.cpu_count(), head_env) as address:
+            wall, summary, trial = search(common, out / "running", address, threads, head_env)
+        rows.append(("search, Ray already running", wall, trial))
+
+    print(f"\n{'run':<30} {'wall s':>8} {'overhead':>9} {'train s':>8} {'report s':>9} {'test F1':>8}")
+    for name, wall, result in rows:
+        overhead = f"{100 * (wall - direct) / direct:+.1f} %" if wall is not direct else ""
+        report = f"{float(result['report_seconds']):.1f}" if "report_seconds" in result else "-"
+        print(f"{name:<30} {wall:>8.1f} {overhead:>9} {float(result['train_seconds']):>8.1f} {report:>9} "
+              f"{float(result['test_f1']):>8.4f}")
+    print("train s: the training loop's own time (softfine.train's train_seconds), in the trial for a search; "
+          "report s: the trial's time in tune.report (results and checkpoints handed to Ray)")
+    print(f"cpu cores: {os.cpu_count()}, threads per run: {threads}, epochs: {args.epochs or 'the tiny default'}, "
+          f"dataset: {args.dataset}; runs kept in {out}")
 
 
 if __name__ == "__main__":

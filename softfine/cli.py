@@ -20,7 +20,6 @@ import logging
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Sequence
 
 from .errors import ConfigError, SoftFiNEError

@@ -363,6 +363,12 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
         assert int(went_on.data.tags["softfine.attempt"]) >= 2
     check_selection(mlflow_server.uri, parent, kids)
     assert parent.info.status == "FINISHED"
+    # The command ends with os._exit: what it printed into a pipe (block-buffered) must still arrive.
+    done = subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--resume", "killed", "--storage-path", str(storage)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout[done.stdout.index("{"):])
+    assert printed == json.loads((storage / "killed" / "summary.json").read_text())
 
 
 def test_a_tracking_server_that_stops_answering_does_not_stop_the_trials(ray_local, mlflow_server, tmp_path):

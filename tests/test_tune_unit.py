@@ -303,3 +303,23 @@ def test_max_overlap_counts_trials_running_together():
     rows = [{"trial_start_time": 0, "trial_end_time": 10}, {"trial_start_time": 5, "trial_end_time": 15},
             {"trial_start_time": 10, "trial_end_time": 20}, {"trial_start_time": 11, "trial_end_time": 12}]
     assert results.max_overlap(rows) == 3
+
+
+def test_optuna_plots_need_two_finished_trials(tmp_path):
+    import optuna
+
+    from softfine_tune.plots import optuna_figures
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    values = iter([0.5, 0.6])
+
+    def objective(trial):
+        trial.suggest_categorical("beta", [2.0, 3.0])
+        trial.suggest_categorical("gamma", [1.5, 2.0])
+        return next(values)
+
+    study.optimize(objective, n_trials=1)
+    assert optuna_figures(storage, "s") == {}  # one trial: nothing to compare, nothing plotted
+    study.optimize(objective, n_trials=1)
+    assert "optuna/optimization_history.png" in optuna_figures(storage, "s")

@@ -78,8 +78,11 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # A Ray instance of the search's own needs no dashboard: nothing here uses it, and its
+    # processes take CPU from the trials on a small machine.
+    own = {"include_dashboard": False} if address in (None, "local") else {}
     try:
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING, **own)
     except ConnectionError as err:  # e.g. auto, and no cluster is running
         raise SearchError(f"--address {address}: {err}") from None
     return True

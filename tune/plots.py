@@ -52,12 +52,15 @@ def plot_dev_f1(rows: list[dict], path: Path, title: str, keys: Sequence[str] = 
 def optuna_figures(storage: str, study_name: str) -> dict:
     """{artifact file: matplotlib Figure} of Optuna's plots of the search's study. A plot that the
     study cannot give (e.g. importances need two finished trials with different values) is left
-    out with a note in the log."""
+    out with a note in the log; a study of fewer than two finished trials gets none."""
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     _pyplot()
     study = optuna.load_study(study_name=study_name, storage=storage)
+    if len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])) < 2:
+        log.info("Optuna: a study of fewer than two finished trials has no plots")
+        return {}
     plots = {"optuna/param_importances.png": lambda: ovm.plot_param_importances(study),
              "optuna/slice.png": lambda: ovm.plot_slice(study),
              "optuna/contour_beta_gamma.png": lambda: ovm.plot_contour(study, params=["beta", "gamma"]),

@@ -45,12 +45,17 @@ def softfine_trial(point: dict, base: TrainConfig, allow_cpu_fallback: bool = Fa
             where["resumed_from_step"] = json.loads(evaluations[-1])["step"] if evaluations else 0
         config = trial_config(base, point, out=str(out), device=where["device"])
 
+        reporting = 0.0  # seconds spent handing results and checkpoints to Ray (search_overhead.py)
+
         def on_evaluate(metrics: dict, out_dir: str) -> None:
+            nonlocal reporting
+            started = time.perf_counter()
             tune.report({**metrics, **where}, checkpoint=tune.Checkpoint.from_directory(out_dir))
+            reporting += time.perf_counter() - started
 
         result = train(config, on_evaluate=on_evaluate, resume_from=resume_from)
         final = {k: v for k, v in result.items() if k != "best_checkpoint"}
-        final.update(where, trial_end_time=time.time(), final=1)
+        final.update(where, trial_end_time=time.time(), report_seconds=reporting, final=1)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(keep_best(out, work / "final", final)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
