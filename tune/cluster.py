@@ -79,11 +79,8 @@ def connect_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     # A Ray instance of the search's own needs no dashboard: nothing here uses it, and its
-    # processes take CPU from the trials on a small machine. Ray nices its workers to 15, so a
-    # trial yields the CPU to every Ray process and to the driver; its own raylet runs them at 0.
+    # processes take CPU from the trials on a small machine.
     own = {"include_dashboard": False} if address in (None, "local") else {}
-    if own:
-        os.environ.setdefault("RAY_worker_niceness", "0")  # read by a raylet this call starts
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING, **own)
     except ConnectionError as err:  # e.g. auto, and no cluster is running
@@ -182,8 +179,7 @@ def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
 
 def placement(allow_cpu_fallback: bool) -> dict:
     """The trial's node, host, GPUs (Ray's ids, comma-separated; CUDA_VISIBLE_DEVICES, which Ray
-    sets to them, makes `cuda` that GPU), its share of them, its device and its process's
-    niceness (Ray's workers: 15 unless RAY_worker_niceness says otherwise), for its results. A
+    sets to them, makes `cuda` that GPU), its share of them, and its device, for its results. A
     trial with a fraction of a GPU may use that fraction of its memory, no more, so that the trials
     packed on one GPU (--gpus-per-trial 0.25) cannot starve each other."""
     import ray
@@ -195,5 +191,4 @@ def placement(allow_cpu_fallback: bool) -> dict:
         torch.cuda.set_per_process_memory_fraction(share, 0)
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
             "gpu_ids": ",".join(map(str, ray.get_gpu_ids())), "gpu_share": share, "device": device,
-            "device_note": note, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "niceness": os.nice(0)}
+            "device_note": note, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
