@@ -8,6 +8,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# README's test command gives a relative $SOFTFINE_DATA_DIR; the searches and jobs that tests start
+# run in other folders (tmp_path, Ray's working_dir), so they inherit it made absolute.
+if os.environ.get("SOFTFINE_DATA_DIR"):
+    os.environ["SOFTFINE_DATA_DIR"] = str(Path(os.environ["SOFTFINE_DATA_DIR"]).resolve())
+
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data")

@@ -28,7 +28,7 @@ SEARCH_SCRIPT = TUNE / "search.py"
 def shared_data_dir() -> Path:
     """$SOFTFINE_DATA_DIR, else ../shared/data beside the repository; a test fails (never skips)
     when the data is missing."""
-    path = Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data")
+    path = Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
     needed = [path / "weibo" / "weiboNER_2nd_conll.train", path / "resume" / "train.char.bmes",
               path / "resume" / "dev.char.bmes", path / "resume" / "test.char.bmes"]
     missing = [str(p) for p in needed if not p.is_file()]
