@@ -195,9 +195,12 @@ def build_optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Op
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     if config.schedule == "onecycle":
+        # OneCycleLR divides by each phase's length: its warm-up must end past the first step and
+        # before the last, which a short run (under 20 steps at ratio 0.1) would not otherwise do.
+        warmup = min(max(config.warmup_ratio, 1.5 / total_steps), 1 - 0.5 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
-            pct_start=max(config.warmup_ratio, 1e-3), anneal_strategy="cos", cycle_momentum=False)
+            pct_start=warmup, anneal_strategy="cos", cycle_momentum=False)
     from transformers import get_scheduler
 
     return get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),

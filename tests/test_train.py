@@ -193,3 +193,21 @@ def test_the_checkpoint_is_a_hugging_face_token_classification_model(data_dir, t
     assert sum(len(e) for e in ours) > 0  # something to compare
     from_pipeline = [[(e.tag, e.start, e.end - 1) for e in sentence] for sentence in Entities(piped, IOBES).entities]
     assert from_pipeline == [[(e["category"], e["start"], e["end"]) for e in sentence] for sentence in ours]
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 5, 10, 11, 40])
+def test_the_one_cycle_schedule_runs_short_trainings(total_steps):
+    # OneCycleLR divided by zero when warm-up ended at step 1 or earlier (10 steps at ratio 0.1).
+    from softfine.train import make_scheduler
+
+    config = make_config(dict(dataset="resume", model="tiny", schedule="onecycle", warmup_ratio=0.1, lr=1e-3))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    scheduler = make_scheduler(config, optimizer, total_steps)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(total_steps - 1):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(0 <= lr <= config.lr + 1e-12 for lr in lrs)
+    if total_steps >= 3:  # a warm-up to the peak, then a decay
+        assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)
