@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from seqeval.metrics import classification_report
 from seqeval.scheme import IOBES
 
 from .labels import LabelSpace
@@ -16,6 +15,10 @@ from .labels import LabelSpace
 
 def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
     """Micro precision/recall/F1 and per-category scores of BIOES tag sequences."""
+    # seqeval.metrics imports scikit-learn (2 s here): not at import, so that prediction (the
+    # MLflow model, checked on an example when a search logs it) loads without it.
+    from seqeval.metrics import classification_report
+
     report = classification_report(gold, pred, mode="strict", scheme=IOBES, output_dict=True,
                                    zero_division=0)
     micro = report.pop("micro avg")
