@@ -9,6 +9,7 @@ instance already running (`ray start --head`, as a cluster from `ray up` is: the
     python benchmarks/search_overhead.py --out DIR                # the tiny defaults on full Resume (20 epochs)
     python benchmarks/search_overhead.py --out DIR --epochs 3     # shorter trials: the fixed costs weigh more
     python benchmarks/search_overhead.py --out DIR --threads 1    # a core left to Ray's own processes
+    python benchmarks/search_overhead.py --out DIR --repeat 3     # three rounds, alternated, and the medians
 
 Prints the wall times, the overhead in percent of the direct run, and where the search's extra
 time went (the trial's own training against the direct run's, the seconds spent reporting
@@ -24,12 +25,14 @@ import os
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DIRECT, OWN, RUNNING = "direct (softfine train)", "search, Ray started by it", "search, Ray already running"
 POINT = ["--alpha-aug", "0.01", "--alpha-fea", "0.005", "--beta", "2", "--gamma", "2"]
 
 
@@ -91,14 +94,21 @@ def main() -> None:
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--epochs", type=int, help="epochs of both runs (default: the tiny encoder's, 20)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--limit-train", type=int, help="only the first N training sentences (a quick check that the "
+                        "benchmark runs; its figures then weigh the fixed costs far more than a real trial does)")
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
     parser.add_argument("--ray", choices=("own", "running", "both"), default="both",
                         help="which searches to run: on a Ray instance of their own, on a running one, or both")
     parser.add_argument("--threads", type=int, help="CPU threads of each run (OMP_NUM_THREADS, and the search's "
                         "--cpus-per-trial); default: every core. Fewer leaves Ray's own processes a core of their own, "
                         "as a GPU node's spare cores do")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of every run, alternated; more than one "
+                        "adds the median of each kind (this machine's runs of one command vary by several percent)")
     parser.add_argument("--out", required=True, help="a new folder for the runs (kept: the logs and MLflow stores)")
     args = parser.parse_args()
+    for flag in ("epochs", "threads", "repeat", "limit_train"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected 1 or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -108,25 +118,33 @@ def main() -> None:
     common = ["--dataset", args.dataset, "--model", "tiny", "--seed", str(args.seed)]
     common += ["--epochs", str(args.epochs)] if args.epochs else []
     common += ["--data-dir", args.data_dir] if args.data_dir else []
+    common += ["--limit-train", str(args.limit_train)] if args.limit_train else []
 
-    direct, stdout = timed([sys.executable, "-m", "softfine", "train", *common, *POINT, "--out", str(out / "direct")], env)
-    direct_result = json.loads(stdout)
-    rows = [("direct (softfine train)", direct, direct_result)]
-    if args.ray in ("own", "both"):
-        wall, trial = search(common, out / "own", "local", threads, env)
-        rows.append(("search, Ray started by it", wall, trial))
-    if args.ray in ("running", "both"):
-        head_env = dict(env)
-        with running_ray(os.cpu_count(), head_env) as address:
-            wall, trial = search(common, out / "running", address, threads, head_env)
-        rows.append(("search, Ray already running", wall, trial))
+    rows = []  # (kind, round, wall, result)
+    for round_ in range(1, args.repeat + 1):  # alternated, so that a slow spell of the machine hits every kind
+        suffix = f"-{round_}" if args.repeat > 1 else ""
+        wall, stdout = timed([sys.executable, "-m", "softfine", "train", *common, *POINT,
+                              "--out", str(out / f"direct{suffix}")], env)
+        rows.append((DIRECT, round_, wall, json.loads(stdout)))
+        if args.ray in ("own", "both"):
+            rows.append((OWN, round_, *search(common, out / f"own{suffix}", "local", threads, env)))
+        if args.ray in ("running", "both"):
+            head_env = dict(env)
+            with running_ray(os.cpu_count(), head_env) as address:
+                rows.append((RUNNING, round_, *search(common, out / f"running{suffix}", address, threads, head_env)))
 
-    print(f"\n{'run':<30} {'wall s':>8} {'overhead':>9} {'train s':>8} {'report s':>9} {'test F1':>8}")
-    for i, (name, wall, result) in enumerate(rows):
-        overhead = f"{100 * (wall - direct) / direct:+.1f} %" if i else ""
+    direct = {round_: wall for kind, round_, wall, _ in rows if kind == DIRECT}
+    print(f"\n{'run':<30} {'round':>5} {'wall s':>8} {'overhead':>9} {'train s':>8} {'report s':>9} {'test F1':>8}")
+    for kind, round_, wall, result in rows:
+        overhead = f"{100 * (wall - direct[round_]) / direct[round_]:+.1f} %" if kind != DIRECT else ""
         report = f"{float(result['report_seconds']):.1f}" if "report_seconds" in result else "-"
-        print(f"{name:<30} {wall:>8.1f} {overhead:>9} {float(result['train_seconds']):>8.1f} {report:>9} "
+        print(f"{kind:<30} {round_:>5} {wall:>8.1f} {overhead:>9} {float(result['train_seconds']):>8.1f} {report:>9} "
               f"{float(result['test_f1']):>8.4f}")
+    if args.repeat > 1:
+        median = {kind: statistics.median(w for k, _, w, _ in rows if k == kind) for kind in dict.fromkeys(k for k, *_ in rows)}
+        for kind, wall in median.items():
+            overhead = f", {100 * (wall - median[DIRECT]) / median[DIRECT]:+.1f} %" if kind != DIRECT else ""
+            print(f"median of {args.repeat}: {kind}: {wall:.1f} s{overhead}")
     print("train s: the training loop's own time (softfine.train's train_seconds), in the trial for a search; "
           "report s: the trial's time in tune.report (results and checkpoints handed to Ray)")
     print(f"cpu cores: {os.cpu_count()}, threads per run: {threads}, epochs: {args.epochs or 'the tiny default'}, "

@@ -41,6 +41,7 @@ from softfine_tune.tracking import (
     dataset_inputs,
     git_version,
     mask_credentials,
+    preload_model_code,
     versions,
     write_json,
 )
@@ -204,6 +205,7 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
         space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(args.seeds)])}
         return run_phase(plan, "seeds", space, name, record, folder, restoring)
 
+    preload_model_code()  # while the trials run: the model's check at the end needs torch and transformers
     started = time.time()
     rows: list[dict] = []
     seed_rows: list[dict] = []
