@@ -196,7 +196,7 @@ def build_optimizer(model: SoftFiNEModel, config: TrainConfig) -> torch.optim.Op
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     if config.schedule == "onecycle":
         # OneCycleLR divides by each phase's length: its warm-up must end past the first step and
-        # before the last, which a short run (under 20 steps at ratio 0.1) would not otherwise do.
+        # before the last, which a short run (10 steps or fewer at ratio 0.1) would not otherwise do.
         warmup = min(max(config.warmup_ratio, 1.5 / total_steps), 1 - 0.5 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
