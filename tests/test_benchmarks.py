@@ -1,7 +1,9 @@
 """The benchmarks still run (their figures are printed, never asserted): the CPU path of
-train_throughput.py for a few steps, and gpu_packing.py's refusal without a CUDA GPU."""
+train_throughput.py for a few steps, gpu_packing.py's refusal without a CUDA GPU, search_overhead.py
+end to end on a small subset, and cpu_share.py's sampling of a busy process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,4 +58,25 @@ def test_search_overhead_alternates_its_runs_and_prints_the_medians(tmp_path):
 def test_search_overhead_refuses_an_impossible_repeat(tmp_path):
     done = benchmark("search_overhead.py", "--repeat", "0", "--out", str(tmp_path / "runs"))
     assert done.returncode == 2 and "--repeat 0: expected 1 or more" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cpu_share_counts_the_training_process_cpu_over_its_window(tmp_path):
+    # sample() on a command that keeps one core busy for 4 s: about a core-second in a 1 s window,
+    # all of it the command's own (cpu_share.py's full runs train the tiny encoder; not run here).
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import cpu_share
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    busy = [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"]
+    figures = cpu_share.sample(busy, search=False, settle=1.0, window=1.0, env=dict(os.environ), log=tmp_path / "log")
+    assert 0.95 < figures["seconds"] < 1.5
+    assert 0.5 < figures["training"] <= figures["seconds"] + 0.05
+    assert figures["others"] >= 0 and figures["idle"] >= 0 and figures["woke"] >= 0
+
+
+def test_cpu_share_refuses_an_empty_window(tmp_path):
+    done = benchmark("cpu_share.py", "--window", "0", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 2 and "--window 0.0: expected a positive number" in done.stderr
     assert not (tmp_path / "runs").exists()
