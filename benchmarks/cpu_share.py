@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from search_overhead import DIRECT, OWN, POINT, REPO
+from search_overhead import DIRECT, OWN, POINT, REPO, run_env, search_command
 
 HZ = os.sysconf("SC_CLK_TCK")
 Thread = collections.namedtuple("Thread", "pid name cpu woke preempted")
@@ -130,17 +130,11 @@ def main() -> None:
         sys.exit("cpu_share: needs Linux's /proc")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    threads_per_run = args.threads or os.cpu_count()
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env, threads_per_run = run_env(args.threads)
     common = ["--dataset", args.dataset, "--model", "tiny", "--seed", str(args.seed), "--epochs", str(args.epochs)]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
     direct = [sys.executable, "-m", "softfine", "train", *common, *POINT, "--out", str(out / "direct")]
-    search = [sys.executable, "tune/search.py", *common, "--alphas", "0.01,0.005", "--beta", "2", "--gamma", "2",
-              "--gpus-per-trial", "0", "--cpus-per-trial", str(threads_per_run), "--address", "local",
-              "--storage-path", str(out / "ray"), "--name", "cpu_share",
-              "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}"]
+    search = search_command(common, out, "local", threads_per_run, "cpu_share")
     rows = [(DIRECT, sample(direct, False, args.settle, args.window, env, out / "direct.log")),
             (OWN, sample(search, True, args.settle, args.window, env, out / "search.log"))]
 

@@ -74,6 +74,22 @@ def running_ray(cpus: int, env: dict):
             latest.unlink()
 
 
+def run_env(threads: int | None) -> tuple[dict, int]:
+    """The runs' environment (Ray's usage reporting off; OMP_NUM_THREADS when --threads is given)
+    and the threads each run uses."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env, threads or os.cpu_count()
+
+
+def search_command(common: list[str], out: Path, address: str, threads: int, name: str) -> list[str]:
+    """A one-trial search at the benchmarks' point; its Ray results and MLflow store in `out`."""
+    return [sys.executable, "tune/search.py", *common, "--alphas", "0.01,0.005", "--beta", "2", "--gamma", "2",
+            "--gpus-per-trial", "0", "--cpus-per-trial", str(threads), "--address", address,
+            "--storage-path", str(out / "ray"), "--name", name, "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}"]
+
+
 def search(common: list[str], out: Path, address: str, threads: int, env: dict) -> tuple[float, dict]:
     """One one-trial search; its wall time and its trial's last result. Its MLflow store is made
     before the clock starts, as a search finds it from the second on (creating a new SQLite
@@ -81,10 +97,7 @@ def search(common: list[str], out: Path, address: str, threads: int, env: dict) 
     out.mkdir()
     subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
                     f"sqlite:///{out / 'mlflow.db'}"], check=True, env=env, capture_output=True)
-    wall, _ = timed([sys.executable, "tune/search.py", *common, "--alphas", "0.01,0.005", "--beta", "2", "--gamma", "2",
-                     "--gpus-per-trial", "0", "--cpus-per-trial", str(threads), "--address", address,
-                     "--storage-path", str(out / "ray"), "--name", "overhead",
-                     "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}"], env)
+    wall, _ = timed(search_command(common, out, address, threads, "overhead"), env)
     result = [json.loads(line) for line in next((out / "ray" / "overhead").glob("trial_*/result.json")).open()][-1]
     return wall, result
 
@@ -111,10 +124,7 @@ def main() -> None:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected 1 or more")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    threads = args.threads or os.cpu_count()
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env, threads = run_env(args.threads)
     common = ["--dataset", args.dataset, "--model", "tiny", "--seed", str(args.seed)]
     common += ["--epochs", str(args.epochs)] if args.epochs else []
     common += ["--data-dir", args.data_dir] if args.data_dir else []
