@@ -9,9 +9,9 @@ woke up (voluntary ones).
     python benchmarks/cpu_share.py --out DIR                 # 20 s into training, a 20 s window
     python benchmarks/cpu_share.py --out DIR --threads 1     # a core left to Ray's processes
 
-When the training uses every core, each wake-up of another process takes a core from one of the
-training threads, and the other thread waits for it at the end of the parallel region: the idle
-column shows that wait. Run it on an otherwise idle machine: figures, not timed assertions.
+When the training uses every core, a wake-up of another process can only run by preempting one of
+the training threads: the columns show how often, and how much CPU those processes took. Run it on
+an otherwise idle machine: figures, not timed assertions.
 """
 
 from __future__ import annotations

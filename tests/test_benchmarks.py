@@ -73,7 +73,6 @@ def test_cpu_share_counts_the_training_process_cpu_over_its_window(tmp_path):
     figures = cpu_share.sample(busy, search=False, settle=1.0, window=1.0, env=dict(os.environ), log=tmp_path / "log")
     assert 0.95 < figures["seconds"] < 1.5
     assert 0.5 < figures["training"] <= figures["seconds"] + 0.05
-    assert figures["others"] >= 0 and figures["idle"] >= 0 and figures["woke"] >= 0
 
 
 def test_cpu_share_refuses_an_empty_window(tmp_path):
