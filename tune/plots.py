@@ -19,6 +19,10 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Optuna's slice and contour plots draw categorical values (our grid's) as strings that parse
+    # as numbers; matplotlib then logs an INFO line per axis that says nothing about the search.
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
+
     return plt
 
 
