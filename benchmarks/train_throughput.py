@@ -1,11 +1,17 @@
-"""Training throughput of SoftFiNE: characters/s, sentences/s and peak memory.
+"""Training throughput of SoftFiNE: characters/s, sentences/s and peak memory; with --profile, where
+a step's time goes.
 
     python benchmarks/train_throughput.py --dataset resume --shape tiny --batch-size 16
     python benchmarks/train_throughput.py --dataset weibo --shape bert-base --batch-size 16 --device cuda
+    python benchmarks/train_throughput.py --dataset weibo --shape bert-base --device cuda --profile 10
 
 `--shape bert-base` is a randomly initialised BERT with bert-base-chinese's shape (12 layers,
 width 768); `--model NAME` loads a real encoder instead. Full SoftFiNE steps are timed (original
-and augmented sentences, soft labels, feature loss) unless --no-aug. Figures are printed, not asserted.
+and augmented sentences, soft labels, feature loss, clipping, AdamW) unless --no-aug, with the
+training loop's own padding, attention kernel and (with --compile) compiled step. The untimed
+warm-up steps hold the compilation; their time is printed as `warmup_s`. `--profile N` runs N more
+steps under torch.profiler and prints the step's host (wall) time, its GPU kernel time and the ten
+costliest operators. Figures are printed, not asserted.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import time
 
 import torch
 
-from softfine.config import TrainConfig
+from softfine.batches import encode, load_splits, train_loader
+from softfine.config import ATTENTION, TrainConfig
 from softfine.data import categories
+from softfine.device import attention_kernels, compile_step, pad_multiple, resolve_device
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, random_model
-from softfine.train import build_optimizer, encode, load_splits, resolve_device, train_loader, train_step
+from softfine.optim import build_optimizer
+from softfine.train import forward_loss, train_step
 
 
 def build(shape: str, model: str | None, labels, dropout: float, chars):
@@ -34,6 +43,33 @@ def build(shape: str, model: str | None, labels, dropout: float, chars):
     return tokenizer, SoftFiNEModel(net)
 
 
+def profile_steps(step, steps: int, device: torch.device, sync) -> dict:
+    """Runs `steps` steps under torch.profiler; prints and returns the per-step figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    on_gpu = device.type == "cuda"
+    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps if on_gpu else None
+    key = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    top = sorted(events, key=key, reverse=True)[:10]
+    print(f"\nprofile of {steps} steps: step {wall_ms:.1f} ms host (wall)"
+          + (f", GPU kernels {kernel_ms:.1f} ms ({kernel_ms / wall_ms:.0%} of it)" if on_gpu else ", no GPU"))
+    print(f"{'operator':<48} {'calls/step':>10} {'self CPU ms/step':>16} {'self GPU ms/step':>16}")
+    for e in top:
+        gpu = f"{e.self_device_time_total / 1e3 / steps:16.2f}" if on_gpu else f"{'-':>16}"
+        print(f"{e.key[:48]:<48} {e.count / steps:>10.1f} {e.self_cpu_time_total / 1e3 / steps:>16.2f} {gpu}")
+    return {"profile_step_ms": round(wall_ms, 2),
+            "profile_kernel_ms": round(kernel_ms, 2) if kernel_ms is not None else None,
+            "profile_top": [e.key for e in top]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
@@ -42,13 +78,20 @@ def main() -> None:
     parser.add_argument("--model", help="a Hugging Face name or directory instead of --shape")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation included)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-aug", action="store_true", help="time plain steps (no augmentation)")
+    parser.add_argument("--attention", choices=ATTENTION, default="auto", help="as softfine train --attention")
+    parser.add_argument("--pad-multiple", type=int, help="as softfine train --pad-multiple (default: the device's)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="as softfine train --compile")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps and print where "
+                        "the time goes")
     args = parser.parse_args()
 
     config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                         aug=not args.no_aug, lr=1e-4, device=args.device)
+                         aug=not args.no_aug, lr=1e-4, device=args.device, attention=args.attention,
+                         pad_multiple=args.pad_multiple, compile=args.compile)
     device = resolve_device(config.device)
     torch.manual_seed(0)
     sentences = load_splits(config, ["train"])["train"]
@@ -58,27 +101,41 @@ def main() -> None:
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
     optimizer = build_optimizer(model, config)
     table = labels.soft_targets(config.beta, config.gamma).to(device)
+    loss = forward_loss(model, table, config)
+    loss = compile_step(loss, device) if config.compile else loss
+    multiple = pad_multiple(config.pad_multiple, device)
+    lengths: set[int] = set()
 
     def batches():
         epoch = 0
         while True:
-            yield from train_loader(examples, config.batch_size, config.seed, epoch, device.type == "cuda")
+            yield from train_loader(examples, config.batch_size, config.seed, epoch, device.type == "cuda",
+                                    multiple, config.max_length)
             epoch += 1
 
     stream = batches()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        train_step(model, next(stream), table, config, device)
+
+    def step() -> dict:
+        batch = next(stream)
+        with attention_kernels(device, config.attention):
+            train_step(loss, batch, device)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        lengths.add(batch["input_ids"].shape[1])
+        return batch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
     sync()
+    warmup_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     chars = sentences_seen = 0
     start = time.perf_counter()
     for _ in range(args.steps):
-        batch = next(stream)
-        train_step(model, batch, table, config, device)
-        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        batch = step()
         chars += int(batch["label_ids"].ne(-100).sum())
         sentences_seen += len(batch["sentence"])
     sync()
@@ -88,13 +145,20 @@ def main() -> None:
     figures = {
         "dataset": args.dataset, "model": args.model or args.shape, "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "bf16": device.type == "cuda", "augmentation": not args.no_aug,
-        "batch_size": args.batch_size, "steps": args.steps, "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": device.type == "cuda",
+        "augmentation": not args.no_aug, "attention": config.attention, "pad_multiple": multiple,
+        "compile": config.compile, "batch_size": args.batch_size, "steps": args.steps,
+        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "chars_per_s": round(chars / seconds), "sentences_per_s": round(sentences_seen / seconds, 1),
-        "peak_memory_MiB": round(peak), "peak_memory_kind": "CUDA allocated" if device.type == "cuda" else "process max RSS",
+        "step_ms": round(seconds * 1e3 / args.steps, 2), "warmup_s": round(warmup_s, 2),
+        "padded_lengths": len(lengths), "peak_memory_MiB": round(peak),
+        "peak_memory_kind": "CUDA allocated" if device.type == "cuda" else "process max RSS",
     }
+    if args.profile:
+        figures.update(profile_steps(step, args.profile, device, sync))
     for key, value in figures.items():
-        print(f"{key:>18}: {value}")
+        if key != "profile_top":
+            print(f"{key:>18}: {value}")
     print(json.dumps(figures))
 
 

@@ -32,7 +32,7 @@ log = logging.getLogger("softfine")
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
     """Adds `--field-name` for every TrainConfig field, with default SUPPRESS so that only the
-    flags actually given reach `given_values`. A bool field that defaults to True gets `--no-NAME`."""
+    flags actually given reach `given_values`. A bool field gets `--NAME` and `--no-NAME`."""
     from .config import FINE_TUNING, FROM_SCRATCH, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
@@ -43,9 +43,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         if kind is bool:
-            name = f"--no-{f.name.replace('_', '-')}" if f.default is True else flag
-            parser.add_argument(name, dest=f.name, action="store_false" if f.default is True else "store_true",
-                                default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default})")
             continue
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X]: X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
@@ -147,7 +146,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .datasets import read_split
     from .model import CharIds, load_checkpoint
-    from .train import Split, encode, evaluate, resolve_device
+    from .batches import Split, encode
+    from .device import resolve_device
+    from .evaluate import evaluate
 
     device = resolve_device(args.device)
     model, tokenizer, labels, config = load_checkpoint(args.checkpoint, device)

@@ -39,6 +39,7 @@ FROM_SCRATCH = dict(epochs=20, batch_size=32, lr=2e-3, weight_decay=0.01, warmup
 # after warm-up: linear or cosine decay (transformers.get_scheduler), or torch's OneCycleLR (a cosine
 # warm-up from lr/25 and a cosine anneal, what the tiny encoder trains best with)
 SCHEDULES = ("linear", "cosine", "onecycle", "constant_with_warmup")
+ATTENTION = ("auto", "efficient", "cudnn", "math")  # scaled-dot-product kernels on CUDA (device.py)
 
 
 def encoder_defaults(model: str) -> dict:
@@ -92,7 +93,16 @@ class TrainConfig:
     strict: bool = option(False, "make every data problem an error instead of a repaired or skipped sentence")
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = option(
         "auto", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)")
-    log_every: Annotated[int, Field(ge=0)] = option(50, "training steps between progress lines")
+    log_every: Annotated[int, Field(ge=0)] = option(50, "training steps between progress lines (the only "
+                                                    "times a step waits to read the loss)")
+    pad_multiple: Optional[Annotated[int, Field(ge=0, le=512)]] = option(
+        None, "pad each batch to a multiple of N tokens and to full rows, so a GPU sees a few shapes; 0 pads to "
+        "the batch's longest window (default: 64 on CUDA, 0 on CPU)")
+    attention: Literal[ATTENTION] = option(
+        "auto", "attention kernel on CUDA: auto (memory-efficient; cuDNN's builds a plan per new shape), "
+        "efficient, cudnn or math")
+    compile: bool = option(False, "torch.compile the training step (CUDA graphs on CUDA); off until measured "
+                           "to pay on a GPU, see docs/training.md")
 
     def __post_init__(self) -> None:
         for name, value in encoder_defaults(self.model).items():

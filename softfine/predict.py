@@ -9,7 +9,9 @@ from seqeval.scheme import IOBES, Entities
 
 from .data import Sentence
 from .model import CharIds, load_checkpoint
-from .train import Split, encode, predict_tags, resolve_device
+from .batches import Split, encode
+from .device import resolve_device
+from .evaluate import predict_tags
 
 
 class Predictor:

@@ -11,7 +11,8 @@ from softfine.losses import feature_kl, soft_cross_entropy, softfine_loss
 from softfine.model import CharIds, load_checkpoint, tiny_tokenizer
 from softfine.predict import Predictor
 from softfine.config import FROM_SCRATCH, TrainConfig, make_config
-from softfine.train import TRAINING_STATE, train
+from softfine.optim import TRAINING_STATE
+from softfine.train import train
 
 
 def tiny_config(data_dir, out, **overrides) -> TrainConfig:
@@ -74,15 +75,32 @@ def test_ablations_switch_the_losses(data_dir, tmp_path):
 def test_losses():
     logits = torch.randn(5, 7)
     gold = torch.tensor([0, 3, 6, 2, 2])
-    assert soft_cross_entropy(logits, F.one_hot(gold, 7).float()) == pytest.approx(float(F.cross_entropy(logits, gold)), rel=1e-5)
+    every = torch.ones(5, dtype=torch.bool)
+    assert soft_cross_entropy(logits, F.one_hot(gold, 7).float(), every) == pytest.approx(float(F.cross_entropy(logits, gold)), rel=1e-5)
     soft = torch.rand(5, 7)
-    assert soft_cross_entropy(logits, soft) == pytest.approx(float(-(soft * logits.log_softmax(-1)).sum(-1).mean()), rel=1e-5)
+    assert soft_cross_entropy(logits, soft, every) == pytest.approx(float(-(soft * logits.log_softmax(-1)).sum(-1).mean()), rel=1e-5)
     h = torch.randn(4, 16)
-    assert float(feature_kl(h, h)) == pytest.approx(0.0, abs=1e-6)
-    assert float(feature_kl(h, torch.randn(4, 16))) > 0
-    assert float(feature_kl(h[:0], h[:0])) == 0.0
-    parts = softfine_loss(logits, soft, aug_logits=logits, features=h, aug_features=h + 1, alpha_aug=0.1, alpha_fea=0.5)
+    assert float(feature_kl(h, h, every[:4])) == pytest.approx(0.0, abs=1e-6)
+    assert float(feature_kl(h, torch.randn(4, 16), every[:4])) > 0
+    assert float(feature_kl(h, h + 1, torch.zeros(4, dtype=torch.bool))) == 0.0  # no entity character
+    parts = softfine_loss(logits, soft, every, aug_logits=logits, features=h, aug_features=h + 1, entities=every[:4],
+                          alpha_aug=0.1, alpha_fea=0.5)
     assert float(parts["loss"]) == pytest.approx(float(parts["loss_soft"] * 1.1 + 0.5 * parts["loss_fea"]), rel=1e-5)
+
+
+def test_masked_losses_equal_the_losses_of_the_selected_characters():
+    # A padded (2, 6) batch: the masked means are the plain means over the selected rows, whatever
+    # the padding holds (here huge scores), so padding never changes a loss.
+    logits, targets, features, aug = torch.randn(2, 6, 9), torch.rand(2, 6, 9), torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    chars = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    entities = chars & torch.tensor([[0, 1, 0, 1, 0, 0], [0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    logits[~chars], features[~entities] = 1e4, -1e4
+    ce = soft_cross_entropy(logits, targets, chars)
+    assert float(ce) == pytest.approx(float(-(targets[chars] * logits[chars].log_softmax(-1)).sum(-1).mean()), rel=1e-5)
+    kl = feature_kl(features, aug, entities)
+    expected = F.kl_div(aug[entities].log_softmax(-1), features[entities].log_softmax(-1), log_target=True,
+                        reduction="batchmean")
+    assert float(kl) == pytest.approx(float(expected), rel=1e-5) and float(kl) > 0
 
 
 def test_one_token_per_character():
@@ -198,7 +216,7 @@ def test_the_checkpoint_is_a_hugging_face_token_classification_model(data_dir, t
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 5, 10, 11, 40])
 def test_the_one_cycle_schedule_runs_short_trainings(total_steps):
     # OneCycleLR divided by zero when warm-up ended at step 1 or earlier (10 steps at ratio 0.1).
-    from softfine.train import make_scheduler
+    from softfine.optim import make_scheduler
 
     config = make_config(dict(dataset="resume", model="tiny", schedule="onecycle", warmup_ratio=0.1, lr=1e-3))
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)

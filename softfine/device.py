@@ -1,0 +1,79 @@
+"""Where and how a run computes: the device, bf16 autocast, the attention kernel, the padded
+lengths a batch may take, and `torch.compile`.
+
+On a GPU a SoftFiNE step at the paper's settings is small, so the host's time per step decides
+the speed (issue 17 measured a step of 184 ms on an H200 whose kernels took 6.7 ms). Three host
+costs are avoided here: an attention plan built for every new shape, many shapes, and kernel
+launches (the compiled step, optional until measured on a GPU; see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+
+from .config import ATTENTION
+from .errors import ConfigError, DeviceError
+
+GPU_PAD_MULTIPLE = 64  # Weibo and Resume windows (<= 180 tokens) then take 3 lengths, any dataset <= 8
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceError(f"--device {name}: torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                          f"{visible!r}, torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    # bf16 on CUDA: the A100/H100 fast path; weights and AdamW states stay fp32. CPU runs stay fp32.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def attention_kernels(device: torch.device, choice: str = "auto"):
+    """The scaled-dot-product attention kernels BERT may use on `device` (a context manager).
+
+    PyTorch's own first choice on Hopper is cuDNN's attention, which builds an execution plan for
+    every new shape: about 100 ms of host time a step on an H200 with 65 padded lengths an epoch,
+    against a 28.5 ms step with it off (issue 17). "auto" is therefore the memory-efficient kernel
+    (flash attention takes no padding mask, so BERT's batches never reach it), with the math kernel
+    as fallback. "cudnn" is there to measure it again on the few padded lengths of `pad_multiple`.
+    """
+    if choice not in ATTENTION:
+        raise ConfigError(f"--attention {choice!r}: expected one of {', '.join(ATTENTION)}")
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"auto": SDPBackend.EFFICIENT_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice]
+    return sdpa_kernel(list(dict.fromkeys([first, SDPBackend.MATH])), set_priority=True)
+
+
+def pad_multiple(configured: int | None, device: torch.device) -> int:
+    """Tokens a batch's length is padded to a multiple of (0: the batch's longest window).
+
+    On a GPU every new shape costs host time (attention plans, compiled graphs), so batches take
+    a few lengths and full rows; on a CPU padding is compute, so batches stay as long as their
+    longest window."""
+    if configured is not None:
+        return configured
+    return GPU_PAD_MULTIPLE if device.type == "cuda" else 0
+
+
+def compile_step(fn: Callable, device: torch.device) -> Callable:
+    """`fn` compiled with torch.compile: on CUDA as CUDA graphs (mode reduce-overhead: one launch a
+    step instead of hundreds), on the CPU with inductor's default mode. Shapes are static: one
+    graph per padded length, few with `pad_multiple`."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(fn, mode=mode, dynamic=False)

@@ -1,0 +1,83 @@
+"""The optimizer side of training: AdamW, its learning-rate schedule, and the state that resumes
+them (optimizer, scheduler, step, best score, random generators), saved without pickled code."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .errors import ConfigError, StorageError
+
+TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG: tensors and plain values only
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and LayerNorm weights, as in BERT.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    fused = all(p.is_cuda for p in decay + no_decay)  # one kernel for the whole update on a GPU
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    if config.schedule == "onecycle":
+        # OneCycleLR divides by each phase's length: its warm-up must end past the first step and
+        # before the last, which a short run (10 steps or fewer at ratio 0.1) would not otherwise do.
+        warmup = min(max(config.warmup_ratio, 1.5 / total_steps), 1 - 0.5 / total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total_steps,
+            pct_start=warmup, anneal_strategy="cos", cycle_momentum=False)
+    from transformers import get_scheduler
+
+    return get_scheduler(config.schedule, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+def save_training_state(path: Path, optimizer: torch.optim.Optimizer, scheduler, step: int, best_f1: float,
+                        best_step: int) -> None:
+    try:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "best_f1": best_f1, "best_step": best_step, "rng": _rng_state()}, path)
+    except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError on a full disk
+        raise StorageError(f"{path}: cannot write it ({str(err)[:200]})") from None
+
+
+def load_training_state(path: Path) -> dict:
+    """The training state saved beside the weights, loaded without running any pickled code:
+    a file that holds anything but tensors and plain values is refused."""
+    import pickle
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; cannot resume from {path.parent.parent}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{path}: refused to load it: not a training state of plain tensors and values "
+                          f"({first[:200]}); was it written by someone else?") from None
+
+
+def restore(state: dict, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, float, int]:
+    """Loads a saved state into `optimizer` and `scheduler` and the random generators; returns
+    (step, best dev F1, its step)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["step"], state["best_f1"], state["best_step"]
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
