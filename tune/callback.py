@@ -9,6 +9,9 @@ workers need no route to the tracking server. Beyond it, it keeps what this proj
 * a retried or resumed trial goes on in its own run: the trial-to-run map is the callback's state,
   which Tune checkpoints with the experiment (`get_state`/`set_state`), and a run is also found by
   its trial-id tag, so no trial ever gets two runs;
+* every retry (--max-failures) is recorded with where the failed attempt ran, its last step and
+  Ray's error: on the run (`softfine.retried_after`) and in the phase's account, which the summary
+  and trials.csv read (`read_retries`);
 * a tracking server that stops answering delays the runs but never the trials: every call goes
   through a queue, retried on later events (at most every `probe_interval` seconds while the
   server is down) and kept in the callback's state; what is still unsent at the end is written
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -35,8 +39,8 @@ log = logging.getLogger("softfine.tune")
 
 ATTEMPT_TAG = "softfine.attempt"  # 2 and more: retried (--max-failures) or resumed (--resume)
 FINAL_KEYS = ("best_dev_f1", "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
-PLACEMENT = ("node_id", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device", "device_note",
-             "resumed_from_step")
+PLACEMENT = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device",
+             "device_note", "resumed_from_step")
 
 
 class MLflowChildRuns(Callback):
@@ -50,6 +54,7 @@ class MLflowChildRuns(Callback):
         self.runs: dict[str, str] = {}  # trial id -> run id
         self.pending: list[dict] = []  # operations the server has not taken yet, in order
         self.failures: list[str] = []
+        self.retries: list[dict] = []  # {trial_id, node_ip, step, error} per retry, in order
         self.client = None
         self.down_since: float | None = None
         self.last_try = 0.0
@@ -58,10 +63,11 @@ class MLflowChildRuns(Callback):
         return {**self.__dict__, "client": None}  # no connection in the Tuner's pickle
 
     def get_state(self) -> dict:
-        return {"runs": self.runs, "pending": self.pending, "failures": self.failures}
+        return {"runs": self.runs, "pending": self.pending, "failures": self.failures, "retries": self.retries}
 
     def set_state(self, state: dict) -> None:
         self.runs, self.pending, self.failures = dict(state["runs"]), list(state["pending"]), list(state["failures"])
+        self.retries = list(state.get("retries", []))  # absent from the state of an older search
 
     def setup(self, **info) -> None:
         import os
@@ -95,7 +101,13 @@ class MLflowChildRuns(Callback):
         self.submit({"op": "end", "trial_id": trial.trial_id, "status": "FINISHED" if finished else "KILLED"})
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.retried_after": _error(trial)}})
+        """A failed trial that Ray will restart from its last checkpoint: where it failed, and why."""
+        last = trial.last_result or {}
+        retry = {"trial_id": trial.trial_id, "node_ip": last.get("node_ip", ""), "step": last.get("step"),
+                 "error": _error(trial)}
+        self.retries.append(retry)
+        self.submit({"op": "tags", "trial_id": trial.trial_id,
+                     "tags": {"softfine.retried_after": describe_retry(retry)}})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.error": _error(trial)}})
@@ -103,7 +115,7 @@ class MLflowChildRuns(Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         self.flush(force=True)
-        write_account(Path(self.folder), self.phase, self.runs, self.pending, self.failures)
+        write_account(Path(self.folder), self.phase, self.runs, self.pending, self.failures, self.retries)
 
     # -- the queue ----------------------------------------------------------------------------
 
@@ -185,9 +197,11 @@ class MLflowChildRuns(Callback):
 RUNS, UNLOGGED = "mlflow_runs.{}.json", "mlflow_unlogged.{}.jsonl"  # per phase: search, seeds
 
 
-def write_account(folder: Path, phase: str, runs: dict, pending: list, failures: list) -> None:
-    """Beside the Ray results: the trials' runs, and what MLflow never took (if anything)."""
-    (folder / RUNS.format(phase)).write_text(json.dumps({"runs": runs, "failures": failures[-100:]}, indent=1))
+def write_account(folder: Path, phase: str, runs: dict, pending: list, failures: list,
+                  retries: list | None = None) -> None:
+    """Beside the Ray results: the trials' runs and retries, and what MLflow never took (if anything)."""
+    (folder / RUNS.format(phase)).write_text(json.dumps({"runs": runs, "failures": failures[-100:],
+                                                         "retries": retries or []}, indent=1))
     unlogged = folder / UNLOGGED.format(phase)
     if pending:
         unlogged.write_text("".join(json.dumps(op, ensure_ascii=False, default=str) + "\n" for op in pending),
@@ -206,11 +220,36 @@ def read_account(folder: Path, phase: str) -> tuple[dict, list, list]:
     return record["runs"], pending, record["failures"]
 
 
+def read_retries(folder: Path, phase: str) -> list[dict]:
+    """The retries of a phase's trials ({trial_id, node_ip, step, error} each), in order."""
+    runs = folder / RUNS.format(phase)
+    return json.loads(runs.read_text()).get("retries", []) if runs.is_file() else []
+
+
+def describe_retry(retry: dict) -> str:
+    """"failed on 10.0.0.2 after step 24: ActorDiedError: ..." (where and when an attempt failed, and why)."""
+    where = f" on {retry['node_ip']}" if retry.get("node_ip") else ""
+    when = f"after step {retry['step']}" if retry.get("step") is not None else "before its first evaluation"
+    return f"failed{where} {when}: {retry['error']}"
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _error(trial) -> str:
-    """The last line of the trial's error (Ray keeps the traceback in its error file)."""
-    error = trial.get_error()
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:4000] if error else "unknown error"
+    """Ray's account of the trial's last failure: the exception's line and what follows it (for
+    ActorDiedError, why the actor died: its process, or its node). Read from the error file in the
+    driver's copy of the trial folder, written just before Tune calls back; its copy in the
+    storage path, which `trial.get_error()` reads, is synced later."""
+    local = Path(trial.error_file) if trial.error_file else None
+    if local is not None and local.is_file():
+        text = local.read_text(encoding="utf-8", errors="replace").rsplit("Failure # ", 1)[-1]
+    else:
+        error = trial.get_error()
+        text = str(error) if error else ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    named = [i for i, line in enumerate(lines) if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    if named:
+        return " ".join(lines[named[-1]:])[:4000]
+    return lines[-1][:4000] if lines else "unknown error"

@@ -27,6 +27,7 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     args = plan.args
     all_rows = rows + seed_rows
     counted = rows if plan.mode == "search" else seed_rows
+    retries = mark_retries(all_rows, folder)
     table = write_table(all_rows, folder / "trials.csv")
     plot = None
     if plan.mode == "search":
@@ -41,8 +42,9 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
                          all_rows, cluster["gpus"]), "soft_labels": plan.base.soft,
                      "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
                      "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
-                     "parent_run_id": parent_run_id, "results": str(folder)}
+                     "parent_run_id": parent_run_id, "results": str(folder), "retries": retries}
     metrics = {"trials_finished": counts["TERMINATED"], "trials_failed": counts["ERROR"],
+               "trials_retried": len({r["trial_id"] for r in retries}),
                "trials_stopped_early": counts["STOPPED"], "search_wall_seconds": seconds,
                "max_trials_at_once": summary["max_trials_at_once"], "gpu_busy_fraction": summary["gpu_busy_fraction"]}
     params: dict = {}
@@ -92,6 +94,18 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     write_json(folder / "summary.json", summary)
     print_summary(plan, summary, rows, seed_rows)
     return summary
+
+
+def mark_retries(rows: list[dict], folder: Path) -> list[dict]:
+    """The phases' retries (--max-failures), each with its trial's point; on the rows, the
+    `retried_after` column: where and when each failed attempt ended, and why."""
+    from softfine_tune.callback import describe_retry, read_retries
+
+    retries = [{**retry, "phase": phase} for phase in ("search", "seeds") for retry in read_retries(folder, phase)]
+    for row in rows:
+        row["retried_after"] = "; ".join(describe_retry(r) for r in retries
+                                         if r["trial_id"] == row["trial_id"] and r["phase"] == row["phase"])
+    return retries
 
 
 def _params(values: dict) -> list:
@@ -201,6 +215,10 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
             out.append(f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
                        + (f"{r['soft_scope']:<7}  " if scope else "")
                        + f"{f1(r['best_dev_f1'])}  {f1(r.get('test_f1')):>7}  {r['status']:<10}  {r['mlflow_run_id']}")
+    for r in [r for r in rows + seed_rows if r.get("retried_after")][:10]:
+        out.append(f"  retried from its last checkpoint: trial {r['trial_id']} ("
+                   + ", ".join(_value(r[k]) for k in keys)
+                   + f", seed {r['seed']}), {r['status']} in the end; {short(r['retried_after'], 400)}")
     for r in [r for r in rows + seed_rows if r["status"] == "ERROR"][:10]:
         out.append(f"  failed: trial {r['trial_id']} (" + ", ".join(_value(r[k]) for k in keys)
                    + f", seed {r['seed']}): {r['error']}")

@@ -39,7 +39,8 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
         for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
             row[key] = metrics.get(key)
         row.update({k: v for k, v in metrics.items() if k.startswith("test_f1_level")})
-        row.update(node_id=metrics.get("node_id", ""), gpu_ids=metrics.get("gpu_ids", ""),
+        row.update(node_id=metrics.get("node_id", ""), node_ip=metrics.get("node_ip", ""),
+                   gpu_ids=metrics.get("gpu_ids", ""),
                    gpu_share=metrics.get("gpu_share", 0.0),
                    trial_start_time=metrics.get("trial_start_time"),
                    # a trial stopped early has no end time of its own: its last report's
