@@ -304,6 +304,21 @@ def test_max_overlap_counts_trials_running_together():
             {"trial_start_time": 10, "trial_end_time": 20}, {"trial_start_time": 11, "trial_end_time": 12}]
     assert results.max_overlap(rows) == 3
 
+def test_busy_fraction_of_the_trial_slots():
+    """GPU searches: the GPU shares trials held; CPU searches: the CPUs Ray reserved per trial."""
+    assert results.slot_resource(0.5) == "gpu" and results.slot_resource(0) == "cpu"
+    two = [{"trial_start_time": 0, "trial_end_time": 10}, {"trial_start_time": 0, "trial_end_time": 10}]
+    assert results.busy_fraction(two, "cpu", 2, 1) == pytest.approx(1.0)  # two slots, both busy throughout
+    assert results.busy_fraction(two, "cpu", 3, 1) == pytest.approx(2 / 3)  # one CPU idle
+    assert results.busy_fraction(two[:1], "cpu", 3, 2) == pytest.approx(2 / 3)  # 2 per trial on 3: one slot
+    staggered = [{"trial_start_time": 0, "trial_end_time": 10}, {"trial_start_time": 10, "trial_end_time": 20}]
+    assert results.busy_fraction(staggered, "cpu", 2, 1) == pytest.approx(0.5)  # one at a time on two slots
+    gpu = [{"trial_start_time": 0, "trial_end_time": 10, "gpu_ids": "0", "gpu_share": 0.5},
+           {"trial_start_time": 0, "trial_end_time": 5, "gpu_ids": "1", "gpu_share": 1.0}]
+    assert results.busy_fraction(gpu, "gpu", 2, 1) == pytest.approx((10 * 0.5 + 5) / (2 * 10))
+    assert results.busy_fraction(gpu, "gpu", 0, 1) is None and results.busy_fraction([], "cpu", 2, 1) is None
+
+
 
 def test_optuna_plots_need_two_finished_trials(tmp_path):
     import optuna

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from softfine_tune.plan import Plan
-from softfine_tune.results import gpu_busy_fraction, max_overlap, seed_stats, write_table
+from softfine_tune.results import busy_fraction, max_overlap, seed_stats, slot_resource, write_table
 from softfine_tune.tracking import COUNT_KEYS, REPO, write_json
 
 log = logging.getLogger("softfine.tune")
@@ -33,20 +33,24 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     if plan.mode == "search":
         plot = plot_dev_f1(rows, folder / "dev_f1_vs_hyperparameters.png",
                            f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per trial", plan.keys)
-    timeline = plot_timeline(all_rows, folder / "occupancy_timeline.png",
-                             f"{plan.name}: trials on the cluster's GPUs ({args.gpus_per_trial:g} GPU per trial)")
+    # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
+    slots = slot_resource(args.gpus_per_trial)
+    per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
+    timeline = plot_timeline(all_rows, folder / "occupancy_timeline.png", f"{plan.name}: trials on the cluster's "
+                             f"{slots.upper()}s ({per_trial:g} {slots.upper()} per trial)")
+    busy_key = f"{slots}_busy_fraction"
     counts = {s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")}
     summary: dict = {"search": plan.name, "mode": plan.mode, "dataset": plan.dataset, "trials": len(counted),
                      **{k.lower().replace(" ", "_"): v for k, v in counts.items()}, "wall_seconds": round(seconds, 1),
-                     "max_trials_at_once": max_overlap(counted), "gpu_busy_fraction": gpu_busy_fraction(
-                         all_rows, cluster["gpus"]), "soft_labels": plan.base.soft,
+                     "max_trials_at_once": max_overlap(counted), "trial_slots": slots, busy_key: busy_fraction(
+                         all_rows, slots, cluster[f"{slots}s"], args.cpus_per_trial), "soft_labels": plan.base.soft,
                      "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
                      "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
                      "parent_run_id": parent_run_id, "results": str(folder), "retries": retries}
     metrics = {"trials_finished": counts["TERMINATED"], "trials_failed": counts["ERROR"],
                "trials_retried": len({r["trial_id"] for r in retries}),
                "trials_stopped_early": counts["STOPPED"], "search_wall_seconds": seconds,
-               "max_trials_at_once": summary["max_trials_at_once"], "gpu_busy_fraction": summary["gpu_busy_fraction"]}
+               "max_trials_at_once": summary["max_trials_at_once"], busy_key: summary[busy_key]}
     params: dict = {}
     if selected is not None:
         summary["selected"] = {k: selected[k] for k in plan.keys}
@@ -192,6 +196,15 @@ def _on(summary: dict, prefix: str, split: str) -> str:
     return f" on {sentences:g} sentences, {entities:g} gold entities"
 
 
+def _busy(summary: dict) -> str:
+    """How busy the trial slots were, for the summary's first line."""
+    slots = summary["trial_slots"]
+    fraction = summary[f"{slots}_busy_fraction"]
+    if fraction is None:
+        return "."
+    return f"; the {slots.upper()}s were busy {fraction:.0%} of the time while trials remained."
+
+
 def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[dict]) -> None:
     def f1(value) -> str:
         return f"{value:.4f}" if isinstance(value, (int, float)) and not math.isnan(value) else "  -   "
@@ -203,8 +216,7 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     out.append(f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {summary['trials']} trials "
                f"({summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed) "
                f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
-               + (f"; the GPUs were busy {summary['gpu_busy_fraction']:.0%} of the time while trials remained."
-                  if summary["gpu_busy_fraction"] is not None else "."))
+               + _busy(summary))
     if plan.mode == "search":
         ranked = sorted([r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))],
                         key=lambda r: (-r["best_dev_f1"], r["trial"]))

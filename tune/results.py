@@ -72,12 +72,16 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def timed(rows: list[dict]) -> list[dict]:
+    """The trials with a start and an end time (a trial that never started has neither)."""
+    return [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in ("trial_start_time", "trial_end_time"))]
+
+
 def max_overlap(rows: list[dict]) -> int:
     """The most trials that ran at the same time (from their start and end times)."""
     events = []
-    for r in rows:
-        if r.get("trial_start_time") and r.get("trial_end_time"):
-            events += [(r["trial_start_time"], 1), (r["trial_end_time"], -1)]
+    for r in timed(rows):
+        events += [(r["trial_start_time"], 1), (r["trial_end_time"], -1)]
     running = most = 0
     for _, change in sorted(events, key=lambda e: (e[0], e[1])):
         running += change
@@ -113,14 +117,33 @@ def seed_stats(rows: list[dict]) -> dict:
             **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS}}
 
 
-def gpu_busy_fraction(rows: list[dict], cluster_gpus: float) -> float | None:
-    """The share of the cluster's GPU-time that trials held while the search had trials left:
-    each trial's GPUs (its share of each of its GPUs) times its duration, over the cluster's GPUs
-    times the span from the first trial's start to the last one's end. None without GPUs."""
-    timed = [r for r in rows if r.get("trial_start_time") and r.get("trial_end_time")]
-    if cluster_gpus <= 0 or not timed:
+def slot_resource(gpus_per_trial: float) -> str:
+    """What a search's trial slots are: GPUs when its trials ask for GPUs (--gpus-per-trial > 0),
+    else CPUs."""
+    return "gpu" if gpus_per_trial > 0 else "cpu"
+
+
+def busy_fraction(rows: list[dict], resource: str, capacity: float, cpus_per_trial: float) -> float | None:
+    """The busy fraction of a search's trial slots: the share of the cluster's slot-time that
+    trials held while the search had trials left, in (0, 1].
+
+    Slot-time is the cluster's amount of the slot resource (`resource`, see slot_resource; `capacity`
+    GPUs or CPUs) times the span from the first trial's start to the last one's end. A trial holds,
+    for its duration, its share of each of its GPUs (Ray's ids and share, from its own results) in a
+    GPU search, and the CPUs Ray reserved for it (--cpus-per-trial) in a CPU search. For CPUs this is
+    the trial-seconds over capacity / cpus_per_trial slots: 1 when that many trials ran all the time;
+    less when a CPU stays idle, also when cpus_per_trial does not divide the CPUs (3 CPUs, 2 per trial:
+    at most 2/3). None without the resource or a timed trial."""
+    ran = timed(rows)
+    if capacity <= 0 or not ran:
         return None
-    span = max(r["trial_end_time"] for r in timed) - min(r["trial_start_time"] for r in timed)
-    held = sum((r["trial_end_time"] - r["trial_start_time"]) * float(r.get("gpu_share") or 0)
-               * len([g for g in str(r.get("gpu_ids") or "").split(",") if g]) for r in timed)
-    return held / (cluster_gpus * span) if span > 0 else None
+    span = max(r["trial_end_time"] for r in ran) - min(r["trial_start_time"] for r in ran)
+
+    def held(row: dict) -> float:
+        if resource == "gpu":
+            return float(row.get("gpu_share") or 0) * len([g for g in str(row.get("gpu_ids") or "").split(",") if g])
+        return cpus_per_trial
+
+    if span <= 0:
+        return None
+    return sum((r["trial_end_time"] - r["trial_start_time"]) * held(r) for r in ran) / (capacity * span)
