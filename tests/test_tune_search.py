@@ -6,7 +6,6 @@ run was created, a tracking server with a password."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, parents, read_summary, run_search,
-                           shared_data_dir, small_search_flags)
+from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, descendants, parents, read_summary, read_trials,
+                           run_search, shared_data_dir, slot_seconds, small_search_flags)
 
 from softfine_tune.space import alphas_key
 
@@ -120,7 +119,14 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert parent.data.params["cluster_nodes"] == "1" and len(parent.data.params["code_version"]) >= 40
     assert json.loads(parent.data.params["grid"])["beta"] == [2.0, 3.0, 4.0]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "dev_f1_vs_hyperparameters.png", "optuna"} <= artifacts
+    assert {"trials.csv", "dev_f1_vs_hyperparameters.png", "optuna", "occupancy_timeline.png"} <= artifacts
+    # A CPU search's occupancy: its trial slots are Ray's 2 CPUs (ray_local) at 0.25 CPU per trial.
+    busy = parent.data.metrics["cpu_busy_fraction"]
+    held, span = slot_seconds(read_trials(tmp_path / "grid36"), lambda r: 0.25)
+    assert 0 < busy <= 1 and busy == pytest.approx(held / (2 * span))
+    assert busy == pytest.approx(summary["cpu_busy_fraction"])
+    assert summary["trial_slots"] == "cpu" and "gpu_busy_fraction" not in parent.data.metrics
+    assert f"the CPUs were busy {busy:.0%} of the time while trials remained" in output
     optuna_files = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {f"optuna/{name}" for name in ("param_importances.png", "slice.png", "contour_beta_gamma.png",
                                           "optimization_history.png", "trials.json")} <= optuna_files
@@ -181,10 +187,12 @@ def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
 
 
 def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
+    # One trial at a time: each one meets ASHA's rungs (epochs 1, 2, 4) after the trials before it,
+    # in the grid's order, so which trials stop does not hang on which one reached a rung first.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code, output = run_search(small_search_flags(
         shared_data_dir(), "--scheduler", "asha", "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "--gamma", "2",
-        "--epochs", "4", "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "asha",
+        "--epochs", "4", "--max-concurrent", "1", "--mlflow-uri", uri, "--experiment-name", "asha",
         "--storage-path", tmp_path / "ray", "--name", "asha"))
     assert code == 0
     (parent,) = parents(uri, "asha")
@@ -192,6 +200,7 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
     assert len(kids) == 4 and {k.info.status for k in kids} <= {"FINISHED", "KILLED"}
     summary = read_summary(tmp_path / "ray", "asha")
     assert summary["terminated"] + summary["stopped"] == 4 and summary["error"] == 0
+    assert summary["stopped"] >= 1 and parent.data.metrics["trials_stopped_early"] == summary["stopped"]
     for kid in kids:
         stopped = kid.info.status == "KILLED"
         assert (kid.data.tags.get("softfine.stopped_early") == "true") == stopped
@@ -203,13 +212,15 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
 
 def kill_the_trial_once(folder: Path, killed: dict) -> None:
     """Kills the trial's process (SIGKILL, as a crash would) once it has reported a checkpoint:
-    the pid comes from the trial's first result (Ray Tune records it with every result)."""
+    the pid comes from the trial's first result (Ray Tune records it with every result), and is
+    one of this test's own processes (Ray started by ray_local)."""
     deadline = time.time() + 240
     while time.time() < deadline and not killed:
         for results in folder.glob("trial_*/result.json"):
             lines = results.read_text().splitlines()
             if lines and list(results.parent.glob("checkpoint_*")):
                 first = json.loads(lines[0])
+                assert first["pid"] in descendants(os.getpid()), first["pid"]
                 os.kill(first["pid"], signal.SIGKILL)
                 killed.update(pid=first["pid"], step=first["step"])
                 return
@@ -247,9 +258,14 @@ def saved_trials(experiment: Path) -> dict:
     """The trials of the search's last experiment snapshot, by trial id."""
     from ray.tune import ExperimentAnalysis
 
+    return {t.trial_id: t for t in ExperimentAnalysis(str(experiment)).trials}
+
+
+def saved_trials_so_far(experiment: Path) -> dict:
+    """saved_trials while the driver runs: none before its first snapshot or while one is written."""
     try:
-        return {t.trial_id: t for t in ExperimentAnalysis(str(experiment)).trials}
-    except Exception:  # no snapshot yet, or one being written
+        return saved_trials(experiment)
+    except Exception:
         return {}
 
 
@@ -258,13 +274,9 @@ def trial_id(run) -> str:
 
 
 def trial_processes() -> list[int]:
-    """Process ids of the Ray workers running a trial on this machine (title ray::ImplicitFunc...)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
-                found.append(int(pid))
-    return found
+    """Process ids of the Ray workers running a trial (title ray::ImplicitFunc...) among this
+    test's own processes (ray_local's Ray is a child of this process)."""
+    return [pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")]
 
 
 def lose_the_named_checkpoint(trial) -> None:
@@ -322,7 +334,7 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
             kids = children(mlflow_server.uri, "killed")
             done = [k for k in kids if k.info.status == "FINISHED"]
             going = [k for k in kids if k.info.status == "RUNNING" and "dev_f1" in k.data.metrics]
-            saved = saved_trials(storage / "killed")  # Ray's view: what a resume starts from
+            saved = saved_trials_so_far(storage / "killed")  # Ray's view: what a resume starts from
             ended = [k for k in done if getattr(saved.get(trial_id(k)), "status", "") == "TERMINATED"]
             checkpointed = [k for k in going if getattr(saved.get(trial_id(k)), "checkpoint", None)]
             if done and len(ended) == len(done) and checkpointed:
@@ -338,18 +350,18 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
     while trial_processes() and time.time() < deadline:
         time.sleep(0.25)
     assert not trial_processes(), "the trial's worker outlived its driver by a minute"
-    # The worst moment to be killed at, every time (unless the trial ended in the last instant).
-    interrupted = next((t for t in saved_trials(storage / "killed").values()
-                        if t.status != "TERMINATED" and t.checkpoint), None)
-    if interrupted:
-        lose_the_named_checkpoint(interrupted)
-        check_mend_on_a_copy(storage / "killed", interrupted, tmp_path / "copy")
+    # The worst moment to be killed at, every time. The driver is gone: its last snapshot must read,
+    # and name the trial that was going on with its checkpoint (it had evaluations left to make).
+    going_on = [t for t in saved_trials(storage / "killed").values() if t.status != "TERMINATED" and t.checkpoint]
+    assert len(going_on) == 1, going_on  # --max-concurrent 1
+    (interrupted,) = going_on
+    lose_the_named_checkpoint(interrupted)
+    check_mend_on_a_copy(storage / "killed", interrupted, tmp_path / "copy")
 
     code, output = run_search(["--resume", "killed", "--storage-path", storage])
     assert code == 0
     assert "resuming search killed" in output
-    if interrupted:
-        assert f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output
+    assert f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output
     (parent,) = parents(mlflow_server.uri, "killed")  # the same parent, not a second one
     kids = children(mlflow_server.uri, "killed", parent.info.run_id)
     assert len(kids) == 4 and len({point(k) for k in kids}) == 4  # no duplicate runs, no repeated points
@@ -358,9 +370,8 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
     for run_id, end_time in finished_before.items():  # finished trials were not run again
         assert by_id[run_id].info.end_time == end_time
         assert by_id[run_id].data.tags["softfine.attempt"] == "1"
-    if interrupted:  # it went on in its run
-        (went_on,) = [k for k in kids if trial_id(k) == interrupted.trial_id]
-        assert int(went_on.data.tags["softfine.attempt"]) >= 2
+    (went_on,) = [k for k in kids if trial_id(k) == interrupted.trial_id]  # it went on in its run
+    assert int(went_on.data.tags["softfine.attempt"]) >= 2
     check_selection(mlflow_server.uri, parent, kids)
     assert parent.info.status == "FINISHED"
     # The command ends with os._exit: what it printed into a pipe (block-buffered) must still arrive.

@@ -8,6 +8,7 @@ Servers listen on 127.0.0.1 only and are stopped by the fixtures that start them
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import os
 import signal
@@ -133,6 +134,24 @@ def stop_group(process: subprocess.Popen, timeout: float) -> None:
         process.wait(timeout=timeout)
 
 
+def descendants(pid: int) -> dict[int, bytes]:
+    """The processes below `pid` (children, theirs, ...) with their command lines, from /proc:
+    tests look for the Ray processes they started there, never among every process of the user."""
+    parent_of, cmdline = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a process may end while read
+            parent_of[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            cmdline[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
+    found: dict[int, bytes] = {}
+    below = [pid]
+    while below:
+        parent = below.pop()
+        for child in [c for c, p in parent_of.items() if p == parent and c not in found]:
+            found[child] = cmdline.get(child, b"")
+            below.append(child)
+    return found
+
+
 def run_search(argv: list[str]) -> tuple[int, str]:
     """tune/search.py's main() in this process (on the Ray instance the test started); returns
     the exit status and what it printed (stdout and stderr)."""
@@ -169,3 +188,17 @@ def read_summary(storage: Path, name: str) -> dict:
     import json
 
     return json.loads((storage / name / "summary.json").read_text())
+
+
+def read_trials(folder: Path) -> list[dict]:
+    """A search's trials.csv, with the trials' start and end times as numbers."""
+    with open(folder / "trials.csv", newline="") as f:
+        return [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
+                for r in csv.DictReader(f)]
+
+
+def slot_seconds(rows: list[dict], held) -> tuple[float, float]:
+    """What trials held of their slots (the sum of duration x held(row)) and the span from the
+    first start to the last end: a search's busy fraction is held / (capacity x span)."""
+    span = max(r["trial_end_time"] for r in rows) - min(r["trial_start_time"] for r in rows)
+    return sum((r["trial_end_time"] - r["trial_start_time"]) * held(r) for r in rows), span
