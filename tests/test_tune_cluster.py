@@ -1,24 +1,27 @@
 """tune/search.py on a simulated multi-node cluster (ray.cluster_utils.Cluster: a head without
 resources and three nodes that declare one GPU each), logging over HTTP to one tracking server.
 
-This machine has no GPU, so torch sees none: the search refuses such GPUs unless told to train
-on CPU where that happens (--allow-cpu-fallback), and a trial that meets one says so."""
+The nodes' GPUs are ones that torch cannot see, on any machine: each node's CUDA_VISIBLE_DEVICES
+is -1, so Ray's GPU id there is -1 and a trial given it sees no CUDA device (on a machine with real
+GPUs too). The search refuses such GPUs unless told to train on CPU where that happens
+(--allow-cpu-fallback), and a trial that meets one says so."""
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import defaultdict
 
 import pytest
 
 from mlflow.tracking import MlflowClient
-from tune_fixtures import MlflowServer, children, parents, run_search, shared_data_dir, small_search_flags
+from tune_fixtures import (MlflowServer, children, parents, read_trials, run_search, shared_data_dir, slot_seconds,
+                           small_search_flags)
 
 from softfine_tune.cluster import choose_device
 from softfine_tune.results import max_overlap
 
 WORKERS = 3
+HIDDEN_GPU = "-1"  # each node's one GPU: an id that CUDA_VISIBLE_DEVICES hides from torch
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,8 @@ def gpu_cluster():
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(WORKERS)]
+    nodes = [cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"CUDA_VISIBLE_DEVICES": HIDDEN_GPU})
+             for _ in range(WORKERS)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     yield [node.node_id for node in nodes]
@@ -40,13 +44,6 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-cluster")).start()
     yield server
     server.stop()
-
-
-def read_trials(folder) -> list[dict]:
-    """The search's trials.csv, with the trials' start and end times as numbers."""
-    with open(folder / "trials.csv", newline="") as f:
-        return [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
-                for r in csv.DictReader(f)]
 
 
 def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlflow_server, tmp_path):
@@ -71,13 +68,13 @@ def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlf
     assert len(kids) == 6
     for kid in kids:  # every trial logged over HTTP from its node, and says where it ran and on what
         assert kid.data.tags["softfine.node_id"] in gpu_cluster
-        assert kid.data.tags["softfine.gpu_ids"] == "0" and kid.data.tags["softfine.device"] == "cpu"
+        assert kid.data.tags["softfine.gpu_ids"] == HIDDEN_GPU and kid.data.tags["softfine.device"] == "cpu"
         assert "torch" in kid.data.tags["softfine.device_note"] and "sees no CUDA device" in kid.data.tags[
             "softfine.device_note"]
     # Occupancy: computed from where the trials really ran, logged as a figure and a metric.
     summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
-    held = sum(r["trial_end_time"] - r["trial_start_time"] for r in rows)  # one whole GPU each
-    span = max(r["trial_end_time"] for r in rows) - min(r["trial_start_time"] for r in rows)
+    held, span = slot_seconds(rows, lambda r: 1)  # one whole GPU each
+    assert summary["trial_slots"] == "gpu" and "cpu_busy_fraction" not in summary  # a GPU search's slots: GPUs
     assert summary["gpu_busy_fraction"] == pytest.approx(held / (WORKERS * span))
     assert 0 < summary["gpu_busy_fraction"] <= 1
     assert parent.data.metrics["gpu_busy_fraction"] == pytest.approx(summary["gpu_busy_fraction"])
@@ -97,13 +94,13 @@ def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlf
     assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
     by_gpu = defaultdict(list)
     for row in rows:
-        assert row["gpu_ids"] == "0" and float(row["gpu_share"]) == 0.5
+        assert row["gpu_ids"] == HIDDEN_GPU and float(row["gpu_share"]) == 0.5
         by_gpu[row["node_id"], row["gpu_ids"]].append(row)
     assert max(max_overlap(lane) for lane in by_gpu.values()) == 2  # trials shared a GPU ...
     assert all(max_overlap(lane) <= 2 for lane in by_gpu.values())  # ... never more than 1 / 0.5 of them
     (parent,) = parents(mlflow_server.uri, "packed")
     for kid in children(mlflow_server.uri, "packed", parent.info.run_id):  # the device is the GPU Ray assigned
-        assert kid.data.tags["softfine.cuda_visible_devices"] == kid.data.tags["softfine.gpu_ids"] == "0"
+        assert kid.data.tags["softfine.cuda_visible_devices"] == kid.data.tags["softfine.gpu_ids"] == HIDDEN_GPU
         assert kid.data.tags["softfine.gpu_share"] == "0.5"
 
 
@@ -139,7 +136,7 @@ def test_a_trial_given_a_gpu_torch_cannot_see_says_so(gpu_cluster):
     remote = ray.remote(num_gpus=1, num_cpus=0)(attempt)
     kind, message = ray.get(remote.remote(False))
     assert kind == "DeviceError"
-    assert "Ray gave this trial GPU 0 on node" in message and "sees no CUDA device" in message
+    assert f"Ray gave this trial GPU {HIDDEN_GPU} on node" in message and "sees no CUDA device" in message
     assert "--gpus-per-trial 0" in message
     device, note = ray.get(remote.remote(True))
     assert device == "cpu" and "sees no CUDA device" in note
