@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_packing(k: int, args: argparse.Namespace) -> list[dict]:
-    command = [sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--shape", "bert-base",
-               "--device", "cuda", "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+    command = [sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--shape", args.shape,
+               "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--warmup", str(args.warmup)] + (["--data-dir", args.data_dir] if args.data_dir else [])
     trials = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(k)]
     results = []
@@ -51,13 +51,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="timed steps per trial")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per trial first")
     parser.add_argument("--data-dir")
+    parser.add_argument("--shape", choices=["tiny", "bert-base"], default="bert-base")
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check this script's plumbing")
     args = parser.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_packing: needs a CUDA GPU (torch sees none); CPU figures come from train_throughput.py")
     per_epoch = epoch_chars(args.data_dir)
-    print(f"{torch.cuda.get_device_name()}, bf16, bert-base shape, Weibo ({per_epoch} training characters an "
+    card = torch.cuda.get_device_name() + ", bf16" if args.device.startswith("cuda") else "CPU"
+    print(f"{card}, {args.shape} shape, Weibo ({per_epoch} training characters an "
           f"epoch), batch {args.batch_size}")
     print(f"{'trials/GPU':>10} {'chars/s (sum)':>14} {'trial-epochs/h':>15} {'chars/s per trial':>18} "
           f"{'peak MiB per trial':>19}")

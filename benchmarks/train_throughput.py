@@ -103,7 +103,7 @@ def main() -> None:
     table = labels.soft_targets(config.beta, config.gamma).to(device)
     loss = forward_loss(model, table, config)
     loss = compile_step(loss, device) if config.compile else loss
-    multiple = pad_multiple(config.pad_multiple, device)
+    multiple = pad_multiple(config.pad_multiple, device, config.compile)
     lengths: set[int] = set()
 
     def batches():

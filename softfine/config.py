@@ -97,7 +97,7 @@ class TrainConfig:
                                                     "times a step waits to read the loss)")
     pad_multiple: Optional[Annotated[int, Field(ge=0, le=512)]] = option(
         None, "pad each batch to a multiple of N tokens and to full rows, so a GPU sees a few shapes; 0 pads to "
-        "the batch's longest window (default: 64 on CUDA, 0 on CPU)")
+        "the batch's longest window (default: 64 on CUDA or with --compile, else 0)")
     attention: Literal[ATTENTION] = option(
         "auto", "attention kernel on CUDA: auto (memory-efficient; cuDNN's builds a plan per new shape), "
         "efficient, cudnn or math")

@@ -60,15 +60,15 @@ def attention_kernels(device: torch.device, choice: str = "auto"):
     return sdpa_kernel(list(dict.fromkeys([first, SDPBackend.MATH])), set_priority=True)
 
 
-def pad_multiple(configured: int | None, device: torch.device) -> int:
+def pad_multiple(configured: int | None, device: torch.device, compiled: bool = False) -> int:
     """Tokens a batch's length is padded to a multiple of (0: the batch's longest window).
 
-    On a GPU every new shape costs host time (attention plans, compiled graphs), so batches take
-    a few lengths and full rows; on a CPU padding is compute, so batches stay as long as their
-    longest window."""
+    On a GPU, or for a compiled step, every new shape costs host time (attention plans, a new
+    graph), so batches take a few lengths and full rows; an eager step on a CPU pays for padding
+    in compute, so its batches stay as long as their longest window."""
     if configured is not None:
         return configured
-    return GPU_PAD_MULTIPLE if device.type == "cuda" else 0
+    return GPU_PAD_MULTIPLE if device.type == "cuda" or compiled else 0
 
 
 def compile_step(fn: Callable, device: torch.device) -> Callable:

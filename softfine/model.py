@@ -46,7 +46,10 @@ class SoftFiNEModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (features, logits): the encoder's last hidden states and the label scores."""
-        features = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # The mask as SDPA takes it, (batch, 1, 1, length): from the 2D mask transformers would
+        # first ask whether any position is padding, which makes a GPU step wait for the host.
+        mask = attention_mask[:, None, None, :].bool()
+        features = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         return features, self.net.classifier(self.net.dropout(features))
 
 

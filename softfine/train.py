@@ -120,7 +120,7 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
             on_evaluate(metrics, str(out))
         running.update(dict.fromkeys(running, 0.0))
 
-    multiple = pad_multiple(config.pad_multiple, device)
+    multiple = pad_multiple(config.pad_multiple, device, config.compile)
     loss = forward_loss(model, soft_table, config)
     if config.compile:
         loss = compile_step(loss, device)

@@ -1,0 +1,138 @@
+"""The training step as a GPU needs it (issue 17): no value read inside a step, a few padded
+lengths, padding that changes no loss and no prediction, and a compiled step that trains as the
+eager one does."""
+
+import json
+
+import pytest
+import torch
+
+from softfine.batches import Split, encode, load_splits, train_loader
+from softfine.config import TrainConfig, make_config
+from softfine.data import categories
+from softfine.device import attention_kernels, pad_multiple
+from softfine.evaluate import predict_tags
+from softfine.labels import LabelSpace
+from softfine.model import CharIds, SoftFiNEModel, load_checkpoint, random_model
+from softfine.train import forward_loss, train
+
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128)
+
+
+def tiny_config(data_dir, out, **overrides) -> TrainConfig:
+    # 45 sentences at batch 8: the last batch of an epoch is short, so padding rows are exercised
+    values = dict(dataset="resume", data_dir=str(data_dir), model="tiny", tiny_layers=1, tiny_hidden=64, epochs=2,
+                  batch_size=8, lr=1e-3, limit_train=45, limit_eval=40, out=str(out), seed=7, dropout=0.0,
+                  log_every=0, eval_every=3)
+    values.update(overrides)
+    return make_config(values)
+
+
+def test_a_step_reads_no_value_from_the_device():
+    # On meta tensors nothing has a value: an op that needs one (boolean indexing, `if mask.all()`,
+    # .item()) raises. What runs here runs on a GPU without the host waiting for it.
+    labels = LabelSpace.from_categories(["ORG", "PER"])
+    _, net = random_model("abcdefg", labels, 0.1, SHAPE)
+    model = SoftFiNEModel(net).to("meta").train()
+    loss = forward_loss(model, labels.soft_targets(3.0, 2.0).to("meta"), TrainConfig(model="tiny", dataset="resume"))
+    ids = torch.zeros(4, 64, dtype=torch.long, device="meta")
+    parts = loss(ids, ids, ids, ids)
+    parts["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    assert set(parts) == {"loss", "loss_soft", "loss_aug", "loss_fea"}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(NotImplementedError):  # what the step did before: logits[chars]
+        parts["loss"].new_zeros(4, 8)[ids[:, :8].ne(-100)]
+
+
+def test_weibo_batches_take_a_few_lengths_and_full_rows(data_dir):
+    config = make_config(dict(dataset="weibo", data_dir=str(data_dir), model="tiny", batch_size=16))
+    sentences = load_splits(config, ["train"])["train"]
+    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    tokenizer, _ = random_model((c for s in sentences for c in s.chars), labels, 0.1, SHAPE)
+    examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
+
+    def shapes(multiple: int) -> set[tuple[int, int]]:
+        return {tuple(b["input_ids"].shape) for b in train_loader(examples, 16, config.seed, 0, False, multiple)}
+
+    bucketed, dynamic = shapes(pad_multiple(None, torch.device("cuda"))), shapes(0)
+    assert len({length for _, length in bucketed}) <= 8 and {rows for rows, _ in bucketed} == {16}
+    assert all(length % 64 == 0 for _, length in bucketed)
+    assert len({length for _, length in dynamic}) > 20  # what a GPU saw before: a new shape every few steps
+
+
+def test_padding_changes_no_loss_and_no_gradient(data_dir):
+    # One batch of real Resume windows (5 of them: 3 padding rows at batch 8), the loss and its
+    # gradients at its own length and padded to multiples of 64: the same up to float rounding.
+    config = make_config(dict(dataset="resume", data_dir=str(data_dir), model="tiny", limit_train=5))
+    sentences = load_splits(config, ["train"])["train"]
+    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    no_dropout = dict(SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokenizer, net = random_model((c for s in sentences for c in s.chars), labels, 0.0, no_dropout)
+    model = SoftFiNEModel(net).train()
+    loss = forward_loss(model, labels.soft_targets(3.0, 2.0), config)
+    examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
+    results = []
+    for multiple in (0, 64):
+        batch = next(iter(train_loader(examples, 8, 0, 0, False, multiple)))
+        model.zero_grad()
+        parts = loss(batch["input_ids"], batch["aug_ids"], batch["attention_mask"], batch["label_ids"])
+        parts["loss"].backward()
+        results.append((batch["input_ids"].shape, parts, [p.grad.clone() for p in model.parameters()]))
+    (short, plain, plain_grads), (padded, bucketed, bucketed_grads) = results
+    assert short[0] == 5 and padded[0] == 8 and padded[1] % 64 == 0 and short[1] < padded[1]
+    for key in plain:
+        assert bucketed[key].item() == pytest.approx(plain[key].item(), rel=1e-5), key
+    assert plain["loss_aug"].item() > 0 and plain["loss_fea"].item() > 0
+    for a, b in zip(plain_grads, bucketed_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_padding_changes_no_prediction(data_dir, tmp_path):
+    train(tiny_config(data_dir, tmp_path / "run"))
+    model, tokenizer, labels, settings = load_checkpoint(tmp_path / "run" / "best")
+    sentences = load_splits(tiny_config(data_dir, tmp_path), ["dev"])["dev"]
+    split = Split(sentences, encode(sentences, CharIds(tokenizer), labels, settings["max_length"]))
+    tags = {m: predict_tags(model, split, labels, torch.device("cpu"), batch_size=16, multiple=m) for m in (0, 32, 64)}
+    assert sum(t != "O" for s in tags[0] for t in s) > 0  # an entity predicted: something to compare
+    assert len(tags[0]) == 40 and tags[0] == tags[32] == tags[64]
+
+
+def test_the_step_compiles_as_one_graph_and_computes_the_same_loss(data_dir):
+    # fullgraph: dynamo refuses any graph break (a value read, an unsupported op) in the forward
+    # pass and the loss; aot_eager also traces the backward, without inductor's slow CPU codegen.
+    config = make_config(dict(dataset="resume", data_dir=str(data_dir), model="tiny", limit_train=8))
+    sentences = load_splits(config, ["train"])["train"]
+    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    no_dropout = dict(SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    tokenizer, net = random_model((c for s in sentences for c in s.chars), labels, 0.0, no_dropout)
+    model = SoftFiNEModel(net).train()
+    loss = forward_loss(model, labels.soft_targets(3.0, 2.0), config)
+    batch = next(iter(train_loader(encode(sentences, CharIds(tokenizer), labels, 512), 8, 0, 0, False, 64)))
+    tensors = [batch[k] for k in ("input_ids", "aug_ids", "attention_mask", "label_ids")]
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=False)
+    eager_parts, compiled_parts = loss(*tensors), compiled(*tensors)
+    compiled_parts["loss"].backward()
+    for key in eager_parts:
+        assert compiled_parts[key].item() == pytest.approx(eager_parts[key].item(), rel=1e-5), key
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_train_with_compile(data_dir, tmp_path):
+    # torch.compile with inductor on this CPU: one padded length (64) for the 2 steps and the evaluations
+    settings = dict(epochs=1, eval_every=0, limit_train=16, limit_eval=8, pad_multiple=64)
+    eager = train(tiny_config(data_dir, tmp_path / "eager", **settings))
+    compiled = train(tiny_config(data_dir, tmp_path / "compiled", compile=True, **settings))
+    a, b = (json.loads((tmp_path / run / "metrics.jsonl").read_text()) for run in ("eager", "compiled"))
+    assert b["step"] == a["step"] == 2
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    assert compiled["test_sentences"] == eager["test_sentences"] == 8
+
+
+def test_attention_kernels_are_a_choice():
+    with attention_kernels(torch.device("cpu"), "cudnn"):  # nothing to choose on a CPU
+        pass
+    from softfine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--attention 'flash'"):
+        attention_kernels(torch.device("cpu"), "flash")
