@@ -58,10 +58,16 @@ LOCAL_YAML = REPO / "cluster" / "local.yaml"
 VENV = Path(sys.prefix)  # this checkout's virtual environment: the head's ~/softfine-venv
 RAY = str(Path(sys.executable).with_name("ray"))
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 EXPERIMENT = "softfine-ray-up"
 SEARCH_NAME = "ray-up"
 ALPHAS = ("0.1,0.1", "0.01,0.005")
 DEFAULT_PORTS = ("6379", "8265", "10001", "52365", "5000")  # GCS, dashboard, client, agent, MLflow
+# `ray up` as cluster/README.md runs it: with Ray's autoscaler v1 on the head. Ray 2.60's `ray up`
+# starts v2 by default, which never sets up the workers of the local provider (tests/test_two_nodes.py:
+# it logs "Adding 1 node(s)" every 5 s and launches none; v1 records the head in the provider's state
+# on the head first, v2 does not).
+RAY_UP_ENV = {"RAY_UP_enable_autoscaler_v2": "0"}
 
 # ssh's ProxyCommand: stdin/stdout <-> a TCP connection. Ray's local provider has no SSH port
 # setting (auth: ssh_user, ssh_private_key, ssh_proxy_command), so this carries the connection to
@@ -82,13 +88,46 @@ while data := conn.recv(1 << 16):
 """
 
 
+# A node's namespace, set up before sshd replaces the shell as its first process: /tmp/ray is the
+# node's own folder ($1), /etc/ssh/ssh_config the node's ($2, if given).
+NODE_SCRIPT = """set -e
+mkdir -p /tmp/ray
+mount --bind "$1" /tmp/ray
+if [ -n "$2" ]; then mount --bind "$2" /etc/ssh/ssh_config; fi
+shift 2
+exec "$@"
+"""
+
+
+def processes_below(pid: int) -> dict[int, str]:
+    """The processes below `pid` (children, theirs, ...) with their command lines, from /proc: the
+    test finds the Ray processes it started there, never among every process of the user."""
+    parent_of, cmdline = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a process may end while read
+            parent_of[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            cmdline[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace").strip()
+    found: dict[int, str] = {}
+    below = [pid]
+    while below:
+        parent = below.pop()
+        for child in [c for c, p in parent_of.items() if p == parent and c not in found]:
+            found[child] = cmdline.get(child, "")
+            below.append(child)
+    return found
+
+
 def needed_tools() -> None:
-    """sshd, rsync and Ray's full dashboard: skipped where absent, but a failure in CI (.ci/run
-    installs them)."""
+    """sshd, rsync, Ray's full dashboard, and namespaces for the nodes (root and util-linux's
+    unshare): skipped where absent, but a failure in CI (.ci/run installs them, as root)."""
     tools = (("sshd", SSHD, "apt-get install -y openssh-server"),
-             ("rsync", shutil.which("rsync"), "apt-get install -y rsync"))
+             ("rsync", shutil.which("rsync"), "apt-get install -y rsync"),
+             ("unshare", UNSHARE, "apt-get install -y util-linux"))
     missing = [f"{name} is not installed ({how})" for name, path, how in tools
                if not path or not os.access(path, os.X_OK)]
+    if os.geteuid() != 0:  # a PID and mount namespace per node (Sshd) takes CAP_SYS_ADMIN
+        missing.append("the nodes' namespaces (unshare --pid --mount) need root")
     try:  # what `ray job submit` talks to: the dashboard's Jobs API, absent from the minimal dashboard
         import ray.dashboard.optional_deps  # noqa: F401
     except ImportError as err:
@@ -130,25 +169,37 @@ def tail(text: str | bytes, n: int = 6000) -> str:
 
 
 class Sshd:
-    """OpenSSH's sshd as the current user on 127.0.0.1:port, in the foreground (-D), for one
-    client key; sessions get HOME=home."""
+    """A node: OpenSSH's sshd as the current user on address:port, in the foreground (-D), for one
+    client key (its own, or `key` shared with another node); sessions get HOME=home.
 
-    def __init__(self, folder: Path, home: Path, port: int):
-        self.folder, self.home, self.port = folder, home, port
+    sshd is the first process of a PID and mount namespace of its own (`unshare`), as if it were
+    a machine of its own: what runs in its sessions sees only the node's processes (so the `ray
+    stop` of cluster/local.yaml's commands and of `ray down` stops this node's Ray and nothing else
+    of the user's), has /tmp/ray in `folder`/tmp-ray (Ray's sessions, per node as on separate
+    machines) and, with `ssh_config`, that text as /etc/ssh/ssh_config (how the head reaches a
+    worker's sshd port). Stopping it ends every process started in it: the kernel kills a PID
+    namespace's processes when its first one exits."""
+
+    def __init__(self, folder: Path, home: Path, port: int, address: str = "127.0.0.1", key: Path | None = None,
+                 ssh_config: str | None = None):
+        self.folder, self.home, self.port, self.address = folder, home, port, address
         self.user = pwd.getpwuid(os.getuid()).pw_name
-        self.key = folder / "client_key"
+        self.key = key or folder / "client_key"
+        self.ssh_config = ssh_config
         self.proxy = folder / "ssh_proxy.py"
         self.log_path = folder / "sshd.log"
+        self.tmp_ray = folder / "tmp-ray"  # the node's /tmp/ray
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> Sshd:
         self.folder.mkdir(parents=True)
         self.home.mkdir(parents=True)
-        for key in ("host_key", "client_key"):
+        self.tmp_ray.mkdir()
+        for key in ("host_key", "client_key") if self.key == self.folder / "client_key" else ("host_key",):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"softfine-test-{key}",
                             "-f", str(self.folder / key)], check=True, capture_output=True)
         authorized = self.folder / "authorized_keys"
-        authorized.write_text((self.folder / "client_key.pub").read_text())
+        authorized.write_text(self.key.with_suffix(".pub").read_text())
         authorized.chmod(0o600)
         self.proxy.write_text(PROXY)
         if re.search(r"[\s'\"\\]", f"{sys.executable}{self.proxy}"):
@@ -156,7 +207,7 @@ class Sshd:
                         f"{self.proxy_command()}")
         config = self.folder / "sshd_config"
         config.write_text("\n".join([
-            f"ListenAddress 127.0.0.1:{self.port}",
+            f"ListenAddress {self.address}:{self.port}",
             f"HostKey {self.folder / 'host_key'}",
             f"PidFile {self.folder / 'sshd.pid'}",
             f"AuthorizedKeysFile {authorized}",
@@ -183,28 +234,44 @@ class Sshd:
         checked = subprocess.run([SSHD, "-t", "-f", str(config)], check=False, capture_output=True, text=True)
         if checked.returncode != 0:
             pytest.fail(f"sshd refuses the test's configuration: {checked.stderr.strip()}")
+        ssh_config = ""
+        if self.ssh_config is not None:
+            ssh_config = str(self.folder / "ssh_config")
+            Path(ssh_config).write_text(self.ssh_config)
         self.log = open(self.log_path, "ab")
-        # An absolute path: sshd re-executes itself for every connection.
-        self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=self.log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        listening = f"Server listening on 127.0.0.1 port {self.port}"
+        # An absolute path: sshd re-executes itself for every connection. --kill-child: the
+        # namespace (sshd first) goes with unshare; the mounts stay inside it (private propagation).
+        self.process = subprocess.Popen(
+            [UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc", "--", "sh", "-c", NODE_SCRIPT, "node",
+             str(self.tmp_ray), ssh_config, SSHD, "-D", "-e", "-f", str(config)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        listening = f"Server listening on {self.address} port {self.port}"
         deadline = time.time() + timeout
         while listening not in self.log_path.read_text(errors="replace"):
             if self.process.poll() is not None:
                 self.fail(f"sshd exited with status {self.process.returncode}")
             if time.time() > deadline:
-                self.fail(f"sshd did not listen on 127.0.0.1:{self.port} within {timeout} s")
+                self.fail(f"sshd did not listen on {self.address}:{self.port} within {timeout} s")
             time.sleep(0.2)
-        # In, with the client key, the way Ray connects, and the session's HOME is the test's.
+        # In, with the client key, the way Ray connects; the session's HOME is the test's, and it
+        # sees only the node's processes (sshd, the session's shell and ps: never 4 or more).
         try:
-            login = subprocess.run(["ssh", *self.options(), "-o", "ConnectTimeout=30", f"{self.user}@127.0.0.1",
-                                    "echo $HOME"], check=False, capture_output=True, text=True, timeout=60)
+            login = subprocess.run(["ssh", *self.options(), "-o", "ConnectTimeout=30", f"{self.user}@{self.address}",
+                                    "echo $HOME; ps -e -o pid= | wc -l"], check=False, capture_output=True, text=True,
+                                   timeout=60)
         except subprocess.TimeoutExpired:
             self.fail("ssh to the test's sshd did not finish within 60 s")
-        if login.returncode != 0 or login.stdout.strip() != str(self.home):
+        home, _, processes = login.stdout.strip().partition("\n")
+        if login.returncode != 0 or home != str(self.home):
             self.fail(f"ssh to the test's sshd failed (status {login.returncode}, printed {login.stdout!r}): "
                       f"{login.stderr.strip()}")
+        if not processes.strip().isdigit() or int(processes) > 8:
+            self.fail(f"the node's sessions see {processes.strip()!r} processes: not a PID namespace of its own")
         return self
+
+    def processes(self) -> dict[int, str]:
+        """The node's processes (pid as this test sees them: command line)."""
+        return processes_below(self.process.pid) if self.process is not None else {}
 
     def proxy_command(self) -> str:
         return f"{sys.executable} {self.proxy} %h {self.port}"
@@ -219,8 +286,8 @@ class Sshd:
         pytest.fail(f"{message}; sshd's log:\n{tail(self.log_path.read_bytes())}")
 
     def stop(self) -> None:
-        """Stops the listener and whatever connections it still serves (its process group: sshd
-        was started in a session of its own; the users' sessions make their own)."""
+        """Stops the node: unshare and sshd (their process group), and with them every process of
+        the node's namespace (the SSH sessions, and whatever Ray or MLflow left running)."""
         if self.process is None:
             return
         stop_group(self.process, timeout=10)
@@ -278,11 +345,18 @@ def head_only_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], name: st
     return config
 
 
+def ray_cli_env() -> dict[str, str]:
+    """The environment of the test's Ray commands: no MLflow or Ray address of the user's, and the
+    v1 autoscaler on the head (RAY_UP_ENV)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **RAY_UP_ENV)
+    return env
+
+
 def run(command: list[str], *, timeout: float, log: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Runs a Ray CLI command from the repository root; its output (stdout and stderr) also goes to
     `log`, and a timeout is a test failure that shows it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env = ray_cli_env()
     started = time.time()
     try:
         done = subprocess.run(command, check=False, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -322,19 +396,19 @@ def mlflow_health(port: int) -> bool:
     return False
 
 
-def tear_down(config_path: Path, home: Path, name: str, log: Path) -> subprocess.CompletedProcess:
-    """`ray down -y`, then what Ray does not stop: the tracking server that head_start_ray_commands
-    started, and the local provider's record of the cluster. Never raises: every step runs."""
+STOP_MLFLOW = "~/softfine-tune/mlflow/server.sh --stop --store ~/softfine-mlflow"  # as cluster/README.md does
+
+
+def tear_down(config_path: Path, name: str, folder: Path) -> subprocess.CompletedProcess:
+    """What cluster/README.md does at the end: the tracking server that head_start_ray_commands
+    started stopped on the head (`ray exec`: Ray does not stop it), then `ray down -y`; then the
+    local provider's record of the cluster. Never raises: every step runs."""
+    with contextlib.suppress(Exception, pytest.fail.Exception):
+        run([RAY, "exec", str(config_path), STOP_MLFLOW], timeout=120, log=folder / "stop-mlflow.log")
     try:
-        down = run([RAY, "down", "-y", str(config_path)], timeout=120, log=log)
+        down = run([RAY, "down", "-y", str(config_path)], timeout=120, log=folder / "down.log")
     except (Exception, pytest.fail.Exception) as err:  # reported by the assertion on its status
         down = subprocess.CompletedProcess(["ray", "down"], returncode=-1, stdout=f"ray down: {err!r}")
-    store = home / "softfine-mlflow"
-    with contextlib.suppress(Exception):
-        if (store / "server.pid").exists():  # stopped by the head's copy of the script that started it
-            subprocess.run([str(home / "softfine-tune" / "mlflow" / "server.sh"), "--stop", "--store", str(store)],
-                           check=False, env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
-                           timeout=60)
     for suffix in ("state", "lock"):
         with contextlib.suppress(OSError):
             Path(f"/tmp/ray/cluster-{name}.{suffix}").unlink()
@@ -419,7 +493,7 @@ def test_ray_up_runs_a_search_on_local_yaml_and_ray_down_stops_it(tmp_path):
                 {tuple(float(x) for x in a.split(",")) for a in ALPHAS}
             assert (mlflow_store / "mlflow.db").is_file()  # written by the server that `ray up` started
         finally:
-            down = tear_down(config_path, home, name, tmp_path / "down.log")
+            down = tear_down(config_path, name, tmp_path)
         assert down.returncode == 0, tail(down.stdout)  # `ray down` itself went well
         deadline = time.time() + 30
         while answers(ports["gcs"]) and time.time() < deadline:
