@@ -238,18 +238,20 @@ def _number(value) -> bool:
 
 
 def _error(trial) -> str:
-    """Ray's account of the trial's last failure: the exception's line and what follows it (for
-    ActorDiedError, why the actor died: its process, or its node). Read from the error file in the
-    driver's copy of the trial folder, written just before Tune calls back; its copy in the
-    storage path, which `trial.get_error()` reads, is synced later."""
+    """Ray's account of the trial's last failure (Tune writes `str(error)`): from the last line that
+    names an exception on, or all of it. Read from the error file in the driver's copy of the trial
+    folder, written just before Tune calls back; its copy in the storage path, which
+    `trial.get_error()` reads, is synced later."""
     local = Path(trial.error_file) if trial.error_file else None
     if local is not None and local.is_file():
-        text = local.read_text(encoding="utf-8", errors="replace").rsplit("Failure # ", 1)[-1]
+        last = local.read_text(encoding="utf-8", errors="replace").rsplit("Failure # ", 1)[-1]
+        text = last.partition("\n")[2]  # without its "Failure # N (occurred at ...)" line
     else:
         error = trial.get_error()
         text = str(error) if error else ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    named = [i for i, line in enumerate(lines) if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
-    if named:
-        return " ".join(lines[named[-1]:])[:4000]
-    return lines[-1][:4000] if lines else "unknown error"
+    named = [i for i, line in enumerate(lines)
+             if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    # A RayTaskError's text is the trial's traceback, whose last named exception is the cause;
+    # an actor's error (ActorDiedError, ActorUnavailableError) is Ray's message alone, kept whole.
+    return " ".join(lines[named[-1] if named else 0:])[:4000] or "unknown error"

@@ -178,8 +178,8 @@ def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
 
 
 def placement(allow_cpu_fallback: bool) -> dict:
-    """The trial's node (id and address), host, GPUs (Ray's ids, comma-separated; CUDA_VISIBLE_DEVICES,
-    which Ray sets to them, makes `cuda` that GPU), its share of them, and its device, for its results. A
+    """The trial's node, host, GPUs (Ray's ids, comma-separated; CUDA_VISIBLE_DEVICES, which Ray
+    sets to them, makes `cuda` that GPU), its share of them, and its device, for its results. A
     trial with a fraction of a GPU may use that fraction of its memory, no more, so that the trials
     packed on one GPU (--gpus-per-trial 0.25) cannot starve each other."""
     import ray
@@ -189,7 +189,6 @@ def placement(allow_cpu_fallback: bool) -> dict:
     share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     if device == "cuda" and 0 < share < 1:
         torch.cuda.set_per_process_memory_fraction(share, 0)
-    # node_ip: the node's address in the cluster (several nodes may share a hostname)
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-            "hostname": socket.gethostname(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())), "gpu_share": share,
-            "device": device, "device_note": note, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "gpu_ids": ",".join(map(str, ray.get_gpu_ids())), "gpu_share": share, "device": device,
+            "device_note": note, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
