@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
 import types
 import typing
@@ -64,6 +65,56 @@ def given_values(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:
     from .config import FIELDS
 
     return {k: v for k, v in vars(args).items() if k in FIELDS and k not in exclude}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text the shell gave: UTF-8 (Python holds other bytes as lone surrogates, which would reach the
+# model or a file name) and not empty (an empty --data-dir must not mean "the default one").
+
+WANTED = {"data_dir": "a directory", "out": "a directory", "model": "a Hugging Face name, a local directory or tiny",
+          "config": "a YAML file", "checkpoint": "a checkpoint directory", "label_separator": "a separator",
+          "text": "a text to tag"}
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
+    """dest -> (the flag as a user writes it, whether it may be left out), every subcommand's too."""
+    names: dict[str, tuple[str, bool]] = {}
+    for action in parser._actions:  # argparse has no public listing of a parser's arguments
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for dest, name in flag_names(sub).items():
+                    names.setdefault(dest, name)
+        elif action.option_strings:
+            names.setdefault(action.dest, (max(action.option_strings, key=len), not action.required))
+        else:
+            names.setdefault(action.dest, (action.metavar or action.dest, False))
+    return names
+
+
+def check_text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                         error: type[Exception] = ConfigError) -> None:
+    """Every text value given on the command line is valid UTF-8 and not empty; else `error`,
+    naming the flag (or the positional argument and its number)."""
+    names = flag_names(parser)
+    for dest, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        for number, text in enumerate(values, 1):
+            if not isinstance(text, str):
+                continue
+            flag, optional = names.get(dest, (f"--{dest.replace('_', '-')}", True))
+            if dest == "text":  # predict's texts, one argument each
+                flag = f"text {number}"
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                byte = text[err.start].encode("utf-8", "surrogateescape")[0]
+                raise error(f"{flag} '{shown}': not valid UTF-8 (byte 0x{byte:02x} at character {err.start + 1}); "
+                            "give UTF-8 text (check the terminal's or the file's encoding)") from None
+            if not text:
+                what = WANTED.get(dest, "a value")
+                either = ", or" if " or " in what else " or"
+                raise error(f"{flag} '': empty; give {what}" + (f"{either} leave the flag out" if optional else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +232,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         texts = args.text
     else:
         try:
-            texts = [line.rstrip("\n") for line in sys.stdin.buffer.read().decode("utf-8").split("\n") if line.strip()]
+            # One text a line, whatever the line ends ("\n", "\r\n", "\r"): a "\r" left at a text's end
+            # would be echoed back and fed to the model as one more character.
+            lines = re.split(r"\r\n|\r|\n", sys.stdin.buffer.read().decode("utf-8"))
+            texts = [line for line in lines if line.strip()]
         except UnicodeDecodeError as err:
             raise ConfigError(f"standard input: not UTF-8 text (byte {err.start}); give UTF-8 text, one per line") from None
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
@@ -203,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="download datasets, print their statistics")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     download = data_commands.add_parser("download", help="fetch a dataset from its public origin, checksummed")
-    download.add_argument("name", help="weibo, resume or fine")
+    download.add_argument("name", metavar="dataset", help="weibo, resume or fine")
     download.add_argument("--data-dir", help="data directory (default: $SOFTFINE_DATA_DIR, else ~/.cache/softfine/data)")
     download.add_argument("--mirror", help="base URL of a mirror laid out like the data directory "
                           "(MIRROR/NAME/FILE) instead of the public origin")
@@ -214,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(func=cmd_data_download)
     stats = data_commands.add_parser("stats", help="per split: sentences, average characters, average entities, "
                                      "categories (the paper's Table 1)")
-    stats.add_argument("name")
+    stats.add_argument("name", metavar="dataset", help="weibo, resume, ontonotes4 or fine")
     stats.add_argument("--data-dir")
     stats.add_argument("--strict", action="store_true", help="stop at the first data problem")
     stats.add_argument("--json", action="store_true")
@@ -262,10 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        check_text_arguments(parser, args)
         args.func(args)
     except SoftFiNEError as err:
         return fail(err, args.verbose)

@@ -163,11 +163,28 @@ def validation_error(err: ValidationError, where: Callable[[str], str]) -> Confi
 # ---------------------------------------------------------------------------------------------
 # YAML: YAML 1.2 numbers (PyYAML follows YAML 1.1, where `1e-3` is a string), no nulls.
 
+class DuplicateKey(Exception):
+    def __init__(self, first: tuple, line: int, key):
+        same = f"key {key!r} is written twice" if key == first[0] else f"keys {first[0]!r} and {key!r} name one option"
+        super().__init__(f"{same} (lines {first[1]} and {line}); keep one")
+
+
 def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of a key written twice; a config that says two things is refused.
+            # `-` and `_` spell one option; keys merged in with `<<` may be overridden.
+            seen = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    name = key.replace("-", "_") if isinstance(key, str) else key
+                    if name in seen:
+                        raise DuplicateKey(seen[name], key_node.start_mark.line + 1, key)
+                    seen[name] = (key, key_node.start_mark.line + 1)
+            return super().construct_mapping(node, deep)
 
     Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver(
@@ -188,6 +205,8 @@ def read_yaml(path: str | Path, what: str = "--config") -> dict:
         raise ConfigError(f"{what} {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
     try:
         values = yaml.load(text, Loader=_yaml_loader()) or {}
+    except DuplicateKey as err:
+        raise ConfigError(f"{what} {path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f", line {mark.line + 1}" if mark else ""
@@ -198,13 +217,16 @@ def read_yaml(path: str | Path, what: str = "--config") -> dict:
 
 
 def config_values(values: Mapping[str, Any], path: str | Path, what: str = "--config") -> dict:
-    """Option names of a YAML mapping with `-` read as `_`; a null is refused (leave the key out
-    to get the default)."""
+    """Option names of a YAML mapping with `-` read as `_`; a null or an empty string is refused
+    (leave the key out to get the default)."""
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if value is None:
             raise ConfigError(f"{what} {path}: key {key!r} is null; give a value or leave the key out for the default")
+        if isinstance(value, str) and not value:  # data_dir: "" is not "the default data directory"
+            raise ConfigError(f"{what} {path}: key {key!r} is '' (empty); give a value or leave the key out for the "
+                              "default")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{what} {path}: key {key!r}: {value} is not a finite number")
         out[name] = value

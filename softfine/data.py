@@ -17,7 +17,9 @@ Problem policy, the same for every reader:
   evaluation never scores fewer sentences than its split has), "error" (`--strict`) makes every
   problem an error, repairs included.
 
-Line numbers count "\n" only, whatever Unicode line separators the text holds.
+Line numbers count "\n" only, whatever Unicode line separators the text holds. A line may end in
+"\r\n"; a lone "\r" in a one-character-per-line file makes its sentence unreadable (it would
+otherwise be read as part of a character).
 """
 
 from __future__ import annotations
@@ -141,13 +143,15 @@ class _Problems:
 
 
 def _lines(path: Path) -> list[str]:
-    """The file's lines, split on "\n" only (not on U+2028 and the other separators that
-    str.splitlines honours), so that line numbers are those of an editor."""
+    """The file's lines, split on "\n" only (not on a lone "\r", U+2028 and the other separators
+    that str.splitlines and text mode honour), so that line numbers are those of an editor; the
+    "\r" of a "\r\n" line end is dropped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:  # newline="": no "\r" read as a line end
+            text = f.read()
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err})") from None
     except OSError as err:
@@ -208,6 +212,9 @@ def read_columns(path: str | Path, *, scheme: str = "bioes", delimiter: str | No
 def _columns(block: list[str], delimiter: str | None, strip_position_digits: bool) -> tuple[list[str], list[str]]:
     chars, tags = [], []
     for offset, line in enumerate(block):
+        if "\r" in line:  # "\r\n" endings are gone (_lines): a lone one would end up inside a character
+            raise SentenceProblem(f"carriage return (\\r) inside line {line!r}: the file has old Mac line endings "
+                                  "or a stray control character; use \\n or \\r\\n line endings", offset)
         fields = line.split(delimiter)
         if delimiter is None and len(fields) > 2:
             fields = [fields[0], fields[-1]]

@@ -97,11 +97,17 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """`--data-dir`, else `$SOFTFINE_DATA_DIR`, else the per-user cache directory."""
-    if explicit:
+    """`--data-dir`, else `$SOFTFINE_DATA_DIR`, else the per-user cache directory. An empty one is
+    an error, not the next in line: the data would silently come from elsewhere."""
+    if explicit is not None:
+        if not str(explicit):
+            raise DataError("--data-dir '': empty; give a directory or leave the flag out")
         return Path(explicit).expanduser()
-    if os.environ.get("SOFTFINE_DATA_DIR"):
-        return Path(os.environ["SOFTFINE_DATA_DIR"]).expanduser()
+    from_env = os.environ.get("SOFTFINE_DATA_DIR")
+    if from_env is not None:
+        if not from_env:
+            raise DataError("$SOFTFINE_DATA_DIR is set but empty; give it a directory or unset it")
+        return Path(from_env).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "softfine" / "data"
 
