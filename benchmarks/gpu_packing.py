@@ -28,12 +28,13 @@ def run_packing(k: int, args: argparse.Namespace) -> list[dict]:
     command = [sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--shape", args.shape,
                "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                "--warmup", str(args.warmup)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    trials = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+    trials = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)]
     results = []
     for trial in trials:
-        out, _ = trial.communicate()
+        out, err = trial.communicate()
         if trial.returncode:
-            sys.exit(f"gpu_packing: a trial exited {trial.returncode} with {k} trials on the GPU")
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            sys.exit(f"gpu_packing: a trial exited {trial.returncode} with {k} trials on the GPU: {last}")
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 

@@ -12,9 +12,9 @@ import pytest
 from tune_fixtures import REPO, shared_data_dir
 
 
-def benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+def benchmark(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=timeout, check=False)
 
 
 def test_train_throughput_times_full_softfine_steps_on_cpu():
@@ -26,6 +26,28 @@ def test_train_throughput_times_full_softfine_steps_on_cpu():
     assert figures["chars_per_s"] > 0 and figures["peak_memory_MiB"] > 0
 
 
+def test_train_throughput_profiles_the_step():
+    done = benchmark("train_throughput.py", "--dataset", "resume", "--data-dir", str(shared_data_dir()),
+                     "--shape", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                     "--profile", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["profile_step_ms"] > 0 and len(figures["profile_top"]) == 10
+    assert "aten::mm" in figures["profile_top"] or "aten::addmm" in figures["profile_top"]
+    table = done.stdout[done.stdout.index("profile of 2 steps"):]
+    assert "calls/step" in table and figures["profile_top"][0] in table
+
+
+def test_gpu_check_runs_every_check_in_its_smoke_run():
+    # --smoke: every check at its smallest on the CPU, so the GPU session runs a script that works.
+    done = benchmark("gpu_check.py", "--smoke", "--data-dir", str(shared_data_dir()), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["note"] for r in rows] == [""] * len(rows)  # nothing failed or ran out of time
+    assert len(rows) == 7 and all(r["figure"] for r in rows)  # the compiled runs left out
+    assert "| check | figure | goal | s |" in done.stdout
+
+
 def test_gpu_packing_says_it_needs_a_cuda_gpu():
     import torch
 
@@ -35,6 +57,17 @@ def test_gpu_packing_says_it_needs_a_cuda_gpu():
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["gpu_packing: needs a CUDA GPU (torch sees none); CPU figures come "
                                                 "from train_throughput.py"]
+
+
+def test_gpu_check_says_it_needs_a_cuda_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: run benchmarks/gpu_check.py itself")
+    done = benchmark("gpu_check.py")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["gpu_check: needs a CUDA GPU (torch sees none); `--smoke` checks the "
+                                                "script on a CPU"]
 
 
 def test_search_overhead_alternates_its_runs_and_prints_the_medians(tmp_path):

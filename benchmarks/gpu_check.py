@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Every GPU figure of issue 17 in one command and one table (bert-base shape, bf16, Weibo):
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine; about 8 minutes
+    python benchmarks/gpu_check.py --smoke         # each check at its smallest, on any device (plumbing only)
+
+The smoke run leaves out the compiled runs (inductor compiles for minutes on a small CPU;
+tests/test_step.py trains with --compile there).
+
+1. one trial's training throughput at batch 16 and 4, eager and `--compile`, and at batch 16 with
+   cuDNN's attention; the batch-16 eager run with `--profile` (step host time, GPU kernel time);
+2. 1, 2, 4 and 8 trials packed on the GPU at batch 4 (benchmarks/gpu_packing.py);
+3. the paper's 12-epoch Weibo trial end to end (bert-base shape, batch 4, evaluation every epoch),
+   from the command's start to its exit, compilation included;
+4. the tiny encoder's defaults on Resume (seed 1), end to end, with its test F1.
+
+Each check is a subprocess with a time limit; one that fails or runs out is reported as such and the
+rest go on. Figures are printed, never asserted. The last line is the table as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def run(command: list[str], limit: float) -> tuple[dict | None, float, str]:
+    """(the JSON of the command's last stdout line, wall seconds, a note)."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return None, time.perf_counter() - started, f"stopped after {limit:.0f} s"
+    wall = time.perf_counter() - started
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, wall, f"exit {done.returncode}: {last[:160]}"
+    for text in (done.stdout, (done.stdout.strip().splitlines() or [""])[-1]):  # softfine train's, the benchmarks'
+        try:
+            return json.loads(text), wall, ""
+        except ValueError:
+            pass
+    return None, wall, "no JSON result"
+
+
+def throughput_checks(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
+    base = [sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--device", args.device,
+            "--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup)] + args.data
+    goal16, goal4 = ">= 100,000 chars/s", ">= 25,000 chars/s"
+    checks = [
+        ("batch 16, eager, profiled", base + ["--batch-size", "16", "--profile", str(args.profile)], goal16),
+        ("batch 16, --compile", base + ["--batch-size", "16", "--compile"], goal16),
+        ("batch 4, eager", base + ["--batch-size", "4"], goal4),
+        ("batch 4, --compile", base + ["--batch-size", "4", "--compile"], goal4),
+        ("batch 16, eager, --attention cudnn", base + ["--batch-size", "16", "--attention", "cudnn"], goal16),
+    ]
+    return [c for c in checks if not (args.smoke and "--compile" in c[1])]
+
+
+def trial_command(args: argparse.Namespace, out: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "softfine", "train", "--out", out, "--device", args.device, *args.data, *flags]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--smoke", action="store_true", help="every check at its smallest, on --device (default "
+                        "cpu): checks the script, measures nothing")
+    parser.add_argument("--device", help="default: cuda, or cpu with --smoke")
+    parser.add_argument("--limit", type=float, default=150, help="seconds a check may take (trials: 3x)")
+    args = parser.parse_args()
+    import torch
+
+    args.device = args.device or ("cpu" if args.smoke else "cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("gpu_check: needs a CUDA GPU (torch sees none); `--smoke` checks the script on a CPU")
+    args.data = ["--data-dir", args.data_dir] if args.data_dir else []
+    args.shape, args.steps, args.warmup, args.profile = ("tiny", 2, 1, 1) if args.smoke else ("bert-base", 100, 20, 5)
+    card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"gpu_check: {card}, torch {torch.__version__}, {'smoke run' if args.smoke else 'bf16, bert-base shape'}",
+          flush=True)
+    rows = []
+
+    def report(check: str, figure: str, goal: str, wall: float, note: str = "") -> None:
+        rows.append({"check": check, "figure": figure, "goal": goal, "seconds": round(wall, 1), "note": note})
+        print(f"  {check}: {figure or '-'} ({wall:.0f} s){' ' + note if note else ''}", flush=True)
+
+    for check, command, goal in throughput_checks(args):
+        result, wall, note = run(command, args.limit)
+        figure = ""
+        if result:
+            figure = (f"{result['chars_per_s']:,} chars/s, step {result['step_ms']} ms, warm-up {result['warmup_s']} s, "
+                      f"{result['padded_lengths']} lengths, peak {result['peak_memory_MiB']:,} MiB")
+            if result.get("profile_kernel_ms") is not None:
+                figure += (f"; profile: step {result['profile_step_ms']} ms, kernels {result['profile_kernel_ms']} ms "
+                           f"({result['profile_kernel_ms'] / result['profile_step_ms']:.0%}; goal >= 70 %)")
+        report(check, figure, goal, wall, note)
+
+    from gpu_packing import epoch_chars, run_packing
+
+    packing = argparse.Namespace(batch_size=4, steps=args.steps, warmup=args.warmup, data_dir=args.data_dir,
+                                 shape=args.shape, device=args.device)
+    per_epoch, base = epoch_chars(args.data_dir), None
+    for k in ([1, 2] if args.smoke else [1, 2, 4, 8]):
+        started = time.perf_counter()
+        try:
+            total = sum(r["chars_per_s"] for r in run_packing(k, packing))
+        except SystemExit as err:
+            report(f"{k} trials packed, batch 4", "", "", time.perf_counter() - started, str(err))
+            continue
+        base = base or total
+        report(f"{k} trials packed, batch 4", f"{total:,} chars/s ({total / base:.2f}x one), "
+               f"{total * 3600 / per_epoch:.0f} trial-epochs/h", "", time.perf_counter() - started)
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as out:
+        shape = ["--tiny-layers", "2", "--tiny-hidden", "64"] if args.smoke else ["--tiny-layers", "12", "--tiny-hidden", "768"]
+        small = ["--limit-train", "40", "--limit-eval", "20", "--epochs", "1"] if args.smoke else ["--epochs", "12"]
+        paper = ["--dataset", "weibo", "--model", "tiny", *shape, "--batch-size", "4", "--lr", "2e-5", "--schedule",
+                 "linear", "--dropout", "0.5", "--weight-decay", "0.1", "--log-every", "0", *small]
+        trials = [("paper's Weibo trial, 12 epochs, eager", paper),
+                  ("paper's Weibo trial, 12 epochs, --compile", paper + ["--compile"])]
+        for check, flags in trials[:1] if args.smoke else trials:
+            result, wall, note = run(trial_command(args, f"{out}/{len(rows)}", *flags), 3 * args.limit)
+            figure = (f"{wall:.0f} s end to end ({result['train_seconds']:.0f} s training), dev F1 "
+                      f"{result['best_dev_f1']:.4f}" if result else "")
+            report(check, figure, "<= 90 s", wall, note)
+        tiny = ["--dataset", "resume", "--model", "tiny", "--seed", "1"] + (small if args.smoke else [])
+        result, wall, note = run(trial_command(args, f"{out}/tiny", *tiny), 3 * args.limit)
+        figure = (f"test F1 {result['test_f1']:.4f} on {result['test_sentences']} sentences, "
+                  f"{result['test_gold_entities']} gold entities; {result['train_seconds']:.0f} s training" if result else "")
+        report("tiny defaults, Resume, seed 1", figure, "F1 as on CPU (0.8556)", wall, note)
+
+    print(f"\n| check | figure | goal | s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['check']} | {r['figure'] or r['note']} | {r['goal']} | {r['seconds']} |")
+    print(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
