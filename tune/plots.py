@@ -106,7 +106,8 @@ def plot_timeline(rows: list[dict], path: Path, title: str) -> Path:
             ax.broken_barh([(row["trial_start_time"] - start, row["trial_end_time"] - row["trial_start_time"])],
                            (y - 0.4 + slot * height, height * 0.9),
                            color="tab:red" if row.get("status") == "ERROR" else "tab:blue", alpha=0.7)
-    ax.set_yticks(range(len(lanes)), [f"node {node} GPU {gpu}" for node, gpu in sorted(lanes)])
+    ax.set_yticks(range(len(lanes)), [f"node {node} " + ("CPUs" if gpu == "cpu" else f"GPU {gpu}")
+                                      for node, gpu in sorted(lanes)])
     ax.set_xlabel("seconds since the first trial started")
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
