@@ -92,10 +92,12 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
 
 
 def check_text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                         error: type[Exception] = ConfigError) -> None:
+                         error: type[Exception] = ConfigError, wanted: dict[str, str] | None = None) -> None:
     """Every text value given on the command line is valid UTF-8 and not empty; else `error`,
-    naming the flag (or the positional argument and its number)."""
+    naming the flag (or the positional argument and its number) and, from `wanted` (dest ->
+    what to give), what it takes."""
     names = flag_names(parser)
+    wanted = {**WANTED, **(wanted or {})}
     for dest, value in vars(args).items():
         values = value if isinstance(value, list) else [value]
         for number, text in enumerate(values, 1):
@@ -112,7 +114,7 @@ def check_text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
                 raise error(f"{flag} '{shown}': not valid UTF-8 (byte 0x{byte:02x} at character {err.start + 1}); "
                             "give UTF-8 text (check the terminal's or the file's encoding)") from None
             if not text:
-                what = WANTED.get(dest, "a value")
+                what = wanted.get(dest, "a value")
                 either = ", or" if " or " in what else " or"
                 raise error(f"{flag} '': empty; give {what}" + (f"{either} leave the flag out" if optional else ""))
 

@@ -148,6 +148,29 @@ CASES = [
          "sqlite:////sys/softfine/m.db: cannot create /sys/softfine"),
     case("mlflow-masked-password", ["--mlflow-uri", "http://alice:***@127.0.0.1:{port}"], "--mlflow-uri "
          "http://alice:***@127.0.0.1:{port}: the password is masked"),
+    # --- an empty value is never "the default" ------------------------------------------------------
+    case("mlflow-uri-empty", ["--mlflow-uri", ""], "--mlflow-uri '': empty; give a tracking URI"),
+    case("address-empty", ["--address", ""], "--address '': empty; give HOST:PORT, auto or local"),
+    case("storage-path-empty", ["--storage-path", ""], "--storage-path '': empty; give a folder or leave the flag out"),
+    case("name-empty", ["--name", ""], "--name '': empty"),
+    case("preset-empty", ["--preset", ""], "--preset '': empty; give a YAML file"),
+    case("experiment-name-empty", ["--experiment-name", ""], "--experiment-name '': empty"),
+    case("data-dir-empty", ["--data-dir", ""], "--data-dir '': empty; give a directory or leave the flag out"),
+    case("model-empty", ["--model", ""], "--model '': empty"),
+    case("resume-empty", ["--resume", ""], "--resume '': empty", base=False),
+    case("preset-empty-string", ["--preset", PRESET], f"preset {PRESET}: key 'label_separator' is '' (empty)",
+         preset="train:\n  label_separator: ''\n"),
+    # --- text that is not UTF-8 (the shell's bytes reach Python as lone surrogates) -------------
+    case("dataset-not-utf8", ["--dataset", "\udcff"], r"--dataset '\xff': not valid UTF-8 (byte 0xff at character 1)"),
+    case("data-dir-not-utf8", ["--data-dir", "{tmp}/\udcff"], r"--data-dir '{tmp}/\xff': not valid UTF-8"),
+    case("mlflow-uri-not-utf8", ["--mlflow-uri", "http://h\udce9:5000"], r"--mlflow-uri 'http://h\xe9:5000': not valid"),
+    case("alphas-not-utf8", ["--alphas", "0.1,0.1", "0.1,\udcff"], r"--alphas '0.1,\xff': not valid UTF-8"),
+    case("name-not-utf8", ["--name", "s\udcff"], r"--name 's\xff': not valid UTF-8"),
+    # --- a YAML key written twice ----------------------------------------------------------------
+    case("preset-key-twice", ["--preset", PRESET], f"preset {PRESET}: key 'epochs' is written twice (lines 2 and 4)",
+         preset="train:\n  epochs: 3\n  lr: 1.0e-3\n  epochs: 5\n"),
+    case("preset-section-twice", ["--preset", PRESET], f"preset {PRESET}: key 'train' is written twice (lines 1 and 3)",
+         preset="train:\n  epochs: 3\ntrain:\n  lr: 1.0e-3\n"),
 ]
 
 
@@ -245,6 +268,31 @@ def test_refused_once_ray_runs(argv, names, tmp_path, http_port):
                                                       "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"]
     run_refused(full, names, tmp_path, fill, timeout=300)
     assert not (tmp_path / "ray").exists()  # refused before the results folder was made
+
+
+def first_sentences(path: Path, n: int) -> str:
+    return "\n\n".join(path.read_text(encoding="utf-8").split("\n\n")[:n]) + "\n\n"
+
+
+@pytest.mark.parametrize("split, content, names", [
+    pytest.param("dev", "中 O\n国\n", "dev.char.bmes:2: malformed line '国'", id="dev-sentence-unreadable"),
+    pytest.param("test", "中 B-NAME\n国 X-NAME\n", "test.char.bmes:2: tag 'X-NAME'", id="test-sentence-unreadable"),
+    pytest.param("train", "中\n\n国\n", "train.char.bmes: no usable training sentences", id="no-train-sentence"),
+])
+def test_data_every_trial_would_fail_on_is_refused_before_ray_starts(tmp_path, split, content, names):
+    """Trials skip an unreadable training sentence and refuse an unreadable dev or test one: the
+    search reads the splits by the same rules before Ray starts, one line naming file and line."""
+    data = tmp_path / "data" / "resume"
+    data.mkdir(parents=True)
+    for name in ("train", "dev", "test"):
+        source = shared_data_dir() / "resume" / f"{name}.char.bmes"
+        (data / f"{name}.char.bmes").write_text(content if name == split else first_sentences(source, 30),
+                                                encoding="utf-8")
+    argv = ["--dataset", "resume", "--data-dir", str(tmp_path / "data"), "--model", "tiny", "--gpus-per-trial", "0",
+            "--address", "local", "--storage-path", f"{tmp_path}/ray", "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"]
+    output = run_refused(argv, f"{data}/{names}", tmp_path, {})
+    assert "Ray" not in output and not (tmp_path / "ray").exists()  # no Ray instance started, no results folder
+    assert not (tmp_path / "m.db").exists()  # nor the MLflow store touched
 
 
 def test_verbose_shows_the_traceback_before_the_one_line(tmp_path):

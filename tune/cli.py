@@ -22,6 +22,10 @@ RESUME_OVERRIDES = ("address", "storage_path", "verbose", "mlflow_uri")
 # TrainConfig fields that are no flags of the search: the grid's (flags of their own, several
 # values each), and those set per trial.
 EXCLUDED_TRAIN_FIELDS = ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "out", "device")
+# What a flag takes, for the error when it is given empty (an empty value is never "the default").
+WANTED = {"mlflow_uri": "a tracking URI (http://HOST:PORT, sqlite:///FILE or a folder)", "address": "HOST:PORT, auto "
+          "or local", "storage_path": "a folder", "name": "a name", "preset": "a YAML file", "experiment_name": "a name",
+          "resume": "NAME or a results folder (or --resume alone for the latest)", "grid_alphas": "AUG,FEA pairs"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from softfine_tune.callback import MLflowChildRuns, read_account
-from softfine_tune.cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, Parser, build_parser
+from softfine_tune.cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
 from softfine_tune.cluster import check_address, check_cluster, cluster_resources, connect_ray, probe_gpus
 from softfine_tune.plan import Plan, make_plan
 from softfine_tune.report import finish, short
@@ -53,6 +53,25 @@ log = logging.getLogger("softfine.tune")
 
 class Interrupted(Exception):
     """The search stopped before its trials ended (Ctrl-C): it can be resumed, not summarised."""
+
+
+def check_data(plan: Plan) -> None:
+    """Reads the splits every trial reads, by the trials' rules (softfine.train: an unreadable
+    sentence is skipped in train and refused in dev and test; --strict; the limits), before Ray
+    starts: data that every trial would fail on is one error naming file and line, not N failed
+    trials."""
+    from softfine.batches import load_splits
+    from softfine.data import categories
+    from softfine.datasets import available_splits, dataset_files
+    from softfine.labels import LabelSpace
+
+    base = plan.base
+    splits = ["train", "dev"] + (["test"] if "test" in available_splits(base.dataset, base.data_dir) else [])
+    sentences = load_splits(base, splits)
+    if not sentences["train"]:
+        raise SearchError(f"{dataset_files(base.dataset, base.data_dir, ['train'])['train']}: no usable training "
+                          "sentences (see the warnings above)")
+    LabelSpace.from_categories([c for s in sentences.values() for c in categories(s)], base.separator())
 
 
 def prepare_folder(folder: Path) -> None:
@@ -82,6 +101,7 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
     if not record and (folder / RECORD).exists():
         raise SearchError(f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
                           f"continue it with --resume {plan.name} or choose another name")
+    check_data(plan)
     check_address(args.address)
     # The credentials are in the driver's environment only while it talks to MLflow, not when it
     # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
@@ -248,9 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from softfine.cli import check_text_arguments
     from softfine.errors import SoftFiNEError
 
     try:
+        check_text_arguments(parser, args, SearchError, WANTED)  # UTF-8, and no empty value read as "the default"
         return run_search(args, argv, parser)
     except (SearchError, SoftFiNEError) as err:
         return fail(str(err), args.verbose)
