@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -14,10 +15,13 @@ from .errors import ConfigError, StorageError
 TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG: tensors and plain values only
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module | Mapping[str, torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over a model's parameters, or over named tensors (a fused group's stacked ones, in the
+    model's order, so that a member's state lines up with a run's)."""
     # No weight decay on biases and LayerNorm weights, as in BERT.
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model.items()
+    for name, param in named:
         (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
     fused = all(p.is_cuda for p in decay + no_decay)  # one kernel for the whole update on a GPU
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -38,10 +42,12 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_
                          num_training_steps=total_steps)
 
 
-def save_training_state(path: Path, optimizer: torch.optim.Optimizer, scheduler, step: int, best_f1: float,
+def save_training_state(path: Path, optimizer_state: dict, scheduler_state: dict, step: int, best_f1: float,
                         best_step: int) -> None:
+    """A run's optimizer and scheduler state_dicts (a fused member's own part, see fused.py), its
+    step, best dev F1 and the random generators."""
     try:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "step": step,
                     "best_f1": best_f1, "best_step": best_step, "rng": _rng_state()}, path)
     except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError on a full disk
         raise StorageError(f"{path}: cannot write it ({str(err)[:200]})") from None
@@ -62,13 +68,12 @@ def load_training_state(path: Path) -> dict:
                           f"({first[:200]}); was it written by someone else?") from None
 
 
-def restore(state: dict, optimizer: torch.optim.Optimizer, scheduler) -> tuple[int, float, int]:
-    """Loads a saved state into `optimizer` and `scheduler` and the random generators; returns
-    (step, best dev F1, its step)."""
-    optimizer.load_state_dict(state["optimizer"])
+def restore(state: dict, optimizer: torch.optim.Optimizer, scheduler, optimizer_state: dict | None = None) -> None:
+    """Loads a saved state into `optimizer` (or `optimizer_state` instead of the saved one: a
+    fused group's, stacked from its members') and `scheduler`, and the random generators."""
+    optimizer.load_state_dict(optimizer_state if optimizer_state is not None else state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return state["step"], state["best_f1"], state["best_step"]
 
 
 def _rng_state() -> dict:

@@ -1,0 +1,161 @@
+"""Fused training (issue 18): a group of K runs that differ only in their loss, trained as one model.
+
+The searched values of SoftFiNE (alpha_aug, alpha_fea, beta, gamma, the soft-label scope) enter
+only the loss. Runs that differ in nothing else have the same encoder shape, the same initial
+weights (one seed), the same batches in the same order and the same schedule. So their weights are
+stacked: every parameter becomes one tensor of shape (K, ...), and `torch.func.vmap` runs the
+model over the stack, K forward and backward passes as batched kernels on one batch of inputs.
+
+Each member stays the run it would be alone:
+- its loss has its own soft-target table and alphas (vmapped with the weights), and the K losses
+  are summed before one backward pass: a member's loss depends on its own weights only, so the
+  gradients do not mix;
+- dropout draws the masks a run alone draws: vmap's randomness="same" makes one draw of the
+  unbatched shape per dropout call, the draws of a run alone with the same seed;
+- AdamW works element by element, so one AdamW over the stacked tensors updates each member as
+  its own would; gradient clipping is per member (`clip_grad_norms`);
+- `member(k)` unstacks member k into a SoftFiNEModel, to be saved as any run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from .config import TrainConfig
+from .errors import ConfigError
+from .losses import softfine_loss
+from .model import SoftFiNEModel
+
+# What members of a group may differ in: what enters the loss only, and where a run writes.
+LOSS_FIELDS = ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "soft")
+
+
+def uses_augmentation(config: TrainConfig) -> bool:
+    """Whether a step feeds the augmented sentences through the encoder too."""
+    return config.aug and (config.alpha_aug > 0 or config.alpha_fea > 0)
+
+
+def check_group(configs: Sequence[TrainConfig]) -> None:
+    """Refuses (ConfigError, one line) a group whose members differ in more than their loss."""
+    if not configs:
+        raise ConfigError("a fused group needs at least one configuration")
+    first = dataclasses.asdict(configs[0])
+    for number, config in enumerate(configs[1:], 1):
+        for name, value in dataclasses.asdict(config).items():
+            if name not in LOSS_FIELDS + ("out",) and value != first[name]:
+                raise ConfigError(f"fused group: member {number} has {name}={value!r} but member 0 has "
+                                  f"{first[name]!r}; members may differ only in {', '.join(LOSS_FIELDS)} and out")
+        if uses_augmentation(config) != uses_augmentation(configs[0]):
+            # alpha_aug = alpha_fea = 0 skips the augmented half of the batch: another forward pass
+            raise ConfigError(f"fused group: member {number} {'uses' if uses_augmentation(config) else 'skips'} "
+                              "the augmented sentences and member 0 does not (alpha_aug = alpha_fea = 0 skips them); "
+                              "put such points in a group of their own")
+    outs = [Path(c.out).resolve() for c in configs]
+    if len(set(outs)) < len(outs):
+        twice = next(out for out in outs if outs.count(out) > 1)
+        raise ConfigError(f"fused group: two members write to {twice}; give each its own out")
+
+
+def member_loss(model: Callable, soft_table: torch.Tensor, use_aug: bool, alpha_aug, alpha_fea,
+                input_ids, aug_ids, attention_mask, label_ids) -> dict[str, torch.Tensor]:
+    """The forward pass of `model` (input_ids, attention_mask -> features, logits) and the SoftFiNE
+    loss of one batch, over fixed-shape tensors with masks (nothing waits for the GPU). Original
+    and augmented sentences share one encoder call."""
+    chars = label_ids.ne(-100)
+    targets = soft_table[label_ids.clamp(min=0)]  # a row lookup per position
+    if not use_aug:
+        _, logits = model(input_ids, attention_mask)
+        return softfine_loss(logits, targets, chars)
+    n = input_ids.shape[0]
+    features, logits = model(torch.cat([input_ids, aug_ids]), torch.cat([attention_mask, attention_mask]))
+    return softfine_loss(logits[:n], targets, chars, aug_logits=logits[n:], features=features[:n],
+                         aug_features=features[n:], entities=chars & label_ids.ne(0),  # label 0 is O
+                         alpha_aug=alpha_aug, alpha_fea=alpha_fea)
+
+
+class FusedModel:
+    """K models of one architecture as stacked tensors: `params` and `buffers` map each name of
+    the model's to a tensor of shape (K, ...); the parameters are the leaves AdamW updates."""
+
+    def __init__(self, models: Sequence[SoftFiNEModel]):
+        self.size = len(models)
+        self.params, self.buffers = stack_module_state(list(models))
+        # The architecture without weights: functional_call runs it with member k's tensors.
+        self.skeleton = copy.deepcopy(models[0]).to("meta")
+
+    def train(self, mode: bool = True) -> "FusedModel":
+        # Dropout on or off, for every member. Set on each module, not by transformers' train(),
+        # which re-applies its hub kernels on a change of mode and refuses a model on "meta".
+        for module in self.skeleton.modules():
+            module.training = mode
+        return self
+
+    def _call(self, params: dict, buffers: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return functional_call(self.skeleton, (params, buffers), (input_ids, attention_mask))
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) of every member, each with a leading dimension K."""
+        return vmap(self._call, in_dims=(0, 0, None, None), randomness="same")(
+            self.params, self.buffers, input_ids, attention_mask)
+
+    def loss(self, soft_tables: torch.Tensor, use_aug: bool, alpha_aug: torch.Tensor,
+             alpha_fea: torch.Tensor) -> Callable[..., dict]:
+        """`loss(input_ids, aug_ids, attention_mask, label_ids)`: every member's `member_loss`, each
+        part a (K,) tensor; soft_tables (K, N, N), the alphas (K,)."""
+        def one(params, buffers, table, a_aug, a_fea, *batch):
+            model = lambda ids, mask: self._call(params, buffers, ids, mask)  # noqa: E731
+            return member_loss(model, table, use_aug, a_aug, a_fea, *batch)
+
+        fused = vmap(one, in_dims=(0, 0, 0, 0, 0, None, None, None, None), randomness="same")
+        return lambda *batch: fused(self.params, self.buffers, soft_tables, alpha_aug, alpha_fea, *batch)
+
+    @torch.no_grad()
+    def clip_grad_norms(self, max_norm: float) -> torch.Tensor:
+        """Each member's gradients scaled as torch.nn.utils.clip_grad_norm_ scales a run's: by
+        max_norm / (norm + 1e-6), at most 1, where norm is the member's own total gradient norm
+        (the norm of its per-parameter norms). Returns the K norms; nothing waits for the GPU."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads])  # (parameters, K)
+        total = torch.linalg.vector_norm(norms, dim=0)
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
+        return total
+
+    @torch.no_grad()
+    def member(self, k: int) -> SoftFiNEModel:
+        """Member k as a SoftFiNEModel of its own (a copy, on the stack's device)."""
+        device = next(iter(self.params.values())).device
+        model = copy.deepcopy(self.skeleton).to_empty(device=device)
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            tensor.copy_((self.params if name in self.params else self.buffers)[name][k])
+        return model
+
+    def member_optimizer_state(self, state: dict, k: int) -> dict:
+        """Member k's part of the stacked AdamW's state_dict: what its own AdamW would hold."""
+        shapes = [p.shape for p in self.params.values()]
+        return {"param_groups": state["param_groups"],
+                "state": {i: {key: value[k] if _stacked(key, value, shapes[i]) else value
+                              for key, value in per_param.items()} for i, per_param in state["state"].items()}}
+
+    def stack_optimizer_states(self, states: Sequence[dict]) -> dict:
+        """The stacked AdamW's state_dict from its members' (as `member_optimizer_state` gives them)."""
+        shapes = [p.shape for p in self.params.values()]
+        stacked = {}
+        for i, per_param in states[0]["state"].items():
+            stacked[i] = {key: torch.stack([s["state"][i][key] for s in states])
+                          if _stacked(key, value, shapes[int(i)], member=True) else value
+                          for key, value in per_param.items()}
+        return {"param_groups": states[0]["param_groups"], "state": stacked}
+
+
+def _stacked(key: str, value, shape: torch.Size, member: bool = False) -> bool:
+    """Whether an AdamW state entry is per element (exp_avg, exp_avg_sq), not shared (step)."""
+    want = shape[1:] if member else shape
+    return key != "step" and isinstance(value, torch.Tensor) and value.shape == want
