@@ -1,33 +1,31 @@
-"""cluster/local.yaml for real: `ray up` over SSH, a search submitted as a Ray job, its runs in
-the MLflow server on the head, `ray down`.
+"""cluster/local.yaml on this machine: its nodes, the variant of the file they run, and the Ray
+commands of cluster/README.md. tests/test_two_nodes.py runs a cluster of two with them: `ray up`
+over SSH, a search submitted as a Ray job, its runs in the MLflow server on the head, a node lost,
+`ray down`.
 
-The "cluster" is this machine: the test starts OpenSSH's sshd as the current user on 127.0.0.1 (a
-free port, a throwaway host key, a throwaway client key authorised in a temporary folder), and
-writes a head-only variant of cluster/local.yaml that differs from it only in addresses, ports
-and SSH settings (`head_only_variant` below says exactly what), plus setup commands that link
-this checkout's virtual environment instead of pip-installing from PyPI. Then, as in
-cluster/README.md:
+A node (`Sshd`) is OpenSSH's sshd as the current user on a loopback address (a free port, a
+throwaway host key, a throwaway client key authorised in a temporary folder), the first process of
+a PID and mount namespace of its own: the `ray stop` that local.yaml's start commands and `ray
+down` run in it stops that node's Ray, never another Ray process of the user's, and its /tmp/ray
+is its own. Its HOME (sshd's `SetEnv HOME=...`) is a temporary folder, so ~/softfine-tune,
+~/softfine-venv, ~/softfine-mlflow and ~/.bashrc of a node never touch the real home.
+`head_only_variant` writes the variant of cluster/local.yaml with this machine as its head: it
+differs from the file only in addresses, ports and SSH settings (the function says exactly what),
+plus setup commands that link this checkout's virtual environment instead of pip-installing from
+PyPI. As in cluster/README.md:
 
-    ray up -y VARIANT.yaml                # SSH + rsync to the head, setup, `ray start --head`, mlflow/server.sh
+    RAY_UP_enable_autoscaler_v2=0 ray up -y VARIANT.yaml   # SSH + rsync to the head, setup,
+                                                           # `ray start --head`, mlflow/server.sh
     ray job submit --address http://127.0.0.1:DASHBOARD --working-dir REPO -- python tune/search.py ...
-    ray down -y VARIANT.yaml              # `ray stop` on the head, over SSH
-
-and checks with MlflowClient that the head's tracking server received the search's parent run and
-its two child runs, finished. The head's HOME (sshd's `SetEnv HOME=...`) is a temporary folder,
-so ~/softfine-tune, ~/softfine-venv, ~/softfine-mlflow and ~/.bashrc of the head never touch the
-real home. sshd, the dashboard and MLflow listen on 127.0.0.1 (Ray's GCS, as on any head, on all
-interfaces); sshd and the tracking server are stopped by the test, Ray by `ray down`.
-
-Caution: the head is this machine, and `ray down` runs `ray stop` there (so does the first of
-local.yaml's head_start_ray_commands): that stops EVERY Ray process of this user on this machine,
-not only the test's. Do not run this test beside other Ray work of the same user.
+    ray exec VARIANT.yaml '~/softfine-tune/mlflow/server.sh --stop --store ~/softfine-mlflow'
+    ray down -y VARIANT.yaml                               # `ray stop` on the head, over SSH
 
 Needs OpenSSH's server and rsync (Ray's launcher copies files with it), `apt-get install -y
-openssh-server rsync`, and Ray's full dashboard in this venv (the Jobs API that `ray job submit`
-uses), `pip install "ray[default]"`, as local.yaml installs on a head; .ci/run installs all three.
-Without them the test is skipped, except in CI (CI set), where it fails; an sshd that is
-installed but does not start or let the test in is always a failure. Run it alone with
-`python -m pytest -q tests/test_ray_up.py`.
+openssh-server rsync`, Ray's full dashboard in this venv (the Jobs API that `ray job submit`
+uses), `pip install "ray[default]"`, as local.yaml installs on a head, and root (the namespaces);
+.ci/run installs all three and runs as root. Without them the tests are skipped, except in CI (CI
+set), where they fail; an sshd that is installed but does not start or let the test in is always
+a failure.
 """
 
 from __future__ import annotations
@@ -36,7 +34,6 @@ import contextlib
 import copy
 import getpass
 import hashlib
-import json
 import os
 import pwd
 import re
@@ -47,21 +44,17 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags, stop_group
+from tune_fixtures import REPO, stop_group
 
 LOCAL_YAML = REPO / "cluster" / "local.yaml"
 VENV = Path(sys.prefix)  # this checkout's virtual environment: the head's ~/softfine-venv
 RAY = str(Path(sys.executable).with_name("ray"))
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
-EXPERIMENT = "softfine-ray-up"
-SEARCH_NAME = "ray-up"
-ALPHAS = ("0.1,0.1", "0.01,0.005")
 DEFAULT_PORTS = ("6379", "8265", "10001", "52365", "5000")  # GCS, dashboard, client, agent, MLflow
 # `ray up` as cluster/README.md runs it: with Ray's autoscaler v1 on the head. Ray 2.60's `ray up`
 # starts v2 by default, which never sets up the workers of the local provider (tests/test_two_nodes.py:
@@ -444,64 +437,3 @@ def test_head_only_variant_differs_from_local_yaml_only_where_it_says(tmp_path):
     (node_type,) = resolved["available_node_types"].values()
     assert node_type["min_workers"] == node_type["max_workers"] == 0
     assert resolved["auth"]["ssh_proxy_command"].endswith(f" %h {sshd.port}")
-
-
-def test_ray_up_runs_a_search_on_local_yaml_and_ray_down_stops_it(tmp_path):
-    needed_tools()
-    data = shared_data_dir()
-    sshd_port, *rest = free_ports(6)
-    ports = dict(zip(("gcs", "dashboard", "client", "agent", "mlflow"), rest))
-    home = tmp_path / "head-home"
-    name = f"softfine-local-test-{uuid.uuid4().hex[:8]}"
-    sshd = Sshd(tmp_path / "sshd", home, sshd_port).start()
-    try:
-        config = head_only_variant(yaml.safe_load(LOCAL_YAML.read_text()), sshd=sshd, ports=ports, name=name)
-        config_path = tmp_path / "local-test.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        mlflow_store = home / "softfine-mlflow"  # the store of mlflow/server.sh on the head
-        try:
-            up = run([RAY, "up", "-y", "--no-config-cache", str(config_path)], timeout=180, log=tmp_path / "up.log")
-            assert up.returncode == 0, tail(up.stdout)
-            # The head as local.yaml sets it up: the repository synced to ~/softfine-tune (without
-            # .gitignore'd files), Ray's dashboard and MLflow on the variant's ports.
-            assert (home / "softfine-tune" / "tune" / "search.py").is_file()
-            assert not (home / "softfine-tune" / ".venv").exists() and not (home / "softfine-tune" / ".git").exists()
-            assert answers(ports["gcs"]), tail(up.stdout)
-            assert jobs_api_answers(ports["dashboard"]), tail(up.stdout)
-            assert mlflow_health(ports["mlflow"]), tail(up.stdout)
-
-            uri = f"http://127.0.0.1:{ports['mlflow']}"
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True,
-                                    text=True).stdout.strip()
-            flags = small_search_flags(data, "--alphas", *ALPHAS, "--beta", "2", "--gamma", "2",
-                                       "--cpus-per-trial", "0.5", "--address", "auto",
-                                       "--mlflow-uri", uri, "--experiment-name", EXPERIMENT,
-                                       "--storage-path", str(tmp_path / "ray_results"), "--name", SEARCH_NAME)
-            job = run([RAY, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}",
-                       "--working-dir", str(REPO),
-                       "--runtime-env-json", json.dumps({"env_vars": {"SOFTFINE_GIT_COMMIT": commit or "unknown"}}),
-                       "--", "python", "tune/search.py", *flags], timeout=300, log=tmp_path / "job.log")
-            assert job.returncode == 0 and "succeeded" in job.stdout, tail(job.stdout)
-
-            # The head's tracking server has the search: one parent run, one child run per grid point.
-            (parent,) = parents(uri, EXPERIMENT)
-            assert parent.info.status == "FINISHED", parent.info
-            kids = children(uri, EXPERIMENT, parent.info.run_id)
-            assert len(kids) == 2, [k.info.run_name for k in kids]
-            assert all(k.info.status == "FINISHED" for k in kids), [(k.info.run_name, k.info.status) for k in kids]
-            assert {(float(k.data.params["alpha_aug"]), float(k.data.params["alpha_fea"])) for k in kids} == \
-                {tuple(float(x) for x in a.split(",")) for a in ALPHAS}
-            assert (mlflow_store / "mlflow.db").is_file()  # written by the server that `ray up` started
-        finally:
-            down = tear_down(config_path, name, tmp_path)
-        assert down.returncode == 0, tail(down.stdout)  # `ray down` itself went well
-        deadline = time.time() + 30
-        while answers(ports["gcs"]) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not answers(ports["gcs"]) and not answers(ports["dashboard"]), "Ray still runs after ray down"
-        assert not answers(ports["mlflow"])
-    finally:
-        sshd.stop()  # and with it the SSH connections Ray keeps open (ControlPersist)
-        shutil.rmtree(ssh_control_dir(name), ignore_errors=True)
-        with contextlib.suppress(OSError):
-            ssh_control_dir(name).parent.rmdir()  # if no other cluster uses it
