@@ -9,7 +9,9 @@ every tokenizer and the embeddings resized to match.
 
 A checkpoint directory is a standard token-classification model (`model.safetensors`,
 `config.json` with `id2label`, the tokenizer files), so `transformers.pipeline("token-classification",
-model=DIR)` loads it, plus `labels.json` (the label space) and `train_config.json`.
+model=DIR, aggregation_strategy="simple")` loads it and finds the entities `softfine predict` finds
+(its `id2label` names BIOES labels by the B-/I- prefixes the pipeline reads), plus `labels.json`
+(the label space, BIOES) and `train_config.json`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle  # only for its exception: torch's safe loader raises pickle.UnpicklingError
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,15 +72,52 @@ def tiny_tokenizer(chars: Iterable[str]):
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]  # as BERT's tokenizer frames a text, so that pipelines do too
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return one_token_per_character(PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]"))
+
+
+def one_token_per_character(tokenizer):
+    """The tokenizer, made to cut a text into single characters after its own pre-tokenization.
+
+    The model sees one token per character (CharIds); a pipeline given the saved checkpoint
+    tokenizes whole texts, where WordPiece would make `1963` or `MBA` one token (or `[UNK]`). With
+    every character a word of its own, the pipeline's tokens are CharIds' (whitespace aside, which
+    the pipeline drops). A single character is tokenized as before, so training is unchanged."""
+    from tokenizers import Regex, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: the pipeline tokenizes as it does
+        return tokenizer
+    split = pre_tokenizers.Split(Regex(r"\S"), behavior="isolated")
+    backend.pre_tokenizer = split if backend.pre_tokenizer is None else pre_tokenizers.Sequence(
+        [backend.pre_tokenizer, split])
+    return tokenizer
+
+
+# transformers' token-classification pipeline groups tokens into entities by B-/I- prefixes alone
+# (TokenClassificationPipeline.get_tag and group_entities): a B- token begins an entity, an I- token
+# of the same category continues it, anything else is read as I-. So the config names an S-X class
+# B-X (a one-character entity begins) and an E-X class I-X (the entity goes on); two S-X in a row
+# are then B-X B-X, two entities, as they should be. labels.json keeps the project's BIOES labels.
+PIPELINE_SEGMENT = {"B": "B", "S": "B", "I": "I", "E": "I"}
+
+
+def pipeline_label(label: str) -> str:
+    """The name of a BIOES label in the exported config's id2label, which the pipeline reads."""
+    if label == "O":
+        return label
+    segment, _, category = label.partition("-")
+    return f"{PIPELINE_SEGMENT[segment]}-{category}"
 
 
 def label_fields(labels: LabelSpace, dropout: float) -> dict:
-    """The config fields that make a token-classification head over `labels`."""
+    """The config fields that make a token-classification head over `labels`: id2label in the
+    names the pipeline's aggregation reads (several ids may share a name), label2id from the
+    project's own labels (one id each, as in labels.json)."""
     names = labels.labels
-    return dict(num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-                classifier_dropout=dropout)
+    return dict(num_labels=len(names), id2label={i: pipeline_label(n) for i, n in enumerate(names)},
+                label2id={n: i for i, n in enumerate(names)}, classifier_dropout=dropout)
 
 
 def random_model(chars: Iterable[str], labels: LabelSpace, dropout: float, shape: dict | None = None):
@@ -102,15 +143,27 @@ def build_model(name: str, labels: LabelSpace, dropout: float, train_chars: Iter
         return tokenizer, SoftFiNEModel(net)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        net = AutoModelForTokenClassification.from_pretrained(name, **label_fields(labels, dropout))
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"--model {name}: cannot load this encoder ({first}); give a Hugging Face "
-                          "name that is reachable or cached, a local directory, or `tiny`") from None
+        with no_hf_progress_bars(), warnings.catch_warnings():
+            # torch's safe loader warns of the pickle protocol before it refuses the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            net = AutoModelForTokenClassification.from_pretrained(name, **label_fields(labels, dropout))
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor
+        raise ConfigError(f"--model {name}: its pytorch_model.bin holds Python objects besides tensors, and "
+                          "nothing read from disk is unpickled; give an encoder saved as model.safetensors") from None
+    except Exception as err:  # noqa: BLE001 - whatever transformers, tokenizers or safetensors raise:
+        # the folder or name cannot be used, and the error says why
+        raise ConfigError(f"--model {name}: cannot load this encoder ({first_line(err)}); give a Hugging Face "
+                          "name that is reachable or cached, a local directory, or `tiny`") from err
     if not (hasattr(net, "dropout") and hasattr(net, "classifier")):
         raise ConfigError(f"--model {name}: {type(net).__name__} has no dropout and linear classifier over the "
                           "encoder's states; use a BERT-like encoder")
-    return add_aug_tokens(tokenizer, net)[0], SoftFiNEModel(net)
+    return add_aug_tokens(one_token_per_character(tokenizer), net)[0], SoftFiNEModel(net)
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, with its type: what a one-line error can quote of it."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def add_aug_tokens(tokenizer, net: nn.Module, mean_resizing: bool = True) -> tuple[object, nn.Module]:
@@ -155,6 +208,19 @@ def no_hf_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def hf_errors_only():
+    """transformers' warnings off while the block runs (the caller reports what matters)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def save_checkpoint(directory: str | Path, model: SoftFiNEModel, tokenizer, labels: LabelSpace,
                     train_config: dict) -> Path:
     from safetensors import SafetensorError
@@ -179,7 +245,6 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
 
     Everything is read without unpickling (safetensors and JSON); a missing or damaged file is a
     ConfigError naming it."""
-    from safetensors import SafetensorError
     from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForTokenClassification, AutoTokenizer
     from transformers import __version__ as transformers_version
 
@@ -187,9 +252,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     if not (directory / "model.safetensors").is_file():
         raise ConfigError(f"--checkpoint {directory}: not a SoftFiNE checkpoint (no model.safetensors)")
 
-    def damaged(name: str, err: BaseException) -> ConfigError:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        return ConfigError(f"--checkpoint {directory}: {name} is missing or damaged ({first}); "
+    def damaged(name: str, err: BaseException | str) -> ConfigError:
+        why = err if isinstance(err, str) else first_line(err)
+        return ConfigError(f"--checkpoint {directory}: {name} is missing or damaged ({why}); "
                            "train again or copy the checkpoint anew")
 
     try:
@@ -205,15 +270,30 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
         model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
         if model_type not in CONFIG_MAPPING:
             raise ValueError(f"model_type {model_type!r} is not one this transformers {transformers_version} knows")
-        tokenizer = AutoTokenizer.from_pretrained(directory)
         config = AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise damaged("config.json or the tokenizer files", err) from None
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a damaged file
+        raise damaged("config.json", err) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise damaged("the tokenizer files", err) from err
     if config.num_labels != len(labels):
-        raise damaged("labels.json", ValueError(f"{len(labels)} labels, but the model has {config.num_labels}"))
+        raise damaged("labels.json", f"{len(labels)} labels, but the model has {config.num_labels}")
+    # The label space is labels.json's; config.json must name the same labels, in the pipeline's
+    # names (or, from checkpoints saved before them, the project's own).
+    named = [config.id2label.get(i) for i in range(len(labels))]
+    if named not in ([pipeline_label(n) for n in labels.labels], labels.labels):
+        wrong = next(i for i, n in enumerate(named) if n != pipeline_label(labels.labels[i]))
+        raise damaged("labels.json or config.json",
+                      f"label {wrong} is {labels.labels[wrong]!r} in labels.json but {named[wrong]!r} in config.json")
     try:  # use_safetensors: never a pickled pytorch_model.bin
-        with no_hf_progress_bars():
-            net = AutoModelForTokenClassification.from_pretrained(directory, use_safetensors=True)
-    except (SafetensorError, RuntimeError, OSError, ValueError) as err:  # RuntimeError: shapes that differ
-        raise damaged("model.safetensors", err) from None
+        with no_hf_progress_bars(), hf_errors_only():  # its load report: the check below says it in one line
+            net, info = AutoModelForTokenClassification.from_pretrained(directory, use_safetensors=True,
+                                                                        output_loading_info=True)
+    except Exception as err:  # noqa: BLE001 - SafetensorError, RuntimeError (shapes that differ), ...
+        raise damaged("model.safetensors", err) from err
+    # transformers fills weights the file lacks with random ones, with a warning: not a trained model
+    lacking = info["missing_keys"] or [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+    if lacking:
+        raise damaged("model.safetensors", f"{len(lacking)} weights missing or of another shape, e.g. {sorted(lacking)[0]}")
     return SoftFiNEModel(net).to(device).eval(), tokenizer, labels, train_config

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from softfine.cli import main
 
@@ -127,6 +128,14 @@ DATA_CASES = [
     ("fine-mention-list", FINE_DEV, GOOD_FINE + '{"id": 17, "text": "北京", "label": {"/l": ["北京"]}}\n', [],
      ['malformed "label"']),
     ("fine-not-utf8", FINE_DEV, b'{"id": 1, "text": "' + BAD_UTF8 + b'", "label": {}}\n', [], ["dev.json: not UTF-8"]),
+    # A lone "\r" is no line end (line numbers are an editor's); in a column file it would end up in a character.
+    ("bmes-lone-cr", RESUME_DEV, "中 O\n\n国 O\r人 O\n", [], ["dev.char.bmes:3:", "carriage return"]),
+    ("bmes-old-mac-line-ends", RESUME_DEV, "中 O\r国 O\r\r人 O\r", [], ["dev.char.bmes:1:", "old Mac line endings"]),
+    ("weibo-cr-in-character", WEIBO_DEV, "中0\tO\n国\r0\tO\n", [], ["conll.dev:2:", "carriage return"]),
+    ("fine-cr-between-tokens-then-bad-line", FINE_DEV, '{"id": 0,\r "text": "你好", "label": {}}\n{"id": 5\n', [],
+     ["dev.json:2:", "not valid JSON"]),
+    ("fine-raw-cr-in-text", FINE_DEV, GOOD_FINE + '{"id": 4, "text": "北\r京", "label": {}}\n', [],
+     ["dev.json:2:", "Invalid control character"]),
 ]
 
 
@@ -188,6 +197,13 @@ CONFIG_CASES = [
     ("tab-indented-yaml", "lr:\n\t- 1\n", "not valid YAML"),
     ("dict-value", "lr: {a: 1}\n", "key 'lr': Input should be a valid number"),
     ("limit-train-zero", "limit_train: 0\n", "key 'limit_train': Input should be greater than or equal to 1"),
+    ("key-written-twice", "lr: 1e-3\nepochs: 3\nlr: 2e-3\n", "key 'lr' is written twice (lines 1 and 3)"),
+    ("key-written-twice-nested", "lr: 1e-3\nx:\n  a: 1\n  a: 2\n", "key 'a' is written twice (lines 3 and 4)"),
+    ("option-spelt-two-ways", "max_grad_norm: 1\nmax-grad-norm: 2\n",
+     "keys 'max_grad_norm' and 'max-grad-norm' name one option (lines 1 and 2)"),
+    ("empty-data-dir", 'data_dir: ""\n', "key 'data_dir' is '' (empty); give a value or leave the key out"),
+    ("empty-out", "out: ''\n", "key 'out' is '' (empty)"),
+    ("empty-label-separator", "label_separator: ''\n", "key 'label_separator' is '' (empty)"),
 ]
 
 
@@ -207,6 +223,15 @@ def test_config_files_that_cannot_be_read(capsys, tmp_path):
     latin.write_bytes(b"model: " + BAD_UTF8 + b"\n")
     code, err = run(capsys, "train", "--config", latin)
     assert_one_line_error(code, err, f"--config {latin}: cannot read it")
+
+
+def test_yaml_keys_merged_in_may_be_overridden(tmp_path):
+    """`<<: *anchor` then a key of its own is YAML's way to override, not a key written twice."""
+    from softfine.config import read_yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text("base: &base {lr: 1.0e-3, epochs: 3}\nrun:\n  <<: *base\n  epochs: 5\n", encoding="utf-8")
+    assert read_yaml(config)["run"] == {"lr": 1e-3, "epochs": 5}
 
 
 def test_yaml_numbers_are_numbers(tmp_path):
@@ -303,6 +328,14 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[:len(data) // 2])
 
 
+def drop_weight(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    del weights["classifier.bias"]
+    save_file(weights, path)
+
+
 def edit_json(**changes):
     def apply(path: Path) -> None:
         path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
@@ -320,20 +353,31 @@ CHECKPOINT_CASES = [
     ("labels-empty-category", damage("labels.json", '{"categories": [""]}'), "labels.json is missing or damaged"),
     ("labels-fewer", damage("labels.json", '{"categories": ["NAME"]}'), "labels.json is missing or damaged (5 labels, but"),
     ("unknown-model-type", damage("config.json", edit_json(model_type="no-such-model")),
-     "config.json or the tokenizer files is missing or damaged"),
-    ("no-config", damage("config.json", None), "config.json or the tokenizer files is missing or damaged"),
+     "config.json is missing or damaged"),
+    ("no-config", damage("config.json", None), "config.json is missing or damaged"),
+    ("config-not-json", damage("config.json", "{"), "config.json is missing or damaged (JSONDecodeError"),
+    ("config-other-labels", damage("config.json", edit_json(id2label={str(i): "B-X" for i in range(33)})),
+     "labels.json or config.json is missing or damaged (label 0 is 'O' in labels.json but 'B-X'"),
+    ("tokenizer-not-json", damage("tokenizer.json", "{not json"), "the tokenizer files is missing or damaged"),
+    ("tokenizer-wrong-shape", damage("tokenizer.json", '{"model": 5}'), "the tokenizer files is missing or damaged"),
+    ("weights-of-another-model", damage("model.safetensors", lambda path: save_file({"x": torch.zeros(2)}, path)),
+     "model.safetensors is missing or damaged (", "weights missing or of another shape"),
+    ("weights-one-missing", damage("model.safetensors", drop_weight), "model.safetensors is missing or damaged (1 "
+     "weights missing or of another shape, e.g. classifier.bias)"),
     ("no-train-config", damage("train_config.json", None), "train_config.json is missing or damaged"),
     ("train-config-list", damage("train_config.json", "[1, 2]"), "train_config.json is missing or damaged"),
 ]
 
 
-@pytest.mark.parametrize("spoil, fragment", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
-def test_damaged_checkpoint(capsys, checkpoint, small_data, tmp_path, spoil, fragment):
+@pytest.mark.parametrize("spoil, fragments", [(c[1], c[2:]) for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+def test_damaged_checkpoint(capsys, checkpoint, small_data, tmp_path, spoil, fragments):
     copy = tmp_path / "best"
     shutil.copytree(checkpoint, copy)
     spoil(copy)
     code, err = run(capsys, "evaluate", "--checkpoint", copy, "--dataset", "resume", "--data-dir", small_data)
-    assert_one_line_error(code, err, f"--checkpoint {copy}", fragment)
+    assert_one_line_error(code, err, f"--checkpoint {copy}", *fragments)
+    code, err = run(capsys, "predict", "--checkpoint", copy, "高勇：男，中国国籍。")
+    assert_one_line_error(code, err, f"--checkpoint {copy}", *fragments)
 
 
 EVALUATE_CASES = [
@@ -358,6 +402,22 @@ def test_predict_refuses_text_that_is_not_utf8(checkpoint):
                           input=b"\xff\xfe bad\n", capture_output=True)
     err = done.stderr.decode()
     assert_one_line_error(done.returncode, err, "standard input: not UTF-8 text")
+
+
+def test_predict_reads_any_line_ends_on_standard_input(checkpoint):
+    """"\r\n" and "\r" end lines as "\n" does: no text keeps a "\r" (which the model would read as
+    one more character, and the output would echo)."""
+    texts = ["高勇：男，中国国籍，无境外居留权。", "汉族，中共党员，本科学历。", "北京大学工程师。"]
+
+    def predict(data: bytes, *args: str) -> list[dict]:
+        done = subprocess.run([sys.executable, "-m", "softfine", "predict", "--checkpoint", str(checkpoint), *args],
+                              input=data, capture_output=True, check=True)
+        return [json.loads(line) for line in done.stdout.decode().splitlines()]
+
+    expected = predict(b"", *texts)
+    assert [r["text"] for r in expected] == texts
+    for ends in ("\n", "\r\n", "\r"):
+        assert predict((ends.join(texts) + ends + ends).encode()) == expected, repr(ends)
 
 
 def test_errors_from_the_console_script_are_one_line(tmp_path):
