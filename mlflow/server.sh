@@ -284,6 +284,7 @@ py() {
 # options: the same verdicts as mlflow server, in one line, before anything starts); prints the host,
 # port and interpreter the server will use.
 CHECK_OPTIONS="$(cat <<'PY'
+import re
 import sys
 
 def refuse(message):
@@ -299,6 +300,28 @@ try:
     params = server.make_context("mlflow server", sys.argv[2:]).params
 except click.ClickException as e:
     refuse(f"mlflow server refused the options: {e.format_message()} (see mlflow server --help)")
+# Values click takes as any text, which mlflow server would only trip over once running (in a log,
+# or never): an empty one, a worker count that is no count, a store URI of no scheme MLflow knows.
+for param in server.params:
+    if params.get(param.name) == "":
+        refuse(f"{param.opts[0]} '': empty; give a value or leave the option out (see mlflow server --help)")
+workers = params.get("workers")
+if workers is not None and not (workers.isdigit() and int(workers) >= 1):
+    refuse(f"--workers must be a whole number of at least 1, got '{workers}'")
+from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+from mlflow.tracking._model_registry.utils import _get_store_registry
+for name, registry in (("backend_store_uri", _tracking_store_registry), ("registry_store_uri", _get_store_registry())):
+    uri = params.get(name)
+    if uri:
+        try:
+            registry.get_store_builder(uri)  # by the URI's scheme; nothing is opened
+        except Exception as e:
+            masked = lambda text: re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", text)  # no password in the line
+            refuse(f"--{name.replace('_', '-')} {masked(uri)}: not a store MLflow can use "
+                   f"({masked(str(e).strip().splitlines()[0])[:200]})")
+frame = params.get("x_frame_options")
+if frame is not None and frame.upper() not in ("SAMEORIGIN", "DENY", "NONE"):
+    refuse(f"--x-frame-options must be SAMEORIGIN, DENY or NONE, got '{frame}'")
 host, port = params["host"], params["port"]
 if not 0 < port < 65536:
     refuse(f"--port must be 1..65535, got '{port}'")
