@@ -157,7 +157,12 @@ def cmd_labels(args: argparse.Namespace) -> None:
     from .labels import LabelSpace
 
     if args.categories:
-        space = LabelSpace.from_categories(args.categories.split(","), args.label_separator)
+        given = args.categories.split(",")
+        empty = next((i for i, c in enumerate(given, 1) if not c.strip()), None)
+        if empty is not None:  # "A,,B" would make the labels B-, I-, ... of an empty category
+            raise ConfigError(f"--categories {args.categories!r}: category {empty} is empty; give categories "
+                              "separated by single commas")
+        space = LabelSpace.from_categories(given, args.label_separator)
     else:
         from .data import categories
         from .datasets import available_splits, dataset_files, get_spec, read_split

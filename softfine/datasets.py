@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +164,13 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
     """
     spec = get_spec(name)
     if mirror:
+        try:
+            parts = urllib.parse.urlsplit(mirror)
+        except ValueError as err:
+            raise DataError(f"--mirror {mirror}: not a URL ({err})") from None
+        if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.scheme == "file"):
+            raise DataError(f"--mirror {mirror}: not a URL; give http://HOST/PATH, https://HOST/PATH or "
+                            "file:///FOLDER (laid out as MIRROR/NAME/FILE)")
         base = f"{mirror.rstrip('/')}/{name}"
     elif spec.origin:
         base = spec.origin
@@ -191,7 +199,7 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     shutil.copyfileobj(response, tmp)
-            except (urllib.error.URLError, OSError) as err:
+            except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a URL urllib cannot read
                 Path(tmp.name).unlink(missing_ok=True)
                 raise DataError(f"{url}: download failed ({err})") from None
         got = sha256_of([Path(tmp.name)])

@@ -277,6 +277,12 @@ FLAG_CASES = [
     ("download-unknown-dataset", ["data", "download", "nope"], "unknown dataset 'nope'", False),
     ("download-ontonotes", ["data", "download", "ontonotes4"], "has no public origin", False),
     ("download-unverified", ["data", "download", "fine"], "no pinned checksum for train.json", False),
+    ("download-mirror-not-a-url", ["data", "download", "weibo", "--mirror", "mirror.example.org"],
+     "--mirror mirror.example.org: not a URL", False),
+    ("download-mirror-bad-ipv6", ["data", "download", "weibo", "--mirror", "http://[::1"],
+     "--mirror http://[::1: not a URL (Invalid IPv6 URL)", False),
+    ("labels-empty-category", ["labels", "--categories", "A,,B", "--beta", "2", "--gamma", "2", "--gold", "B-A"],
+     "--categories 'A,,B': category 2 is empty", False),
 ]
 
 
