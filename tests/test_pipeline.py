@@ -61,7 +61,9 @@ def pipeline_of(checkpoint: Path, **kwargs):
         return pipeline("token-classification", model=str(checkpoint), device="cpu", **kwargs)
 
 
-def model_tags(checkpoint: Path, texts: list[str]) -> list[list[str]]:
+@pytest.fixture(scope="module")
+def tags(checkpoint, texts) -> list[list[str]]:
+    """The model's tag of every character of every text, as `softfine predict` computes them."""
     predictor = Predictor.from_checkpoint(checkpoint, "cpu")
     sentences = [Sentence(tuple(t), ("O",) * len(t), f"text {i}") for i, t in enumerate(texts)]
     split = Split(sentences, encode(sentences, predictor.char_ids, predictor.labels, predictor.max_length))
@@ -85,11 +87,10 @@ def test_the_exported_config_names_labels_the_pipeline_reads(checkpoint):
         "O", "B-NAME", "I-NAME", "I-NAME", "B-NAME", "B-/a/b"]
 
 
-def test_the_pipeline_sees_one_token_per_character_as_the_model_does(checkpoint, texts):
+def test_the_pipeline_sees_one_token_per_character_as_the_model_does(checkpoint, texts, tags):
     """aggregation_strategy="none": one token per character (digits and Latin letters too), each
     labelled as `softfine predict`'s model labels it, on every sentence."""
     tagger = pipeline_of(checkpoint, aggregation_strategy="none", ignore_labels=[])
-    tags = model_tags(checkpoint, texts)
     assert sum(any(c.isascii() and c.isalnum() for c in t) for t in texts) > 100  # digits and Latin are there
     for text, ours, tokens in zip(texts, tags, tagger(texts)):
         assert [(t["start"], t["end"]) for t in tokens] == [(i, i + 1) for i in range(len(text))], text
@@ -97,12 +98,11 @@ def test_the_pipeline_sees_one_token_per_character_as_the_model_does(checkpoint,
 
 
 @pytest.mark.parametrize("strategy", ["simple", "first"])
-def test_the_pipeline_finds_the_entities_predict_finds(checkpoint, texts, strategy):
-    tags = model_tags(checkpoint, texts)
-    ours = Predictor.from_checkpoint(checkpoint, "cpu").predict(texts)
+def test_the_pipeline_finds_the_entities_predict_finds(checkpoint, texts, tags, strategy):
     tagger = pipeline_of(checkpoint, aggregation_strategy=strategy)
     compared = [i for i, t in enumerate(tags) if well_formed(t)]
-    found = [(texts[i], ours[i], tagger(texts[i])) for i in compared]
+    ours = Predictor.from_checkpoint(checkpoint, "cpu").predict([texts[i] for i in compared])
+    found = list(zip([texts[i] for i in compared], ours, tagger([texts[i] for i in compared])))
     # Something to compare: sentences the model tags validly, with entities.
     assert len(compared) >= 30 and sum(len(e) for _, e, _ in found) >= 40, (len(compared), found[:3])
     assert sum(1 for _, e, _ in found if len(e) > 1) >= 5
