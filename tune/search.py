@@ -61,9 +61,7 @@ def check_data(plan: Plan) -> None:
     starts: data that every trial would fail on is one error naming file and line, not N failed
     trials."""
     from softfine.batches import load_splits
-    from softfine.data import categories
     from softfine.datasets import available_splits, dataset_files
-    from softfine.labels import LabelSpace
 
     base = plan.base
     splits = ["train", "dev"] + (["test"] if "test" in available_splits(base.dataset, base.data_dir) else [])
@@ -71,7 +69,6 @@ def check_data(plan: Plan) -> None:
     if not sentences["train"]:
         raise SearchError(f"{dataset_files(base.dataset, base.data_dir, ['train'])['train']}: no usable training "
                           "sentences (see the warnings above)")
-    LabelSpace.from_categories([c for s in sentences.values() for c in categories(s)], base.separator())
 
 
 def prepare_folder(folder: Path) -> None:
