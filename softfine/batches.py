@@ -111,4 +111,7 @@ def eval_loader(examples: list[dict], batch_size: int, multiple: int = 0, max_le
     """Every window once, shortest first, padded as `train_loader` pads."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     pad = functools.partial(collate, multiple=multiple, rows=batch_size if multiple else 0, max_length=max_length)
-    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=batch_size, collate_fn=pad)
+    # A generator of its own: a DataLoader draws a seed from torch's global one when iterated,
+    # which would shift the training's dropout masks by every evaluation.
+    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=batch_size, collate_fn=pad,
+                                       generator=torch.Generator())
