@@ -11,7 +11,11 @@ Each member stays the run it would be alone:
   are summed before one backward pass: a member's loss depends on its own weights only, so the
   gradients do not mix;
 - dropout draws the masks a run alone draws: vmap's randomness="same" makes one draw of the
-  unbatched shape per dropout call, the draws of a run alone with the same seed;
+  unbatched shape per dropout call, the draws of a run alone with the same seed. The attention's
+  dropout must then run in SDPA's math kernel (matmuls, softmax, dropout), as it does on a CPU:
+  vmap's rules for the fused kernels (memory-efficient, flash, cuDNN) refuse dropout with
+  randomness="same", so a group of more than one trains with the math kernel on a GPU too;
+- a group of one is not vmapped (vmap over one member only adds its per-operator cost);
 - AdamW works element by element, so one AdamW over the stacked tensors updates each member as
   its own would; gradient clipping is per member (`clip_grad_norms`);
 - `member(k)` unstacks member k into a SoftFiNEModel, to be saved as any run's checkpoint.
@@ -99,10 +103,21 @@ class FusedModel:
     def _call(self, params: dict, buffers: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         return functional_call(self.skeleton, (params, buffers), (input_ids, attention_mask))
 
+    def _map(self, fn: Callable, in_dims: tuple) -> Callable:
+        """`fn` over the members: vmapped, or for a group of one called on member 0's views (vmap
+        over one member would only add its per-operator cost), with outputs stacked to (1, ...)."""
+        if self.size > 1:
+            return vmap(fn, in_dims=in_dims, randomness="same")
+
+        def one(*args):
+            outputs = fn(*(_first(a) if dim == 0 else a for a, dim in zip(args, in_dims)))
+            return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), outputs)
+
+        return one
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, logits) of every member, each with a leading dimension K."""
-        return vmap(self._call, in_dims=(0, 0, None, None), randomness="same")(
-            self.params, self.buffers, input_ids, attention_mask)
+        return self._map(self._call, (0, 0, None, None))(self.params, self.buffers, input_ids, attention_mask)
 
     def loss(self, soft_tables: torch.Tensor, use_aug: bool, alpha_aug: torch.Tensor,
              alpha_fea: torch.Tensor) -> Callable[..., dict]:
@@ -112,7 +127,7 @@ class FusedModel:
             model = lambda ids, mask: self._call(params, buffers, ids, mask)  # noqa: E731
             return member_loss(model, table, use_aug, a_aug, a_fea, *batch)
 
-        fused = vmap(one, in_dims=(0, 0, 0, 0, 0, None, None, None, None), randomness="same")
+        fused = self._map(one, (0, 0, 0, 0, 0, None, None, None, None))
         return lambda *batch: fused(self.params, self.buffers, soft_tables, alpha_aug, alpha_fea, *batch)
 
     @torch.no_grad()
@@ -153,6 +168,11 @@ class FusedModel:
                           if _stacked(key, value, shapes[int(i)], member=True) else value
                           for key, value in per_param.items()}
         return {"param_groups": states[0]["param_groups"], "state": stacked}
+
+
+def _first(tree):
+    """Member 0 of stacked tensors (views: gradients reach the stacked leaves)."""
+    return torch.utils._pytree.tree_map(lambda t: t[0], tree)
 
 
 def _stacked(key: str, value, shape: torch.Size, member: bool = False) -> bool:

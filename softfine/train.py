@@ -149,6 +149,8 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     loss = fused.loss(soft_tables, uses_augmentation(config), *alphas)
     if config.compile:
         loss = compile_step(loss, device)
+    # vmap's rules for SDPA's fused kernels refuse dropout with randomness="same" (fused.py)
+    kernel = "math" if fused.size > 1 else config.attention
     running = dict.fromkeys(LOSS_PARTS + ("n",), 0.0)
     started, seen_chars = time.perf_counter(), 0
     bar = progress(total_steps, "train", step)
@@ -160,7 +162,7 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
         for batch_number, batch in enumerate(batches):
             if batch_number < skip:
                 continue
-            with attention_kernels(device, config.attention):
+            with attention_kernels(device, kernel):
                 parts = train_step(loss, batch, device)
             fused.clip_grad_norms(config.max_grad_norm)
             optimizer.step()
