@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -299,11 +300,13 @@ def test_out_naming_a_file(capsys, small_data, tmp_path):
     assert_one_line_error(code, err, f"--out {tmp_path / 'a-file'}: a file is there")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_a_gpu(capsys, small_data, tmp_path):
-    code, err = run(capsys, "train", "--dataset", "resume", "--model", "tiny", "--data-dir", small_data,
-                    "--device", "cuda", "--out", tmp_path / "out")
-    assert_one_line_error(code, err, "--device cuda: torch sees no CUDA device")
+def test_cuda_without_a_gpu(small_data, tmp_path):
+    # The GPUs hidden from torch (CUDA_VISIBLE_DEVICES=-1), so this runs on a machine with one too.
+    done = subprocess.run([sys.executable, "-m", "softfine", "train", "--dataset", "resume", "--model", "tiny",
+                           "--data-dir", str(small_data), "--device", "cuda", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
+    assert_one_line_error(done.returncode, done.stderr, "--device cuda: torch sees no CUDA device")
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,11 +205,12 @@ def search_env() -> dict:
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", "SOFTFINE_DATA_DIR": str(shared_data_dir())}
 
 
-def run_refused(argv: list[str], names: str, tmp_path: Path, fill: dict, timeout: float = 120) -> str:
+def run_refused(argv: list[str], names: str, tmp_path: Path, fill: dict, timeout: float = 120,
+                env: dict | None = None) -> str:
     """Runs tune/search.py and checks the refusal: exit status, the one last line, no traceback."""
     started = time.time()
-    done = subprocess.run([sys.executable, str(SEARCH_SCRIPT.relative_to(REPO)), *argv], cwd=REPO, env=search_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, str(SEARCH_SCRIPT.relative_to(REPO)), *argv], cwd=REPO,
+                          env={**search_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert lines and lines[-1].startswith("tune/search.py: error: "), done.stderr[-3000:]
@@ -245,18 +246,21 @@ def test_refused_with_one_line_naming_the_input(argv, names, preset, record, bas
     given = {a.split("=")[0] for a in argv}
     full = [a.format(**fill) for a in (BASE if base else []) + argv]
     full += [x for flag, value in defaults.items() if value and flag not in given for x in (flag, value)]
-    started = time.time()
-    output = run_refused(full, names, tmp_path, fill)
-    assert time.time() - started < 30  # every refusal comes early, the Ray address's too
+    # Ray writes its sessions under $RAY_TMPDIR as it starts: every refusal comes before that
+    output = run_refused(full, names, tmp_path, fill, env={"RAY_TMPDIR": str(tmp_path / "raytmp")})
+    assert not (tmp_path / "raytmp").exists()
     assert "s3cret" not in output  # a password is never printed
-    assert not list(tmp_path.glob("ray/*/trials.csv")) and not (tmp_path / "ray" / "resume-grid").exists()
+    prepared = {tmp_path / "ray" / "s1" / "softfine_search.json"}  # a resumed search's record, from prepare()
+    written = {p for p in (tmp_path / "ray").rglob("*") if p.is_file()} - prepared
+    assert not written  # where the search writes its results (--storage-path): nothing
 
 
 RAY_CASES = [
-    pytest.param(["--gpus-per-trial", "1"], "--gpus-per-trial 1: no node of the Ray cluster has that many GPUs",
+    # more than any machine has, whatever this one has
+    pytest.param(["--gpus-per-trial", "4096"], "--gpus-per-trial 4096: no node of the Ray cluster has that many GPUs",
                  id="gpus-per-trial-more-than-any-node"),
-    pytest.param(["--gpus-per-trial", "0", "--cpus-per-trial", "64"], "--cpus-per-trial 64: no node of the Ray "
-                 "cluster has that many CPUs", id="cpus-per-trial-more-than-any-node"),
+    pytest.param(["--gpus-per-trial", "0", "--cpus-per-trial", "100000"], "--cpus-per-trial 100000: no node of the "
+                 "Ray cluster has that many CPUs", id="cpus-per-trial-more-than-any-node"),
 ]
 
 
