@@ -31,7 +31,7 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 Count = Annotated[int, Field(ge=1)]
 
 # The encoder-dependent defaults: fine-tuning a pretrained BERT (the paper's Weibo settings) and
-# training the tiny encoder from scratch (measured in benchmarks/tiny_resume.py; see README).
+# training the tiny encoder from scratch (measured in benchmarks/tiny_resume.py; see benchmarks/README.md).
 FINE_TUNING = dict(epochs=12, batch_size=4, lr=2e-5, weight_decay=0.1, warmup_ratio=0.1, dropout=0.5,
                    schedule="linear")
 FROM_SCRATCH = dict(epochs=20, batch_size=32, lr=2e-3, weight_decay=0.01, warmup_ratio=0.1, dropout=0.1,

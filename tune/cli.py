@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  # CPU, tiny encoder, a small subset of Resume (minutes), data from $SOFTFINE_DATA_DIR:\n"
                "  python tune/search.py --dataset resume --model tiny --limit-train 300 --limit-eval 100 \\\n"
-               "      --epochs 3 --batch-size 8 --lr 2e-3 --gpus-per-trial 0 --cpus-per-trial 0.5\n"
+               "      --epochs 3 --batch-size 8 --gpus-per-trial 0 --cpus-per-trial 0.5\n"
                "  # the paper's grid on GPUs with bert-base-chinese, logging to a tracking server:\n"
                "  python tune/search.py --dataset weibo --mlflow-uri http://HEAD:5000 --seeds 5\n"
                "  # an ablation: one configuration, 3 seeds, mean and standard deviation:\n"

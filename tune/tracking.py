@@ -322,7 +322,7 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
     model_code = Path(__file__).resolve().parent / "pyfunc.py"
 
     requirements = []
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "seqeval", "pyyaml", "mlflow"):
+    for name in ("torch", "transformers", "tokenizers", "safetensors", "seqeval", "pyyaml", "pydantic", "tqdm", "mlflow"):
         try:
             import importlib.metadata as md
 
