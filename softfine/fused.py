@@ -111,7 +111,9 @@ class FusedModel:
 
         def one(*args):
             outputs = fn(*(_first(a) if dim == 0 else a for a, dim in zip(args, in_dims)))
-            return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), outputs)
+            if isinstance(outputs, dict):  # a loss's parts, or (features, logits)
+                return {key: value.unsqueeze(0) for key, value in outputs.items()}
+            return tuple(value.unsqueeze(0) for value in outputs)
 
         return one
 
@@ -170,9 +172,9 @@ class FusedModel:
         return {"param_groups": states[0]["param_groups"], "state": stacked}
 
 
-def _first(tree):
-    """Member 0 of stacked tensors (views: gradients reach the stacked leaves)."""
-    return torch.utils._pytree.tree_map(lambda t: t[0], tree)
+def _first(stacked: torch.Tensor | dict[str, torch.Tensor]):
+    """Member 0 of a stacked tensor or of a dict of them (views: gradients reach the stacked leaves)."""
+    return {name: t[0] for name, t in stacked.items()} if isinstance(stacked, dict) else stacked[0]
 
 
 def _stacked(key: str, value, shape: torch.Size, member: bool = False) -> bool:
