@@ -9,6 +9,7 @@ tests/test_step.py trains with --compile there).
 
 1. one trial's training throughput at batch 16 and 4, eager and `--compile`, and at batch 16 with
    cuDNN's attention; the batch-16 eager run with `--profile` (step host time, GPU kernel time);
+   and 12 grid points fused into one model at batch 4 (issue 18);
 2. 1, 2, 4 and 8 trials packed on the GPU at batch 4 (benchmarks/gpu_packing.py);
 3. the paper's 12-epoch Weibo trial end to end (bert-base shape, batch 4, evaluation every epoch),
    from the command's start to its exit, compilation included;
@@ -61,6 +62,8 @@ def throughput_checks(args: argparse.Namespace) -> list[tuple[str, list[str], st
         ("batch 4, eager", base + ["--batch-size", "4"], goal4),
         ("batch 4, --compile", base + ["--batch-size", "4", "--compile"], goal4),
         ("batch 16, eager, --attention cudnn", base + ["--batch-size", "16", "--attention", "cudnn"], goal16),
+        (f"batch 4, {args.fused} fused members (issue 18)", base + ["--batch-size", "4", "--fuse", str(args.fused)],
+         ">= 10x one trial's chars/s"),
     ]
     return [c for c in checks if not (args.smoke and "--compile" in c[1])]
 
@@ -83,7 +86,8 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: needs a CUDA GPU (torch sees none); `--smoke` checks the script on a CPU")
     args.data = ["--data-dir", args.data_dir] if args.data_dir else []
-    args.shape, args.steps, args.warmup, args.profile = ("tiny", 2, 1, 1) if args.smoke else ("bert-base", 100, 20, 5)
+    args.shape, args.steps, args.warmup, args.profile, args.fused = (("tiny", 2, 1, 1, 2) if args.smoke
+                                                                     else ("bert-base", 100, 20, 5, 12))
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"gpu_check: {card}, torch {torch.__version__}, {'smoke run' if args.smoke else 'bf16, bert-base shape'}",
           flush=True)

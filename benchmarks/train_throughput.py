@@ -7,8 +7,9 @@ a step's time goes.
 
 `--shape bert-base` is a randomly initialised BERT with bert-base-chinese's shape (12 layers,
 width 768); `--model NAME` loads a real encoder instead. Full SoftFiNE steps are timed (original
-and augmented sentences, soft labels, feature loss, clipping, AdamW) unless --no-aug, with the
-training loop's own padding, attention kernel and (with --compile) compiled step. The untimed
+and augmented sentences, soft labels, feature loss, clipping, AdamW) unless --no-aug, as the
+training loop runs them: its fused model (`--fuse K` members, 1 by default: a run alone), padding,
+attention kernel and (with --compile) compiled step. Characters/s are summed over the members. The untimed
 warm-up steps hold the compilation; their time is printed as `warmup_s`. `--profile N` runs N more
 steps under torch.profiler and prints the step's host (wall) time, its GPU kernel time and the ten
 costliest operators. Figures are printed, not asserted.
@@ -28,10 +29,11 @@ from softfine.batches import encode, load_splits, train_loader
 from softfine.config import ATTENTION, TrainConfig
 from softfine.data import categories
 from softfine.device import attention_kernels, compile_step, pad_multiple, resolve_device
+from softfine.fused import FusedModel, uses_augmentation
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, random_model
 from softfine.optim import build_optimizer
-from softfine.train import forward_loss, train_step
+from softfine.train import train_step
 
 
 def build(shape: str, model: str | None, labels, dropout: float, chars):
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--pad-multiple", type=int, help="as softfine train --pad-multiple (default: the device's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="as softfine train --compile")
+    parser.add_argument("--fuse", type=int, default=1, metavar="K", help="members of a fused group (a grid's points "
+                        "that differ only in the loss), trained as one model")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps and print where "
                         "the time goes")
     args = parser.parse_args()
@@ -97,12 +101,14 @@ def main() -> None:
     sentences = load_splits(config, ["train"])["train"]
     labels = LabelSpace.from_categories(categories(sentences), config.separator())
     tokenizer, model = build(args.shape, args.model, labels, config.dropout, (c for s in sentences for c in s.chars))
-    model = model.to(device).train()
+    fused = FusedModel([model.to(device)] * args.fuse).train()
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
-    optimizer = build_optimizer(model, config)
-    table = labels.soft_targets(config.beta, config.gamma).to(device)
-    loss = forward_loss(model, table, config)
+    optimizer = build_optimizer(fused.params, config)
+    tables = torch.stack([labels.soft_targets(config.beta, config.gamma)] * args.fuse).to(device)
+    alphas = [torch.full((args.fuse,), value, device=device) for value in (config.alpha_aug, config.alpha_fea)]
+    loss = fused.loss(tables, uses_augmentation(config), *alphas)
     loss = compile_step(loss, device) if config.compile else loss
+    kernel = "math" if args.fuse > 1 else config.attention  # as train.py: vmap refuses the fused kernels' dropout
     multiple = pad_multiple(config.pad_multiple, device, config.compile)
     lengths: set[int] = set()
 
@@ -117,9 +123,9 @@ def main() -> None:
 
     def step() -> dict:
         batch = next(stream)
-        with attention_kernels(device, config.attention):
+        with attention_kernels(device, kernel):
             train_step(loss, batch, device)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        fused.clip_grad_norms(config.max_grad_norm)
         optimizer.step(), optimizer.zero_grad(set_to_none=True)
         lengths.add(batch["input_ids"].shape[1])
         return batch
@@ -136,8 +142,8 @@ def main() -> None:
     start = time.perf_counter()
     for _ in range(args.steps):
         batch = step()
-        chars += int(batch["label_ids"].ne(-100).sum())
-        sentences_seen += len(batch["sentence"])
+        chars += int(batch["label_ids"].ne(-100).sum()) * args.fuse
+        sentences_seen += len(batch["sentence"]) * args.fuse
     sync()
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
@@ -146,8 +152,8 @@ def main() -> None:
         "dataset": args.dataset, "model": args.model or args.shape, "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": device.type == "cuda",
-        "augmentation": not args.no_aug, "attention": config.attention, "pad_multiple": multiple,
-        "compile": config.compile, "batch_size": args.batch_size, "steps": args.steps,
+        "augmentation": not args.no_aug, "attention": kernel, "pad_multiple": multiple,
+        "compile": config.compile, "fuse": args.fuse, "batch_size": args.batch_size, "steps": args.steps,
         "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "chars_per_s": round(chars / seconds), "sentences_per_s": round(sentences_seen / seconds, 1),
         "step_ms": round(seconds * 1e3 / args.steps, 2), "warmup_s": round(warmup_s, 2),

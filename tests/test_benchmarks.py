@@ -44,7 +44,7 @@ def test_gpu_check_runs_every_check_in_its_smoke_run():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
     assert [r["note"] for r in rows] == [""] * len(rows)  # nothing failed or ran out of time
-    assert len(rows) == 7 and all(r["figure"] for r in rows)  # the compiled runs left out
+    assert len(rows) == 8 and all(r["figure"] for r in rows)  # the compiled runs left out
     assert "| check | figure | goal | s |" in done.stdout
 
 

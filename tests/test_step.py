@@ -12,6 +12,7 @@ from softfine.config import TrainConfig, make_config
 from softfine.data import categories
 from softfine.device import attention_kernels, pad_multiple
 from softfine.evaluate import predict_tags
+from softfine.fused import FusedModel
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, load_checkpoint, random_model
 from softfine.train import forward_loss, train
@@ -28,19 +29,23 @@ def tiny_config(data_dir, out, **overrides) -> TrainConfig:
     return make_config(values)
 
 
-def test_a_step_reads_no_value_from_the_device():
+@pytest.mark.parametrize("members", [1, 3])
+def test_a_step_reads_no_value_from_the_device(members):
     # On meta tensors nothing has a value: an op that needs one (boolean indexing, `if mask.all()`,
-    # .item()) raises. What runs here runs on a GPU without the host waiting for it.
+    # .item()) raises. The training loop's step (a fused group; a run alone is a group of one)
+    # runs here whole, so it runs on a GPU without the host waiting for it.
     labels = LabelSpace.from_categories(["ORG", "PER"])
     _, net = random_model("abcdefg", labels, 0.1, SHAPE)
-    model = SoftFiNEModel(net).to("meta").train()
-    loss = forward_loss(model, labels.soft_targets(3.0, 2.0).to("meta"), TrainConfig(model="tiny", dataset="resume"))
+    fused = FusedModel([SoftFiNEModel(net).to("meta")] * members).train()
+    tables = torch.stack([labels.soft_targets(3.0, 2.0)] * members).to("meta")
+    alphas = torch.full((members,), 0.01, device="meta")
     ids = torch.zeros(4, 64, dtype=torch.long, device="meta")
-    parts = loss(ids, ids, ids, ids)
-    parts["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    assert set(parts) == {"loss", "loss_soft", "loss_aug", "loss_fea"}
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with attention_kernels(torch.device("cpu"), "math" if members > 1 else "auto"):
+        parts = fused.loss(tables, True, alphas, alphas)(ids, ids, ids, ids)
+        parts["loss"].sum().backward()
+    fused.clip_grad_norms(1.0)
+    assert set(parts) == {"loss", "loss_soft", "loss_aug", "loss_fea"} and parts["loss"].shape == (members,)
+    assert all(p.grad is not None for p in fused.params.values())
     with pytest.raises(NotImplementedError):  # what the step did before: logits[chars]
         parts["loss"].new_zeros(4, 8)[ids[:, :8].ne(-100)]
 
@@ -98,7 +103,8 @@ def test_padding_changes_no_prediction(data_dir, tmp_path):
     assert len(tags[0]) == 40 and tags[0] == tags[32] == tags[64]
 
 
-def test_the_step_compiles_as_one_graph_and_computes_the_same_loss(data_dir):
+@pytest.mark.parametrize("members", [1, 2])
+def test_the_step_compiles_as_one_graph_and_computes_the_same_loss(data_dir, members):
     # fullgraph: dynamo refuses any graph break (a value read, an unsupported op) in the forward
     # pass and the loss; aot_eager also traces the backward, without inductor's slow CPU codegen.
     config = make_config(dict(dataset="resume", data_dir=str(data_dir), model="tiny", limit_train=8))
@@ -106,16 +112,17 @@ def test_the_step_compiles_as_one_graph_and_computes_the_same_loss(data_dir):
     labels = LabelSpace.from_categories(categories(sentences), config.separator())
     no_dropout = dict(SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tokenizer, net = random_model((c for s in sentences for c in s.chars), labels, 0.0, no_dropout)
-    model = SoftFiNEModel(net).train()
-    loss = forward_loss(model, labels.soft_targets(3.0, 2.0), config)
+    fused = FusedModel([SoftFiNEModel(net)] * members).train()
+    tables = torch.stack([labels.soft_targets(3.0, 2.0)] * members)
+    loss = fused.loss(tables, True, *[torch.full((members,), 0.01)] * 2)
     batch = next(iter(train_loader(encode(sentences, CharIds(tokenizer), labels, 512), 8, 0, 0, False, 64)))
     tensors = [batch[k] for k in ("input_ids", "aug_ids", "attention_mask", "label_ids")]
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True, dynamic=False)
     eager_parts, compiled_parts = loss(*tensors), compiled(*tensors)
-    compiled_parts["loss"].backward()
+    compiled_parts["loss"].sum().backward()
     for key in eager_parts:
-        assert compiled_parts[key].item() == pytest.approx(eager_parts[key].item(), rel=1e-5), key
-    assert all(p.grad is not None for p in model.parameters())
+        assert torch.allclose(compiled_parts[key], eager_parts[key], rtol=1e-5), key
+    assert all(p.grad is not None for p in fused.params.values())
 
 
 def test_train_with_compile(data_dir, tmp_path):
