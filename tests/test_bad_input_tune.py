@@ -1,16 +1,34 @@
 """Bad input to tune/search.py, table-driven: flags, presets, search records, results folders, Ray
-addresses, tracking URIs. Each case runs the script as a user does (`python tune/search.py ...`
-from the repository root) and must end with one line, `tune/search.py: error: ...`, naming the
-flag, file or key; a non-zero exit; no traceback.
+addresses, tracking URIs. Each case must end with one line, `tune/search.py: error: ...`, naming
+the flag, file or key; a non-zero exit; no traceback.
 
 Nearly every refusal comes before Ray starts (and before anything is written: the results folder
 and the MLflow store are under tmp_path). The few that need a running Ray instance are in
 `test_refused_once_ray_runs` (deselect them with `-k "not once_ray_runs"`).
+
+Where each case runs:
+
+* in this process, `softfine_tune.search.main(argv)` (what `python tune/search.py` and
+  `softfine-search` call), its stdout and stderr captured: most of the table, and the data files
+  every trial would fail on. Each such case runs isolated (`in_process`): the environment a
+  subprocess would get (MLFLOW_* and RAY_ADDRESS removed, RAY_TMPDIR under tmp_path), the
+  repository as the working directory, the root logger's handlers (main's logging.basicConfig)
+  and every environment variable put back after, and Ray neither running before nor started by
+  the case. Seconds of imports per case (Ray, MLflow, torch) are paid once.
+* as a user runs it, `python tune/search.py ...` from the repository root, a process of its own
+  (`run_refused`): the cases that depend on the process itself. Text that is not UTF-8 (the
+  `*-not-utf8` cases: the shell's bytes, decoded by the interpreter as it starts, reach main as
+  lone surrogates); an argparse error (`sampler-unknown`: SystemExit through the script's entry
+  point, `run()`, which ends with os._exit); the refusals once Ray runs (a local Ray instance
+  started and stopped: `test_refused_once_ray_runs`); and `-v` (the traceback before the line).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -28,11 +46,12 @@ PRESET = "{tmp}/preset.yaml"
 
 
 def case(id: str, argv: list[str], names: str, *, preset: str | None = None, record=None, base: bool = True,
-         marks=()):
+         process: bool = False, marks=()):
     """One bad input: `argv` (after BASE unless base=False; {data}, {tmp}, {port}, {http_port},
     {preset} filled in), a preset file's text, a search record to resume (text, or an object
-    written as JSON), and what the error line must name."""
-    return pytest.param(argv, names, preset, record, base, id=id, marks=marks)
+    written as JSON), and what the error line must name. process=True: `python tune/search.py`
+    in a process of its own (the module's docstring says which and why), else main() in this one."""
+    return pytest.param(argv, names, preset, record, base, process, id=id, marks=marks)
 
 
 GOOD_RECORD = {"argv": ["--dataset", "resume"], "name": "s1", "mlflow_uri": "sqlite:///{tmp}/m.db",
@@ -56,7 +75,7 @@ CASES = [
     case("seeds-past-the-last-seed", ["--seed", "4294967295", "--seeds", "2"], "--seed 4294967295 with --seeds 2: "
          "Input should be less than 4294967296"),
     case("name-with-a-slash", ["--name", "a/b"], "--name 'a/b'"),
-    case("sampler-unknown", ["--sampler", "random"], "argument --sampler: invalid choice"),
+    case("sampler-unknown", ["--sampler", "random"], "argument --sampler: invalid choice", process=True),
     # --- training settings on the command line (TrainConfig, strict) -----------------------------
     case("max-grad-norm-negative", ["--max-grad-norm", "-1"], "--max-grad-norm: Input should be greater than 0"),
     case("lr-infinite", ["--lr", "inf"], "--lr: Input should be a finite number"),
@@ -161,11 +180,15 @@ CASES = [
     case("preset-empty-string", ["--preset", PRESET], f"preset {PRESET}: key 'label_separator' is '' (empty)",
          preset="train:\n  label_separator: ''\n"),
     # --- text that is not UTF-8 (the shell's bytes reach Python as lone surrogates) -------------
-    case("dataset-not-utf8", ["--dataset", "\udcff"], r"--dataset '\xff': not valid UTF-8 (byte 0xff at character 1)"),
-    case("data-dir-not-utf8", ["--data-dir", "{tmp}/\udcff"], r"--data-dir '{tmp}/\xff': not valid UTF-8"),
-    case("mlflow-uri-not-utf8", ["--mlflow-uri", "http://h\udce9:5000"], r"--mlflow-uri 'http://h\xe9:5000': not valid"),
-    case("alphas-not-utf8", ["--alphas", "0.1,0.1", "0.1,\udcff"], r"--alphas '0.1,\xff': not valid UTF-8"),
-    case("name-not-utf8", ["--name", "s\udcff"], r"--name 's\xff': not valid UTF-8"),
+    case("dataset-not-utf8", ["--dataset", "\udcff"], r"--dataset '\xff': not valid UTF-8 (byte 0xff at character 1)",
+         process=True),
+    case("data-dir-not-utf8", ["--data-dir", "{tmp}/\udcff"], r"--data-dir '{tmp}/\xff': not valid UTF-8",
+         process=True),
+    case("mlflow-uri-not-utf8", ["--mlflow-uri", "http://h\udce9:5000"], r"--mlflow-uri 'http://h\xe9:5000': not valid",
+         process=True),
+    case("alphas-not-utf8", ["--alphas", "0.1,0.1", "0.1,\udcff"], r"--alphas '0.1,\xff': not valid UTF-8",
+         process=True),
+    case("name-not-utf8", ["--name", "s\udcff"], r"--name 's\xff': not valid UTF-8", process=True),
     # --- a YAML key written twice ----------------------------------------------------------------
     case("preset-key-twice", ["--preset", PRESET], f"preset {PRESET}: key 'epochs' is written twice (lines 2 and 4)",
          preset="train:\n  epochs: 3\n  lr: 1.0e-3\n  epochs: 5\n"),
@@ -205,19 +228,69 @@ def search_env() -> dict:
     return {**env, "RAY_USAGE_STATS_ENABLED": "0", "SOFTFINE_DATA_DIR": str(shared_data_dir())}
 
 
+def check_refusal(code: int, stdout: str, stderr: str, names: str, fill: dict, started: float) -> str:
+    """The refusal: a non-zero exit status, the one last line naming the input, no traceback."""
+    lines = stderr.strip().splitlines()
+    assert code != 0, stdout[-3000:] + stderr[-3000:]
+    assert lines and lines[-1].startswith("tune/search.py: error: "), stderr[-3000:]
+    assert names.format(**fill) in lines[-1], (names.format(**fill), lines[-1])
+    assert "Traceback" not in stderr, stderr[-3000:]
+    print(f"{time.time() - started:.1f} s: {lines[-1]}")
+    return stdout + stderr
+
+
 def run_refused(argv: list[str], names: str, tmp_path: Path, fill: dict, timeout: float = 120,
                 env: dict | None = None) -> str:
-    """Runs tune/search.py and checks the refusal: exit status, the one last line, no traceback."""
+    """Runs tune/search.py as a user does, a process of its own, and checks the refusal."""
     started = time.time()
     done = subprocess.run([sys.executable, str(SEARCH_SCRIPT.relative_to(REPO)), *argv], cwd=REPO,
                           env={**search_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert lines and lines[-1].startswith("tune/search.py: error: "), done.stderr[-3000:]
-    assert names.format(**fill) in lines[-1], (names.format(**fill), lines[-1])
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    print(f"{time.time() - started:.1f} s: {lines[-1]}")
-    return done.stdout + done.stderr
+    return check_refusal(done.returncode, done.stdout, done.stderr, names, fill, started)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Runs search.main(argv) in this process, isolated as a process of its own would be, and checks
+    the refusal; returns what it printed. The environment is search_env()'s (and `env`'s), the
+    working directory the repository; main's logging.basicConfig writes to the captured stderr, and
+    the root logger's handlers and level, and every environment variable, are put back after. Ray
+    must not run before the case, nor after it (none of these refusals starts it)."""
+    import ray
+
+    from softfine_tune import search
+
+    def run_main(argv: list[str], names: str, fill: dict, env: dict | None = None) -> str:
+        assert not ray.is_initialized(), "a Ray instance runs in this process (left by another test)"
+        for key in [k for k in os.environ if k.startswith(("MLFLOW_", "RAY_ADDRESS"))]:
+            monkeypatch.delenv(key)
+        for key, value in {**search_env(), **(env or {})}.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(REPO)
+        saved_env = dict(os.environ)
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        root.handlers[:] = []  # so that main's logging.basicConfig writes to the stderr captured here
+        stdout, stderr = io.StringIO(), io.StringIO()
+        started = time.time()
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                try:
+                    code = search.main(argv)
+                except SystemExit as exit:  # argparse's own errors (the script's run() lets them end it)
+                    code = exit.code
+        finally:
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            for key in set(os.environ) - set(saved_env):
+                del os.environ[key]
+            os.environ.update(saved_env)
+        assert not ray.is_initialized(), "the case started Ray in this process"
+        return check_refusal(code, stdout.getvalue(), stderr.getvalue(), names, fill, started)
+
+    return run_main
 
 
 def prepare(tmp_path: Path, preset: str | None, record, http_port: int) -> dict:
@@ -237,8 +310,9 @@ def prepare(tmp_path: Path, preset: str | None, record, http_port: int) -> dict:
     return fill
 
 
-@pytest.mark.parametrize("argv, names, preset, record, base", CASES)
-def test_refused_with_one_line_naming_the_input(argv, names, preset, record, base, tmp_path, http_port):
+@pytest.mark.parametrize("argv, names, preset, record, base, process", CASES)
+def test_refused_with_one_line_naming_the_input(argv, names, preset, record, base, process, tmp_path, http_port,
+                                                in_process):
     fill = prepare(tmp_path, preset, record, http_port)
     # Nothing is written to the repository: results and store under tmp_path, unless the case
     # gives its own (a resumed search takes its store from its record).
@@ -247,7 +321,11 @@ def test_refused_with_one_line_naming_the_input(argv, names, preset, record, bas
     full = [a.format(**fill) for a in (BASE if base else []) + argv]
     full += [x for flag, value in defaults.items() if value and flag not in given for x in (flag, value)]
     # Ray writes its sessions under $RAY_TMPDIR as it starts: every refusal comes before that
-    output = run_refused(full, names, tmp_path, fill, env={"RAY_TMPDIR": str(tmp_path / "raytmp")})
+    env = {"RAY_TMPDIR": str(tmp_path / "raytmp")}
+    if process:
+        output = run_refused(full, names, tmp_path, fill, env=env)
+    else:
+        output = in_process(full, names, fill, env=env)
     assert not (tmp_path / "raytmp").exists()
     assert "s3cret" not in output  # a password is never printed
     prepared = {tmp_path / "ray" / "s1" / "softfine_search.json"}  # a resumed search's record, from prepare()
@@ -283,7 +361,7 @@ def first_sentences(path: Path, n: int) -> str:
     pytest.param("test", "中 B-NAME\n国 X-NAME\n", "test.char.bmes:2: tag 'X-NAME'", id="test-sentence-unreadable"),
     pytest.param("train", "中\n\n国\n", "train.char.bmes: no usable training sentences", id="no-train-sentence"),
 ])
-def test_data_every_trial_would_fail_on_is_refused_before_ray_starts(tmp_path, split, content, names):
+def test_data_every_trial_would_fail_on_is_refused_before_ray_starts(tmp_path, split, content, names, in_process):
     """Trials skip an unreadable training sentence and refuse an unreadable dev or test one: the
     search reads the splits by the same rules before Ray starts, one line naming file and line."""
     data = tmp_path / "data" / "resume"
@@ -294,7 +372,7 @@ def test_data_every_trial_would_fail_on_is_refused_before_ray_starts(tmp_path, s
                                                 encoding="utf-8")
     argv = ["--dataset", "resume", "--data-dir", str(tmp_path / "data"), "--model", "tiny", "--gpus-per-trial", "0",
             "--address", "local", "--storage-path", f"{tmp_path}/ray", "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"]
-    output = run_refused(argv, f"{data}/{names}", tmp_path, {})
+    output = in_process(argv, f"{data}/{names}", {})
     assert "Ray" not in output and not (tmp_path / "ray").exists()  # no Ray instance started, no results folder
     assert not (tmp_path / "m.db").exists()  # nor the MLflow store touched
 
