@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--limit-train", type=int, help="only the first N training sentences (a quick check that the "
                         "benchmark runs; its figures then weigh the fixed costs far more than a real trial does)")
+    parser.add_argument("--limit-eval", type=int, help="only the first N dev and test sentences (as --limit-train: a "
+                        "quick check, not a figure)")
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
     parser.add_argument("--ray", choices=("own", "running", "both"), default="both",
                         help="which searches to run: on a Ray instance of their own, on a running one, or both")
@@ -119,7 +121,7 @@ def main() -> None:
                         "adds the median of each kind (this machine's runs of one command vary by several percent)")
     parser.add_argument("--out", required=True, help="a new folder for the runs (kept: the logs and MLflow stores)")
     args = parser.parse_args()
-    for flag in ("epochs", "threads", "repeat", "limit_train"):
+    for flag in ("epochs", "threads", "repeat", "limit_train", "limit_eval"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected 1 or more")
     out = Path(args.out)
@@ -129,6 +131,7 @@ def main() -> None:
     common += ["--epochs", str(args.epochs)] if args.epochs else []
     common += ["--data-dir", args.data_dir] if args.data_dir else []
     common += ["--limit-train", str(args.limit_train)] if args.limit_train else []
+    common += ["--limit-eval", str(args.limit_eval)] if args.limit_eval else []
 
     rows = []  # (kind, round, wall, result)
     for round_ in range(1, args.repeat + 1):  # alternated, so that a slow spell of the machine hits every kind

@@ -72,9 +72,10 @@ def test_gpu_check_says_it_needs_a_cuda_gpu():
 
 def test_search_overhead_alternates_its_runs_and_prints_the_medians(tmp_path):
     # A quick check that the benchmark runs end to end (the direct run and a one-trial search on
-    # Ray of its own, twice); its figures are not asserted.
-    done = benchmark("search_overhead.py", "--data-dir", str(shared_data_dir()), "--epochs", "1", "--limit-train", "200",
-                     "--ray", "own", "--repeat", "2", "--out", str(tmp_path / "runs"))
+    # Ray of its own, twice); its figures are not asserted. The smallest runs that take every step
+    # of both (training, an evaluation on dev, the checkpoint, the test split, the model logged).
+    done = benchmark("search_overhead.py", "--data-dir", str(shared_data_dir()), "--epochs", "1", "--limit-train", "32",
+                     "--limit-eval", "32", "--ray", "own", "--repeat", "2", "--out", str(tmp_path / "runs"))
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     rows = [(line[:30].strip(), line[30:].split()) for line in done.stdout.splitlines()
             if line.startswith(("direct", "search"))]
