@@ -86,7 +86,8 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: needs a CUDA GPU (torch sees none); `--smoke` checks the script on a CPU")
     args.data = ["--data-dir", args.data_dir] if args.data_dir else []
-    args.shape, args.steps, args.warmup, args.profile, args.fused = (("tiny", 2, 1, 1, 2) if args.smoke
+    # --smoke: one step of each kind (warm-up, timed, profiled), 2 fused members, 2 trials packed
+    args.shape, args.steps, args.warmup, args.profile, args.fused = (("tiny", 1, 1, 1, 2) if args.smoke
                                                                      else ("bert-base", 100, 20, 5, 12))
     card = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"gpu_check: {card}, torch {torch.__version__}, {'smoke run' if args.smoke else 'bf16, bert-base shape'}",
@@ -126,7 +127,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as out:
         shape = ["--tiny-layers", "2", "--tiny-hidden", "64"] if args.smoke else ["--tiny-layers", "12", "--tiny-hidden", "768"]
-        small = ["--limit-train", "40", "--limit-eval", "20", "--epochs", "1"] if args.smoke else ["--epochs", "12"]
+        small = ["--limit-train", "8", "--limit-eval", "8", "--epochs", "1"] if args.smoke else ["--epochs", "12"]
         paper = ["--dataset", "weibo", "--model", "tiny", *shape, "--batch-size", "4", "--lr", "2e-5", "--schedule",
                  "linear", "--dropout", "0.5", "--weight-decay", "0.1", "--log-every", "0", *small]
         trials = [("paper's Weibo trial, 12 epochs, eager", paper),
