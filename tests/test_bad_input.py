@@ -8,6 +8,7 @@ too. The search's cases are in test_bad_input_tune.py, the tracking server's in 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -413,15 +414,18 @@ def test_predict_refuses_text_that_is_not_utf8(checkpoint):
     assert_one_line_error(done.returncode, err, "standard input: not UTF-8 text")
 
 
-def test_predict_reads_any_line_ends_on_standard_input(checkpoint):
+def test_predict_reads_any_line_ends_on_standard_input(checkpoint, capsys, monkeypatch):
     """"\r\n" and "\r" end lines as "\n" does: no text keeps a "\r" (which the model would read as
-    one more character, and the output would echo)."""
+    one more character, and the output would echo). In this process: standard input is bytes that
+    predict reads from sys.stdin.buffer (test_predict_refuses_text_that_is_not_utf8 reads a real pipe)."""
     texts = ["高勇：男，中国国籍，无境外居留权。", "汉族，中共党员，本科学历。", "北京大学工程师。"]
 
     def predict(data: bytes, *args: str) -> list[dict]:
-        done = subprocess.run([sys.executable, "-m", "softfine", "predict", "--checkpoint", str(checkpoint), *args],
-                              input=data, capture_output=True, check=True)
-        return [json.loads(line) for line in done.stdout.decode().splitlines()]
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        code = call_main("predict", "--checkpoint", checkpoint, *args)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return [json.loads(line) for line in out.splitlines()]
 
     expected = predict(b"", *texts)
     assert [r["text"] for r in expected] == texts
