@@ -18,9 +18,10 @@ Where each case runs:
 * as a user runs it, `python tune/search.py ...` from the repository root, a process of its own
   (`run_refused`): the cases that depend on the process itself. Text that is not UTF-8 (the
   `*-not-utf8` cases: the shell's bytes, decoded by the interpreter as it starts, reach main as
-  lone surrogates); an argparse error (`sampler-unknown`: SystemExit through the script's entry
-  point, `run()`, which ends with os._exit); the refusals once Ray runs (a local Ray instance
-  started and stopped: `test_refused_once_ray_runs`); and `-v` (the traceback before the line).
+  lone surrogates); an argparse error (`sampler-unknown`: argparse's SystemExit leaves the script's
+  entry point, `run()`, before its os._exit, and ends the interpreter); the refusals once Ray runs
+  (a local Ray instance started and stopped: `test_refused_once_ray_runs`); and `-v` (the traceback
+  before the line).
 """
 
 from __future__ import annotations
