@@ -9,7 +9,8 @@ tests/test_step.py trains with --compile there).
 
 1. one trial's training throughput at batch 16 and 4, eager and `--compile`, and at batch 16 with
    cuDNN's attention; the batch-16 eager run with `--profile` (step host time, GPU kernel time);
-   and 12 grid points fused into one model at batch 4 (issue 18);
+   and 12 grid points fused into one model at batch 4 (issue 18); what `--fuse auto` measures: the
+   peak memory of a batch-4 step with one member and with two;
 2. 1, 2, 4 and 8 trials packed on the GPU at batch 4 (benchmarks/gpu_packing.py);
 3. the paper's 12-epoch Weibo trial end to end (bert-base shape, batch 4, evaluation every epoch),
    from the command's start to its exit, compilation included;
@@ -108,6 +109,16 @@ def main() -> None:
                 figure += (f"; profile: step {result['profile_step_ms']} ms, kernels {result['profile_kernel_ms']} ms "
                            f"({result['profile_kernel_ms'] / result['profile_step_ms']:.0%}; goal >= 70 %)")
         report(check, figure, goal, wall, note)
+
+    if not args.smoke:  # what --fuse auto measures (softfine/memory.py): needs CUDA
+        config = {"dataset": "weibo", "model": "tiny", "tiny_layers": 12, "tiny_hidden": 768, "batch_size": 4,
+                  "device": args.device, **({"data_dir": args.data_dir} if args.data_dir else {})}
+        code = ("import json; from softfine.config import make_config; from softfine.memory import member_memory; "
+                f"print(json.dumps(member_memory(make_config({config!r}, str))))")
+        result, wall, note = run([sys.executable, "-c", code], args.limit)
+        figure = (f"one member {result['one'] / 2**30:.2f} GiB, each more {result['each_more'] / 2**30:.2f} GiB"
+                  if result else "")
+        report("--fuse auto: a batch-4 step's peak memory", figure, "", wall, note)
 
     from gpu_packing import epoch_chars, run_packing
 

@@ -51,9 +51,10 @@ def attention_kernels(device: torch.device, choice: str = "auto"):
     """
     if choice not in ATTENTION:
         raise ConfigError(f"--attention {choice!r}: expected one of {', '.join(ATTENTION)}")
-    if device.type != "cuda":
-        return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type != "cuda":  # math alone where asked (fused groups: vmap has no rule for the CPU's flash kernel)
+        return sdpa_kernel([SDPBackend.MATH]) if choice == "math" else contextlib.nullcontext()
 
     first = {"auto": SDPBackend.EFFICIENT_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
              "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice]

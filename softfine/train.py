@@ -118,7 +118,7 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     def evaluate_and_keep(epoch: int, running: dict) -> None:
         fused.train(False)
         scores = evaluate_group(lambda ids, mask: fused(ids, mask)[1], fused.size, data["dev"], labels, device,
-                                multiple=multiple, attention=config.attention)
+                                multiple=multiple, attention=kernel)
         optimizer_state, reports = optimizer.state_dict(), []
         for k, out in enumerate(outs):
             model = fused.member(k)
@@ -149,7 +149,8 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     loss = fused.loss(soft_tables, uses_augmentation(config), *alphas)
     if config.compile:
         loss = compile_step(loss, device)
-    # vmap's rules for SDPA's fused kernels refuse dropout with randomness="same" (fused.py)
+    # A group's attention is the math kernel, in training and evaluation: vmap's rules for SDPA's
+    # fused kernels refuse dropout with randomness="same" (fused.py), the CPU's flash kernel has none
     kernel = "math" if fused.size > 1 else config.attention
     running = dict.fromkeys(LOSS_PARTS + ("n",), 0.0)
     started, seen_chars = time.perf_counter(), 0
@@ -194,7 +195,7 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
         del fused, optimizer
         best = FusedModel([load_checkpoint(out / "best", device)[0] for out in outs]).train(False)
         test_scores = evaluate_group(lambda ids, mask: best(ids, mask)[1], best.size, data["test"], labels, device,
-                                     multiple=multiple, attention=config.attention)
+                                     multiple=multiple, attention=kernel)
         for k, out in enumerate(outs):
             results[k].update(flat_scores("test", test_scores[k]))
             (out / "test_metrics.json").write_text(json.dumps(test_scores[k], indent=1, ensure_ascii=False))

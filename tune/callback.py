@@ -3,9 +3,10 @@
 Like Ray's own `MLflowLoggerCallback`, it turns Tune's events into MLflow calls on the driver, so
 workers need no route to the tracking server. Beyond it, it keeps what this project needs:
 
-* one child run per trial, nested under the search's parent run and named by its point
-  (`aug0.01-fea0.005-b2-g2`), with the trial's TrainConfig as params, its data as dataset inputs,
-  the code version as source;
+* one child run per grid point, nested under the search's parent run and named by its point
+  (`aug0.01-fea0.005-b2-g2`), with its TrainConfig as params, its data as dataset inputs, the code
+  version as source; a fused trial (--fuse) is several points, each with its own run (keyed
+  `TRIAL_ID/MEMBER`), fed from the member's part of each report (trial.member_results);
 * a retried or resumed trial goes on in its own run: the trial-to-run map is the callback's state,
   which Tune checkpoints with the experiment (`get_state`/`set_state`), and a run is also found by
   its trial-id tag, so no trial ever gets two runs;
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import posixpath
 import re
 import time
 from pathlib import Path
@@ -33,11 +35,13 @@ from pathlib import Path
 from ray.tune import Callback
 
 from softfine_tune.space import point_name, trial_config
+from softfine_tune.trial import member_dirs, member_results, members_of
 from softfine_tune.tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
 
 log = logging.getLogger("softfine.tune")
 
 ATTEMPT_TAG = "softfine.attempt"  # 2 and more: retried (--max-failures) or resumed (--resume)
+MEMBER_TAG = "softfine.fused_member"  # a fused trial's runs: the member's number in its group
 FINAL_KEYS = ("best_dev_f1", "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
 PLACEMENT = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device",
              "device_note", "resumed_from_step")
@@ -51,7 +55,7 @@ class MLflowChildRuns(Callback):
         self.base = base  # the search's TrainConfig: a trial's params are it with the point replaced
         self.run_tags, self.datasets = run_tags, datasets  # source and code version; mlflow DatasetInputs
         self.timeout, self.probe_interval = timeout, probe_interval
-        self.runs: dict[str, str] = {}  # trial id -> run id
+        self.runs: dict[str, str] = {}  # trial id (TRIAL_ID/MEMBER in a fused trial) -> run id
         self.pending: list[dict] = []  # operations the server has not taken yet, in order
         self.failures: list[str] = []
         self.retries: list[dict] = []  # {trial_id, node_ip, step, error} per retry, in order
@@ -80,25 +84,32 @@ class MLflowChildRuns(Callback):
     # -- Tune's events ------------------------------------------------------------------------
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.submit({"op": "open", "trial_id": trial.trial_id, "point": dict(trial.config)})
+        for member, point in members(trial):
+            self.submit({"op": "open", "trial_id": trial.trial_id, "member": member, "point": dict(point)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         """An evaluation's metrics at its step; the final result's test scores at the best step.
         The trial's placement as tags each time (a retried trial may run elsewhere)."""
         final = bool(result.get("final"))
-        keys = ([k for k in result if k.startswith("test_")] + list(FINAL_KEYS) if final
-                else [k for k in result if k.startswith(("dev_", "train_"))] + ["epoch", "best_dev_f1"])
-        tags = {f"softfine.{k}": result[k] for k in PLACEMENT + ("data_sha256",) if result.get(k) not in (None, "")}
-        self.submit({"op": "result", "trial_id": trial.trial_id, "step": int(result.get("best_step" if final else "step") or 0),
-                     "metrics": {k: result[k] for k in keys if _number(result.get(k))}, "tags": tags})
+        for (member, _), part in zip(members(trial), member_results(result)):
+            keys = ([k for k in part if k.startswith("test_")] + list(FINAL_KEYS) if final
+                    else [k for k in part if k.startswith(("dev_", "train_"))] + ["epoch", "best_dev_f1"])
+            tags = {f"softfine.{k}": part[k] for k in PLACEMENT + ("data_sha256",) if part.get(k) not in (None, "")}
+            self.submit({"op": "result", "trial_id": trial.trial_id, "member": member,
+                         "step": int(part.get("best_step" if final else "step") or 0),
+                         "metrics": {k: part[k] for k in keys if _number(part.get(k))}, "tags": tags})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         finished = bool((trial.last_result or {}).get("final"))
-        if finished and trial.checkpoint is not None:
-            self.submit({"op": "artifact", "trial_id": trial.trial_id, "checkpoint": trial.checkpoint.path})
-        else:  # stopped by the scheduler (ASHA)
-            self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.stopped_early": "true"}})
-        self.submit({"op": "end", "trial_id": trial.trial_id, "status": "FINISHED" if finished else "KILLED"})
+        for (member, _), folder in zip(members(trial), member_dirs(trial.config)):
+            if finished and trial.checkpoint is not None:
+                self.submit({"op": "artifact", "trial_id": trial.trial_id, "member": member,
+                             "checkpoint": posixpath.normpath(posixpath.join(trial.checkpoint.path, folder))})
+            else:  # stopped by the scheduler (ASHA)
+                self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member,
+                             "tags": {"softfine.stopped_early": "true"}})
+            self.submit({"op": "end", "trial_id": trial.trial_id, "member": member,
+                         "status": "FINISHED" if finished else "KILLED"})
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         """A failed trial that Ray will restart from its last checkpoint: where it failed, and why."""
@@ -106,12 +117,15 @@ class MLflowChildRuns(Callback):
         retry = {"trial_id": trial.trial_id, "node_ip": last.get("node_ip", ""), "step": last.get("step"),
                  "error": _error(trial)}
         self.retries.append(retry)
-        self.submit({"op": "tags", "trial_id": trial.trial_id,
-                     "tags": {"softfine.retried_after": describe_retry(retry)}})
+        for member, _ in members(trial):
+            self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member,
+                         "tags": {"softfine.retried_after": describe_retry(retry)}})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.submit({"op": "tags", "trial_id": trial.trial_id, "tags": {"softfine.error": _error(trial)}})
-        self.submit({"op": "end", "trial_id": trial.trial_id, "status": "FAILED"})
+        error = _error(trial)
+        for member, _ in members(trial):
+            self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member, "tags": {"softfine.error": error}})
+            self.submit({"op": "end", "trial_id": trial.trial_id, "member": member, "status": "FAILED"})
 
     def on_experiment_end(self, trials, **info) -> None:
         self.flush(force=True)
@@ -149,49 +163,66 @@ class MLflowChildRuns(Callback):
         from mlflow.entities import Metric, RunTag
 
         if op["op"] == "open":
-            self.open(op["trial_id"], op["point"])
+            self.open(op["trial_id"], op.get("member"), op["point"])
             return
-        run_id = self.runs[op["trial_id"]]
+        run_id = self.runs[run_key(op["trial_id"], op.get("member"))]
         if op["op"] == "result":
             at = int(op["time"] * 1000)
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), at, op["step"]) for k, v in op["metrics"].items()],
                                   tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
         elif op["op"] == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
-        elif op["op"] == "artifact":
+        elif op["op"] == "artifact":  # where the point's best checkpoint is kept, and its test scores
+            self.client.set_tag(run_id, "softfine.checkpoint", op["checkpoint"])
             test_metrics = Path(op["checkpoint"]) / "test_metrics.json"
             if test_metrics.is_file():  # local or shared storage (a cloud URI has no local path)
                 self.client.log_artifact(run_id, str(test_metrics))
         elif op["op"] == "end":
             self.client.set_terminated(run_id, status=op["status"])
 
-    def open(self, trial_id: str, point: dict) -> None:
-        """The trial's run: created with its params, inputs and tags, or (a retried or resumed
+    def open(self, trial_id: str, member: int | None, point: dict) -> None:
+        """The point's run: created with its params, inputs and tags, or (a retried or resumed
         trial) the one it has, RUNNING again."""
         from mlflow.entities import Param
 
-        run_id = self.runs.get(trial_id) or self.find(trial_id)
+        key = run_key(trial_id, member)
+        run_id = self.runs.get(key) or self.find(trial_id, member)
         if run_id is not None:
-            self.runs[trial_id] = run_id
+            self.runs[key] = run_id
             attempt = int(self.client.get_run(run_id).data.tags.get(ATTEMPT_TAG, "1")) + 1
             self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
             self.client.update_run(run_id, status="RUNNING")
             return
         tags = {"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id, PHASE_TAG: self.phase,
                 SEARCH_TAG: self.search, ATTEMPT_TAG: "1", **self.run_tags}
+        if member is not None:
+            tags[MEMBER_TAG] = str(member)
         run_id = self.client.create_run(self.experiment_id, run_name=point_name(point), tags=tags).info.run_id
-        self.runs[trial_id] = run_id
+        self.runs[key] = run_id
         config = dataclasses.asdict(trial_config(self.base, point))
         params = [Param(k, str(v)[:6000]) for k, v in config.items() if k not in ("out", "device")]
         self.client.log_batch(run_id, params=params)
         self.client.log_inputs(run_id, datasets=self.datasets)
         self.client.log_dict(run_id, {"train_config": config, "point": point}, "config.json")
 
-    def find(self, trial_id: str) -> str | None:
-        """A run of this trial made before the last experiment snapshot (the driver died)."""
-        found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=(
-            f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"))
+    def find(self, trial_id: str, member: int | None) -> str | None:
+        """A run of this trial (member) made before the last experiment snapshot (the driver died)."""
+        query = f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'"
+        if member is not None:
+            query += f" and tags.`{MEMBER_TAG}` = '{member}'"
+        found = self.client.search_runs([self.experiment_id], max_results=1, filter_string=query)
         return found[0].info.run_id if found else None
+
+
+def members(trial) -> list[tuple[int | None, dict]]:
+    """(member number, point) of each point a trial trains; the number is None for a point alone."""
+    points = members_of(trial.config)
+    return list(zip(range(len(points)), points)) if "group" in trial.config else [(None, points[0])]
+
+
+def run_key(trial_id: str, member: int | None) -> str:
+    """The key of a point's run in the callback's map: the trial id, TRIAL_ID/MEMBER in a fused trial."""
+    return trial_id if member is None else f"{trial_id}/{member}"
 
 
 RUNS, UNLOGGED = "mlflow_runs.{}.json", "mlflow_unlogged.{}.jsonl"  # per phase: search, seeds

@@ -25,7 +25,8 @@ EXCLUDED_TRAIN_FIELDS = ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope"
 # What a flag takes, for the error when it is given empty (an empty value is never "the default").
 WANTED = {"mlflow_uri": "a tracking URI (http://HOST:PORT, sqlite:///FILE or a folder)", "address": "HOST:PORT, auto "
           "or local", "storage_path": "a folder", "name": "a name", "preset": "a YAML file", "experiment_name": "a name",
-          "resume": "NAME or a results folder (or --resume alone for the latest)", "grid_alphas": "AUG,FEA pairs"}
+          "resume": "NAME or a results folder (or --resume alone for the latest)", "grid_alphas": "AUG,FEA pairs",
+          "fuse": "a number of grid points per trial, or auto"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "just that point with N seeds, no search (default: 0, no re-runs)")
     search.add_argument("--search-seed", type=int, default=0, metavar="S",
                         help="seed of the Optuna sampler (default: 0)")
+    search.add_argument("--fuse", default="1", metavar="K",
+                        help="train the grid as fused groups of at most K points, each group one trial (one GPU) "
+                             "and one fused model (softfine train_group: exactly as if each point ran alone); "
+                             "every point keeps its own MLflow run, checkpoint and Optuna trial. auto: as many "
+                             "as fit a trial's GPU memory (measured). Grid sampler and FIFO only; the --seeds "
+                             "phase runs one seed per trial (default: 1, one point per trial)")
 
     resources = parser.add_argument_group("resources")
     resources.add_argument("--gpus-per-trial", type=float, default=1.0, metavar="G",

@@ -30,6 +30,7 @@ class Plan:
     grid: Grid
     mode: str  # "search": the grid or TPE search (then --seeds re-runs the selection); "seeds": one point, N seeds
     num_samples: int
+    fuse: int | str  # the most grid points one trial trains as a fused model (1: none), or "auto"
     preset: dict
     tracking: TrackingStore
     experiment_name: str
@@ -106,6 +107,31 @@ def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
     return "search", 12 if args.num_samples is None else args.num_samples
 
 
+def fuse_size(args: argparse.Namespace, mode: str) -> int | str:
+    """--fuse: 1 (one point per trial), K >= 1, or auto; only where every grid point is trained to
+    the end in a trial of its own choosing (the grid sampler, no early stopping)."""
+    text = str(args.fuse).strip()
+    if text == "auto":
+        size: int | str = "auto"
+    else:
+        try:
+            size = int(text)
+        except ValueError:
+            raise SearchError(f"--fuse {args.fuse!r}: give the most grid points per trial (>= 1), or auto") from None
+        if size < 1:
+            raise SearchError(f"--fuse {size}: must be >= 1 (1: one point per trial), or auto")
+    if size == 1:
+        return 1
+    for refused, flag, why in (
+            (mode == "seeds", f"--seeds {args.seeds} on one point", "its runs differ in seed, fused members may not"),
+            (args.sampler == "tpe", "--sampler tpe", "TPE picks each point from the results before it"),
+            (args.scheduler == "asha", "--scheduler asha", "ASHA stops points one by one; a group trains them "
+                                                           "in one trial")):
+        if refused:
+            raise SearchError(f"--fuse {text}: not with {flag} ({why}); leave --fuse out")
+    return size
+
+
 def check_storage(storage: Path) -> None:
     """Refuses a results folder that cannot be written, without creating anything: the nearest
     folder that exists must take a file."""
@@ -162,6 +188,7 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     preset, base, grid = settings(args, dataset)
     mode, num_samples = search_mode(args, grid)
     check_numbers(args, num_samples, base)
+    fuse = fuse_size(args, mode)
     storage, name = results_folder(args, dataset)
     if args.experiment_name is not None and not args.experiment_name.strip():
         raise SearchError("--experiment-name: give a name")
@@ -171,5 +198,5 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     except SoftFiNEError as err:
         raise SearchError(str(err)) from None
     return Plan(args=args, argv=mask_argv(argv), dataset=dataset, base=base, grid=grid, mode=mode,
-                num_samples=num_samples, preset=preset, tracking=tracking,
+                num_samples=num_samples, fuse=fuse, preset=preset, tracking=tracking,
                 experiment_name=args.experiment_name or f"softfine-{dataset}", storage_path=str(storage), name=name)

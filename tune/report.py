@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from softfine_tune.plan import Plan
-from softfine_tune.results import busy_fraction, max_overlap, seed_stats, slot_resource, write_table
+from softfine_tune.results import busy_fraction, by_trial, max_overlap, seed_stats, slot_resource, write_table
 from softfine_tune.tracking import COUNT_KEYS, REPO, write_json
 
 log = logging.getLogger("softfine.tune")
@@ -36,14 +36,16 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
     slots = slot_resource(args.gpus_per_trial)
     per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
-    timeline = plot_timeline(all_rows, folder / "occupancy_timeline.png", f"{plan.name}: trials on the cluster's "
+    trials = by_trial(all_rows)  # a fused trial holds its slot once, whatever its number of points
+    timeline = plot_timeline(trials, folder / "occupancy_timeline.png", f"{plan.name}: trials on the cluster's "
                              f"{slots.upper()}s ({per_trial:g} {slots.upper()} per trial)")
     busy_key = f"{slots}_busy_fraction"
     counts = {s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")}
     summary: dict = {"search": plan.name, "mode": plan.mode, "dataset": plan.dataset, "trials": len(counted),
                      **{k.lower().replace(" ", "_"): v for k, v in counts.items()}, "wall_seconds": round(seconds, 1),
-                     "max_trials_at_once": max_overlap(counted), "trial_slots": slots, busy_key: busy_fraction(
-                         all_rows, slots, cluster[f"{slots}s"], args.cpus_per_trial), "soft_labels": plan.base.soft,
+                     "fuse": plan.fuse, "ray_trials": len(by_trial(counted)),
+                     "max_trials_at_once": max_overlap(by_trial(counted)), "trial_slots": slots, busy_key: busy_fraction(
+                         trials, slots, cluster[f"{slots}s"], args.cpus_per_trial), "soft_labels": plan.base.soft,
                      "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
                      "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
                      "parent_run_id": parent_run_id, "results": str(folder), "retries": retries}
@@ -213,7 +215,9 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     scope = "soft_scope" in keys
     out = []
     kind = "Seeds" if plan.mode == "seeds" else "Search"
-    out.append(f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {summary['trials']} trials "
+    what = (f"{summary['trials']} points in {summary['ray_trials']} fused trials of at most {summary['fuse']} points"
+            if summary["fuse"] != 1 else f"{summary['trials']} trials")
+    out.append(f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {what} "
                f"({summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed) "
                f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
                + _busy(summary))

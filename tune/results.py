@@ -20,9 +20,13 @@ def hyperparameters(point: dict, base) -> dict:
 
 
 def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[dict]:
-    """One row per trial of a Ray ResultGrid, with its MLflow child run."""
+    """One row per grid point of a Ray ResultGrid (a fused trial's points each get one, with the
+    trial's status, placement and times), with its MLflow child run."""
+    from softfine_tune.callback import run_key
+    from softfine_tune.trial import member_dirs, member_results, members_of
+
     rows = []
-    for number, result in enumerate(results):
+    for result in results:
         config, metrics = result.config or {}, result.metrics or {}
         trial_id = metrics.get("trial_id") or (Path(result.path).name.split("_")[-1] if result.path else "")
         if result.error is not None:
@@ -33,23 +37,40 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
             status = "STOPPED"  # stopped early by the scheduler
         else:
             status = "NOT STARTED"
-        row = {"trial": number, "trial_id": trial_id, "phase": phase, "status": status,
-               "mlflow_run_id": runs.get(trial_id, ""), **hyperparameters(config, base),
-               "seed": config.get("seed", base.seed)}
-        for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
-            row[key] = metrics.get(key)
-        row.update({k: v for k, v in metrics.items() if k.startswith("test_f1_level")})
-        row.update(node_id=metrics.get("node_id", ""), node_ip=metrics.get("node_ip", ""),
-                   gpu_ids=metrics.get("gpu_ids", ""),
-                   gpu_share=metrics.get("gpu_share", 0.0),
-                   trial_start_time=metrics.get("trial_start_time"),
-                   # a trial stopped early has no end time of its own: its last report's
-                   trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
-                   evaluations=metrics.get("training_iteration"),
-                   checkpoint=result.checkpoint.path if result.checkpoint else "",
-                   error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "")
-        rows.append(row)
+        fused = "group" in config
+        points = members_of(config)
+        parts = member_results(metrics) if metrics else [{} for _ in points]
+        for number, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):
+            checkpoint = result.checkpoint.path if result.checkpoint else ""
+            row = {"trial": len(rows), "trial_id": trial_id, "phase": phase, "status": status,
+                   "mlflow_run_id": runs.get(run_key(trial_id, number if fused else None), ""),
+                   **hyperparameters(point, base), "seed": point.get("seed", base.seed),
+                   "fused_group_size": len(points)}
+            for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
+                row[key] = part.get(key)
+            row.update({k: v for k, v in part.items() if k.startswith("test_f1_level")})
+            row.update(node_id=metrics.get("node_id", ""), node_ip=metrics.get("node_ip", ""),
+                       gpu_ids=metrics.get("gpu_ids", ""),
+                       gpu_share=metrics.get("gpu_share", 0.0),
+                       trial_start_time=metrics.get("trial_start_time"),
+                       # a trial stopped early has no end time of its own: its last report's
+                       trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
+                       evaluations=metrics.get("training_iteration"),
+                       checkpoint=f"{checkpoint.rstrip('/')}/{folder}" if checkpoint and fused else checkpoint,
+                       error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "")
+            rows.append(row)
     return rows
+
+
+def by_trial(rows: list[dict]) -> list[dict]:
+    """One row per Ray trial (the first point of each fused group): what held the cluster's slots,
+    for the occupancy figures."""
+    seen, kept = set(), []
+    for row in rows:
+        if (row["phase"], row["trial_id"]) not in seen:
+            seen.add((row["phase"], row["trial_id"]))
+            kept.append(row)
+    return kept
 
 
 def select(rows: list[dict]) -> dict | None:

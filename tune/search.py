@@ -28,12 +28,13 @@ from typing import Sequence
 
 from softfine_tune.callback import MLflowChildRuns, read_account
 from softfine_tune.cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
-from softfine_tune.cluster import check_address, check_cluster, cluster_resources, connect_ray, probe_gpus
+from softfine_tune.cluster import (check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit,
+                                   probe_gpus)
 from softfine_tune.plan import Plan, make_plan
 from softfine_tune.report import finish, short
 from softfine_tune.results import finished, select, trial_rows
 from softfine_tune.resume import resume_args
-from softfine_tune.space import SearchError, point_of
+from softfine_tune.space import SearchError, fused_groups, point_of, record_points
 from softfine_tune.tracking import (
     Tracker,
     check_tracking,
@@ -45,8 +46,8 @@ from softfine_tune.tracking import (
     versions,
     write_json,
 )
-from softfine_tune.trial import softfine_trial
-from softfine_tune.tuner import make_tuner
+from softfine_tune.trial import fused_config, softfine_trial
+from softfine_tune.tuner import OPTUNA_DB, make_tuner
 
 log = logging.getLogger("softfine.tune")
 
@@ -110,6 +111,11 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
         cluster = cluster_resources()
         check_cluster(args, cluster, plan.storage_path)
         probe_gpus(args, cluster)
+        if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
+            size, why = (record["fuse"], "as when the search started") if record.get("fuse") else \
+                fuse_to_fit(args, plan.base, len(plan.grid))
+            print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
+            plan = dataclasses.replace(plan, fuse=size)
         prepare_folder(folder)
         with credentials(mlflow_env):
             return search(plan, record, folder, cluster)
@@ -132,7 +138,7 @@ def search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
         experiment_id = tracker.experiment(plan.experiment_name)
         parent_run_id = open_parent(plan, tracker, experiment_id, cluster, code)
         record = {"argv": plan.argv, "name": plan.name, "created": time.time(), "mlflow_uri": plan.tracking.display,
-                  "experiment_id": experiment_id, "experiment_name": plan.experiment_name,
+                  "experiment_id": experiment_id, "experiment_name": plan.experiment_name, "fuse": plan.fuse,
                   "parent_run_id": parent_run_id, "code": code, "mode": plan.mode,
                   "stage": "seeds" if plan.mode == "seeds" else "search"}
     try:
@@ -163,7 +169,7 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
     params = {"dataset": plan.dataset, "mode": plan.mode, "sampler": args.sampler, "scheduler": args.scheduler,
               "grid": json.dumps(plan.grid.describe()), "grid_size": len(plan.grid), "num_samples": plan.num_samples,
               "seeds": args.seeds, "gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
-              "max_concurrent": args.max_concurrent, "max_failures": args.max_failures,
+              "max_concurrent": args.max_concurrent, "max_failures": args.max_failures, "fuse": plan.fuse,
               "cluster_nodes": cluster["nodes"], "cluster_gpus": cluster["gpus"], "cluster_cpus": cluster["cpus"],
               "code_version": code["commit"] + ("+dirty" if code["dirty"] == "true" else ""),
               "preset": plan.preset["path"], "search_name": plan.name, "mlflow_uri": plan.tracking.display,
@@ -198,11 +204,15 @@ def run_phase(plan: Plan, phase: str, points, name: str, record: dict, folder: P
     # the saved experiment state tells (the trials in memory are all stopped by then).
     saved = ExperimentAnalysis(results.experiment_path).trials
     unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
-    expected = plan.num_samples if phase == "search" else args.seeds
+    expected = (len(points["group"]["grid_search"]) if "group" in points  # --fuse: one trial per group
+                else plan.num_samples if phase == "search" else args.seeds)
     if unfinished or len(saved) < expected:
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
     runs, _, _ = read_account(folder, phase)
-    return trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base)
+    rows = trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base)
+    if "group" in points:  # the study gets every point, as the grid sampler's trials would have
+        record_points(f"sqlite:///{folder / OPTUNA_DB}", plan.name, plan.grid, rows)
+    return rows
 
 
 def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster: dict, restoring: bool) -> int:
@@ -212,7 +222,8 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
 
     args = plan.args
     what = (f"{plan.num_samples} seeds of one configuration" if plan.mode == "seeds"
-            else f"{plan.num_samples} trials ({args.sampler})")
+            else f"{plan.num_samples} trials ({args.sampler})" if plan.fuse == 1
+            else f"{plan.num_samples} grid points in fused trials of at most {plan.fuse}")
     print(f"{PROG}: {what} on {plan.dataset}, cluster of {cluster['nodes']} node(s) "
           f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {args.cpus_per_trial:g} CPU + "
           f"{args.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
@@ -230,7 +241,11 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
         seed_rows = seeds(plan.grid.points()[0], plan.name)
         selected = select(finished(seed_rows))  # the seed whose model the parent run gets
     else:
-        rows = run_phase(plan, "search", {}, plan.name, record, folder, restoring)
+        groups = None
+        if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
+            groups = {"group": tune.grid_search([fused_config(g) for g in fused_groups(
+                plan.grid.points(), plan.fuse, plan.base)])}
+        rows = run_phase(plan, "search", groups or {}, plan.name, record, folder, restoring)
         selected = select(rows)
         if selected is not None and args.seeds:
             record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})

@@ -13,6 +13,10 @@ A trial's config (Ray's param_space) is its grid point only: `trial_config(base,
 search's base TrainConfig with the point's values (and the seeds phase's seed) replaced, validated
 again. `SEARCHED` names the TrainConfig fields a point sets, once.
 
+`--fuse K` (grid sampler only): the points in groups of at most K (`fused_groups`), each group one
+Ray trial (a grid search over the groups) that trains them as one fused model; the study then gets
+every point, with its dev F1, as it ends (`record_points`), as the grid sampler would have.
+
 `--sampler grid`: every point is enqueued in the Optuna study (OptunaSearch's
 `points_to_evaluate`, i.e. `study.enqueue_trial`), and Ray Tune asks for exactly one trial per point;
 Optuna hands each enqueued point to exactly one trial, however many are in flight. `--sampler tpe`:
@@ -270,3 +274,56 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage
     return OptunaSearch(space=grid.optuna_space(), metric=METRIC, mode=MODE, sampler=ot_sampler,
                         points_to_evaluate=points, study_name=study_name,
                         storage=optuna.storages.RDBStorage(storage))
+
+
+# ---------------------------------------------------------------------------------------------
+# --fuse: the grid's points in groups, each one trial; the study still gets every point.
+
+def fused_groups(points: list[dict], size: int, base) -> list[list[dict]]:
+    """The points in groups of at most `size`, as even as can be (36 points, --fuse 10: four of
+    9), in grid order. Points that skip the augmented sentences (alpha_aug = alpha_fea = 0, or
+    --no-aug) and those that do not never share a group: their steps differ (softfine.fused)."""
+    from softfine.fused import uses_augmentation
+
+    augmented = [uses_augmentation(trial_config(base, p)) for p in points]
+    groups = []
+    for kind in (True, False):
+        same = [p for p, uses in zip(points, augmented) if uses is kind]
+        count = math.ceil(len(same) / size)
+        start = 0
+        for number in range(count):
+            length = len(same) // count + (number < len(same) % count)
+            groups.append(same[start:start + length])
+            start += length
+    return groups
+
+
+def record_points(storage: str, study_name: str, grid: Grid, rows: list[dict]) -> int:
+    """A fused search's points in its Optuna study (`storage`), one trial each with its best dev
+    F1 (FAIL where the point has none), its Ray trial and MLflow run as user attributes. A point
+    the study holds already (a resumed search) is not added twice. Returns how many were added."""
+    import json
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=optuna.storages.RDBStorage(storage),
+                                direction="maximize", load_if_exists=True)
+    def key(params: dict) -> str:  # 2 and 2.0 are one value
+        return json.dumps({k: v if isinstance(v, str) else float(v) for k, v in params.items()}, sort_keys=True)
+
+    held = {key(t.params) for t in study.get_trials(deepcopy=False)}
+    distributions = grid.optuna_space()
+    added = 0
+    for row in rows:
+        params = point_of(row, grid.keys())
+        if key(params) in held:
+            continue
+        value = row.get("best_dev_f1")
+        scored = isinstance(value, (int, float)) and not math.isnan(value)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, value=float(value) if scored else None,
+            state=optuna.trial.TrialState.COMPLETE if scored else optuna.trial.TrialState.FAIL,
+            user_attrs={"ray_trial_id": row["trial_id"], "mlflow_run_id": row["mlflow_run_id"]}))
+        added += 1
+    return added

@@ -1,12 +1,18 @@
-"""The trainable: one grid point trained by softfine, reported to Ray Tune.
+"""The trainable: one grid point, or a fused group of them, trained by softfine and reported to
+Ray Tune.
 
-Ray Tune calls `softfine_trial(point, base=...)`: `point` is the trial's config (its grid point and,
-in the seeds phase, its seed), `base` the search's TrainConfig (tune.with_parameters). It trains
-`trial_config(base, point)` with `softfine.train.train` and reports every dev evaluation with the
-training directory as the checkpoint (state/ to resume from, best/ so far), then the test scores
-of the best checkpoint with a final checkpoint that holds best/ only. Restarted by Ray
-(`--max-failures`, `--resume`), it goes on from its last checkpoint. MLflow is written by the
-driver (callback.py): a trial needs no route to the tracking server.
+Ray Tune calls `softfine_trial(config, base=...)`: `config` is the trial's grid point (and, in the
+seeds phase, its seed), or a fused group (--fuse, `fused_config`); `base` is the
+search's TrainConfig (tune.with_parameters). It trains the points' configs with
+`softfine.train.train_group` (a point alone is a group of one) and reports every dev evaluation
+with the training directory as the checkpoint (each member's state/ to resume from, best/ so
+far), then the test scores of each best checkpoint with a final checkpoint that holds best/ only.
+A group's report carries each member's results under `members`, in the group's order. Restarted by
+Ray (`--max-failures`, `--resume`), a trial goes on from its last checkpoint. MLflow is written by
+the driver (callback.py): a trial needs no route to the tracking server.
+
+A trial's directory: a point's files at its root; a group's in one folder per member
+(`member_dirs`), the same files as `softfine train --out` in each.
 """
 
 from __future__ import annotations
@@ -20,54 +26,98 @@ from pathlib import Path
 
 from softfine.config import TrainConfig
 from softfine_tune.cluster import placement
-from softfine_tune.space import trial_config
+from softfine_tune.space import point_name, trial_config
 
 FINAL = "final.json"  # a checkpoint holding it is a finished trial
 
 
-def softfine_trial(point: dict, base: TrainConfig, allow_cpu_fallback: bool = False, verbose: bool = False) -> None:
+def fused_config(points: list[dict]) -> dict:
+    """A fused trial's config value: its points, and a name for Ray's progress table."""
+    return {"name": f"{point_name(points[0])} +{len(points) - 1}", "points": points}
+
+
+def members_of(config: dict) -> list[dict]:
+    """The grid points a trial trains: its group's, or its own."""
+    return list(config["group"]["points"]) if "group" in config else [config]
+
+
+def member_dirs(config: dict) -> list[str]:
+    """Where each member's files are in the trial's directory: "." for a point alone."""
+    if "group" not in config:
+        return ["."]
+    return [f"{k:02d}-{point_name(p)}" for k, p in enumerate(members_of(config))]
+
+
+def member_results(result: dict) -> list[dict]:
+    """Each member's results in a trial's report (with the trial's own keys: placement, times)."""
+    if "members" not in result:
+        return [result]
+    shared = {k: v for k, v in result.items() if k not in ("members", "best_dev_f1", "dev_f1")}
+    return [{**shared, **member} for member in result["members"]]
+
+
+def group_report(reports: list[dict], config: dict) -> dict:
+    """What a trial reports to Ray: a point's results as they are; a group's under `members`, with
+    the best member's dev F1 at the top (Tune's metric, and its table)."""
+    if "group" not in config:
+        return dict(reports[0])
+    return {"members": reports, "best_dev_f1": max(r["best_dev_f1"] for r in reports),
+            "dev_f1": max(r.get("dev_f1", r["best_dev_f1"]) for r in reports), "step": reports[0].get("step")}
+
+
+def softfine_trial(config: dict, base: TrainConfig, allow_cpu_fallback: bool = False, verbose: bool = False) -> None:
     from ray import tune
 
-    from softfine.train import train
+    from softfine.train import train_group
 
     quiet(verbose)
     where = {"trial_start_time": time.time(), **placement(allow_cpu_fallback)}
     work = Path(tempfile.mkdtemp(prefix="softfine-trial-"))
     try:
         out, resume_from = work / "run", None
+        members = [out / d for d in member_dirs(config)]
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
-            resume_from = checkpoint.to_directory(str(out))
+            checkpoint.to_directory(str(out))
             if (out / FINAL).is_file():  # finished before the driver saw it: the result stands
                 tune.report(json.loads((out / FINAL).read_text()), checkpoint=checkpoint)
                 return
-            evaluations = (out / "metrics.jsonl").read_text().splitlines()
+            resume_from = [str(m) for m in members]
+            evaluations = (members[0] / "metrics.jsonl").read_text().splitlines()
             where["resumed_from_step"] = json.loads(evaluations[-1])["step"] if evaluations else 0
-        config = trial_config(base, point, out=str(out), device=where["device"])
+        configs = [trial_config(base, p, out=str(m), device=where["device"])
+                   for p, m in zip(members_of(config), members)]
 
         reporting = 0.0  # seconds spent handing results and checkpoints to Ray (search_overhead.py)
+        reports: list[dict] = [{} for _ in members]
 
-        def on_evaluate(metrics: dict, out_dir: str) -> None:
+        def on_evaluate(member: int, metrics: dict, out_dir: str) -> None:
             nonlocal reporting
+            reports[member] = metrics
+            if member < len(members) - 1:  # one report per evaluation, once every member is written
+                return
             started = time.perf_counter()
-            tune.report({**metrics, **where}, checkpoint=tune.Checkpoint.from_directory(out_dir))
+            tune.report({**group_report(reports, config), **where}, checkpoint=tune.Checkpoint.from_directory(str(out)))
             reporting += time.perf_counter() - started
 
-        result = train(config, on_evaluate=on_evaluate, resume_from=resume_from)
-        final = {k: v for k, v in result.items() if k != "best_checkpoint"}
+        results = train_group(configs, on_evaluate=on_evaluate, resume_from=resume_from)
+        final = group_report([{k: v for k, v in r.items() if k != "best_checkpoint"} for r in results], config)
         final.update(where, trial_end_time=time.time(), report_seconds=reporting, final=1)
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(keep_best(out, work / "final", final)))
+        kept = keep_best(out, member_dirs(config), work / "final", final)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(kept))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def keep_best(out: Path, final_dir: Path, final: dict) -> str:
-    """The final checkpoint: best/, the records, and the final result (state/ is not needed)."""
-    final_dir.mkdir()
-    shutil.move(str(out / "best"), str(final_dir / "best"))
-    for name in ("metrics.jsonl", "test_metrics.json"):
-        if (out / name).is_file():
-            shutil.copy2(out / name, final_dir / name)
+def keep_best(out: Path, members: list[str], final_dir: Path, final: dict) -> str:
+    """The final checkpoint: each member's best/ and records, and the final result (state/ is not
+    needed any more)."""
+    for member in members:
+        (final_dir / member).mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out / member / "best"), str(final_dir / member / "best"))
+        for name in ("metrics.jsonl", "test_metrics.json"):
+            if (out / member / name).is_file():
+                shutil.copy2(out / member / name, final_dir / member / name)
     (final_dir / FINAL).write_text(json.dumps(final, indent=1))
     return str(final_dir)
 

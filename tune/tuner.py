@@ -67,10 +67,13 @@ def mend_checkpoints(path: str) -> list[str]:
     return notes
 
 
-def progress_columns(grid, phase: str) -> dict:
-    """The trial config's columns in Ray Tune's progress table: the grid's dimensions, or the seed."""
+def progress_columns(grid, phase: str, fused: bool = False) -> dict:
+    """The trial config's columns in Ray Tune's progress table: the grid's dimensions, the seed, or
+    a fused trial's points (its first point and how many more)."""
     if phase == "seeds":
         return {"seed": "seed"}
+    if fused:
+        return {"group/name": "points"}
     names = {"alphas": "α_aug,α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
     return {key: names[key] for key in grid.space()}
 
@@ -98,12 +101,13 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
         for note in mend_checkpoints(path):
             print(f"{PROG}: {note}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    reporter = CLIReporter(parameter_columns=progress_columns(plan.grid, phase),
+    fused = "group" in param_space  # --fuse: a grid search over the groups, no searcher
+    reporter = CLIReporter(parameter_columns=progress_columns(plan.grid, phase, fused),
                            metric_columns={"step": "step", "dev_f1": "dev F1", "best_dev_f1": "best dev F1",
                                            "test_f1": "test F1"},
                            max_report_frequency=30, sort_by_metric=True,
                            max_progress_rows=40)
-    if phase == "search":
+    if phase == "search" and not fused:
         searcher = make_searcher(args.sampler, plan.grid, args.search_seed, plan.num_samples,
                                  storage=f"sqlite:///{path}/{OPTUNA_DB}", study_name=plan.name)
         scheduler = None
@@ -114,7 +118,7 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
         tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                       num_samples=plan.num_samples, max_concurrent_trials=args.max_concurrent or None,
                                       reuse_actors=True, trial_dirname_creator=trial_dirname)
-    else:
+    else:  # the seeds, or the fused groups: a grid search of Ray Tune's own
         tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1,
                                       max_concurrent_trials=args.max_concurrent or None, reuse_actors=True,
                                       trial_dirname_creator=trial_dirname)
