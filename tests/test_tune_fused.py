@@ -6,7 +6,6 @@ a killed driver resumed, and the refusals; the grouping and the memory arithmeti
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, children, descendants, parents, read_summary, read_trials, run_search,
-                           shared_data_dir, small_search_flags)
+from tune_fixtures import (SEARCH_SCRIPT, children, kill_the_trial_once, parents, read_summary, read_trials,
+                           run_search, shared_data_dir, small_search_flags)
 
-from softfine_tune.space import PAPER_GRID, Grid, SearchError, alphas_key, fused_groups, record_points
+from softfine_tune.space import PAPER_GRID, Grid, alphas_key, fused_groups, record_points
 
 
 @pytest.fixture(scope="module")
@@ -132,26 +131,10 @@ def test_a_fused_group_scores_each_point_as_its_own_trial_does(ray_local, tmp_pa
     assert found["together"][1] == pytest.approx(found["alone"][1], abs=1e-6)
 
 
-def kill_the_group_once(folder: Path, killed: dict) -> None:
-    """SIGKILLs the fused trial's process (as a crash would) once it has reported a checkpoint; the
-    pid is from the trial's first result, and one of this test's own processes."""
-    deadline = time.time() + 240
-    while time.time() < deadline and not killed:
-        for results in folder.glob("trial_*/result.json"):
-            lines = results.read_text().splitlines()
-            if lines and list(results.parent.glob("checkpoint_*")):
-                first = json.loads(lines[0])
-                assert first["pid"] in descendants(os.getpid()), first["pid"]
-                os.kill(first["pid"], signal.SIGKILL)
-                killed.update(pid=first["pid"], step=first["step"])
-                return
-        time.sleep(0.05)
-
-
 def test_a_crashed_group_goes_on_from_its_checkpoint_in_its_runs(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     killed: dict = {}
-    watcher = threading.Thread(target=kill_the_group_once, args=(tmp_path / "ray" / "crash", killed))
+    watcher = threading.Thread(target=kill_the_trial_once, args=(tmp_path / "ray" / "crash", killed))
     watcher.start()
     # 24 sentences, batch 4: 6 steps an epoch, evaluations at steps 2, 4, ..., 12.
     code, output = run_search(small_search_flags(

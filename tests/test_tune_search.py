@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, descendants, parents, read_summary, read_trials,
-                           run_search, shared_data_dir, slot_seconds, small_search_flags)
+from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, descendants, kill_the_trial_once, parents,
+                           read_summary, read_trials, run_search, shared_data_dir, slot_seconds, small_search_flags)
 
 from softfine_tune.space import alphas_key
 
@@ -208,23 +208,6 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
     print(f"ASHA: {summary['stopped']} of 4 trials stopped early")
     check_selection(uri, parent, [k for k in kids if k.info.status == "FINISHED"] or kids)
     assert parent.data.params["scheduler"] == "asha"
-
-
-def kill_the_trial_once(folder: Path, killed: dict) -> None:
-    """Kills the trial's process (SIGKILL, as a crash would) once it has reported a checkpoint:
-    the pid comes from the trial's first result (Ray Tune records it with every result), and is
-    one of this test's own processes (Ray started by ray_local)."""
-    deadline = time.time() + 240
-    while time.time() < deadline and not killed:
-        for results in folder.glob("trial_*/result.json"):
-            lines = results.read_text().splitlines()
-            if lines and list(results.parent.glob("checkpoint_*")):
-                first = json.loads(lines[0])
-                assert first["pid"] in descendants(os.getpid()), first["pid"]
-                os.kill(first["pid"], signal.SIGKILL)
-                killed.update(pid=first["pid"], step=first["step"])
-                return
-        time.sleep(0.05)
 
 
 def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, tmp_path):

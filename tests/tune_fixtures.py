@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import signal
 import socket
@@ -202,3 +203,20 @@ def slot_seconds(rows: list[dict], held) -> tuple[float, float]:
     first start to the last end: a search's busy fraction is held / (capacity x span)."""
     span = max(r["trial_end_time"] for r in rows) - min(r["trial_start_time"] for r in rows)
     return sum((r["trial_end_time"] - r["trial_start_time"]) * held(r) for r in rows), span
+
+
+def kill_the_trial_once(folder: Path, killed: dict) -> None:
+    """Kills the trial's process (SIGKILL, as a crash would) once it has reported a checkpoint:
+    the pid comes from the trial's first result (Ray Tune records it with every result), and is
+    one of this test's own processes (Ray started by ray_local)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        for results in folder.glob("trial_*/result.json"):
+            lines = results.read_text().splitlines()
+            if lines and list(results.parent.glob("checkpoint_*")):
+                first = json.loads(lines[0])
+                assert first["pid"] in descendants(os.getpid()), first["pid"]
+                os.kill(first["pid"], signal.SIGKILL)
+                killed.update(pid=first["pid"], step=first["step"])
+                return
+        time.sleep(0.05)
