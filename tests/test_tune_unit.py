@@ -278,6 +278,41 @@ def test_child_run_logging_queues_what_an_unanswering_server_does_not_take(tmp_p
     assert runs == {} and [op["op"] for op in pending] == ["open", "result", "end"] and failures
 
 
+def test_an_evaluation_made_again_after_a_retry_is_logged_once(tmp_path, monkeypatch):
+    """A retried trial goes on from its last registered checkpoint and may report again an evaluation
+    whose report reached the driver before its node died (tests/test_two_nodes.py met step 36 twice):
+    each run's history keeps every step once, also when a new driver (--resume) reopens the run."""
+    from mlflow.tracking import MlflowClient
+
+    from softfine.config import make_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("retries")
+    parent = client.create_run(experiment).info.run_id
+    base = make_config({"dataset": "resume", "data_dir": str(shared_data_dir())})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def evaluation(step: int) -> dict:
+        return {"op": "result", "trial_id": "t1", "evaluation": True, "metrics": {"dev_f1": step / 100}, "tags": {},
+                "step": step}
+
+    callback = MLflowChildRuns(str(tmp_path), experiment, parent, "s", "search", base, {}, [])
+    callback.setup()
+    point = {"alphas": "0.1,0.1", "beta": 2, "gamma": 2}
+    for op in [{"op": "open", "trial_id": "t1", "point": point}, evaluation(12), evaluation(24), evaluation(36),
+               {"op": "open", "trial_id": "t1", "point": point}, evaluation(36), evaluation(48)]:  # a retry from 24
+        callback.submit(op)
+    resumed = MLflowChildRuns(str(tmp_path), experiment, parent, "s", "search", base, {}, [])  # a new driver
+    resumed.setup()
+    for op in [{"op": "open", "trial_id": "t1", "point": point}, evaluation(36), evaluation(48), evaluation(60)]:
+        resumed.submit(op)
+    (run_id,) = set(resumed.runs.values())
+    history = client.get_metric_history(run_id, "dev_f1")
+    assert [m.step for m in history] == [12, 24, 36, 48, 60] and not callback.pending and not resumed.pending
+    assert client.get_run(run_id).data.tags["softfine.attempt"] == "3"
+
+
 # ---------------------------------------------------------------------------------------------
 
 def test_selection_takes_the_best_dev_f1_never_test():

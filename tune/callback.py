@@ -10,6 +10,10 @@ workers need no route to the tracking server. Beyond it, it keeps what this proj
 * a retried or resumed trial goes on in its own run: the trial-to-run map is the callback's state,
   which Tune checkpoints with the experiment (`get_state`/`set_state`), and a run is also found by
   its trial-id tag, so no trial ever gets two runs;
+* no evaluation is logged twice: a retried trial goes on from its last registered checkpoint, and
+  may make again an evaluation whose report reached the driver before its node died (the same
+  values: resuming is exact); a run's last logged step is kept (and read back from MLflow when a
+  run is reopened), and a report at or before it adds no metrics;
 * every retry (--max-failures) is recorded with where the failed attempt ran, its last step and
   Ray's error: on the run (`softfine.retried_after`) and in the phase's account, which the summary
   and trials.csv read (`read_retries`);
@@ -59,6 +63,7 @@ class MLflowChildRuns(Callback):
         self.pending: list[dict] = []  # operations the server has not taken yet, in order
         self.failures: list[str] = []
         self.retries: list[dict] = []  # {trial_id, node_ip, step, error} per retry, in order
+        self.logged: dict[str, int] = {}  # run key -> the last evaluation step its run has
         self.client = None
         self.down_since: float | None = None
         self.last_try = 0.0
@@ -67,11 +72,13 @@ class MLflowChildRuns(Callback):
         return {**self.__dict__, "client": None}  # no connection in the Tuner's pickle
 
     def get_state(self) -> dict:
-        return {"runs": self.runs, "pending": self.pending, "failures": self.failures, "retries": self.retries}
+        return {"runs": self.runs, "pending": self.pending, "failures": self.failures, "retries": self.retries,
+                "logged": self.logged}
 
     def set_state(self, state: dict) -> None:
         self.runs, self.pending, self.failures = dict(state["runs"]), list(state["pending"]), list(state["failures"])
         self.retries = list(state.get("retries", []))  # absent from the state of an older search
+        self.logged = dict(state.get("logged", {}))
 
     def setup(self, **info) -> None:
         import os
@@ -95,7 +102,7 @@ class MLflowChildRuns(Callback):
             keys = ([k for k in part if k.startswith("test_")] + list(FINAL_KEYS) if final
                     else [k for k in part if k.startswith(("dev_", "train_"))] + ["epoch", "best_dev_f1"])
             tags = {f"softfine.{k}": part[k] for k in PLACEMENT + ("data_sha256",) if part.get(k) not in (None, "")}
-            self.submit({"op": "result", "trial_id": trial.trial_id, "member": member,
+            self.submit({"op": "result", "trial_id": trial.trial_id, "member": member, "evaluation": not final,
                          "step": int(part.get("best_step" if final else "step") or 0),
                          "metrics": {k: part[k] for k in keys if _number(part.get(k))}, "tags": tags})
 
@@ -165,11 +172,15 @@ class MLflowChildRuns(Callback):
         if op["op"] == "open":
             self.open(op["trial_id"], op.get("member"), op["point"])
             return
-        run_id = self.runs[run_key(op["trial_id"], op.get("member"))]
+        key = run_key(op["trial_id"], op.get("member"))
+        run_id = self.runs[key]
         if op["op"] == "result":
             at = int(op["time"] * 1000)
-            self.client.log_batch(run_id, metrics=[Metric(k, float(v), at, op["step"]) for k, v in op["metrics"].items()],
-                                  tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
+            again = op.get("evaluation") and op["step"] <= self.logged.get(key, -1)  # made again after a retry
+            metrics = [] if again else [Metric(k, float(v), at, op["step"]) for k, v in op["metrics"].items()]
+            self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
+            if op.get("evaluation") and not again:
+                self.logged[key] = op["step"]
         elif op["op"] == "tags":
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
         elif op["op"] == "artifact":  # where the point's best checkpoint is kept, and its test scores
@@ -191,6 +202,8 @@ class MLflowChildRuns(Callback):
             self.runs[key] = run_id
             attempt = int(self.client.get_run(run_id).data.tags.get(ATTEMPT_TAG, "1")) + 1
             self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
+            history = self.client.get_metric_history(run_id, "dev_f1")  # what it has, whatever the driver knew
+            self.logged[key] = max([m.step for m in history] + [self.logged.get(key, -1)])
             self.client.update_run(run_id, status="RUNNING")
             return
         tags = {"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id, PHASE_TAG: self.phase,
