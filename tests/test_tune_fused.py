@@ -9,14 +9,13 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, children, kill_the_trial_once, parents, read_summary, read_trials,
-                           run_search, shared_data_dir, small_search_flags)
+from tune_fixtures import (SEARCH_SCRIPT, children, parents, read_summary, read_trials, run_crashing_search, run_search,
+                           shared_data_dir, small_search_flags)
 
 from softfine_tune.space import PAPER_GRID, Grid, alphas_key, fused_groups, record_points
 
@@ -133,15 +132,8 @@ def test_a_fused_group_scores_each_point_as_its_own_trial_does(ray_local, tmp_pa
 
 def test_a_crashed_group_goes_on_from_its_checkpoint_in_its_runs(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    killed: dict = {}
-    watcher = threading.Thread(target=kill_the_trial_once, args=(tmp_path / "ray" / "crash", killed))
-    watcher.start()
-    # 24 sentences, batch 4: 6 steps an epoch, evaluations at steps 2, 4, ..., 12.
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "--gamma", "2", "--fuse", "4",
-        "--epochs", "2", "--eval-every", "2", "--batch-size", "4", "--max-failures", "1", "--mlflow-uri", uri,
-        "--experiment-name", "crash", "--storage-path", tmp_path / "ray", "--name", "crash"))
-    watcher.join()
+    code, output, killed = run_crashing_search(tmp_path, "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3",
+                                               "--gamma", "2", "--fuse", "4")  # evaluations at steps 2, ..., 12
     assert code == 0 and killed, output[-3000:]
     (parent,) = parents(uri, "crash")
     kids = children(uri, "crash", parent.info.run_id)

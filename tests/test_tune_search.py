@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, descendants, kill_the_trial_once, parents,
-                           read_summary, read_trials, run_search, shared_data_dir, slot_seconds, small_search_flags)
+from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, descendants, parents, read_summary, read_trials,
+                           run_crashing_search, run_search, shared_data_dir, slot_seconds, small_search_flags)
 
 from softfine_tune.space import alphas_key
 
@@ -212,16 +212,9 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
 
 def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # 24 sentences, batch 4: 6 steps per epoch; evaluations at steps 2, 4, 6, 8, 10, 12. The
-    # trial's process is killed once it has reported its first checkpoint.
-    killed: dict = {}
-    watcher = threading.Thread(target=kill_the_trial_once, args=(tmp_path / "ray" / "crash", killed))
-    watcher.start()
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--epochs", "2", "--eval-every", "2",
-        "--batch-size", "4", "--max-failures", "1", "--mlflow-uri", uri, "--experiment-name", "crash",
-        "--storage-path", tmp_path / "ray", "--name", "crash"))
-    watcher.join()
+    # Evaluations at steps 2, 4, 6, 8, 10, 12; the trial's process is killed once it has reported
+    # its first checkpoint.
+    code, output, killed = run_crashing_search(tmp_path, "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2")
     assert code == 0 and killed, output[-3000:]  # it did crash, once
     (parent,) = parents(uri, "crash")
     (kid,) = children(uri, "crash", parent.info.run_id)  # one run: the retry went on in it

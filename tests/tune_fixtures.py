@@ -220,3 +220,21 @@ def kill_the_trial_once(folder: Path, killed: dict) -> None:
                 killed.update(pid=first["pid"], step=first["step"])
                 return
         time.sleep(0.05)
+
+
+def run_crashing_search(tmp_path: Path, *grid: str) -> tuple[int, str, dict]:
+    """A search of the grid `grid` (flags, named "crash") whose trial process is SIGKILLed once it
+    has reported its first checkpoint (kill_the_trial_once), with one retry. 24 sentences at batch 4:
+    6 steps an epoch, 2 epochs, evaluations at steps 2, 4, ..., 12. Returns (exit status, output,
+    what was killed)."""
+    import threading
+
+    killed: dict = {}
+    watcher = threading.Thread(target=kill_the_trial_once, args=(tmp_path / "ray" / "crash", killed))
+    watcher.start()
+    code, output = run_search(small_search_flags(
+        shared_data_dir(), *grid, "--epochs", "2", "--eval-every", "2", "--batch-size", "4", "--max-failures", "1",
+        "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment-name", "crash",
+        "--storage-path", tmp_path / "ray", "--name", "crash"))
+    watcher.join()
+    return code, output, killed
