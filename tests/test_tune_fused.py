@@ -6,16 +6,12 @@ a killed driver resumed, and the refusals; the grouping and the memory arithmeti
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, children, parents, read_summary, read_trials, run_crashing_search, run_search,
-                           shared_data_dir, small_search_flags)
+from tune_fixtures import (children, kill_the_driver_when, parents, read_summary, read_trials, run_crashing_search,
+                           run_search, saved_trials_so_far, shared_data_dir, small_search_flags)
 
 from softfine_tune.space import PAPER_GRID, Grid, alphas_key, fused_groups, record_points
 
@@ -150,41 +146,22 @@ def test_a_crashed_group_goes_on_from_its_checkpoint_in_its_runs(ray_local, tmp_
 
 
 def test_a_killed_driver_resumes_a_fused_search(ray_local, tmp_path):
-    from ray.tune import ExperimentAnalysis
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
     flags = small_search_flags(
         shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "--gamma", "2", "--fuse", "2",
         "--epochs", "3", "--eval-every", "4", "--max-concurrent", "1", "--mlflow-uri", uri,
         "--experiment-name", "killed", "--storage-path", storage, "--name", "killed")
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *flags, "--address", ray_local],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    deadline = time.time() + 300
-    try:  # killed once the first group has ended and the second has a checkpoint, in Ray's snapshot
-        while time.time() < deadline:
-            time.sleep(0.5)
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-5000:]
-            if not list((storage / "killed").glob("experiment_state-*.json")):
-                continue
-            try:
-                saved = ExperimentAnalysis(str(storage / "killed")).trials
-            except Exception:  # noqa: BLE001 - a snapshot being written; read it again
-                continue
-            if any(t.status == "TERMINATED" for t in saved) and any(
-                    t.status != "TERMINATED" and t.checkpoint for t in saved):
-                break
-        else:
-            pytest.fail("the search did not get far enough: " + (tmp_path / "driver.log").read_text()[-5000:])
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
-        log.close()
+
+    def one_group_ended_and_the_next_checkpointed() -> bool:  # in Ray's last snapshot
+        saved = saved_trials_so_far(storage / "killed").values()
+        return any(t.status == "TERMINATED" for t in saved) and any(
+            t.status != "TERMINATED" and t.checkpoint for t in saved)
+
+    kill_the_driver_when(flags, ray_local, tmp_path, one_group_ended_and_the_next_checkpointed)
     finished_before = {k.info.run_id: k.info.end_time for k in children(uri, "killed")
                        if k.info.status == "FINISHED"}
     assert len(finished_before) == 2  # the first group's two points
-    time.sleep(2)  # Ray ends the driver's trial
     code, output = run_search(["--resume", "killed", "--storage-path", storage])
     assert code == 0 and "resuming search killed" in output
     (parent,) = parents(uri, "killed")

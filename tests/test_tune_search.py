@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, descendants, parents, read_summary, read_trials,
-                           run_crashing_search, run_search, shared_data_dir, slot_seconds, small_search_flags)
+from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, kill_the_driver_when, parents, read_summary,
+                           read_trials, run_crashing_search, run_search, saved_trials, saved_trials_so_far,
+                           shared_data_dir, slot_seconds, small_search_flags)
 
 from softfine_tune.space import alphas_key
 
@@ -230,29 +230,8 @@ def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, 
     assert summary["terminated"] == 1 and summary["error"] == 0
 
 
-def saved_trials(experiment: Path) -> dict:
-    """The trials of the search's last experiment snapshot, by trial id."""
-    from ray.tune import ExperimentAnalysis
-
-    return {t.trial_id: t for t in ExperimentAnalysis(str(experiment)).trials}
-
-
-def saved_trials_so_far(experiment: Path) -> dict:
-    """saved_trials while the driver runs: none before its first snapshot or while one is written."""
-    try:
-        return saved_trials(experiment)
-    except Exception:
-        return {}
-
-
 def trial_id(run) -> str:
     return run.data.tags["softfine.trial_id"]
-
-
-def trial_processes() -> list[int]:
-    """Process ids of the Ray workers running a trial (title ray::ImplicitFunc...) among this
-    test's own processes (ray_local's Ray is a child of this process)."""
-    return [pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")]
 
 
 def lose_the_named_checkpoint(trial) -> None:
@@ -295,37 +274,24 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
         shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "3", "--gamma", "1.5", "2", "--epochs", "3",
         "--eval-every", "4", "--max-concurrent", "1", "--mlflow-uri", mlflow_server.uri,
         "--experiment-name", "killed", "--storage-path", storage, "--name", "killed")
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *flags, "--address", ray_local],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     finished_before: dict = {}
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:  # kill it once one trial finished and the next has checkpointed
-            time.sleep(0.5)
-            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-5000:]
-            if client.get_experiment_by_name("killed") is None:
-                continue
-            kids = children(mlflow_server.uri, "killed")
-            done = [k for k in kids if k.info.status == "FINISHED"]
-            going = [k for k in kids if k.info.status == "RUNNING" and "dev_f1" in k.data.metrics]
-            saved = saved_trials_so_far(storage / "killed")  # Ray's view: what a resume starts from
-            ended = [k for k in done if getattr(saved.get(trial_id(k)), "status", "") == "TERMINATED"]
-            checkpointed = [k for k in going if getattr(saved.get(trial_id(k)), "checkpoint", None)]
-            if done and len(ended) == len(done) and checkpointed:
-                finished_before = {k.info.run_id: k.info.end_time for k in done}
-                break
-        else:
-            pytest.fail("the search did not get far enough: " + (tmp_path / "driver.log").read_text()[-5000:])
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=60)
-        log.close()
-    deadline = time.time() + 60  # Ray notices the driver is gone and ends its trial (in under a second here)
-    while trial_processes() and time.time() < deadline:
-        time.sleep(0.25)
-    assert not trial_processes(), "the trial's worker outlived its driver by a minute"
+
+    def one_ended_and_the_next_checkpointed() -> bool:  # in MLflow and in Ray's last snapshot
+        if client.get_experiment_by_name("killed") is None:
+            return False
+        kids = children(mlflow_server.uri, "killed")
+        done = [k for k in kids if k.info.status == "FINISHED"]
+        going = [k for k in kids if k.info.status == "RUNNING" and "dev_f1" in k.data.metrics]
+        saved = saved_trials_so_far(storage / "killed")  # Ray's view: what a resume starts from
+        ended = [k for k in done if getattr(saved.get(trial_id(k)), "status", "") == "TERMINATED"]
+        checkpointed = [k for k in going if getattr(saved.get(trial_id(k)), "checkpoint", None)]
+        if done and len(ended) == len(done) and checkpointed:
+            finished_before.update({k.info.run_id: k.info.end_time for k in done})
+            return True
+        return False
+
+    kill_the_driver_when(flags, ray_local, tmp_path, one_ended_and_the_next_checkpointed)
     # The worst moment to be killed at, every time. The driver is gone: its last snapshot must read,
     # and name the trial that was going on with its checkpoint (it had evaluations left to make).
     going_on = [t for t in saved_trials(storage / "killed").values() if t.status != "TERMINATED" and t.checkpoint]

@@ -238,3 +238,50 @@ def run_crashing_search(tmp_path: Path, *grid: str) -> tuple[int, str, dict]:
         "--storage-path", tmp_path / "ray", "--name", "crash"))
     watcher.join()
     return code, output, killed
+
+
+def saved_trials(experiment: Path) -> dict:
+    """The trials of the search's last experiment snapshot, by trial id."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t for t in ExperimentAnalysis(str(experiment)).trials}
+
+
+def saved_trials_so_far(experiment: Path) -> dict:
+    """saved_trials while the driver runs: none before its first snapshot or while one is written."""
+    try:
+        return saved_trials(experiment)
+    except Exception:  # noqa: BLE001 - a snapshot being written
+        return {}
+
+
+def trial_processes() -> list[int]:
+    """Process ids of the Ray workers running a trial (title ray::ImplicitFunc...) among this
+    test's own processes (ray_local's Ray is a child of this process)."""
+    return [pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")]
+
+
+def kill_the_driver_when(flags: list, address: str, tmp_path: Path, ready, timeout: float = 300) -> None:
+    """Runs `tune/search.py FLAGS --address ADDRESS` as a process of its own (its output in
+    tmp_path/driver.log), SIGKILLs it once `ready()` holds (checked every half second), and waits
+    until Ray has ended the trial it was running (a minute at most; in under a second here)."""
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *map(str, flags), "--address", address],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            time.sleep(0.5)
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-5000:]
+            if ready():
+                break
+        else:
+            pytest.fail("the search did not get far enough: " + (tmp_path / "driver.log").read_text()[-5000:])
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+        log.close()
+    deadline = time.time() + 60
+    while trial_processes() and time.time() < deadline:
+        time.sleep(0.25)
+    assert not trial_processes(), "the trial's worker outlived its driver by a minute"
