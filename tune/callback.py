@@ -12,8 +12,8 @@ workers need no route to the tracking server. Beyond it, it keeps what this proj
   its trial-id tag, so no trial ever gets two runs;
 * no evaluation is logged twice: a retried trial goes on from its last registered checkpoint, and
   may make again an evaluation whose report reached the driver before its node died (the same
-  values: resuming is exact); a run's last logged step is kept (and read back from MLflow when a
-  run is reopened), and a report at or before it adds no metrics;
+  values: resuming is exact); a run's last logged step is read from MLflow when the run is
+  reopened and kept as it grows, and a report at or before it adds no metrics;
 * every retry (--max-failures) is recorded with where the failed attempt ran, its last step and
   Ray's error: on the run (`softfine.retried_after`) and in the phase's account, which the summary
   and trials.csv read (`read_retries`);
@@ -63,7 +63,9 @@ class MLflowChildRuns(Callback):
         self.pending: list[dict] = []  # operations the server has not taken yet, in order
         self.failures: list[str] = []
         self.retries: list[dict] = []  # {trial_id, node_ip, step, error} per retry, in order
-        self.logged: dict[str, int] = {}  # run key -> the last evaluation step its run has
+        # run key -> the last evaluation step its run has: read from MLflow when a run is reopened
+        # (a retry, a resumed driver), so it is not part of the state
+        self.logged: dict[str, int] = {}
         self.client = None
         self.down_since: float | None = None
         self.last_try = 0.0
@@ -72,13 +74,11 @@ class MLflowChildRuns(Callback):
         return {**self.__dict__, "client": None}  # no connection in the Tuner's pickle
 
     def get_state(self) -> dict:
-        return {"runs": self.runs, "pending": self.pending, "failures": self.failures, "retries": self.retries,
-                "logged": self.logged}
+        return {"runs": self.runs, "pending": self.pending, "failures": self.failures, "retries": self.retries}
 
     def set_state(self, state: dict) -> None:
         self.runs, self.pending, self.failures = dict(state["runs"]), list(state["pending"]), list(state["failures"])
         self.retries = list(state.get("retries", []))  # absent from the state of an older search
-        self.logged = dict(state.get("logged", {}))
 
     def setup(self, **info) -> None:
         import os
@@ -203,7 +203,7 @@ class MLflowChildRuns(Callback):
             attempt = int(self.client.get_run(run_id).data.tags.get(ATTEMPT_TAG, "1")) + 1
             self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
             history = self.client.get_metric_history(run_id, "dev_f1")  # what it has, whatever the driver knew
-            self.logged[key] = max([m.step for m in history] + [self.logged.get(key, -1)])
+            self.logged[key] = max((m.step for m in history), default=-1)
             self.client.update_run(run_id, status="RUNNING")
             return
         tags = {"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id, PHASE_TAG: self.phase,
