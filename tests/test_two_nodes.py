@@ -12,8 +12,10 @@ any local cluster (`two_node_variant` says what differs from cluster/local.yaml)
 
 The search has 4 grid points and 1 CPU per trial; each node declares 2 CPUs. As soon as a trial
 on the worker has reported an evaluation (and so saved a checkpoint), the test kills the
-worker's raylet (SIGKILL, its pid found among the worker node's processes, which the test
-started), and with it the node. Then:
+worker's raylet and the processes below it, its trials' workers among them (SIGKILL, their pids
+found among the worker node's processes, which the test started): the node, lost at once as a
+preempted machine is. (The raylet alone is not enough: a trial's worker talks to the driver
+directly and may finish its last epochs before it notices its raylet is gone.) Then:
 
 * the job succeeds; every grid point has exactly one child run in the head's MLflow, FINISHED,
   and no evaluation step is logged twice in any run's metric history: every run has each
@@ -54,7 +56,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_ray_up import (LOCAL_YAML, RAY, Sshd, answers, free_ports, head_only_variant, jobs_api_answers,
-                         mlflow_health, ray_cli_env, run, ssh_control_dir, tail, tear_down)
+                         mlflow_health, processes_below, ray_cli_env, run, ssh_control_dir, tail, tear_down)
 from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags
 
 WORKER_IP = "127.0.0.2"
@@ -166,8 +168,9 @@ def worker_results(experiment: Path) -> dict[str, list[dict]]:
 def kill_the_worker_mid_trial(experiment: Path, worker: Sshd, job: subprocess.Popen, killed: dict,
                               timeout: float = 300) -> None:
     """Once a trial on the worker has reported an evaluation (and so saved a checkpoint) and not
-    finished, SIGKILL to the worker's raylet (the one process named raylet among the worker node's);
-    records its pid and the last step of each unfinished worker trial in `killed`."""
+    finished, SIGKILL to the worker's raylet (the one process named raylet among the worker node's)
+    and to every process below it; records the raylet's pid and the last step of each unfinished
+    worker trial in `killed`."""
     deadline = time.time() + timeout
     while time.time() < deadline and job.poll() is None:
         running = {t: rs for t, rs in worker_results(experiment).items() if not any(r.get("final") for r in rs)}
@@ -176,7 +179,9 @@ def kill_the_worker_mid_trial(experiment: Path, worker: Sshd, job: subprocess.Po
             if len(raylets) != 1:
                 killed["error"] = f"not one raylet among the worker's processes: {worker.processes()}"
                 return
-            os.kill(raylets[0], signal.SIGKILL)
+            for pid in [raylets[0], *processes_below(raylets[0])]:  # listed before any is killed
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             killed.update(pid=raylets[0], steps={t: rs[-1]["step"] for t, rs in running.items()})
             return
         time.sleep(0.2)
@@ -305,7 +310,8 @@ def check_the_search(uri: str, folder: Path, output: str, killed: dict, head_ip:
         rows = {r["trial_id"]: r for r in csv.DictReader(f)}
     summary = json.loads((folder / "summary.json").read_text())
     retried = {r["trial_id"]: r for r in summary["retries"]}
-    # The trials the worker ran when it died, and only they, were retried, once each.
+    # The trials the worker ran when it died were retried, once each (and so was a trial it had just
+    # started, if any: the per-trial checks below say it failed there before its first evaluation).
     assert set(killed["steps"]) <= set(retried) and len(summary["retries"]) == len(retried), (killed, retried)
     assert parent.data.metrics["trials_retried"] == len(retried) and parent.data.metrics["trials_finished"] == 4
     for trial_id, kid in by_trial.items():
