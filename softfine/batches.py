@@ -14,9 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .config import TrainConfig
 from .data import Sentence
-from .datasets import read_split
 from .labels import LabelSpace
 from .model import CharIds
 
@@ -27,19 +25,12 @@ class Split:
     examples: list[dict]  # one per window: input_ids, aug_ids, label_ids, sentence, offset
 
 
-def load_splits(config: TrainConfig, splits: Sequence[str]) -> dict[str, list[Sentence]]:
-    read = {s: read_split(config.dataset, s, config.data_dir, config.strict) for s in splits}
-    if "train" in read and config.limit_train:
-        read["train"] = read["train"][:config.limit_train]
-    for split in ("dev", "test"):
-        if split in read and config.limit_eval:
-            read[split] = read[split][:config.limit_eval]
-    return read
-
-
-def encode(sentences: Sequence[Sentence], char_ids: CharIds, labels: LabelSpace, max_length: int) -> list[dict]:
+def encode(sentences: Sequence[Sentence], char_ids: CharIds, labels: LabelSpace, max_length: int,
+           unknown_as_o: bool = False) -> list[dict]:
     """Token ids of each sentence and of its augmentation (entity characters replaced by
-    [B] [I] [E] [S]), with label ids; sentences longer than a window are split into windows."""
+    [B] [I] [E] [S]), with label ids; sentences longer than a window are split into windows.
+    `unknown_as_o` (scoring only, where the gold tags are the sentences' own): a tag the label
+    space lacks gets O's id instead of a KeyError."""
     tokenizer = char_ids.tokenizer
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     seg_ids = {seg: tokenizer.convert_tokens_to_ids(f"[{seg}]") for seg in "BIES"}
@@ -47,7 +38,7 @@ def encode(sentences: Sequence[Sentence], char_ids: CharIds, labels: LabelSpace,
     examples = []
     for number, sentence in enumerate(sentences):
         ids = char_ids(sentence.chars)
-        label_ids = [labels.index(tag) for tag in sentence.tags]
+        label_ids = [labels.index(tag) if not unknown_as_o or tag in labels else 0 for tag in sentence.tags]
         aug = [seg_ids[tag[0]] if tag != "O" else i for tag, i in zip(sentence.tags, ids)]
         for offset in range(0, max(len(ids), 1), width):
             window = slice(offset, offset + width)

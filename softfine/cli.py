@@ -23,6 +23,7 @@ import types
 import typing
 from typing import Sequence
 
+from .config import DATA_FIELDS
 from .errors import ConfigError, SoftFiNEError
 
 log = logging.getLogger("softfine")
@@ -31,14 +32,16 @@ log = logging.getLogger("softfine")
 # ---------------------------------------------------------------------------------------------
 # TrainConfig as flags: one flag per field; a YAML file underneath, the flags given on top.
 
-def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
-    """Adds `--field-name` for every TrainConfig field, with default SUPPRESS so that only the
-    flags actually given reach `given_values`. A bool field gets `--NAME` and `--no-NAME`."""
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (),
+                         only: Sequence[str] | None = None) -> None:
+    """Adds `--field-name` for every TrainConfig field (or those in `only`), with default SUPPRESS
+    so that only the flags actually given reach `given_values`. A bool field gets `--NAME` and
+    `--no-NAME`."""
     from .config import FINE_TUNING, FROM_SCRATCH, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in exclude:
+        if f.name in exclude or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
@@ -156,21 +159,34 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 def cmd_labels(args: argparse.Namespace) -> None:
     from .labels import LabelSpace
 
+    data = [f"--{k.replace('_', '-')}" for k in ("dataset", "train_file", "validation_file", "test_file")
+            if getattr(args, k, None) is not None]
+    if args.categories is not None and data:
+        raise ConfigError(f"--categories and {data[0]}: give categories or a dataset, not both")
+    if args.categories is None and not data:
+        raise ConfigError("give --dataset (a built-in name or a folder), --train-file or --categories")
     if args.categories:
         given = args.categories.split(",")
         empty = next((i for i, c in enumerate(given, 1) if not c.strip()), None)
         if empty is not None:  # "A,,B" would make the labels B-, I-, ... of an empty category
             raise ConfigError(f"--categories {args.categories!r}: category {empty} is empty; give categories "
                               "separated by single commas")
-        space = LabelSpace.from_categories(given, args.label_separator)
+        corpus, space = None, LabelSpace.from_categories(given, getattr(args, "label_separator", None))
     else:
         from .data import categories
-        from .datasets import available_splits, dataset_files, get_spec, read_split
+        from .datasets import data_source, load_corpus
 
-        splits = available_splits(args.dataset, args.data_dir) or dataset_files(args.dataset, args.data_dir)
-        found = {c for s in splits for c in categories(read_split(args.dataset, s, args.data_dir))}
-        separator = args.label_separator if args.label_separator is not None else get_spec(args.dataset).label_separator
-        space = LabelSpace.from_categories(found, separator)
+        config = data_config(args)
+        corpus = load_corpus(config, [s for s in ("train", "dev", "test") if s in data_source(config).files])
+        found = {c for sentences in corpus.splits.values() for c in categories(sentences)}
+        space = LabelSpace.infer(sorted(found), config.label_separator)
+    if args.gold is None:
+        if corpus is None:
+            raise ConfigError("--categories: give --gold too (the label space of a dataset is printed without it)")
+        return print_label_space(corpus, space, args.json)
+    missing = [flag for flag, value in (("--beta", args.beta), ("--gamma", args.gamma)) if value is None]
+    if missing:
+        raise ConfigError(f"--gold {args.gold}: give {' and '.join(missing)} too (the soft label's base and penalty)")
     try:
         gold = space.index(args.gold)
     except KeyError as err:
@@ -188,6 +204,45 @@ def cmd_labels(args: argparse.Namespace) -> None:
         print(f"{label:<{width}}  {miss:>4}  {wrong:>5}  {score:.6g}")
 
 
+def print_label_space(corpus, space, as_json: bool) -> None:
+    """A dataset's label space, its hierarchy's levels and Table 1's figures per split."""
+    from .data import categories, entity_counts, stats
+
+    rows = {split: {**stats(sentences), "file": corpus.files[split]["path"], **({"carved": corpus.files[split]["carved"]}
+                    if "carved" in corpus.files[split] else {}),
+                    "categories_per_level": type(space).infer(categories(sentences), space.separator).level_counts()}
+            for split, sentences in corpus.splits.items()}
+    counts = {split: entity_counts(sentences) for split, sentences in corpus.splits.items()}
+    summary = {"dataset": corpus.name, "separator": space.separator, "levels": space.level_counts(),
+               "labels": space.labels, "splits": rows, "unseen_in_train": corpus.unseen,
+               "entities": {c: {split: counts[split].get(c, 0) for split in counts} for c in space.categories}}
+    if as_json:
+        print(json.dumps(summary, ensure_ascii=False, indent=1))
+        return
+    shown = repr(space.separator) if space.separator else "none, one level"
+    print(f"{corpus.name}: {len(space.categories)} categories, {len(space)} labels (O, and B/I/E/S of each); "
+          f"separator {shown}; nodes per level: {' / '.join(map(str, space.level_counts()))}")
+    print(f"{'split':<6} {'sentences':>9} {'avg chars':>9} {'avg ent.':>8} {'categories':>10} {'per level':>10}  file")
+    for split, r in rows.items():
+        carved = f" (carved: {r['carved']})" if "carved" in r else ""
+        print(f"{split:<6} {r['sentences']:>9} {r['avg_chars']:>9.1f} {r['avg_entities']:>8.1f} {r['categories']:>10} "
+              f"{'/'.join(map(str, r['categories_per_level'])):>10}  {r['file']}{carved}")
+    width = max(len(c) for c in space.categories)
+    print(f"\n{'category':<{width}}  " + "  ".join(f"{split:>6}" for split in counts))
+    for category in space.categories:
+        print(f"{category:<{width}}  " + "  ".join(f"{counts[split].get(category, 0):>6}" for split in counts))
+    for split, unseen in corpus.unseen.items():
+        print(f"\n{split}: {sum(unseen.values())} gold entities of categories train never has: "
+              + ", ".join(f"{c} ({n})" for c, n in unseen.items()))
+
+
+def data_config(args: argparse.Namespace):
+    """A command's data flags (DATA_FIELDS) as a TrainConfig: every command finds data by one set of rules."""
+    from .config import make_config
+
+    return make_config({k: v for k, v in given_values(args).items() if k in DATA_FIELDS + ("label_separator",)})
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config, make_config
     from .train import train
@@ -202,29 +257,41 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .datasets import read_split
-    from .model import CharIds, load_checkpoint
     from .batches import Split, encode
+    from .data import categories, entity_counts
+    from .datasets import load_corpus
     from .device import resolve_device
     from .evaluate import evaluate
+    from .model import CharIds, load_checkpoint
 
     device = resolve_device(args.device)
     model, tokenizer, labels, config = load_checkpoint(args.checkpoint, device)
-    sentences = read_split(args.dataset, args.split, args.data_dir, args.strict)
+    data = data_config(args)
+    corpus = load_corpus(data, [args.split])
+    sentences = corpus.splits[args.split]
     if args.limit is not None:
         if not 1 <= args.limit <= len(sentences):
-            raise ConfigError(f"--limit {args.limit}: give 1 to {len(sentences)} ({args.dataset} {args.split} has "
+            raise ConfigError(f"--limit {args.limit}: give 1 to {len(sentences)} ({corpus.name} {args.split} has "
                               f"{len(sentences)} sentences), or leave it out to score the whole split")
         sentences = sentences[:args.limit]
-    try:
-        examples = encode(sentences, CharIds(tokenizer), labels, config.get("max_length", 512))
-    except KeyError as err:
-        raise ConfigError(f"--dataset {args.dataset}: {err.args[0]}; was the checkpoint trained on it?") from None
+    found = categories(sentences)
+    unknown = {c: n for c, n in entity_counts(sentences).items() if c not in labels.categories}
+    if found and len(unknown) == len(found):  # no category in common: another dataset's checkpoint
+        raise ConfigError(f"--dataset {data.dataset or corpus.name}: label 'B-{found[0]}' (and every other) is not in "
+                          f"the checkpoint's label space ({', '.join(labels.categories[:3])}, ...); was the checkpoint "
+                          "trained on it?")
+    if unknown:
+        log.warning("%s %s: %d gold entities of %d categories the checkpoint has no label for (%s): scored as missed",
+                    corpus.name, args.split, sum(unknown.values()), len(unknown),
+                    ", ".join(f"{c} {n}" for c, n in sorted(unknown.items())))
+    examples = encode(sentences, CharIds(tokenizer), labels, config.get("max_length", 512), unknown_as_o=True)
     scores = evaluate(model, Split(sentences, examples), labels, device)
+    scores["unseen_entities"] = sum(unknown.values())
     if args.json:
-        print(json.dumps({"dataset": args.dataset, "split": args.split, **scores}, indent=1, ensure_ascii=False))
+        print(json.dumps({"dataset": corpus.name, "split": args.split, **scores}, indent=1, ensure_ascii=False))
         return
-    print(f"{args.dataset} {args.split}: {scores['sentences']} sentences, {scores['gold_entities']} gold entities")
+    print(f"{corpus.name} {args.split}: {scores['sentences']} sentences, {scores['gold_entities']} gold entities"
+          + (f" ({scores['unseen_entities']} of categories the checkpoint does not know)" if unknown else ""))
     print(f"precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  f1 {scores['f1']:.4f}")
     for key in sorted(k for k in scores if k.startswith("f1_level")):
         print(f"{key} {scores[key]:.4f}")
@@ -281,19 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_data_stats)
 
-    labels = commands.add_parser("labels", help="every label's soft-label relevance to a gold label")
-    source = labels.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="take the categories from this dataset's files")
-    source.add_argument("--categories", help="comma-separated categories instead of a dataset")
-    labels.add_argument("--data-dir")
-    labels.add_argument("--label-separator", help="hierarchy separator (default: the dataset's)")
-    labels.add_argument("--beta", type=float, required=True, help="soft-label base, > 1")
-    labels.add_argument("--gamma", type=float, required=True, help="penalty of a wrong component, > 0")
-    labels.add_argument("--gold", required=True, help="gold label, e.g. B-/work/video/teleplay")
+    labels = commands.add_parser("labels", help="a dataset's label space, hierarchy and statistics; with --gold, "
+                                 "every label's soft-label relevance to it", argument_default=argparse.SUPPRESS)
+    add_config_arguments(labels, only=DATA_FIELDS + ("label_separator",))
+    labels.add_argument("--categories", default=None, help="comma-separated categories instead of a dataset")
+    labels.add_argument("--beta", type=float, default=None, help="soft-label base, > 1 (with --gold)")
+    labels.add_argument("--gamma", type=float, default=None, help="penalty of a wrong component, > 0 (with --gold)")
+    labels.add_argument("--gold", default=None, help="gold label, e.g. B-/work/video/teleplay")
     labels.add_argument("--soft-scope", choices=("paper", "related"), default="paper",
                         help="paper: every entity label gets a score; related: only those sharing the segment tag "
                              "or a level at the same depth (the authors' code) (default: paper)")
-    labels.add_argument("--json", action="store_true", help="print an object label -> score")
+    labels.add_argument("--json", action="store_true", default=False, help="print JSON: the label space and "
+                        "statistics, or with --gold an object label -> score")
     labels.set_defaults(func=cmd_labels)
 
     train = commands.add_parser("train", help="train SoftFiNE, keep the best checkpoint by dev F1, test it",
@@ -302,16 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split")
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split",
+                                   argument_default=argparse.SUPPRESS)
     evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--dataset", required=True)
+    add_config_arguments(evaluate, only=DATA_FIELDS)
     evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    evaluate.add_argument("--data-dir")
-    evaluate.add_argument("--limit", type=int, help="only the first N sentences")
-    evaluate.add_argument("--strict", action="store_true")
+    evaluate.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object: sentences, gold_entities, "
-                          "precision, recall, f1, per_category, ...")
+    evaluate.add_argument("--json", action="store_true", default=False, help="print one JSON object: sentences, "
+                          "gold_entities, precision, recall, f1, per_category, ...")
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="print entities of texts as JSON lines")

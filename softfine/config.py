@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 from typing_extensions import Annotated
 
+from .data import SCHEMES
 from .errors import ConfigError, SoftFiNEError
 
 Positive = Annotated[float, Field(gt=0)]
@@ -55,8 +56,20 @@ def option(default: Any, help: str):
 class TrainConfig:
     """Everything a run depends on."""
 
-    dataset: str = option("weibo", "dataset name: weibo, resume, ontonotes4 or fine")
+    dataset: Optional[str] = option(None, "a built-in dataset (weibo, resume, ontonotes4, fine) or a folder of "
+                                    "your own files: train, dev (or validation), test; JSON lines with tokens and "
+                                    "ner_tags, two-column character files or span JSON lines (default: weibo, unless "
+                                    "--train-file is given)")
     data_dir: Optional[str] = option(None, "data directory (default: $SOFTFINE_DATA_DIR, else ~/.cache/softfine/data)")
+    train_file: Optional[str] = option(None, "your training file, instead of --dataset (as run_ner.py names it)")
+    validation_file: Optional[str] = option(None, "your dev file, with --train-file")
+    test_file: Optional[str] = option(None, "your test file, with --train-file")
+    tag_scheme: Optional[Literal[SCHEMES]] = option(None, "tagging scheme of your files: bio, bioes or bmes "
+                                                    "(default: detected from the tags)")
+    dev_fraction: Optional[Annotated[float, Field(gt=0, lt=1)]] = option(
+        None, "data without a dev split: carve this fraction of train as dev (seed --dev-seed)")
+    dev_seed: Annotated[int, Field(ge=0, lt=2**32)] = option(0, "seed of --dev-fraction's draw (not --seed, so that "
+                                                              "every training seed is scored on the same dev sentences)")
     model: str = option("bert-base-chinese", "encoder: a Hugging Face name, a local directory, or tiny "
                         "(a small offline BERT with a character vocabulary from the training split)")
     epochs: Optional[Count] = option(None, "training epochs")
@@ -86,8 +99,9 @@ class TrainConfig:
     limit_eval: Optional[Count] = option(None, "use only the first N dev and test sentences")
     eval_every: Annotated[int, Field(ge=0)] = option(0, "evaluate on dev every N steps (0: after every epoch)")
     out: str = option("runs/softfine", "output directory (best/ checkpoint, state/, metrics.jsonl)")
-    label_separator: Optional[str] = option(None, "hierarchy separator of categories (default: the "
-                                            "dataset's, '/' for FiNE; e.g. '.' splits Weibo's PER.NAM)")
+    label_separator: Optional[str] = option(None, "splits categories into hierarchy levels (default: '/' when "
+                                            "every category starts with '/', as FiNE's, else one level; e.g. '.' "
+                                            "splits Weibo's PER.NAM)")
     max_length: Annotated[int, Field(ge=8, le=512)] = option(512, "tokens per window, [CLS] and [SEP] "
                                                              "included; longer sentences are split")
     strict: bool = option(False, "make every data problem an error instead of a repaired or skipped sentence")
@@ -108,11 +122,13 @@ class TrainConfig:
         for name, value in encoder_defaults(self.model).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.dataset is None and not self.data_files():
+            self.dataset = "weibo"
 
-    def separator(self) -> str | None:
-        from .datasets import get_spec
-
-        return self.label_separator if self.label_separator is not None else get_spec(self.dataset).label_separator
+    def data_files(self) -> dict[str, str]:
+        """The files given instead of --dataset: flag -> path."""
+        return {f"--{k.replace('_', '-')}": v for k, v in (("train_file", self.train_file), ("validation_file",
+                self.validation_file), ("test_file", self.test_file)) if v is not None}
 
     def tiny_shape(self) -> dict:
         """BertConfig fields of the tiny encoder."""
@@ -121,6 +137,9 @@ class TrainConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# Where a run's data comes from: the flags every command that reads data takes (datasets.load_corpus).
+DATA_FIELDS = ("dataset", "data_dir", "train_file", "validation_file", "test_file", "tag_scheme", "dev_fraction",
+               "dev_seed", "strict")
 
 
 def make_config(values: Mapping[str, Any], where: Callable[[str], str] = lambda key: f"--{key.replace('_', '-')}",
@@ -143,10 +162,15 @@ def make_config(values: Mapping[str, Any], where: Callable[[str], str] = lambda 
         config = TrainConfig(**values)
     except ValidationError as err:
         raise validation_error(err, where) from None
-    try:
-        get_spec(config.dataset)  # an unknown dataset, before any data is read
-    except SoftFiNEError as err:
-        raise ConfigError(f"{where('dataset')}: {err}") from None
+    if config.dataset is not None and config.data_files():
+        raise ConfigError(f"{where('dataset')} {config.dataset} and {next(iter(config.data_files()))}: give a dataset "
+                          "(a built-in name or a folder) or your files, not both")
+    bare = config.dataset is not None and not any(c in config.dataset for c in "/\\.~")
+    if bare and not Path(config.dataset).is_dir():
+        try:
+            get_spec(config.dataset)  # a mistyped name, before any data is read; a folder is looked at when read
+        except SoftFiNEError as err:
+            raise ConfigError(f"{where('dataset')}: {err}, or a folder of your own files") from None
     return config
 
 

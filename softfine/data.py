@@ -17,6 +17,12 @@ Problem policy, the same for every reader:
   evaluation never scores fewer sentences than its split has), "error" (`--strict`) makes every
   problem an error, repairs included.
 
+Users' own files come in three formats, detected from the content (`detect_format`): JSON lines
+with `tokens` and `ner_tags` (Hugging Face's run_ner.py), two-column character files, and span
+JSON lines (FiNE's). Their tagging scheme is detected from the tags (`detect_scheme`) unless given.
+A token of several characters is split into its characters, its tag carried over as BIO carries
+an entity (`split_tokens`).
+
 Line numbers count "\n" only, whatever Unicode line separators the text holds. A line may end in
 "\r\n"; a lone "\r" in a one-character-per-line file makes its sentence unreadable (it would
 otherwise be read as part of a character).
@@ -30,7 +36,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
 
@@ -42,7 +48,10 @@ _PREFIXES = {
     "bioes": {"B": "B", "I": "I", "E": "E", "S": "S"},
     "bmes": {"B": "B", "M": "I", "E": "E", "S": "S"},
 }
+SCHEMES = tuple(_PREFIXES)
 ON_PROBLEM = ("skip", "refuse", "error")
+FORMATS = {"tokens": "JSON lines with tokens and ner_tags", "columns": "a two-column character file",
+           "spans": "span JSON lines (FiNE's)"}
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,10 @@ def _lines(path: Path) -> list[str]:
         raise DataError(f"{path}: cannot read it ({err.strerror})") from None
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
+    if "\ufeff" in text:  # a byte-order mark past the start (files joined with cat) would become a character
+        line = text.count("\n", 0, text.index("\ufeff")) + 1
+        raise DataError(f"{path}:{line}: a byte-order mark (U+FEFF) inside the file, where it would be read as a "
+                        "character; remove it (one at the very start is allowed)")
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
@@ -180,31 +193,41 @@ def _blocks(lines: list[str]) -> Iterator[tuple[int, list[str]]]:
 _WEIBO_CHAR = re.compile(r"(.+?)(\d+)")
 
 
-def read_columns(path: str | Path, *, scheme: str = "bioes", delimiter: str | None = None,
-                 strip_position_digits: bool = False, on_problem: str = "skip") -> list[Sentence]:
+def read_columns(path: str | Path, *, scheme: str | None = "bioes", delimiter: str | None = None,
+                 strip_position_digits: bool = False, words: bool = False, on_problem: str = "skip") -> list[Sentence]:
     """Read a one-character-per-line file: `CHAR<delimiter>TAG`, blank lines between sentences.
 
-    `scheme` is the tagging scheme of the file (bio, bioes or bmes); tags are returned in BIOES.
-    With a `delimiter` every line has exactly two columns; `delimiter=None` splits on whitespace
-    and takes the first and last columns (CoNLL-style files with more). With
-    `strip_position_digits`, the word-position digits that Weibo appends to each character are
-    removed (`科0` -> `科`).
+    `scheme` is the tagging scheme of the file (bio, bioes or bmes; None: detected from its tags);
+    tags are returned in BIOES. With a `delimiter` every line has exactly two columns;
+    `delimiter=None` splits on whitespace and takes the first and last columns (CoNLL-style files
+    with more). With `strip_position_digits`, the word-position digits that Weibo appends to each
+    character are removed (`科0` -> `科`). With `words`, a first column of several characters is
+    split into characters (`split_tokens`).
     """
-    if scheme not in _PREFIXES:
+    if scheme is not None and scheme not in _PREFIXES:
         raise ValueError(f"unknown tagging scheme {scheme!r}; expected one of {sorted(_PREFIXES)}")
     path = Path(path)
     problems = _Problems(path, on_problem)
-    sentences = []
+    read = []  # (first line, its tokens, their tags)
     for start, block in _blocks(_lines(path)):
         try:
-            chars, tags = _columns(block, delimiter, strip_position_digits)
-            bioes, repair = to_bioes(tags, scheme)
+            read.append((start, *_columns(block, delimiter, strip_position_digits)))
         except SentenceProblem as problem:  # index: the line (= character) within the sentence
             problems.unreadable(start + problem.index, str(problem))
+    scheme = scheme or detect_scheme((tag for _, _, tags in read for tag in tags), path)
+    sentences = []
+    for start, tokens, tags in read:
+        owner = list(range(len(tokens)))  # the line (within the sentence) of each character
+        try:
+            if words:
+                tokens, tags, owner = split_tokens(tokens, tags, scheme)
+            bioes, repair = to_bioes(tags, scheme)
+        except SentenceProblem as problem:
+            problems.unreadable(start + owner[min(problem.index, len(owner) - 1)], str(problem))
             continue
         if repair is not None:
-            problems.repaired_tags(start + repair.index, str(repair))
-        sentences.append(Sentence(tuple(chars), tuple(bioes), f"{path}:{start}"))
+            problems.repaired_tags(start + owner[repair.index], str(repair))
+        sentences.append(Sentence(tuple(tokens), tuple(bioes), f"{path}:{start}"))
     problems.summary(len(sentences) + problems.skipped)
     return sentences
 
@@ -231,6 +254,162 @@ def _columns(block: list[str], delimiter: str | None, strip_position_digits: boo
         chars.append(char)
         tags.append(tag)
     return chars, tags
+
+
+def detect_scheme(tags: Iterable[str], path: str | Path) -> str:
+    """The tagging scheme of a file's tags: bmes where an M- prefix occurs, bioes where an E- or
+    S- one does, else bio. A file that mixes M- and I- is no scheme: a DataError asks for
+    --tag-scheme."""
+    prefixes = {tag.partition("-")[0] for tag in tags if tag != "O"}
+    if {"M", "I"} <= prefixes:
+        raise DataError(f"{path}: its tags have both M- and I- prefixes, which is none of BIO, BIOES and BMES; "
+                        "give --tag-scheme bio, bioes or bmes")
+    return "bmes" if "M" in prefixes else "bioes" if prefixes & {"E", "S"} else "bio"
+
+
+def split_tokens(tokens: Sequence[str], tags: Sequence[str], scheme: str) -> tuple[list[str], list[str], list[int]]:
+    """(characters, their tags, the token of each character): a token of several characters split
+    into characters, its tag carried over as BIO carries an entity: B-X -> B-X I-X ..., I-X -> I-X
+    I-X ..., E-X -> I-X ... E-X, S-X -> B-X I-X ... E-X (M- for I- in BMES), O -> O O ... A token of
+    one character is kept whatever it is (a space too, as span JSON's text keeps it); an empty token,
+    or one of several characters that holds whitespace, is refused: whether its spaces are characters
+    of the text (and of the entity) is not said."""
+    inside = "M" if scheme == "bmes" else "I"
+    chars, char_tags, owner = [], [], []
+    for i, (token, tag) in enumerate(zip(tokens, tags)):
+        if not token or (len(token) > 1 and any(c.isspace() for c in token)):
+            raise SentenceProblem(f"token {i + 1} {token!r} is empty or holds whitespace among other characters: "
+                                  "give each space as a token of its own, or leave it out", i)
+        seg, _, category = tag.partition("-")
+        n = len(token)
+        if n == 1 or tag == "O" or seg not in ("B", "I", "M", "E", "S"):
+            segs = [seg] * n
+        elif seg == "B":
+            segs = ["B"] + [inside] * (n - 1)
+        elif seg == "E":
+            segs = [inside] * (n - 1) + ["E"]
+        elif seg == "S":
+            segs = ["B"] + [inside] * (n - 2) + ["E"]
+        else:
+            segs = [seg] * n
+        chars.extend(token)
+        char_tags.extend(tag if tag == "O" or n == 1 else f"{s}-{category}" for s in segs)
+        owner.extend([i] * n)
+    return chars, char_tags, owner
+
+
+def detect_format(path: str | Path) -> str:
+    """"tokens", "spans" or "columns" (FORMATS), from the first line that is not blank: a JSON
+    object with "tokens" (run_ner.py's JSON lines), one with "text" (span JSON lines), anything
+    else a column file."""
+    path = Path(path)
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            return "columns"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: the file reads as JSON lines but this line is not valid JSON "
+                            f"({err.msg}, column {err.colno})") from None
+        if isinstance(record, dict) and "tokens" in record:
+            return "tokens"
+        if isinstance(record, dict) and "text" in record:
+            return "spans"
+        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{path}:{number}: a JSON line with neither \"tokens\" (and \"ner_tags\": run_ner.py's "
+                        f"format) nor \"text\" (and \"label\": span JSON lines); it has: {keys}")
+    raise DataError(f"{path}: the file is empty")
+
+
+def read_token_json(path: str | Path, scheme: str | None = None, label_names: Sequence[str] | None = None,
+                    on_problem: str = "skip") -> list[Sentence]:
+    """Hugging Face run_ner.py's JSON lines: `{"tokens": [...], "ner_tags": [...]}`, tags as
+    strings, or as integers naming `label_names` (labels.txt) or the record's own "label_names"
+    list. `scheme`: the tags' (None: detected); a token of several characters is split into
+    characters (`split_tokens`)."""
+    path = Path(path)
+    problems = _Problems(path, on_problem)
+    read = []  # (line, tokens, tags)
+    for number, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            read.append((number, *_token_record(line, label_names, f"{path}:{number}")))
+        except SentenceProblem as problem:
+            problems.unreadable(number, str(problem))
+    scheme = scheme or detect_scheme((tag for _, _, tags in read for tag in tags), path)
+    sentences = []
+    for number, tokens, tags in read:
+        try:
+            chars, char_tags, _ = split_tokens(tokens, tags, scheme)
+            bioes, repair = to_bioes(char_tags, scheme)
+        except SentenceProblem as problem:
+            problems.unreadable(number, str(problem))
+            continue
+        if repair is not None:
+            problems.repaired_tags(number, str(repair))
+        sentences.append(Sentence(tuple(chars), tuple(bioes), f"{path}:{number}"))
+    problems.summary(len(sentences) + problems.skipped)
+    return sentences
+
+
+def _token_record(line: str, label_names: Sequence[str] | None, where: str) -> tuple[list[str], list[str]]:
+    """(tokens, string tags) of one run_ner.py JSON line. Integer tags without label names are a
+    DataError: no sentence of the file could be read."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SentenceProblem(f"not valid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise SentenceProblem(f"expected a JSON object, got {type(record).__name__}")
+    tokens, tags = record.get("tokens"), record.get("ner_tags")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise SentenceProblem('expected "tokens": a non-empty list of strings')
+    if not isinstance(tags, list):
+        raise SentenceProblem('expected "ner_tags": a list of tags, one per token')
+    if len(tags) != len(tokens):
+        raise SentenceProblem(f'"ner_tags" has {len(tags)} tags for {len(tokens)} tokens: give one tag per token')
+    if all(isinstance(t, str) for t in tags):
+        return tokens, tags
+    if not all(type(t) is int for t in tags):
+        raise SentenceProblem('"ner_tags": expected all strings (B-X, O, ...) or all integers (label ids)')
+    names = record.get("label_names", label_names)
+    if names is None:
+        raise DataError(f'{where}: integer "ner_tags" but no label names: put a labels.txt beside the file (one '
+                        'name a line, in id order) or a "label_names" list in each record')
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise SentenceProblem('"label_names": expected a list of tag names (O, B-X, ...)')
+    bad = next((t for t in tags if not 0 <= t < len(names)), None)
+    if bad is not None:
+        raise SentenceProblem(f"tag id {bad} is not in the {len(names)} label names")
+    return tokens, [names[t] for t in tags]
+
+
+def read_label_names(path: str | Path) -> list[str]:
+    """labels.txt: the names of integer tags, one a line, in id order (blank lines ignored)."""
+    names = [line.strip() for line in _lines(Path(path)) if line.strip()]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise DataError(f"{path}: the label name {twice!r} is written twice; give each name once, in id order")
+    return names
+
+
+def read_user_file(path: str | Path, fmt: str, scheme: str | None = None, label_names: Sequence[str] | None = None,
+                   on_problem: str = "skip") -> list[Sentence]:
+    """A user's file in format `fmt` (FORMATS; see `detect_format`)."""
+    if fmt == "tokens":
+        return read_token_json(path, scheme, label_names, on_problem)
+    if fmt == "spans":
+        return read_fine(path, on_problem)
+    return read_columns(path, scheme=scheme, delimiter=_column_delimiter(path), words=True, on_problem=on_problem)
+
+
+def _column_delimiter(path: str | Path) -> str:
+    """A tab where the first line holds one, else a space (Weibo's and Resume's own layouts)."""
+    first = next(line for line in _lines(Path(path)) if line.strip())
+    return "\t" if "\t" in first else " "
 
 
 def read_weibo(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
@@ -329,6 +508,28 @@ def _fine_tags(text: str, labels: dict) -> list[str]:
 def categories(sentences: Sequence[Sentence]) -> list[str]:
     """Sorted entity categories that occur in `sentences`."""
     return sorted({tag[2:] for s in sentences for tag in s.tags if tag != "O"})
+
+
+def entity_counts(sentences: Sequence[Sentence]) -> dict[str, int]:
+    """Gold entities per category."""
+    counts: dict[str, int] = {}
+    for s in sentences:
+        for tag in s.tags:
+            if tag[0] in "BS":
+                counts[tag[2:]] = counts.get(tag[2:], 0) + 1
+    return counts
+
+
+def unseen_categories(splits: dict[str, Sequence[Sentence]]) -> dict[str, dict[str, int]]:
+    """Per split other than train: its gold entities of categories that train never has, counted
+    per category (a model can only learn them as they are scored: missed)."""
+    seen = set(categories(splits.get("train", ())))
+    unseen = {}
+    for split, sentences in splits.items():
+        counts = {c: n for c, n in entity_counts(sentences).items() if c not in seen}
+        if split != "train" and counts:
+            unseen[split] = dict(sorted(counts.items()))
+    return unseen
 
 
 def stats(sentences: Sequence[Sentence]) -> dict:

@@ -2,8 +2,8 @@
 
 A label is `O` or `<seg>-<category>`, seg in B/I/E/S. Its components are the segment tag and
 the category's hierarchy levels: FiNE's `/organization/company/vehicle_brand` splits on `/` into
-three levels; other datasets have one level unless a separator is given (Weibo's `PER.NAM` on
-`.`). A level is identified by its path from the root, so `company` under `organization` and a
+three levels; any dataset whose categories all start with `/` is split so, others have one level
+unless a separator is given (Weibo's `PER.NAM` on `.`). A level is identified by its path from the root, so `company` under `organization` and a
 `company` elsewhere in a hierarchy are different components.
 
 For gold label g and candidate j (both not O):
@@ -43,12 +43,29 @@ class LabelSpace:
     def from_categories(cls, categories: Sequence[str], separator: str | None = None) -> "LabelSpace":
         return cls(tuple(sorted(set(categories))), separator or None)
 
+    @classmethod
+    def infer(cls, categories: Sequence[str], separator: str | None = None) -> "LabelSpace":
+        """The label space of a dataset's categories, split into levels on `separator` (the
+        --label-separator given), else on "/" when every category starts with "/" (FiNE's paths),
+        else of one level."""
+        if separator is None and categories and all(c.startswith("/") for c in categories):
+            separator = "/"
+        return cls.from_categories(categories, separator)
+
+    def level_counts(self) -> list[int]:
+        """How many hierarchy nodes each level has, level 1 first."""
+        nodes = {c[:k + 1] for cat in self.categories for c in [self.levels(cat)] for k in range(len(c))}
+        return [sum(len(n) == depth for n in nodes) for depth in range(1, self.depth + 1)]
+
     @property
     def labels(self) -> list[str]:
         return ["O"] + [f"{seg}-{c}" for c in self.categories for seg in SEGMENTS]
 
     def __len__(self) -> int:
         return 1 + len(SEGMENTS) * len(self.categories)
+
+    def __contains__(self, label: object) -> bool:
+        return label in self._index
 
     def index(self, label: str) -> int:
         try:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .batches import collate, encode, load_splits
+from .batches import collate, encode
 from .config import TrainConfig
 from .data import categories
+from .datasets import Corpus, load_corpus
 from .device import attention_kernels, autocast, pad_multiple, resolve_device
 from .errors import ConfigError
 from .fused import FusedModel, uses_augmentation
@@ -23,14 +24,14 @@ from .model import CharIds, build_model
 from .optim import build_optimizer
 
 
-def member_memory(config: TrainConfig) -> dict:
+def member_memory(config: TrainConfig, corpus: Corpus | None = None) -> dict:
     """{"one": bytes, "two": bytes, "each_more": bytes}: the peak CUDA memory of a training step
     of one member of `config` and of two, over what was allocated before."""
     device = resolve_device(config.device)
     if device.type != "cuda":
         raise ConfigError(f"device {device}: a fused group's memory is measured on a CUDA device")
-    sentences = load_splits(config, ["train"])["train"]
-    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    sentences = (corpus or load_corpus(config, ["train"])).splits["train"]
+    labels = LabelSpace.infer(categories(sentences), config.label_separator)
     tokenizer, model = build_model(config.model, labels, config.dropout, (c for s in sentences for c in s.chars),
                                    config.tiny_shape())
     model.to(device)

@@ -27,10 +27,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .batches import Split, encode, load_splits, train_loader
+from .batches import Split, encode, train_loader
 from .config import TrainConfig
 from .data import categories
-from .datasets import available_splits, dataset_files, sha256_of
+from .datasets import Corpus, load_corpus, report_unseen
 from .device import attention_kernels, autocast, compile_step, pad_multiple, resolve_device
 from .errors import ConfigError, DataError
 from .evaluate import evaluate_group, flat_scores, progress
@@ -45,26 +45,27 @@ LOSS_PARTS = ("loss", "loss_soft", "loss_aug", "loss_fea")
 
 
 def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None = None,
-          resume_from: str | os.PathLike | None = None) -> dict:
+          resume_from: str | os.PathLike | None = None, corpus: Corpus | None = None) -> dict:
     """Train, evaluating on dev as configured; returns the best checkpoint's dev and test scores.
 
     `on_evaluate(metrics, out_dir)` is called after every evaluation, once `out_dir` holds the
     state to resume from and the best checkpoint so far. `resume_from` is such a directory (or
-    a copy of it): training continues from its last evaluation.
+    a copy of it): training continues from its last evaluation. `corpus`: the data, read already
+    (`load_corpus(config)`, which is what is read without it).
     """
     report = None if on_evaluate is None else (lambda member, metrics, out_dir: on_evaluate(metrics, out_dir))
-    return train_group([config], report, None if resume_from is None else [resume_from])[0]
+    return train_group([config], report, None if resume_from is None else [resume_from], corpus)[0]
 
 
 def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict, str], None] | None = None,
-                resume_from: Sequence[str | os.PathLike] | None = None) -> list[dict]:
+                resume_from: Sequence[str | os.PathLike] | None = None, corpus: Corpus | None = None) -> list[dict]:
     """Train the runs `configs`, which differ only in loss hyperparameters and `out`, as one fused
     model; each member k is the run `train(configs[k])` would be, with the same files in its own
     out. Returns each member's result, as `train` does.
 
     `on_evaluate(k, metrics, out_dir)` is called for each member after every evaluation, once all
     members' directories hold their state and best checkpoint. `resume_from` is one such directory
-    per member (or copies of them), all of the same evaluation.
+    per member (or copies of them), all of the same evaluation. `corpus`: as `train`'s.
     """
     from transformers import set_seed
 
@@ -74,13 +75,11 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     outs = [output_directory(c.out) for c in configs]
     set_seed(config.seed)
 
-    splits = ["train", "dev"] + (["test"] if "test" in available_splits(config.dataset, config.data_dir) else [])
-    files = dataset_files(config.dataset, config.data_dir, splits)
-    sentences = load_splits(config, splits)
+    corpus = corpus or load_corpus(config)
+    sentences = corpus.splits
     if not sentences["train"]:
-        raise DataError(f"{files['train']}: no usable training sentences")
-    labels = LabelSpace.from_categories(
-        [c for s in sentences.values() for c in categories(s)], config.separator())
+        raise DataError(f"{corpus.files['train']['path']}: no usable training sentences")
+    labels = LabelSpace.infer([c for s in sentences.values() for c in categories(s)], config.label_separator)
     soft_tables = torch.stack([labels.soft_targets(c.beta, c.gamma, c.soft_scope) if c.soft
                                else labels.one_hot_targets() for c in configs]).to(device)
 
@@ -109,10 +108,10 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
                  " ".join(f"{f:.4f}" for f in best_f1))
 
     run_configs = [dataclasses.asdict(c) for c in configs]
-    data_sha256 = sha256_of([files[s] for s in splits])
     log.info("%s: %d train / %d dev / %d test sentences, %d labels, %d steps on %s%s",
-             config.dataset, *(len(sentences.get(s, [])) for s in ("train", "dev", "test")),
+             corpus.name, *(len(sentences.get(s, [])) for s in ("train", "dev", "test")),
              len(labels), total_steps, device, f", {len(configs)} runs fused" if len(configs) > 1 else "")
+    report_unseen(corpus)
     multiple = pad_multiple(config.pad_multiple, device, config.compile)
 
     def evaluate_and_keep(epoch: int, running: dict) -> None:
@@ -190,7 +189,9 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     results = [{"best_dev_f1": best_f1[k], "best_step": best_step[k], "best_checkpoint": str(out / "best"),
                 "dev_sentences": len(data["dev"].sentences),
                 "dev_gold_entities": sum(tag[0] in "BS" for s in data["dev"].sentences for tag in s.tags),
-                "data_sha256": data_sha256, "train_seconds": train_seconds} for k, out in enumerate(outs)]
+                "data_sha256": corpus.sha256, "train_seconds": train_seconds,
+                **{f"{split}_unseen_entities": sum(counts.values()) for split, counts in corpus.unseen.items()}}
+               for k, out in enumerate(outs)]
     if "test" in data:
         del fused, optimizer
         best = FusedModel([load_checkpoint(out / "best", device)[0] for out in outs]).train(False)
@@ -204,7 +205,7 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
                      test_scores[k]["recall"], test_scores[k]["f1"], test_scores[k]["sentences"],
                      test_scores[k]["gold_entities"])
     else:
-        log.warning("%s has no test split in %s: skipped the test evaluation", config.dataset, files["train"].parent)
+        log.warning("%s has no test split: skipped the test evaluation", corpus.name)
     return results
 
 

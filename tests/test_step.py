@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from softfine.batches import Split, encode, load_splits, train_loader
+from softfine.batches import Split, encode, train_loader
 from softfine.config import TrainConfig, make_config
 from softfine.data import categories
+from softfine.datasets import load_corpus
 from softfine.device import attention_kernels, pad_multiple
 from softfine.evaluate import predict_tags
 from softfine.fused import FusedModel
@@ -52,8 +53,8 @@ def test_a_step_reads_no_value_from_the_device(members):
 
 def test_weibo_batches_take_a_few_lengths_and_full_rows(data_dir):
     config = make_config(dict(dataset="weibo", data_dir=str(data_dir), model="tiny", batch_size=16))
-    sentences = load_splits(config, ["train"])["train"]
-    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    sentences = load_corpus(config, ["train"]).splits["train"]
+    labels = LabelSpace.infer(categories(sentences), config.label_separator)
     tokenizer, _ = random_model((c for s in sentences for c in s.chars), labels, 0.1, SHAPE)
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
 
@@ -70,8 +71,8 @@ def test_padding_changes_no_loss_and_no_gradient(data_dir):
     # One batch of real Resume windows (5 of them: 3 padding rows at batch 8), the loss and its
     # gradients at its own length and padded to multiples of 64: the same up to float rounding.
     config = make_config(dict(dataset="resume", data_dir=str(data_dir), model="tiny", limit_train=5))
-    sentences = load_splits(config, ["train"])["train"]
-    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    sentences = load_corpus(config, ["train"]).splits["train"]
+    labels = LabelSpace.infer(categories(sentences), config.label_separator)
     no_dropout = dict(SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tokenizer, net = random_model((c for s in sentences for c in s.chars), labels, 0.0, no_dropout)
     model = SoftFiNEModel(net).train()
@@ -96,7 +97,7 @@ def test_padding_changes_no_loss_and_no_gradient(data_dir):
 def test_padding_changes_no_prediction(data_dir, tmp_path):
     train(tiny_config(data_dir, tmp_path / "run"))
     model, tokenizer, labels, settings = load_checkpoint(tmp_path / "run" / "best")
-    sentences = load_splits(tiny_config(data_dir, tmp_path), ["dev"])["dev"]
+    sentences = load_corpus(tiny_config(data_dir, tmp_path), ["dev"]).splits["dev"]
     split = Split(sentences, encode(sentences, CharIds(tokenizer), labels, settings["max_length"]))
     tags = {m: predict_tags(model, split, labels, torch.device("cpu"), batch_size=16, multiple=m) for m in (0, 32, 64)}
     assert sum(t != "O" for s in tags[0] for t in s) > 0  # an entity predicted: something to compare
@@ -108,8 +109,8 @@ def test_the_step_compiles_as_one_graph_and_computes_the_same_loss(data_dir, mem
     # fullgraph: dynamo refuses any graph break (a value read, an unsupported op) in the forward
     # pass and the loss; aot_eager also traces the backward, without inductor's slow CPU codegen.
     config = make_config(dict(dataset="resume", data_dir=str(data_dir), model="tiny", limit_train=8))
-    sentences = load_splits(config, ["train"])["train"]
-    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    sentences = load_corpus(config, ["train"]).splits["train"]
+    labels = LabelSpace.infer(categories(sentences), config.label_separator)
     no_dropout = dict(SHAPE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     tokenizer, net = random_model((c for s in sentences for c in s.chars), labels, 0.0, no_dropout)
     fused = FusedModel([SoftFiNEModel(net)] * members).train()

@@ -140,7 +140,7 @@ def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) ->
                           "--allow-cpu-fallback to train on CPU where this happens.")
 
 
-def fuse_to_fit(args: argparse.Namespace, base, points: int, timeout: float = 600) -> tuple[int, str]:
+def fuse_to_fit(args: argparse.Namespace, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
     """--fuse auto: (K, why). On GPUs, a task holding one trial's resources measures a training
     step's peak memory with one member and with two (softfine.memory) and K is the most members
     whose step fits 90 % of what the trial may use of its GPU (its share of the GPU's memory, at
@@ -152,7 +152,7 @@ def fuse_to_fit(args: argparse.Namespace, base, points: int, timeout: float = 60
         return 1, "a CPU search: one point per trial (fused groups do not pay on CPUs)"
     measure = ray.remote(measure_members).options(num_gpus=args.gpus_per_trial, num_cpus=args.cpus_per_trial)
     try:
-        found = ray.get(measure.remote(base, args.gpus_per_trial), timeout=timeout)
+        found = ray.get(measure.remote(base, corpus, args.gpus_per_trial), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise SearchError(f"--fuse auto: no GPU measured a step within {timeout:.0f} s (GPUs busy?); "
                           "give --fuse K") from None
@@ -171,7 +171,7 @@ def fuse_to_fit(args: argparse.Namespace, base, points: int, timeout: float = 60
 # ---------------------------------------------------------------------------------------------
 # Inside a trial or task: where it runs.
 
-def measure_members(base, share: float) -> dict:
+def measure_members(base, corpus, share: float) -> dict:
     """Run as a Ray task holding a trial's GPUs: softfine.memory.member_memory on `base`, and the
     budget: 90 % of the trial's share of the GPU's memory, at most what is free."""
     import dataclasses
@@ -182,7 +182,7 @@ def measure_members(base, share: float) -> dict:
 
     free, total = torch.cuda.mem_get_info()
     budget = int(0.9 * min(free, total * min(share, 1.0)))
-    return {**member_memory(dataclasses.replace(base, device="cuda")), "budget": budget,
+    return {**member_memory(dataclasses.replace(base, device="cuda"), corpus), "budget": budget,
             "gpu": torch.cuda.get_device_name()}
 
 def probe_cuda() -> dict:

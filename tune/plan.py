@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 from softfine.config import TrainConfig
+from softfine.datasets import Corpus
 from softfine_tune.cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
 from softfine_tune.space import Grid, SearchError, check_grid, grid_from_flags, load_preset
 from softfine_tune.tracking import TrackingStore, mask_argv, tracking_store
@@ -25,7 +26,7 @@ log = logging.getLogger("softfine.tune")
 class Plan:
     args: argparse.Namespace
     argv: list[str]  # as it may be stored and shown: credentials masked
-    dataset: str
+    dataset: str  # the data's name (softfine.datasets.dataset_name): MLflow's experiment and model names
     base: TrainConfig  # every trial's config is this one with its grid point (and seed) replaced
     grid: Grid
     mode: str  # "search": the grid or TPE search (then --seeds re-runs the selection); "seeds": one point, N seeds
@@ -36,6 +37,7 @@ class Plan:
     experiment_name: str
     storage_path: str
     name: str
+    corpus: Corpus | None = None  # the data, read once by the driver (search.check_data) and sent to every trial
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -43,12 +45,12 @@ class Plan:
         return self.grid.keys()
 
 
-def base_config(dataset: str, preset: dict, flags: dict) -> TrainConfig:
+def base_config(preset: dict, flags: dict) -> TrainConfig:
     """The TrainConfig every trial starts from: the preset's train: values, then the flags given.
     The preset's values of the encoder-dependent settings are bert-base fine-tuning settings: with
     the tiny encoder they give way to its own defaults (which flags still override)."""
     from softfine.config import FINE_TUNING, make_config
-    from softfine.datasets import data_dir
+    from softfine.datasets import data_dir, is_folder
 
     train = dict(preset["train"])
     if flags.get("model", train.get("model")) == "tiny":
@@ -58,9 +60,14 @@ def base_config(dataset: str, preset: dict, flags: dict) -> TrainConfig:
                      ", ".join(f"{k}={v}" for k, v in unused.items()))
     where = lambda key: (f"--{key.replace('_', '-')}" if key in flags  # noqa: E731
                          else f"preset {preset['path']}: key {key!r}")
-    config = make_config({**train, **flags, "dataset": dataset}, where)
-    # Trials run in other working directories, on other nodes: an absolute data folder.
-    return make_config({"data_dir": str(data_dir(config.data_dir).resolve())}, where, base=config)
+    config = make_config({**train, **flags}, where)
+    # The driver reads the data (trials get its sentences through Ray); its records name absolute paths.
+    paths = {"data_dir": str(data_dir(config.data_dir).resolve())}
+    for key in ("dataset", "train_file", "validation_file", "test_file"):
+        value = getattr(config, key)
+        if value is not None and (key != "dataset" or is_folder(value)):
+            paths[key] = str(Path(value).expanduser().resolve())
+    return make_config(paths, where, base=config)
 
 
 def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
@@ -147,13 +154,17 @@ def check_storage(storage: Path) -> None:
         raise SearchError(f"--storage-path {storage}: cannot write in {existing} ({err.strerror or err})") from None
 
 
-def settings(args: argparse.Namespace, dataset: str) -> tuple[dict, TrainConfig, Grid]:
-    """The preset, the base TrainConfig and the grid, every value checked."""
+def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
+    """The preset (a built-in dataset's, or --preset), the base TrainConfig and the grid, every
+    value checked."""
     from softfine.cli import given_values
     from softfine.config import make_config
+    from softfine.datasets import is_folder
 
-    preset = load_preset(dataset, args.preset)
-    base = base_config(dataset, preset, given_values(args, EXCLUDED_TRAIN_FIELDS))
+    flags = given_values(args, EXCLUDED_TRAIN_FIELDS)
+    dataset = make_config(flags).dataset  # weibo unless a dataset or files are given; its name checked
+    preset = load_preset(dataset if dataset is not None and not is_folder(dataset) else None, args.preset)
+    base = base_config(preset, flags)
     grid = grid_from_flags(preset["grid"], args.grid_alphas, args.grid_beta, args.grid_gamma, args.grid_soft_scope)
     if len(grid.soft_scope) == 1:  # not searched: every trial's
         base = make_config({"soft_scope": grid.soft_scope[0]}, lambda key: grid.origin[key], base=base)
@@ -177,15 +188,11 @@ def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Path, str]:
 def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     """Everything the search needs, checked in this order: the settings (flags and preset), the
     search's own flags, the results folder, the tracking URI; then that the data files are there."""
-    from softfine.datasets import dataset_files, get_spec
+    from softfine.datasets import data_source, dataset_name
     from softfine.errors import SoftFiNEError
 
-    dataset = getattr(args, "dataset", "weibo")
-    try:
-        get_spec(dataset)
-    except SoftFiNEError as err:
-        raise SearchError(f"--dataset: {err}") from None
-    preset, base, grid = settings(args, dataset)
+    preset, base, grid = settings(args)
+    dataset = dataset_name(base)
     mode, num_samples = search_mode(args, grid)
     check_numbers(args, num_samples, base)
     fuse = fuse_size(args, mode)
@@ -193,8 +200,8 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     if args.experiment_name is not None and not args.experiment_name.strip():
         raise SearchError("--experiment-name: give a name")
     tracking = tracking_store(args.mlflow_uri)
-    try:  # the first look at the data: its files are there (the trials read them)
-        dataset_files(dataset, base.data_dir, ("train", "dev"))
+    try:  # the first look at the data: its files are there (the driver reads them, check_data)
+        data_source(base)
     except SoftFiNEError as err:
         raise SearchError(str(err)) from None
     return Plan(args=args, argv=mask_argv(argv), dataset=dataset, base=base, grid=grid, mode=mode,

@@ -56,20 +56,19 @@ class Interrupted(Exception):
     """The search stopped before its trials ended (Ctrl-C): it can be resumed, not summarised."""
 
 
-def check_data(plan: Plan) -> None:
-    """Reads the splits every trial reads, by the trials' rules (softfine.train: an unreadable
-    sentence is skipped in train and refused in dev and test; --strict; the limits), before Ray
-    starts: data that every trial would fail on is one error naming file and line, not N failed
-    trials."""
-    from softfine.batches import load_splits
-    from softfine.datasets import available_splits, dataset_files
+def check_data(plan: Plan) -> Plan:
+    """Reads the splits every trial trains and scores on, by the trials' rules (softfine.datasets.
+    load_corpus: an unreadable sentence is skipped in train and refused in dev and test; --strict;
+    the limits), once, before Ray starts: data every trial would fail on is one error naming file
+    and line, not N failed trials. The trials get these very sentences through Ray: no worker
+    node needs the files."""
+    from softfine.datasets import load_corpus, report_unseen
 
-    base = plan.base
-    splits = ["train", "dev"] + (["test"] if "test" in available_splits(base.dataset, base.data_dir) else [])
-    sentences = load_splits(base, splits)
-    if not sentences["train"]:
-        raise SearchError(f"{dataset_files(base.dataset, base.data_dir, ['train'])['train']}: no usable training "
-                          "sentences (see the warnings above)")
+    corpus = load_corpus(plan.base)
+    if not corpus.splits["train"]:
+        raise SearchError(f"{corpus.files['train']['path']}: no usable training sentences (see the warnings above)")
+    report_unseen(corpus)
+    return dataclasses.replace(plan, corpus=corpus)
 
 
 def prepare_folder(folder: Path) -> None:
@@ -99,7 +98,7 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
     if not record and (folder / RECORD).exists():
         raise SearchError(f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
                           f"continue it with --resume {plan.name} or choose another name")
-    check_data(plan)
+    plan = check_data(plan)
     check_address(args.address)
     # The credentials are in the driver's environment only while it talks to MLflow, not when it
     # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
@@ -113,7 +112,7 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
         probe_gpus(args, cluster)
         if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
             size, why = (record["fuse"], "as when the search started") if record.get("fuse") else \
-                fuse_to_fit(args, plan.base, len(plan.grid))
+                fuse_to_fit(args, plan.base, plan.corpus, len(plan.grid))
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
         prepare_folder(folder)
@@ -180,7 +179,7 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
     tags = {**run_tags(code), "mlflow.note.content": f"SoftFiNE {what} on {plan.dataset}; command: {PROG} "
                                                      f"{' '.join(plan.argv)}"}
     run_id = tracker.start_parent(experiment_id, plan.name, plan.name, params, tags)
-    tracker.attempt("log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.base)))
+    tracker.attempt("log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.corpus)))
     return run_id
 
 
@@ -191,11 +190,11 @@ def run_phase(plan: Plan, phase: str, points, name: str, record: dict, folder: P
 
     args = plan.args
     trainable = tune.with_resources(
-        tune.with_parameters(softfine_trial, base=plan.base, allow_cpu_fallback=args.allow_cpu_fallback,
-                             verbose=bool(args.verbose)),
+        tune.with_parameters(softfine_trial, base=plan.base, corpus=plan.corpus,
+                             allow_cpu_fallback=args.allow_cpu_fallback, verbose=bool(args.verbose)),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
     callback = MLflowChildRuns(str(folder), record["experiment_id"], record["parent_run_id"], plan.name, phase,
-                               plan.base, run_tags(record["code"]), dataset_inputs(plan.base), args.mlflow_timeout)
+                               plan.base, run_tags(record["code"]), dataset_inputs(plan.corpus), args.mlflow_timeout)
     tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback)
     started = time.time()
     results = tuner.fit()

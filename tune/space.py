@@ -44,7 +44,8 @@ PAPER_GRID = {"alphas": [[0.1, 0.1], [0.1, 0.05], [0.01, 0.01], [0.01, 0.005]], 
 NOT_IN_TRAIN = {"alpha_aug": "a grid value: put it under grid: alphas", "alpha_fea": "a grid value: put it under "
                 "grid: alphas", "beta": "a grid value: put it under grid:", "gamma": "a grid value: put it under grid:",
                 "soft_scope": "a grid value: put it under grid:", "out": "set per trial", "device": "set per trial",
-                "dataset": "the dataset is chosen with --dataset"}
+                "dataset": "the dataset is chosen with --dataset", "train_file": "the data is chosen by flag",
+                "validation_file": "the data is chosen by flag", "test_file": "the data is chosen by flag"}
 
 
 class SearchError(Exception):
@@ -145,13 +146,16 @@ def preset_path(dataset: str) -> Path:
     return PRESETS / f"{dataset}.yaml"
 
 
-def load_preset(dataset: str, path: str | Path | None = None) -> dict:
+def load_preset(dataset: str | None, path: str | Path | None = None) -> dict:
     """{"train": {...}, "grid": Grid, "paper_selection": {...} | None, "path": str} from a preset
     file, every value checked; the paper's grid unless the preset has its own; a dataset without a
-    preset gets the trainer's defaults."""
+    preset (a user's own: `dataset` None) gets the trainer's defaults, the paper's fine-tuning ones."""
     from softfine.config import read_yaml
 
     explicit = path is not None
+    if not explicit and dataset is None:
+        return {"train": {}, "grid": preset_grid(PAPER_GRID, Path("-")), "paper_selection": None,
+                "path": "none (the trainer's defaults)"}
     path = Path(path) if explicit else preset_path(dataset)
     values = read_yaml(path, "--preset" if explicit else "preset") if explicit or path.is_file() else {}
     where = f"preset {path}"

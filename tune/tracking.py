@@ -275,19 +275,18 @@ class Tracker:
         return run.info.run_id
 
 
-def dataset_inputs(config) -> list:
-    """The config's data splits as MLflow dataset inputs (name, file, SHA-256 digest), so that a
-    run's Datasets panel says what it was trained and scored on."""
+def dataset_inputs(corpus) -> list:
+    """The corpus's splits as MLflow dataset inputs: each names its file and carries the file's
+    SHA-256 (the digest, and whole in the profile), so a run's Datasets panel says what it was
+    trained and scored on."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from softfine.datasets import available_splits, dataset_files, sha256_of
-
-    splits = [s for s in ("train", "dev", "test") if s in available_splits(config.dataset, config.data_dir)]
     inputs = []
-    for split, path in dataset_files(config.dataset, config.data_dir, splits).items():
-        source = json.dumps({"uri": Path(path).resolve().as_uri()})
-        dataset = Dataset(name=f"{config.dataset}-{split}", digest=sha256_of([path])[:16], source_type="local",
-                          source=source, profile=json.dumps({"bytes": Path(path).stat().st_size}))
+    for split, file in corpus.files.items():
+        profile = {"file": Path(file["path"]).name, "sha256": file["sha256"], "format": file["format"],
+                   "sentences": len(corpus.splits[split]), **({"carved": file["carved"]} if "carved" in file else {})}
+        dataset = Dataset(name=f"{corpus.name}-{split}", digest=file["sha256"][:16], source_type="local",
+                          source=json.dumps({"uri": Path(file["path"]).as_uri()}), profile=json.dumps(profile))
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
     return inputs
 

@@ -3,7 +3,8 @@ Ray Tune.
 
 Ray Tune calls `softfine_trial(config, base=...)`: `config` is the trial's grid point (and, in the
 seeds phase, its seed), or a fused group (--fuse, `fused_config`); `base` is the
-search's TrainConfig (tune.with_parameters). It trains the points' configs with
+search's TrainConfig and `corpus` the sentences its driver read (tune.with_parameters: Ray's
+object store carries them, so a worker node needs no data files). It trains the points' configs with
 `softfine.train.train_group` (a point alone is a group of one) and reports every dev evaluation
 with the training directory as the checkpoint (each member's state/ to resume from, best/ so
 far), then the test scores of each best checkpoint with a final checkpoint that holds best/ only.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from softfine.config import TrainConfig
+from softfine.datasets import Corpus
 from softfine_tune.cluster import placement
 from softfine_tune.space import point_name, trial_config
 
@@ -65,7 +67,8 @@ def group_report(reports: list[dict], config: dict) -> dict:
             "dev_f1": max(r.get("dev_f1", r["best_dev_f1"]) for r in reports), "step": reports[0].get("step")}
 
 
-def softfine_trial(config: dict, base: TrainConfig, allow_cpu_fallback: bool = False, verbose: bool = False) -> None:
+def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None, allow_cpu_fallback: bool = False,
+                   verbose: bool = False) -> None:
     from ray import tune
 
     from softfine.train import train_group
@@ -100,7 +103,7 @@ def softfine_trial(config: dict, base: TrainConfig, allow_cpu_fallback: bool = F
             tune.report({**group_report(reports, config), **where}, checkpoint=tune.Checkpoint.from_directory(str(out)))
             reporting += time.perf_counter() - started
 
-        results = train_group(configs, on_evaluate=on_evaluate, resume_from=resume_from)
+        results = train_group(configs, on_evaluate=on_evaluate, resume_from=resume_from, corpus=corpus)
         final = group_report([{k: v for k, v in r.items() if k != "best_checkpoint"} for r in results], config)
         final.update(where, trial_end_time=time.time(), report_seconds=reporting, final=1)
         kept = keep_best(out, member_dirs(config), work / "final", final)
