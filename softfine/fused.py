@@ -35,6 +35,7 @@ from .config import TrainConfig
 from .errors import ConfigError
 from .losses import softfine_loss
 from .model import SoftFiNEModel
+from .optim import decay_groups
 
 # What members of a group may differ in: what enters the loss only, and where a run writes.
 LOSS_FIELDS = ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "soft")
@@ -154,16 +155,22 @@ class FusedModel:
             tensor.copy_((self.params if name in self.params else self.buffers)[name][k])
         return model
 
+    def optimizer_shapes(self) -> list[torch.Size]:
+        """The stacked parameters' shapes as AdamW numbers its state (build_optimizer's groups)."""
+        return [self.params[name].shape for group in decay_groups(self.params) for name in group]
+
     def member_optimizer_state(self, state: dict, k: int) -> dict:
-        """Member k's part of the stacked AdamW's state_dict: what its own AdamW would hold."""
-        shapes = [p.shape for p in self.params.values()]
+        """Member k's part of the stacked AdamW's state_dict: what its own AdamW would hold, in
+        tensors of its own (torch.save writes a view's whole storage: every member's moments)."""
+        shapes = self.optimizer_shapes()
         return {"param_groups": state["param_groups"],
-                "state": {i: {key: value[k] if _stacked(key, value, shapes[i]) else value
+                "state": {i: {key: value[k].clone() if _stacked(key, value, shapes[i]) else value
                               for key, value in per_param.items()} for i, per_param in state["state"].items()}}
 
     def stack_optimizer_states(self, states: Sequence[dict]) -> dict:
-        """The stacked AdamW's state_dict from its members' (as `member_optimizer_state` gives them)."""
-        shapes = [p.shape for p in self.params.values()]
+        """The stacked AdamW's state_dict from its members' (as `member_optimizer_state` gives them).
+        A state saved before members' moments were their own holds the stacked ones: taken as is."""
+        shapes = self.optimizer_shapes()
         stacked = {}
         for i, per_param in states[0]["state"].items():
             stacked[i] = {key: torch.stack([s["state"][i][key] for s in states])

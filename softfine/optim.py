@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -18,14 +18,21 @@ TRAINING_STATE = "training_state.pt"  # optimizer, scheduler, step, RNG: tensors
 def build_optimizer(model: torch.nn.Module | Mapping[str, torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over a model's parameters, or over named tensors (a fused group's stacked ones, in the
     model's order, so that a member's state lines up with a run's)."""
-    # No weight decay on biases and LayerNorm weights, as in BERT.
-    decay, no_decay = [], []
-    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model.items()
-    for name, param in named:
-        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+    decay, no_decay = ([named[name] for name in group] for group in decay_groups(named))
     fused = all(p.is_cuda for p in decay + no_decay)  # one kernel for the whole update on a GPU
     return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=fused or None)
+
+
+def decay_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The parameter names AdamW decays and those it does not, in `names`' order: the optimizer's
+    state numbers the first group's parameters, then the second's."""
+    # No weight decay on biases and LayerNorm weights, as in BERT.
+    decay, no_decay = [], []
+    for name in names:
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(name)
+    return decay, no_decay
 
 
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):

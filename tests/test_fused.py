@@ -17,7 +17,7 @@ from softfine.evaluate import predict_tags
 from softfine.fused import FusedModel
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, load_checkpoint, random_model
-from softfine.optim import build_optimizer, make_scheduler
+from softfine.optim import TRAINING_STATE, build_optimizer, make_scheduler
 from softfine.train import LOSS_PARTS, forward_loss, train, train_group, train_step
 
 # Three points of the paper's grid: every searched value differs somewhere.
@@ -152,3 +152,23 @@ def test_each_member_clips_its_own_gradients():
         assert float(norms[k]) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)), rel=1e-5)
         for name, p in model.named_parameters():
             assert torch.allclose(fused.params[name].grad[k], p.grad, rtol=1e-5, atol=1e-8), (k, name)
+
+
+def test_a_members_training_state_holds_its_own_moments_only(data_dir, tmp_path):
+    # torch.save writes a view's whole storage, and a moment sliced by another parameter's shape stays
+    # stacked: either way a member's file would carry every member's, K times a run alone's file.
+    # 16 sentences at batch 8: two steps.
+    short = dict(epochs=1, limit_train=16, limit_eval=8)
+    train_group([tiny_config(data_dir, tmp_path / f"fused{k}", **short, **p) for k, p in enumerate(POINTS)])
+    train(tiny_config(data_dir, tmp_path / "alone", **short, **POINTS[0]))
+    alone = (tmp_path / "alone" / "state" / TRAINING_STATE).stat().st_size
+    for k in range(len(POINTS)):
+        member = (tmp_path / f"fused{k}" / "state" / TRAINING_STATE).stat().st_size
+        assert member == pytest.approx(alone, rel=0.05), (k, member, alone)
+    # what the member's own AdamW would hold: moments of its parameters' shapes, in AdamW's order
+    model, *_ = load_checkpoint(tmp_path / "fused1" / "state")
+    params = [p for group in build_optimizer(model, tiny_config(data_dir, tmp_path)).param_groups for p in group["params"]]
+    saved = torch.load(tmp_path / "fused1" / "state" / TRAINING_STATE, weights_only=True)["optimizer"]["state"]
+    assert saved.keys() == set(range(len(params)))
+    for i, moments in saved.items():
+        assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == params[i].shape, i
