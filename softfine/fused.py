@@ -169,14 +169,35 @@ class FusedModel:
 
     def stack_optimizer_states(self, states: Sequence[dict]) -> dict:
         """The stacked AdamW's state_dict from its members' (as `member_optimizer_state` gives them).
-        A state saved before members' moments were their own holds the stacked ones: taken as is."""
+        A state saved before members' moments were their own holds the stacked ones: taken as is.
+        Moments that fit no parameter of the model are a ConfigError (states of another model)."""
         shapes = self.optimizer_shapes()
+        self._check_fits(states, shapes)
         stacked = {}
         for i, per_param in states[0]["state"].items():
             stacked[i] = {key: torch.stack([s["state"][i][key] for s in states])
                           if _stacked(key, value, shapes[int(i)], member=True) else value
                           for key, value in per_param.items()}
         return {"param_groups": states[0]["param_groups"], "state": stacked}
+
+    def _check_fits(self, states: Sequence[dict], shapes: list[torch.Size]) -> None:
+        """Every member's moments are of its parameter's shape (or of the stack's, saved before
+        members' were their own), numbered as AdamW numbers them, as member 0's are."""
+        names = [name for group in decay_groups(self.params) for name in group]
+        for k, state in enumerate(states):
+            whose = f"member {k}'s optimizer state" if self.size > 1 else "the saved optimizer state"
+            unknown = sorted(set(state["state"]) - set(range(len(shapes))))
+            if unknown:
+                raise ConfigError(f"resume: {whose} has moments of parameter {unknown[0]}, but the model has "
+                                  f"{len(shapes)} (0 to {len(shapes) - 1}); was it saved with another model?")
+            if state["state"].keys() != states[0]["state"].keys():
+                raise ConfigError(f"resume: {whose} has moments of other parameters than member 0's; resume a group "
+                                  "from the states of one group")
+            for i, moments in state["state"].items():
+                got = moments["exp_avg"].shape
+                if got not in (shapes[i][1:], shapes[i]) or got != states[0]["state"][i]["exp_avg"].shape:
+                    raise ConfigError(f"resume: {whose} holds moments of shape {list(got)} for {names[i]}, whose "
+                                      f"shape is {list(shapes[i][1:])}; was it saved with another model?")
 
 
 def _first(stacked: torch.Tensor | dict[str, torch.Tensor]):

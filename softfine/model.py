@@ -17,6 +17,7 @@ model=DIR, aggregation_strategy="simple")` loads it and finds the entities `soft
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import pickle  # only for its exception: torch's safe loader raises pickle.UnpicklingError
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from .errors import ConfigError, StorageError
@@ -262,9 +264,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise damaged("labels.json", err) from None
     try:
-        train_config = json.loads((directory / "train_config.json").read_text(encoding="utf-8"))
-        train_config.get("max_length")
-    except (OSError, ValueError, AttributeError, TypeError) as err:
+        train_config = read_train_config(directory / "train_config.json")
+    except ConfigError as err:
+        raise damaged("train_config.json", str(err)) from None
+    except (OSError, ValueError) as err:
         raise damaged("train_config.json", err) from None
     try:
         model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
@@ -297,3 +300,25 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     if lacking:
         raise damaged("model.safetensors", f"{len(lacking)} weights missing or of another shape, e.g. {sorted(lacking)[0]}")
     return SoftFiNEModel(net).to(device).eval(), tokenizer, labels, train_config
+
+
+def read_train_config(path: Path) -> dict:
+    """A checkpoint's train_config.json, its values checked as a TrainConfig's (strict types and
+    ranges, config.py), as a dict of every option (the defaults filled in). A bad value is a
+    ConfigError naming the key.
+
+    Keys this version does not know (another version's options) are left out, with a warning: the
+    saved model does not depend on them, so a checkpoint stays usable across versions. Neither is
+    the data looked for (make_config's checks): it may have moved since the run was trained."""
+    from .config import FIELDS, TrainConfig, validation_error
+
+    values = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(values, dict):
+        raise ConfigError(f"expected a mapping of option: value, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        log.warning("%s: options this version does not know, left out: %s", path, ", ".join(unknown))
+    try:
+        return dataclasses.asdict(TrainConfig(**{k: v for k, v in values.items() if k in FIELDS}))
+    except ValidationError as err:
+        raise validation_error(err, lambda key: f"key {key!r}") from None

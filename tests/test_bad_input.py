@@ -376,6 +376,15 @@ CHECKPOINT_CASES = [
      "weights missing or of another shape, e.g. classifier.bias)"),
     ("no-train-config", damage("train_config.json", None), "train_config.json is missing or damaged"),
     ("train-config-list", damage("train_config.json", "[1, 2]"), "train_config.json is missing or damaged"),
+    # every value is checked as a TrainConfig's, as a flag's or a --config file's would be
+    ("train-config-max-length-string", damage("train_config.json", edit_json(max_length="128")),
+     "train_config.json is missing or damaged (key 'max_length': Input should be a valid integer (got '128': str))"),
+    ("train-config-max-length-too-small", damage("train_config.json", edit_json(max_length=4)),
+     "train_config.json is missing or damaged (key 'max_length': Input should be greater than or equal to 8"),
+    ("train-config-soft-string", damage("train_config.json", edit_json(soft="false")),
+     "train_config.json is missing or damaged (key 'soft': Input should be a valid boolean (got 'false': str))"),
+    ("train-config-null-model", damage("train_config.json", edit_json(model=None)),
+     "train_config.json is missing or damaged (key 'model': Input should be a valid string"),
 ]
 
 
@@ -388,6 +397,94 @@ def test_damaged_checkpoint(capsys, checkpoint, small_data, tmp_path, spoil, fra
     assert_one_line_error(code, err, f"--checkpoint {copy}", *fragments)
     code, err = run(capsys, "predict", "--checkpoint", copy, "高勇：男，中国国籍。")
     assert_one_line_error(code, err, f"--checkpoint {copy}", *fragments)
+
+
+def test_a_checkpoint_with_options_this_version_does_not_know_predicts(capsys, checkpoint, tmp_path):
+    # another version's train_config.json: its options the model does not depend on are left out
+    copy = tmp_path / "best"
+    shutil.copytree(checkpoint, copy)
+    edit_json(some_future_option=3)(copy / "train_config.json")
+    code = call_main("predict", "--checkpoint", copy, "高勇：男，中国国籍。")
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "some_future_option" in err and json.loads(out)["text"] == "高勇：男，中国国籍。"
+
+
+# A resume (as the search's trainable resumes a trial, train(config, resume_from=DIR)) from a
+# damaged state/: the file and the key named, nothing loaded.
+
+def edit_state(**changes):
+    """training_state.pt with keys replaced (a value of REMOVE: the key left out)."""
+    def apply(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        state.update(changes)
+        torch.save({k: v for k, v in state.items() if v is not REMOVE}, path)
+    return apply
+
+
+def edit_optimizer(edit):
+    def apply(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        edit(state["optimizer"])
+        torch.save(state, path)
+    return apply
+
+
+REMOVE = object()
+STATE = "state/training_state.pt"
+RESUME_CASES = [
+    ("state-a-list", damage(STATE, lambda path: torch.save([1, 2], path)),
+     "training_state.pt: not a training state to resume from: expected a dict of optimizer, scheduler, step, "
+     "best_f1, best_step, rng (got list)"),
+    ("state-no-step", damage(STATE, edit_state(step=REMOVE)), "training_state.pt: not a training state to resume "
+     "from: key 'step': Field required"),
+    ("state-step-string", damage(STATE, edit_state(step="6")), "key 'step': Input should be a valid integer (got '6': str)"),
+    ("state-step-negative", damage(STATE, edit_state(step=-1)), "key 'step': Input should be greater than or equal to 0"),
+    ("state-best-f1-string", damage(STATE, edit_state(best_f1="0.5")), "key 'best_f1': Input should be a valid number"),
+    ("state-best-step-past-step", damage(STATE, edit_state(best_step=99)), "key 'best_step': 99 is past key 'step'"),
+    ("state-optimizer-list", damage(STATE, edit_state(optimizer=[])), "key 'optimizer': Input should be a valid dictionary"),
+    ("state-scheduler-no-last-epoch", damage(STATE, edit_state(scheduler={"base_lrs": [0.1]})),
+     "key 'scheduler.last_epoch': Field required"),
+    ("state-rng-not-a-generator", damage(STATE, edit_state(rng={"python": (3, (1, 2), None), "torch": torch.zeros(3),
+                                                                "cuda": []})), "key 'rng.python': 2 words"),
+    ("state-parameter-number-string", damage(STATE, edit_optimizer(lambda o: o["state"].update({"0": o["state"].pop(0)}))),
+     "key 'optimizer.state' has the key '0': Input should be a valid integer"),
+    ("state-lr-string", damage(STATE, edit_optimizer(lambda o: o["param_groups"][0].update(lr="0.1"))),
+     "key 'optimizer.param_groups.0.lr': Input should be a valid number (got '0.1': str)"),
+    ("state-moments-of-another-shape", damage(STATE, edit_optimizer(lambda o: o["state"][0].update(
+        exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3)))), "resume: the saved optimizer state holds moments of "
+     "shape [3] for net.bert.embeddings.word_embeddings.weight, whose shape is ["),
+    ("state-train-config-max-length-string", damage("state/train_config.json", edit_json(max_length="128")),
+     "state: train_config.json is missing or damaged (key 'max_length': Input should be a valid integer"),
+]
+
+
+@pytest.mark.parametrize("spoil, fragment", [c[1:] for c in RESUME_CASES], ids=[c[0] for c in RESUME_CASES])
+def test_resume_from_a_damaged_state(checkpoint, small_data, tmp_path, spoil, fragment):
+    from softfine.config import make_config
+    from softfine.errors import ConfigError
+    from softfine.train import train
+
+    copy = tmp_path / "run"
+    shutil.copytree(checkpoint.parent, copy)
+    spoil(copy)
+    config = make_config(dict(dataset="resume", model="tiny", tiny_layers=1, tiny_hidden=64, epochs=1,
+                              data_dir=str(small_data), out=str(tmp_path / "resumed"), log_every=0))
+    with pytest.raises(ConfigError) as raised:
+        train(config, resume_from=copy)
+    message = str(raised.value)
+    assert "\n" not in message and fragment in message, message
+    assert str(copy) in message or message.startswith("resume: "), message  # the file, or the group's states
+
+
+def test_resume_from_an_undamaged_state(checkpoint, small_data, tmp_path):
+    # what the cases above damage: as it was written, it resumes
+    from softfine.config import make_config
+    from softfine.train import train
+
+    config = make_config(dict(dataset="resume", model="tiny", tiny_layers=1, tiny_hidden=64, epochs=1,
+                              data_dir=str(small_data), out=str(tmp_path / "resumed"), log_every=0))
+    assert train(config, resume_from=checkpoint.parent)["best_dev_f1"] >= 0
 
 
 EVALUATE_CASES = [
