@@ -26,3 +26,13 @@ def data_dir() -> Path:
     if missing:
         pytest.fail(f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put ../shared/data beside the repo)")
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance of 2 CPUs for the searches of one test module; its address."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -16,15 +16,6 @@ from tune_fixtures import (children, kill_the_driver_when, parents, read_summary
 from softfine_tune.space import PAPER_GRID, Grid, alphas_key, fused_groups, record_points
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 def point(run) -> tuple:
     p = run.data.params
     return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))

@@ -348,3 +348,17 @@ def test_training_from_a_corpus_needs_no_data_files(resume, tmp_path):
     assert result["dev_sentences"] == 30 and result["data_sha256"] == corpus.sha256
     with pytest.raises(DataError, match="no such folder"):
         load_corpus(config)
+
+
+def test_train_takes_run_ner_files_and_the_tag_scheme_flag(resume, tmp_path):
+    small = {"train": resume.splits["train"][:20], "dev": resume.splits["dev"][:10]}
+    folder = write_folder(tmp_path / "flags", small, "columns-bio-tab")
+    files = ["--train-file", folder / "train.txt", "--validation-file", folder / "dev.txt"]
+    common = ["--model", "tiny", "--tiny-layers", "1", "--tiny-hidden", "64", "--epochs", "1", "--device", "cpu"]
+    result = json.loads(softfine("train", *files, *common, "--out", tmp_path / "run").stdout)
+    assert result["dev_sentences"] == 10 and result["dev_gold_entities"] == sum(
+        t[0] in "BS" for s in small["dev"] for t in s.tags)
+    refused = softfine("train", *files, "--tag-scheme", "bmes", *common, "--out", tmp_path / "bmes", check=False)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"softfine: error: {folder / 'dev.txt'}:") and "unknown tag prefix" in last and "BMES" in last
