@@ -111,7 +111,6 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     log.info("%s: %d train / %d dev / %d test sentences, %d labels, %d steps on %s%s",
              corpus.name, *(len(sentences.get(s, [])) for s in ("train", "dev", "test")),
              len(labels), total_steps, device, f", {len(configs)} runs fused" if len(configs) > 1 else "")
-    report_unseen(corpus)
     multiple = pad_multiple(config.pad_multiple, device, config.compile)
 
     def evaluate_and_keep(epoch: int, running: dict) -> None:
@@ -206,6 +205,7 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
                      test_scores[k]["gold_entities"])
     else:
         log.warning("%s has no test split: skipped the test evaluation", corpus.name)
+    report_unseen(corpus)  # with the scores it explains
     return results
 
 
