@@ -25,6 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from softfine.errors import SoftFiNEError
+from softfine.script import check_data, integer, number, relay_error, run_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +53,10 @@ def run(name: str, flags: list[str], common: list[str], tmp: str) -> None:
     print("$ " + " ".join(command[1:]), flush=True)
     done = subprocess.run(command, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
+    error = relay_error(done.stderr) if done.returncode else None
+    if error:  # the search's own one line: a problem the user can fix
+        raise SoftFiNEError(f"search {name}: {error}")
+    if done.returncode:  # a bug: its output, for the report
         sys.exit(f"budgeted_search: {name} exited {done.returncode}: {done.stderr[-2000:]}")
 
 
@@ -65,18 +71,23 @@ def describe(name: str, rows: list[dict], summary: dict, target: float) -> dict:
             "test_f1_of_selection": summary.get("best_test_f1"), "epochs_to_within": reached}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
-    parser.add_argument("--limit-train", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--budget", type=int, default=11, help="trials of each budgeted search (default: 11, 30%% of 36)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Optuna sampler seeds")
-    parser.add_argument("--tolerance", type=float, default=0.003, help="F1 (0.003 = 0.3 points)")
+    parser.add_argument("--limit-train", type=integer(1), default=600)
+    parser.add_argument("--epochs", type=integer(1), default=4)
+    parser.add_argument("--budget", type=integer(1), default=11,
+                        help="trials of each budgeted search (default: 11, 30%% of 36)")
+    parser.add_argument("--seeds", type=integer(0, 2**32 - 1), nargs="+", default=[0, 1, 2], help="Optuna sampler seeds")
+    parser.add_argument("--tolerance", type=number(0, above=False), default=0.003, help="F1 (0.003 = 0.3 points)")
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
     parser.add_argument("--out", help="keep the searches' results and MLflow store here (default: a temporary "
                                       "folder, removed at the end); a grid already there is reused")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    check_data(args.dataset, args.data_dir)
     common = ["--dataset", args.dataset, "--model", "tiny", "--limit-train", str(args.limit_train),
               "--epochs", str(args.epochs), "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--address", "local"]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
@@ -104,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

@@ -23,8 +23,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from search_overhead import DIRECT, OWN, POINT, REPO, run_env, search_command
+from softfine.errors import SoftFiNEError
+from softfine.script import check_data, integer, number, relay_error, run_script
 
 HZ = os.sysconf("SC_CLK_TCK")
 Thread = collections.namedtuple("Thread", "pid name cpu woke preempted")
@@ -63,7 +66,15 @@ def descends_from(pid: str, ancestor: int) -> bool:
     return False
 
 
-def training_process(run: subprocess.Popen, search: bool, timeout: float = 180) -> str:
+def failed(run: subprocess.Popen, search: bool, log: Path) -> NoReturn:
+    """Ends the script for a run that failed: with the run's own one-line error, else its log."""
+    error = relay_error(log.read_text(errors="replace"))
+    if error:  # a problem the user can fix (the data, a flag)
+        raise SoftFiNEError(f"{'tune/search.py' if search else 'softfine train'}: {error}")
+    sys.exit(f"cpu_share: exit {run.returncode}; its output is in {log}")
+
+
+def training_process(run: subprocess.Popen, search: bool, log: Path, timeout: float = 180) -> str:
     """The pid that trains: the command itself, or the Ray worker that runs the search's trial
     (a process of the search's own Ray instance, so a descendant of the command)."""
     if not search:
@@ -78,6 +89,8 @@ def training_process(run: subprocess.Popen, search: bool, timeout: float = 180) 
             except OSError:  # it ended meanwhile
                 continue
         time.sleep(0.2)
+    if run.poll():
+        failed(run, search, log)
     sys.exit(f"cpu_share: no trial process (ray::ImplicitFunc) of the search appeared within {timeout:.0f} s")
 
 
@@ -86,15 +99,17 @@ def sample(command: list[str], search: bool, settle: float, window: float, env: 
     print("$ " + " ".join(command), flush=True)
     with log.open("w") as output:
         run = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
-        pid = training_process(run, search)
+        pid = training_process(run, search, log)
         time.sleep(settle)
         before, cores_before, started = threads(), cores(), time.perf_counter()
         time.sleep(window)
         after, cores_after, seconds = threads(), cores(), time.perf_counter() - started
+        if run.poll():
+            failed(run, search, log)
         if not (Path("/proc") / pid).exists() or run.poll() is not None:
             sys.exit(f"cpu_share: training ended before the window closed; raise --epochs (log: {log})")
         if run.wait():
-            sys.exit(f"cpu_share: exit {run.returncode}; its output is in {log}")
+            failed(run, search, log)
     delta = collections.defaultdict(lambda: [0, 0, 0])  # pid -> cpu ticks, woke, preempted
     names = {}
     for key, now in after.items():
@@ -111,23 +126,24 @@ def sample(command: list[str], search: bool, settle: float, window: float, env: 
             "busiest": [(names[p], others[p][1] / seconds, others[p][0] / HZ) for p in busiest]}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of both runs: enough to outlast the window")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--epochs", type=integer(1), default=3, help="epochs of both runs: enough to outlast the window")
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=1)
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
-    parser.add_argument("--threads", type=int, help="CPU threads of each run (default: every core)")
-    parser.add_argument("--settle", type=float, default=20.0,
+    parser.add_argument("--threads", type=integer(1), help="CPU threads of each run (default: every core)")
+    parser.add_argument("--settle", type=number(0), default=20.0,
                         help="seconds from the start of the training process (the command, or the trial) to the window")
-    parser.add_argument("--window", type=float, default=20.0, help="seconds sampled")
+    parser.add_argument("--window", type=number(0), default=20.0, help="seconds sampled")
     parser.add_argument("--out", required=True, help="a new folder for the runs and their logs")
-    args = parser.parse_args()
-    for flag in ("epochs", "threads", "settle", "window"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            parser.error(f"--{flag} {getattr(args, flag)}: expected a positive number")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     if not Path("/proc/stat").is_file():
-        sys.exit("cpu_share: needs Linux's /proc")
+        raise SoftFiNEError("needs Linux's /proc")
+    check_data(args.dataset, args.data_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     env, threads_per_run = run_env(args.threads)
@@ -154,4 +170,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

@@ -28,39 +28,52 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tune"))  # the grid's values, from the search's own module (no Ray imported)
+from softfine.errors import SoftFiNEError
+from softfine.script import integer, relay_error, run_script
 
 
 def grid_points() -> list[dict]:
     """The paper's 36 points (Appendix C), in the search's order: (alphas, beta, gamma)."""
-    from space import PAPER_GRID
+    from softfine_tune.space import PAPER_GRID  # the search's own module (no Ray imported)
 
     return [dict(alpha_aug=aug, alpha_fea=fea, beta=float(beta), gamma=float(gamma))
             for aug, fea in PAPER_GRID["alphas"] for beta in PAPER_GRID["beta"] for gamma in PAPER_GRID["gamma"]]
+
+
+def point_config(args: argparse.Namespace, out: Path, point: dict):
+    """The TrainConfig of one grid point (a ConfigError names a bad flag, as softfine train's does)."""
+    from softfine.config import make_config
+
+    shape = dict(tiny_layers=12, tiny_hidden=768) if args.shape == "bert-base" else {}
+    return make_config(dict(dataset=args.dataset, data_dir=args.data_dir, model="tiny", **shape,
+                            batch_size=args.batch_size, epochs=args.epochs, limit_train=args.limit_train or None,
+                            limit_eval=args.limit_eval or None, device=args.device, log_every=0, seed=1,
+                            out=str(out), **point))
+
+
+def check(args: argparse.Namespace) -> None:
+    """What would stop every K's run, refused before any trains: a bad value, no CUDA, no data."""
+    from softfine.datasets import data_source
+    from softfine.device import resolve_device
+
+    config = point_config(args, Path("unused"), grid_points()[0])  # checked, not run: nothing is written
+    resolve_device(config.device)
+    data_source(config)
 
 
 def run_k(args: argparse.Namespace, k: int) -> dict:
     """Trains the grid's first `args.points` points in groups of `k`; returns the figures."""
     import torch
 
-    from softfine.batches import load_splits
-    from softfine.config import make_config
+    from softfine.datasets import load_corpus
     from softfine.device import resolve_device
     from softfine.train import train_group
 
     points = grid_points()[:args.points]
-    shape = dict(tiny_layers=12, tiny_hidden=768) if args.shape == "bert-base" else {}
     with tempfile.TemporaryDirectory(prefix="fused-grid-") as work:
-        def config(number: int, point: dict):
-            return make_config(dict(dataset=args.dataset, data_dir=args.data_dir, model="tiny", **shape,
-                                    batch_size=args.batch_size, epochs=args.epochs, limit_train=args.limit_train or None,
-                                    limit_eval=args.limit_eval or None, device=args.device, log_every=0, seed=1,
-                                    out=str(Path(work) / f"point{number}"), **point))
-
-        configs = [config(n, p) for n, p in enumerate(points)]
+        configs = [point_config(args, Path(work) / f"point{n}", p) for n, p in enumerate(points)]
         device = resolve_device(configs[0].device)
-        train_chars = sum(len(s.chars) for s in load_splits(configs[0], ["train"])["train"])
+        train_chars = sum(len(s.chars) for s in load_corpus(configs[0], ["train"]).splits["train"])
         started = time.perf_counter()
         results = []
         for first in range(0, len(configs), k):
@@ -76,23 +89,24 @@ def run_k(args: argparse.Namespace, k: int) -> dict:
             "best_dev_f1": [round(r["best_dev_f1"], 4) for r in results]}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--data-dir")
     parser.add_argument("--shape", choices=["tiny", "bert-base"], default="tiny",
                         help="tiny: the tiny encoder's defaults; bert-base: its shape, randomly initialised")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--limit-train", type=int, default=64, help="first N training sentences (0: all)")
-    parser.add_argument("--limit-eval", type=int, default=32, help="first N dev and test sentences (0: all)")
-    parser.add_argument("--points", type=int, default=12, help="the grid's first N points (36: all)")
-    parser.add_argument("--fuse", type=int, nargs="+", default=[1, 4, 12], metavar="K", help="group sizes")
+    parser.add_argument("--batch-size", type=integer(1), default=32)
+    parser.add_argument("--epochs", type=integer(1), default=1)
+    parser.add_argument("--limit-train", type=integer(0), default=64, help="first N training sentences (0: all)")
+    parser.add_argument("--limit-eval", type=integer(0), default=32, help="first N dev and test sentences (0: all)")
+    parser.add_argument("--points", type=integer(1, 36), default=12, help="the grid's first N points (36: all)")
+    parser.add_argument("--fuse", type=integer(1), nargs="+", default=[1, 4, 12], metavar="K", help="group sizes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--one", type=int, metavar="K", help=argparse.SUPPRESS)  # a child: one K, JSON out
-    args = parser.parse_args()
-    if not 1 <= args.points <= 36 or any(k < 1 for k in args.fuse):
-        parser.error("--points is 1 to 36 and every --fuse K at least 1")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     if args.one is not None:
         import logging
 
@@ -102,11 +116,15 @@ def main() -> None:
 
     import torch
 
+    check(args)
     child = [a for a in sys.argv[1:]]
     rows = []
     for k in args.fuse:
         done = subprocess.run([sys.executable, __file__, *child, "--one", str(k)], capture_output=True, text=True)
-        if done.returncode:
+        error = relay_error(done.stderr) if done.returncode else None
+        if error:  # the child's one line (a problem of its data, say)
+            raise SoftFiNEError(f"K={k}: {error}")
+        if done.returncode:  # a bug: its traceback
             sys.exit(f"K={k} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = rows[-1]
@@ -120,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

@@ -30,8 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from softfine.errors import DeviceError
+from softfine.script import check_data, number, run_script
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 
 def run(command: list[str], limit: float) -> tuple[dict | None, float, str]:
@@ -73,19 +75,28 @@ def trial_command(args: argparse.Namespace, out: str, *flags: str) -> list[str]:
     return [sys.executable, "-m", "softfine", "train", "--out", out, "--device", args.device, *args.data, *flags]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir")
     parser.add_argument("--smoke", action="store_true", help="every check at its smallest, on --device (default "
                         "cpu): checks the script, measures nothing")
     parser.add_argument("--device", help="default: cuda, or cpu with --smoke")
-    parser.add_argument("--limit", type=float, default=150, help="seconds a check may take (trials: 3x)")
-    args = parser.parse_args()
+    parser.add_argument("--limit", type=number(0), default=150, help="seconds a check may take (trials: 3x)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     import torch
 
+    from softfine.device import resolve_device
+
     args.device = args.device or ("cpu" if args.smoke else "cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("gpu_check: needs a CUDA GPU (torch sees none); `--smoke` checks the script on a CPU")
+    try:
+        resolve_device(args.device)
+    except DeviceError as err:
+        raise DeviceError(f"{err}; `--smoke` checks the script on a CPU") from None
+    for dataset in ("weibo", "resume"):  # else every check's subprocess would fail on them, one by one
+        check_data(dataset, args.data_dir)
     args.data = ["--data-dir", args.data_dir] if args.data_dir else []
     # --smoke: one step of each kind (warm-up, timed, profiled), 2 fused members, 2 trials packed
     args.shape, args.steps, args.warmup, args.profile, args.fused = (("tiny", 1, 1, 1, 2) if args.smoke
@@ -161,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

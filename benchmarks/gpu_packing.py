@@ -21,6 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from softfine.errors import DeviceError
+from softfine.script import integer, run_script
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -45,21 +48,28 @@ def epoch_chars(data_dir: str | None) -> int:
     return sum(len(s) for s in read_split("weibo", "train", data_dir))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--packing", type=int, nargs="+", default=[1, 2, 4, 8], help="trials per GPU")
-    parser.add_argument("--batch-size", type=int, default=4, help="the paper's Weibo batch size is 4")
-    parser.add_argument("--steps", type=int, default=150, help="timed steps per trial")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per trial first")
+    parser.add_argument("--packing", type=integer(1), nargs="+", default=[1, 2, 4, 8], help="trials per GPU")
+    parser.add_argument("--batch-size", type=integer(1), default=4, help="the paper's Weibo batch size is 4")
+    parser.add_argument("--steps", type=integer(1), default=150, help="timed steps per trial")
+    parser.add_argument("--warmup", type=integer(0), default=20, help="untimed steps per trial first")
     parser.add_argument("--data-dir")
     parser.add_argument("--shape", choices=["tiny", "bert-base"], default="bert-base")
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check this script's plumbing")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     import torch
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("gpu_packing: needs a CUDA GPU (torch sees none); CPU figures come from train_throughput.py")
-    per_epoch = epoch_chars(args.data_dir)
+    from softfine.device import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except DeviceError as err:
+        raise DeviceError(f"{err}; CPU figures come from train_throughput.py") from None
+    per_epoch = epoch_chars(args.data_dir)  # missing data: a DataError, before any trial starts
     card = torch.cuda.get_device_name() + ", bf16" if args.device.startswith("cuda") else "CPU"
     print(f"{card}, {args.shape} shape, Weibo ({per_epoch} training characters an "
           f"epoch), batch {args.batch_size}")
@@ -75,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

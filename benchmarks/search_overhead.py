@@ -31,17 +31,24 @@ import sys
 import time
 from pathlib import Path
 
+from softfine.errors import SoftFiNEError
+from softfine.script import check_data, integer, relay_error, run_script
+
 REPO = Path(__file__).resolve().parents[1]
 DIRECT, OWN, RUNNING = "direct (softfine train)", "search, Ray started by it", "search, Ray already running"
 POINT = ["--alpha-aug", "0.01", "--alpha-fea", "0.005", "--beta", "2", "--gamma", "2"]
 
 
-def timed(command: list[str], env: dict) -> tuple[float, str]:
+def timed(command: list[str], env: dict, what: str) -> tuple[float, str]:
+    """Runs `command` (`what`, in an error); its wall time and stdout."""
     print("$ " + " ".join(command), flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
-    if done.returncode:
+    error = relay_error(done.stderr) if done.returncode else None
+    if error:  # the command's own one line: a problem the user can fix
+        raise SoftFiNEError(f"{what}: {error}")
+    if done.returncode:  # a bug: its output, for the report
         sys.exit(f"search_overhead: exit {done.returncode}:\n{done.stderr[-3000:]}")
     return wall, done.stdout
 
@@ -97,33 +104,35 @@ def search(common: list[str], out: Path, address: str, threads: int, env: dict) 
     out.mkdir()
     subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()",
                     f"sqlite:///{out / 'mlflow.db'}"], check=True, env=env, capture_output=True)
-    wall, _ = timed(search_command(common, out, address, threads, "overhead"), env)
+    wall, _ = timed(search_command(common, out, address, threads, "overhead"), env, "tune/search.py")
     result = [json.loads(line) for line in next((out / "ray" / "overhead").glob("trial_*/result.json")).open()][-1]
     return wall, result
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
-    parser.add_argument("--epochs", type=int, help="epochs of both runs (default: the tiny encoder's, 20)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--limit-train", type=int, help="only the first N training sentences (a quick check that the "
-                        "benchmark runs; its figures then weigh the fixed costs far more than a real trial does)")
-    parser.add_argument("--limit-eval", type=int, help="only the first N dev and test sentences (as --limit-train: a "
-                        "quick check, not a figure)")
+    parser.add_argument("--epochs", type=integer(1), help="epochs of both runs (default: the tiny encoder's, 20)")
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=1)
+    parser.add_argument("--limit-train", type=integer(1), help="only the first N training sentences (a quick check "
+                        "that the benchmark runs; its figures then weigh the fixed costs far more than a real trial "
+                        "does)")
+    parser.add_argument("--limit-eval", type=integer(1), help="only the first N dev and test sentences (as "
+                        "--limit-train: a quick check, not a figure)")
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
     parser.add_argument("--ray", choices=("own", "running", "both"), default="both",
                         help="which searches to run: on a Ray instance of their own, on a running one, or both")
-    parser.add_argument("--threads", type=int, help="CPU threads of each run (OMP_NUM_THREADS, and the search's "
+    parser.add_argument("--threads", type=integer(1), help="CPU threads of each run (OMP_NUM_THREADS, and the search's "
                         "--cpus-per-trial); default: every core. Fewer leaves Ray's own processes a core of their own, "
                         "as a GPU node's spare cores do")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of every run, alternated; more than one "
+    parser.add_argument("--repeat", type=integer(1), default=1, help="rounds of every run, alternated; more than one "
                         "adds the median of each kind (this machine's runs of one command vary by several percent)")
     parser.add_argument("--out", required=True, help="a new folder for the runs (kept: the logs and MLflow stores)")
-    args = parser.parse_args()
-    for flag in ("epochs", "threads", "repeat", "limit_train", "limit_eval"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected 1 or more")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    check_data(args.dataset, args.data_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     env, threads = run_env(args.threads)
@@ -137,7 +146,7 @@ def main() -> None:
     for round_ in range(1, args.repeat + 1):  # alternated, so that a slow spell of the machine hits every kind
         suffix = f"-{round_}" if args.repeat > 1 else ""
         wall, stdout = timed([sys.executable, "-m", "softfine", "train", *common, *POINT,
-                              "--out", str(out / f"direct{suffix}")], env)
+                              "--out", str(out / f"direct{suffix}")], env, "softfine train")
         rows.append((DIRECT, round_, wall, json.loads(stdout)))
         if args.ray in ("own", "both"):
             rows.append((OWN, round_, *search(common, out / f"own{suffix}", "local", threads, env)))
@@ -165,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

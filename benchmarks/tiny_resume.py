@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from softfine.errors import SoftFiNEError
+from softfine.script import check_data, integer, run_script
+
 
 def run(seed: int | None, data_dir: str | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="tiny-resume-") as out:
@@ -31,18 +34,23 @@ def run(seed: int | None, data_dir: str | None) -> dict:
         started = time.perf_counter()
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
         wall = time.perf_counter() - started
-        if done.returncode:
-            sys.exit(f"tiny_resume: softfine train exited {done.returncode}")
+        if done.returncode:  # its error, or its traceback, is above (its stderr is this script's)
+            raise SoftFiNEError(f"softfine train exited {done.returncode}; its output is above")
         result = json.loads(done.stdout)
         settings = json.loads((Path(out) / "best" / "train_config.json").read_text())
     return {"seed": settings["seed"], "wall_seconds": round(wall, 1), **result, "settings": settings}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, action="append", help="a seed (repeatable; default: the trainer's)")
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), action="append",
+                        help="a seed (repeatable; default: the trainer's)")
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
-    args = parser.parse_args()
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    check_data("resume", args.data_dir)
     rows = [run(seed, args.data_dir) for seed in (args.seed or [None])]
     keys = ("model", "tiny_layers", "tiny_hidden", "epochs", "batch_size", "lr", "schedule", "warmup_ratio",
             "dropout", "weight_decay", "soft", "aug", "alpha_aug", "alpha_fea", "beta", "gamma")
@@ -55,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), main)

@@ -6,11 +6,12 @@ a step's time goes.
     python benchmarks/train_throughput.py --dataset weibo --shape bert-base --device cuda --profile 10
 
 `--shape bert-base` is a randomly initialised BERT with bert-base-chinese's shape (12 layers,
-width 768); `--model NAME` loads a real encoder instead. Full SoftFiNE steps are timed (original
-and augmented sentences, soft labels, feature loss, clipping, AdamW) unless --no-aug, as the
-training loop runs them: its fused model (`--fuse K` members, 1 by default: a run alone), padding,
-attention kernel and (with --compile) compiled step. Characters/s are summed over the members. The untimed
-warm-up steps hold the compilation; their time is printed as `warmup_s`. `--profile N` runs N more
+width 768); `--model NAME` loads a real encoder instead (`--model tiny`: the tiny encoder, as
+`--shape tiny`). Full SoftFiNE steps are timed (original and augmented sentences, soft labels,
+feature loss, clipping, AdamW) unless --no-aug, as the training loop runs them: its fused model
+(`--fuse K` members, 1 by default: a run alone), padding, attention kernel and (with --compile)
+compiled step. Characters/s are summed over the members. The untimed warm-up steps hold the
+compilation; their time is printed as `warmup_s`. `--profile N` runs N more
 steps under torch.profiler and prints the step's host (wall) time, its GPU kernel time and the ten
 costliest operators. Figures are printed, not asserted.
 """
@@ -25,23 +26,26 @@ import time
 
 import torch
 
-from softfine.batches import encode, load_splits, train_loader
-from softfine.config import ATTENTION, TrainConfig
+from softfine.batches import encode, train_loader
+from softfine.config import ATTENTION, TrainConfig, make_config
 from softfine.data import categories
+from softfine.datasets import load_corpus
 from softfine.device import attention_kernels, compile_step, pad_multiple, resolve_device
 from softfine.fused import FusedModel, uses_augmentation
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, random_model
 from softfine.optim import build_optimizer
+from softfine.script import integer, run_script
 from softfine.train import train_step
+
+TINY_SHAPE = TrainConfig(model="tiny").tiny_shape()  # the tiny encoder's defaults, as `softfine train` builds it
 
 
 def build(shape: str, model: str | None, labels, dropout: float, chars):
-    if model:
-        return build_model(model, labels, dropout, chars)
+    if model:  # "tiny" too: build_model takes its shape (without one, BertConfig's would be bert-base's)
+        return build_model(model, labels, dropout, chars, TINY_SHAPE)
     # bert-base: BertConfig's defaults, which are bert-base-chinese's shape.
-    tiny = None if shape == "bert-base" else TrainConfig(model="tiny").tiny_shape()
-    tokenizer, net = random_model(chars, labels, dropout, tiny)
+    tokenizer, net = random_model(chars, labels, dropout, None if shape == "bert-base" else TINY_SHAPE)
     return tokenizer, SoftFiNEModel(net)
 
 
@@ -72,34 +76,38 @@ def profile_steps(step, steps: int, device: torch.device, sync) -> dict:
             "profile_top": [e.key for e in top]}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--data-dir")
     parser.add_argument("--shape", choices=["tiny", "bert-base"], default="tiny")
     parser.add_argument("--model", help="a Hugging Face name or directory instead of --shape")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation included)")
+    parser.add_argument("--batch-size", type=integer(1), default=16)
+    parser.add_argument("--steps", type=integer(1), default=30, help="timed steps")
+    parser.add_argument("--warmup", type=integer(0), default=5, help="untimed steps first (compilation included)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-aug", action="store_true", help="time plain steps (no augmentation)")
     parser.add_argument("--attention", choices=ATTENTION, default="auto", help="as softfine train --attention")
-    parser.add_argument("--pad-multiple", type=int, help="as softfine train --pad-multiple (default: the device's)")
+    parser.add_argument("--pad-multiple", type=integer(0, 512),
+                        help="as softfine train --pad-multiple (default: the device's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="as softfine train --compile")
-    parser.add_argument("--fuse", type=int, default=1, metavar="K", help="members of a fused group (a grid's points "
-                        "that differ only in the loss), trained as one model")
-    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps and print where "
-                        "the time goes")
-    args = parser.parse_args()
+    parser.add_argument("--fuse", type=integer(1), default=1, metavar="K", help="members of a fused group (a grid's "
+                        "points that differ only in the loss), trained as one model")
+    parser.add_argument("--profile", type=integer(0), default=0, metavar="N", help="profile N more steps and print "
+                        "where the time goes")
+    return parser
 
-    config = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                         aug=not args.no_aug, lr=1e-4, device=args.device, attention=args.attention,
-                         pad_multiple=args.pad_multiple, compile=args.compile)
+
+def measure(args: argparse.Namespace) -> None:
+    # make_config: a bad --dataset or --device is a ConfigError naming the flag, as in softfine train
+    config = make_config(dict(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
+                              aug=not args.no_aug, lr=1e-4, device=args.device, attention=args.attention,
+                              pad_multiple=args.pad_multiple, compile=args.compile))
     device = resolve_device(config.device)
     torch.manual_seed(0)
-    sentences = load_splits(config, ["train"])["train"]
-    labels = LabelSpace.from_categories(categories(sentences), config.separator())
+    sentences = load_corpus(config, ["train"]).splits["train"]
+    labels = LabelSpace.infer(categories(sentences), config.label_separator)
     tokenizer, model = build(args.shape, args.model, labels, config.dropout, (c for s in sentences for c in s.chars))
     fused = FusedModel([model.to(device)] * args.fuse).train()
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
@@ -169,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(parser(), measure)
