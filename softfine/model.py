@@ -162,6 +162,24 @@ def build_model(name: str, labels: LabelSpace, dropout: float, train_chars: Iter
     return add_aug_tokens(one_token_per_character(tokenizer), net)[0], SoftFiNEModel(net)
 
 
+def check_encoder(name: str) -> None:
+    """What every run of encoder `name` loads first, its config and tokenizer, loaded once (no
+    weights): a name that is mistyped, not on a reachable Hub or not in its cache is a ConfigError
+    naming --model and what to do."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if name == "tiny":
+        return
+    try:
+        with no_hf_progress_bars():
+            AutoConfig.from_pretrained(name)
+            AutoTokenizer.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 - whatever transformers or huggingface_hub raise: it cannot be loaded
+        raise ConfigError(f"--model {name}: cannot load its config and tokenizer ({first_line(err)}); give a local copy "
+                          "(--model /path/to/encoder), or run where the Hugging Face Hub is reachable, or with it in "
+                          "the Hub's cache and HF_HUB_OFFLINE=1") from None
+
+
 def first_line(err: BaseException) -> str:
     """An exception's first line, with its type: what a one-line error can quote of it."""
     lines = str(err).strip().splitlines()

@@ -13,7 +13,7 @@ from pathlib import Path
 from softfine.config import TrainConfig
 from softfine.datasets import Corpus
 from softfine_tune.cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
-from softfine_tune.space import Grid, SearchError, check_grid, grid_from_flags, load_preset
+from softfine_tune.space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
 from softfine_tune.tracking import TrackingStore, mask_argv, tracking_store
 
 log = logging.getLogger("softfine.tune")
@@ -185,13 +185,33 @@ def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Path, str]:
     return storage, name
 
 
-def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
-    """Everything the search needs, checked in this order: the settings (flags and preset), the
-    search's own flags, the results folder, the tracking URI; then that the data files are there."""
+def recorded(record: dict) -> tuple[dict, TrainConfig, Grid]:
+    """The preset, base TrainConfig and grid a search started with, from its record (a resume
+    reads no preset again: one changed meanwhile would change the search under its trials)."""
+    from softfine.config import make_config
+
+    where = lambda key: f"--resume: the search record's setting {key!r}"  # noqa: E731
+    if not isinstance(record["base"], dict):
+        raise SearchError("--resume: the search record's 'base' is not a mapping of settings; the record is damaged")
+    base = make_config(record["base"], where)
+    grid = preset_grid(record["grid"], Path("(the search record)"))
+    check_grid(grid, base)
+    preset = {"train": {}, "grid": grid, "paper_selection": record.get("paper_selection"),
+              "path": record.get("preset", "")}
+    return preset, base, grid
+
+
+def make_plan(args: argparse.Namespace, argv: list[str], record: dict | None = None) -> Plan:
+    """Everything the search needs, checked in this order: the settings (flags and preset, or a
+    resumed search's record), the search's own flags, the results folder, the tracking URI; then
+    that the data files are there."""
     from softfine.datasets import data_source, dataset_name
     from softfine.errors import SoftFiNEError
 
-    preset, base, grid = settings(args)
+    if record is not None and "base" in record:  # a record written before these keys: read the settings again
+        preset, base, grid = recorded(record)
+    else:
+        preset, base, grid = settings(args)
     dataset = dataset_name(base)
     mode, num_samples = search_mode(args, grid)
     check_numbers(args, num_samples, base)

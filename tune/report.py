@@ -85,8 +85,8 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
         tracker.attempt("log the dev F1 plot", lambda: tracker.client.log_artifact(parent_run_id, str(plot)))
         log_study(tracker, parent_run_id, folder)
     if selected is not None and selected.get("checkpoint"):
-        summary["model_uri"] = tracker.attempt("log the selected model", lambda: _log_selected_model(
-            plan.tracking.uri, parent_run_id, selected["checkpoint"]))
+        summary["model_uri"], summary["model_error"] = log_checked_model(
+            tracker, plan.tracking.uri, parent_run_id, selected["checkpoint"])
         summary["selected_checkpoint"] = selected["checkpoint"]
         if summary["model_uri"] and plan.mode == "search":
             summary["registered_model"] = tracker.attempt("register the selected model", lambda: register(
@@ -158,14 +158,23 @@ def register(client, model_uri: str, name: str, search: str, selected: dict) -> 
     return f"{name}@champion (version {version.version})"
 
 
-def _log_selected_model(uri: str, parent_run_id: str, checkpoint: str) -> str:
+def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) -> tuple[str | None, str | None]:
+    """(its model URI, None): the selected checkpoint logged as the parent run's model once it has
+    been loaded and has tagged an example; (None, why) when it cannot be: a damaged model is
+    never logged, registered or served."""
     from ray.tune import Checkpoint
 
-    from softfine_tune.tracking import log_model
+    from softfine_tune.tracking import check_model, log_model
 
     with tempfile.TemporaryDirectory(prefix="softfine-selected-") as tmp:
-        local = Checkpoint(checkpoint).to_directory(tmp)
-        return log_model(uri, parent_run_id, Path(local) / "best")
+        local = Path(Checkpoint(checkpoint).to_directory(tmp)) / "best"
+        try:
+            check_model(local)
+        except Exception as err:  # noqa: BLE001 - whatever loading or tagging raised: the model is unusable
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            return None, f"the selected checkpoint {checkpoint} cannot be loaded ({why[:300]}); nothing was logged as " \
+                         "the model or registered"
+        return tracker.attempt("log the selected model", lambda: log_model(uri, parent_run_id, local)), None
 
 
 def ui_hint(store, experiment_id: str, run_id: str) -> str:

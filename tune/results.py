@@ -56,6 +56,7 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
                        # a trial stopped early has no end time of its own: its last report's
                        trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
                        evaluations=metrics.get("training_iteration"),
+                       restarted=metrics.get("restarted", ""),  # a damaged checkpoint, trained again (trial.py)
                        checkpoint=f"{checkpoint.rstrip('/')}/{folder}" if checkpoint and fused else checkpoint,
                        error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "")
             rows.append(row)

@@ -48,11 +48,28 @@ def read_record(path: Path) -> dict:
     return record
 
 
+def refuse_changes(args: argparse.Namespace, parser: Parser, record: dict) -> None:
+    """A resumed search goes on with the flags it started with: any other flag given with --resume
+    (a new grid, more epochs) is refused, naming each, rather than dropped without a word."""
+    from softfine.cli import flag_names
+
+    defaults = vars(parser.parse_args([]))
+    given = [dest for dest, value in vars(args).items()
+             if dest not in ("resume", *RESUME_OVERRIDES) and (dest not in defaults or defaults[dest] != value)]
+    if given:
+        names = flag_names(parser)
+        flags = ", ".join(names.get(dest, (f"--{dest}",))[0] for dest in given)
+        raise SearchError(f"--resume: {flags} would change the search, which goes on with the flags it started with "
+                          f"({' '.join(record['argv'])}); leave {'it' if len(given) == 1 else 'them'} out, or start a "
+                          "new search (another --name)")
+
+
 def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, list[str], dict, Path]:
     """The flags of the search to resume (its record's), with those of RESUME_OVERRIDES given now."""
     storage = args.storage_path or str(DEFAULT_STORAGE)
     folder = find_search(storage, args.resume)
     record = read_record(folder / RECORD)
+    refuse_changes(args, parser, record)
     overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k, None)}
     parser.record = folder / RECORD
     try:

@@ -16,6 +16,7 @@ Once the search's MLflow parent run exists, a failure ends it as FAILED.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,7 +35,7 @@ from softfine_tune.plan import Plan, make_plan
 from softfine_tune.report import finish, short
 from softfine_tune.results import finished, select, trial_rows
 from softfine_tune.resume import resume_args
-from softfine_tune.space import SearchError, fused_groups, point_of, record_points
+from softfine_tune.space import SearchError, fused_groups, point_name, point_of, record_points
 from softfine_tune.tracking import (
     Tracker,
     check_tracking,
@@ -47,7 +48,7 @@ from softfine_tune.tracking import (
     write_json,
 )
 from softfine_tune.trial import fused_config, softfine_trial
-from softfine_tune.tuner import OPTUNA_DB, make_tuner
+from softfine_tune.tuner import OPTUNA_DB, check_study, make_tuner
 
 log = logging.getLogger("softfine.tune")
 
@@ -56,19 +57,36 @@ class Interrupted(Exception):
     """The search stopped before its trials ended (Ctrl-C): it can be resumed, not summarised."""
 
 
-def check_data(plan: Plan) -> Plan:
+def check_data(plan: Plan, record: dict) -> Plan:
     """Reads the splits every trial trains and scores on, by the trials' rules (softfine.datasets.
     load_corpus: an unreadable sentence is skipped in train and refused in dev and test; --strict;
     the limits), once, before Ray starts: data every trial would fail on is one error naming file
     and line, not N failed trials. The trials get these very sentences through Ray: no worker
-    node needs the files."""
+    node needs the files. A resumed search's data must be the data it started with."""
     from softfine.datasets import load_corpus, report_unseen
 
     corpus = load_corpus(plan.base)
     if not corpus.splits["train"]:
         raise SearchError(f"{corpus.files['train']['path']}: no usable training sentences (see the warnings above)")
+    started = record.get("data_sha256")
+    if started and started != corpus.sha256:
+        files = ", ".join(f["path"] for f in corpus.files.values())
+        raise SearchError(f"--resume: the data changed since the search started ({files}: sha256 {corpus.sha256[:16]}, "
+                          f"was {started[:16]}); put the files back as they were, or start a new search")
     report_unseen(corpus)
     return dataclasses.replace(plan, corpus=corpus)
+
+
+def check_encoder(base) -> None:
+    """The encoder every trial loads, resolved once before Ray starts (its config and tokenizer,
+    from the Hub or a folder): a name no trial can load is one error, not N trials' retries."""
+    from softfine.errors import SoftFiNEError
+    from softfine.model import check_encoder as resolve
+
+    try:
+        resolve(base.model)
+    except SoftFiNEError as err:
+        raise SearchError(str(err)) from None
 
 
 def prepare_folder(folder: Path) -> None:
@@ -83,6 +101,37 @@ def prepare_folder(folder: Path) -> None:
                           f"({err.strerror or err})") from None
 
 
+LOCK = ".softfine_search.lock"  # in the search's folder: held by the driver running it
+
+
+@contextlib.contextmanager
+def one_driver(folder: Path):
+    """An exclusive lock on the search's folder while the block runs (flock on an open file: the
+    kernel releases it when the process ends, however it ends). A second driver on the same
+    --storage-path and --name is refused, naming the first's process."""
+    import fcntl
+
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove again if nothing else is written
+    prepare_folder(folder)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise SearchError(f"--name {folder.name}: the search in {folder} is running in process {holder}; wait "
+                              "for it to end (or stop it), or give another --name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+        if made and [p.name for p in folder.iterdir()] == [LOCK]:  # refused before it began: leave nothing
+            (folder / LOCK).unlink()
+            for empty in made:
+                empty.rmdir()
+
+
 def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
     record: dict = {}
     if args.resume:
@@ -93,18 +142,31 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
             print(json.dumps(record.get("summary", {}), indent=1, default=str))
             return 0
 
-    plan = make_plan(args, argv)
+    plan = make_plan(args, argv, record or None)
     folder = Path(plan.storage_path) / plan.name
     if not record and (folder / RECORD).exists():
         raise SearchError(f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
                           f"continue it with --resume {plan.name} or choose another name")
-    plan = check_data(plan)
+    plan = check_data(plan, record)
     check_address(args.address)
     # The credentials are in the driver's environment only while it talks to MLflow, not when it
     # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
     mlflow_env = {**plan.tracking.env, "MLFLOW_TRACKING_URI": plan.tracking.uri}
     with credentials(mlflow_env):
         check_tracking(plan.tracking, args.mlflow_timeout)
+    check_encoder(plan.base)
+    with one_driver(folder):
+        if not record and (folder / RECORD).exists():  # another driver wrote it since the check above
+            raise SearchError(f"--name {plan.name}: a search of that name started in {plan.storage_path} meanwhile; "
+                              f"continue it with --resume {plan.name} once it stops, or choose another name")
+        if record:
+            check_study(folder)
+        return run_on_ray(plan, record, folder, mlflow_env)
+
+
+def run_on_ray(plan: Plan, record: dict, folder: Path, mlflow_env: dict) -> int:
+    """Ray (the cluster given, or a local one), its resources checked; then the search."""
+    args = plan.args
     started_ray = connect_ray(args.address)
     try:
         cluster = cluster_resources()
@@ -115,7 +177,6 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
                 fuse_to_fit(args, plan.base, plan.corpus, len(plan.grid))
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
-        prepare_folder(folder)
         with credentials(mlflow_env):
             return search(plan, record, folder, cluster)
     finally:
@@ -139,7 +200,7 @@ def search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
         record = {"argv": plan.argv, "name": plan.name, "created": time.time(), "mlflow_uri": plan.tracking.display,
                   "experiment_id": experiment_id, "experiment_name": plan.experiment_name, "fuse": plan.fuse,
                   "parent_run_id": parent_run_id, "code": code, "mode": plan.mode,
-                  "stage": "seeds" if plan.mode == "seeds" else "search"}
+                  "stage": "seeds" if plan.mode == "seeds" else "search", **recorded_settings(plan)}
     try:
         write_json(folder / RECORD, record)
         return run_phases(plan, tracker, record, folder, cluster, restoring)
@@ -154,6 +215,13 @@ def search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
         tracker.attempt(f"end the parent run ({status})",
                         lambda: tracker.client.set_terminated(parent_run_id, status=status))
         raise
+
+
+def recorded_settings(plan: Plan) -> dict:
+    """What a resume must not read again (a preset or data changed meanwhile would change the
+    search under its trials): the resolved grid and training settings, the data's checksum."""
+    return {"grid": plan.grid.describe(), "base": dataclasses.asdict(plan.base), "preset": plan.preset["path"],
+            "paper_selection": plan.preset.get("paper_selection"), "data_sha256": plan.corpus.sha256}
 
 
 def run_tags(code: dict) -> dict:
@@ -253,11 +321,21 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
     unlogged = [op for phase in ("search", "seeds") for op in read_account(folder, phase)[1]]
     summary = finish(plan, tracker, folder, record["experiment_id"], record["parent_run_id"], rows, seed_rows,
                      selected, time.time() - started, unlogged, cluster)
+    summary["restarted"] = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows
+                            if r.get("restarted")]
+    if summary["restarted"]:
+        write_json(folder / "summary.json", summary)
     record.update(stage="done", summary=summary)
     write_json(folder / RECORD, record)
-    # An ablation is complete only with every seed; a search, with a selection.
-    complete = len(finished(seed_rows)) == len(seed_rows) if plan.mode == "seeds" else True
-    return 0 if selected is not None and complete else 1
+    for row in rows + seed_rows:
+        if row.get("restarted"):
+            print(f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): {row['restarted']}",
+                  flush=True)
+    if summary.get("model_error"):
+        print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
+    # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
+    unfinished = [r for r in rows + seed_rows if r["status"] not in ("TERMINATED", "STOPPED")]
+    return 0 if selected is not None and not unfinished and not summary.get("model_error") else 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,18 +160,58 @@ def short_http(timeout: float, retries: int = 0):
                             MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"))
 
 
+MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}  # what every MLflow SQLite store has
+
+
+def check_sqlite_store(path: Path, display: str) -> None:
+    """A SQLite file given as the store is new, empty or MLflow's: MLflow would create its tables
+    inside any other database it is given."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        raise SearchError(f"--mlflow-uri {display}: {path} is not an SQLite database ({err}); give a new file or an "
+                          "MLflow store") from None
+    if tables and not MLFLOW_TABLES <= tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise SearchError(f"--mlflow-uri {display}: {path} is another application's SQLite database (tables: {shown}), "
+                          "not an MLflow store; give a new file or an MLflow store")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on `folder` while the block runs (flock, released when the process ends):
+    two searches that open one new SQLite store create MLflow's tables one after the other."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def check_tracking(store: TrackingStore, timeout: float) -> None:
-    """Refuses a tracking store that does not answer (before anything starts)."""
+    """Refuses a tracking store that does not answer, or a SQLite file that is not MLflow's
+    (before anything starts); a new SQLite store is created here, under a lock."""
     from mlflow.tracking import MlflowClient
 
+    lock = contextlib.nullcontext()
     if store.uri.startswith("sqlite:///"):
-        folder = Path(store.uri[len("sqlite:///"):]).parent
+        path = Path(store.uri[len("sqlite:///"):])
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise SearchError(f"--mlflow-uri {store.display}: cannot create {folder} ({err.strerror})") from None
+            raise SearchError(f"--mlflow-uri {store.display}: cannot create {path.parent} ({err.strerror})") from None
+        check_sqlite_store(path, store.display)
+        lock = folder_lock(path.parent)
     try:
-        with short_http(timeout):
+        with short_http(timeout), lock:
             MlflowClient(tracking_uri=store.uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - whatever it is, the store cannot be used: say so, with its type
         why = describe_error(err)
@@ -310,6 +350,17 @@ def preload_model_code() -> None:
         _preloading[0].start()
 
 
+EXAMPLE = "高勇：男，中国国籍。"  # the logged model's input example, tagged before it is logged
+
+
+def check_model(checkpoint: Path) -> None:
+    """Loads a checkpoint as the logged model will be loaded and tags the example: raises when it
+    cannot (a truncated weights file, a damaged config)."""
+    from softfine.predict import Predictor
+
+    Predictor.from_checkpoint(str(checkpoint), "cpu").predict([EXAMPLE])
+
+
 def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
     """The checkpoint as an MLflow pyfunc model named `model` on the parent run; returns its URI."""
     import mlflow
@@ -333,7 +384,7 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_code), artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(softfine.__file__).parent)],
-            pip_requirements=requirements, input_example=["高勇：男，中国国籍。"],
+            pip_requirements=requirements, input_example=[EXAMPLE],
             metadata={"task": "fine-grained Chinese NER (SoftFiNE)",
                       "predict": "list of texts -> list of entities {text, category, levels, start, end}"})
     return info.model_uri

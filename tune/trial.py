@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from softfine.config import TrainConfig
+from softfine.errors import SoftFiNEError
 from softfine.datasets import Corpus
 from softfine_tune.cluster import placement
 from softfine_tune.space import point_name, trial_config
@@ -103,7 +104,18 @@ def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None
             tune.report({**group_report(reports, config), **where}, checkpoint=tune.Checkpoint.from_directory(str(out)))
             reporting += time.perf_counter() - started
 
-        results = train_group(configs, on_evaluate=on_evaluate, resume_from=resume_from, corpus=corpus)
+        try:
+            results = train_group(configs, on_evaluate=on_evaluate, resume_from=resume_from, corpus=corpus)
+        except SoftFiNEError as err:
+            if resume_from is None or any(reports):  # not a checkpoint that failed to load: the trial failed
+                raise
+            # The checkpoint cannot be read back (truncated, damaged): the only one kept, so from the start.
+            where["restarted"] = (f"its checkpoint at step {where.get('resumed_from_step')} could not be loaded "
+                                  f"({str(err)[:300]}); trained again from the start")
+            logging.getLogger("softfine.tune").warning("trial: %s", where["restarted"])
+            where.pop("resumed_from_step", None)
+            shutil.rmtree(out, ignore_errors=True)
+            results = train_group(configs, on_evaluate=on_evaluate, corpus=corpus)
         final = group_report([{k: v for k, v in r.items() if k != "best_checkpoint"} for r in results], config)
         final.update(where, trial_end_time=time.time(), report_seconds=reporting, final=1)
         kept = keep_best(out, member_dirs(config), work / "final", final)

@@ -9,7 +9,7 @@ import posixpath
 
 from softfine_tune.cli import PROG
 from softfine_tune.plan import Plan
-from softfine_tune.space import METRIC, MODE, make_searcher
+from softfine_tune.space import METRIC, MODE, SearchError, make_searcher
 
 log = logging.getLogger("softfine.tune")
 
@@ -67,6 +67,39 @@ def mend_checkpoints(path: str) -> list[str]:
     return notes
 
 
+def check_study(folder) -> None:
+    """A resumed search's Optuna study (optuna.db) is an Optuna database, or the resume is refused
+    before Ray starts, naming the file (not a bare SQL error at the end)."""
+    import contextlib
+    import sqlite3
+
+    study = folder / OPTUNA_DB
+    if not study.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{study.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as err:
+        tables = {f"({err})"}
+    if "studies" not in tables:
+        raise SearchError(f"--resume: {study}: the search's Optuna study is damaged (not an Optuna database: "
+                          f"{', '.join(sorted(tables)) or 'no tables'}); restore it from a copy, or start the search "
+                          "again under another --name (its finished points are in MLflow)")
+
+
+def damaged_state(path: str, err: BaseException) -> str:
+    """One line for a search whose Ray Tune state cannot be read back: the file, why, what to do."""
+    import glob
+
+    kind = "a JSON file" if isinstance(err, ValueError) else "its files"
+    states = sorted(glob.glob(f"{glob.escape(path)}/experiment_state-*.json"))
+    where = states[-1] if states and isinstance(err, ValueError) else path
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return (f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
+            f"{first}); it cannot go on from there. Its finished points are in MLflow; start the search again under "
+            "another --name (or restore the folder from a copy)")
+
+
 def progress_columns(grid, phase: str, fused: bool = False) -> dict:
     """The trial config's columns in Ray Tune's progress table: the grid's dimensions, the seed, or
     a fused trial's points (its first point and how many more)."""
@@ -98,9 +131,12 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if restore and tune.Tuner.can_restore(path):
         log.warning("resuming %s from %s", phase, path)
-        for note in mend_checkpoints(path):
-            print(f"{PROG}: {note}", flush=True)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        try:
+            for note in mend_checkpoints(path):
+                print(f"{PROG}: {note}", flush=True)
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
+            raise SearchError(damaged_state(path, err)) from None
     fused = "group" in param_space  # --fuse: a grid search over the groups, no searcher
     reporter = CLIReporter(parameter_columns=progress_columns(plan.grid, phase, fused),
                            metric_columns={"step": "step", "dev_f1": "dev F1", "best_dev_f1": "best dev F1",

@@ -1,0 +1,207 @@
+"""Search state a user can trust: the tracking store is MLflow's or new, one driver per search,
+a resume goes on with the flags, grid and data it started with, an encoder no trial could load is
+refused before Ray starts, and a damaged model is never logged or registered.
+
+Each refusal is one line, `tune/search.py: error: ...`, naming the file or flag, with nothing
+started: the searches run in this process (tune_fixtures.run_search) and are refused before Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tune_fixtures import run_search, shared_data_dir, small_search_flags
+
+from softfine_tune.cli import RECORD
+
+
+def refused(argv: list, *fragments: str) -> str:
+    code, output = run_search(argv)
+    last = output.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in output, output[-3000:]
+    assert last.startswith("tune/search.py: error: "), last
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
+    return last
+
+
+def flags(tmp_path: Path, *extra) -> list:
+    return small_search_flags(shared_data_dir(), "--storage-path", tmp_path / "ray", *extra)
+
+
+# --- The tracking store ----------------------------------------------------------------------------
+
+def test_another_applications_sqlite_file_is_not_taken_as_the_store(tmp_path):
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("INSERT INTO customers (name) VALUES ('Ada')")
+    refused(flags(tmp_path, "--mlflow-uri", f"sqlite:///{other}"),
+            f"--mlflow-uri sqlite:///{other}: {other} is another application's SQLite database (tables: customers)")
+    with sqlite3.connect(other) as db:  # untouched: MLflow created none of its tables in it
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["customers"]
+    text = tmp_path / "notes.db"
+    text.write_text("not a database, but not empty either\n" * 100)
+    refused(flags(tmp_path, "--mlflow-uri", f"sqlite:///{text}"), f"{text} is not an SQLite database")
+    assert not (tmp_path / "ray").exists()
+
+
+CREATE_STORE = """
+import sys
+from softfine_tune.tracking import check_tracking, tracking_store
+check_tracking(tracking_store(sys.argv[1]), 30)
+print("ok")
+"""
+
+
+def test_two_searches_starting_on_one_new_store_both_use_it(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    starts = [subprocess.Popen([sys.executable, "-c", CREATE_STORE, uri], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in starts:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0 and out.strip() == "ok", err[-3000:]
+
+
+# --- One driver per search -----------------------------------------------------------------------
+
+def test_a_second_driver_on_one_search_is_refused_naming_the_first(tmp_path):
+    import os
+
+    from softfine_tune.search import one_driver
+
+    with one_driver(tmp_path / "ray" / "twice"):  # what the first driver holds while it runs
+        refused(flags(tmp_path, "--name", "twice", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"),
+                f"--name twice: the search in {tmp_path / 'ray' / 'twice'} is running in process {os.getpid()}")
+    assert not (tmp_path / "ray" / "twice").exists()  # neither left anything behind
+
+
+# --- Resuming ------------------------------------------------------------------------------------
+
+def write_record(tmp_path: Path, **values) -> Path:
+    folder = tmp_path / "ray" / "s1"
+    folder.mkdir(parents=True)
+    record = {"argv": [str(a) for a in flags(tmp_path)], "name": "s1",
+              "mlflow_uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment_id": "1", "parent_run_id": "0" * 32,
+              "stage": "search", **values}
+    (folder / RECORD).write_text(json.dumps(record))
+    return folder
+
+
+def test_resume_refuses_flags_that_would_change_the_search(tmp_path):
+    write_record(tmp_path)
+    refused(["--resume", "s1", "--storage-path", tmp_path / "ray", "--epochs", "5", "--beta", "3"],
+            "--resume: --beta, --epochs would change the search, which goes on with the flags it started with",
+            "leave them out, or start a new search")
+
+
+def test_resume_goes_on_with_the_grid_and_settings_it_started_with(tmp_path):
+    """A preset edited after the start changes nothing: the record's grid and settings are used."""
+    from softfine_tune.cli import build_parser
+    from softfine_tune.plan import make_plan, settings
+    from softfine_tune.search import recorded_settings
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train:\n  max_length: 128\ngrid:\n  alphas: [[0.1, 0.1]]\n  beta: [2, 3]\n  gamma: [2]\n")
+    argv = [str(a) for a in flags(tmp_path, "--preset", preset)]
+    args = build_parser().parse_args(argv)
+    started = make_plan(args, argv)
+    from softfine.datasets import load_corpus
+
+    record = recorded_settings(started.__class__(**{**started.__dict__, "corpus": load_corpus(started.base)}))
+    preset.write_text("train:\n  max_length: 64\ngrid:\n  alphas: [[0.5, 0.5]]\n  beta: [9]\n  gamma: [2]\n")
+    assert settings(build_parser().parse_args(argv))[2].beta == [9.0]  # what reading the preset again would give
+    resumed = make_plan(build_parser().parse_args(argv), argv, json.loads(json.dumps(record)))
+    assert resumed.grid.describe() == started.grid.describe() and resumed.base == started.base
+    assert resumed.base.max_length == 128 and resumed.grid.beta == [2.0, 3.0]
+
+
+def test_resume_refuses_data_that_changed_since_the_start(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shared_data_dir() / "resume", data / "resume")
+    write_record(tmp_path, data_sha256="0" * 64)
+    refused(["--resume", "s1", "--storage-path", tmp_path / "ray", "--data-dir", data],
+            "--resume: --data-dir would change the search")
+    record = json.loads((tmp_path / "ray" / "s1" / RECORD).read_text())
+    record["argv"] = [str(a) for a in small_search_flags(data, "--storage-path", tmp_path / "ray")]
+    (tmp_path / "ray" / "s1" / RECORD).write_text(json.dumps(record))
+    refused(["--resume", "s1", "--storage-path", tmp_path / "ray"], "--resume: the data changed since the search "
+            f"started ({data / 'resume' / 'train.char.bmes'}", "was 0000000000000000")
+
+
+# --- The encoder ---------------------------------------------------------------------------------
+
+def test_an_encoder_no_trial_could_load_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine that cannot reach the Hub
+    for model in (tmp_path / "no-such-encoder", "bert-base-chinesse"):
+        refused(flags(tmp_path, "--model", model, "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"),
+                f"--model {model}: cannot load its config and tokenizer", "give a local copy")
+    assert not (tmp_path / "ray").exists()
+
+
+# --- The selected model --------------------------------------------------------------------------
+
+def test_a_damaged_model_is_neither_logged_nor_registered(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from softfine.config import make_config
+    from softfine.train import train
+    from softfine_tune.report import log_checked_model
+    from softfine_tune.tracking import Tracker
+
+    out = tmp_path / "trial" / "run"
+    train(make_config({"dataset": "resume", "data_dir": str(shared_data_dir()), "model": "tiny", "tiny_layers": 1,
+                       "tiny_hidden": 64, "epochs": 1, "limit_train": 16, "limit_eval": 8, "device": "cpu",
+                       "out": str(out)}))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = Tracker(uri)
+    run = tracker.client.create_run(tracker.experiment("state"))
+    weights = out / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as a full disk or a lost node leaves it
+    model_uri, why = log_checked_model(tracker, uri, run.info.run_id, str(out))
+    assert model_uri is None and f"the selected checkpoint {out} cannot be loaded" in why
+    assert "nothing was logged as the model or registered" in why
+    client = MlflowClient(tracking_uri=uri)
+    assert not client.search_logged_models([run.info.experiment_id])
+    assert not client.search_registered_models()
+
+
+# --- A damaged trial checkpoint ------------------------------------------------------------------
+
+def test_a_trial_whose_checkpoint_is_damaged_starts_again_and_says_so(ray_local, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tune_fixtures import children, kill_the_driver_when, parents, saved_trials, saved_trials_so_far
+
+    storage, uri = tmp_path / "ray", f"sqlite:///{tmp_path / 'm.db'}"
+    argv = small_search_flags(shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "3", "--gamma", "2",
+                              "--epochs", "3", "--eval-every", "4", "--max-concurrent", "1", "--mlflow-uri", uri,
+                              "--experiment-name", "damaged", "--storage-path", storage, "--name", "damaged")
+
+    def one_checkpointed() -> bool:  # Ray's last snapshot names a checkpoint of a trial still going
+        return any(t.status != "TERMINATED" and t.checkpoint for t in saved_trials_so_far(storage / "damaged").values())
+
+    kill_the_driver_when(argv, ray_local, tmp_path, one_checkpointed)
+    (going,) = [t for t in saved_trials(storage / "damaged").values() if t.status != "TERMINATED" and t.checkpoint]
+    weights = Path(going.checkpoint.path) / "state" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])  # a node lost while it was written
+
+    code, output = run_search(["--resume", "damaged", "--storage-path", storage])
+    assert code == 0, output[-3000:]  # every point finished, the damaged one trained again
+    assert f"trial {going.trial_id} (" in output and "could not be loaded" in output
+    assert "trained again from the start" in output
+    summary = json.loads((storage / "damaged" / "summary.json").read_text())
+    assert [r["trial_id"] for r in summary["restarted"]] == [going.trial_id]
+    (parent,) = parents(uri, "damaged")
+    kids = children(uri, "damaged", parent.info.run_id)
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    client = MlflowClient(tracking_uri=uri)
+    for kid in kids:  # no evaluation logged twice, the restarted trial's included
+        steps = [m.step for m in client.get_metric_history(kid.info.run_id, "dev_f1")]
+        assert len(steps) == len(set(steps)), steps
