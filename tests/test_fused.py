@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import set_seed
 
-from softfine.batches import Split, encode, load_splits, train_loader
+from softfine.batches import Split, encode, train_loader
 from softfine.config import make_config
 from softfine.data import categories
+from softfine.datasets import load_corpus
 from softfine.errors import ConfigError
 from softfine.evaluate import predict_tags
 from softfine.fused import FusedModel
@@ -43,7 +44,7 @@ def relative(a: float, b: float) -> float:
 
 def dev_tags(data_dir, checkpoint: Path) -> list[list[str]]:
     model, tokenizer, labels, settings = load_checkpoint(checkpoint)
-    sentences = load_splits(tiny_config(data_dir, checkpoint), ["dev"])["dev"]
+    sentences = load_corpus(tiny_config(data_dir, checkpoint), ["dev"]).splits["dev"]
     split = Split(sentences, encode(sentences, CharIds(tokenizer), labels, settings["max_length"]))
     return predict_tags(model, split, labels, torch.device("cpu"))
 
@@ -83,8 +84,8 @@ def test_a_group_of_one_steps_as_the_plain_model_does(data_dir, tmp_path):
     train(config, on_evaluate=lambda metrics, out: reports.append(metrics))
 
     set_seed(config.seed)
-    sentences = load_splits(config, ["train", "dev", "test"])
-    labels = LabelSpace.from_categories([c for s in sentences.values() for c in categories(s)], config.separator())
+    sentences = load_corpus(config, ["train", "dev", "test"]).splits
+    labels = LabelSpace.infer([c for s in sentences.values() for c in categories(s)], config.label_separator)
     table = labels.soft_targets(config.beta, config.gamma, config.soft_scope)
     tokenizer, model = build_model(config.model, labels, config.dropout,
                                    (c for s in sentences["train"] for c in s.chars), config.tiny_shape())
