@@ -172,9 +172,15 @@ def test_a_damaged_model_is_neither_logged_nor_registered(tmp_path):
     assert not client.search_registered_models()
 
 
-# --- A damaged trial checkpoint ------------------------------------------------------------------
+# --- A copied search folder, a damaged trial checkpoint ------------------------------------------------
 
-def test_a_trial_whose_checkpoint_is_damaged_starts_again_and_says_so(ray_local, tmp_path):
+def fingerprint(folder: Path) -> dict:
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(ray_local, tmp_path):
+    """A search folder copied elsewhere resumes there, writing nothing into the original; a trial
+    whose checkpoint cannot be loaded trains again from the start, and the summary says so."""
     from mlflow.tracking import MlflowClient
 
     from tune_fixtures import children, kill_the_driver_when, parents, saved_trials, saved_trials_so_far
@@ -188,15 +194,20 @@ def test_a_trial_whose_checkpoint_is_damaged_starts_again_and_says_so(ray_local,
         return any(t.status != "TERMINATED" and t.checkpoint for t in saved_trials_so_far(storage / "damaged").values())
 
     kill_the_driver_when(argv, ray_local, tmp_path, one_checkpointed)
-    (going,) = [t for t in saved_trials(storage / "damaged").values() if t.status != "TERMINATED" and t.checkpoint]
+    copy = tmp_path / "elsewhere" / "ray"
+    shutil.copytree(storage, copy)
+    (going,) = [t for t in saved_trials(copy / "damaged").values() if t.status != "TERMINATED" and t.checkpoint]
     weights = Path(going.checkpoint.path) / "state" / "model.safetensors"
+    assert copy in weights.parents  # Ray reads a copied folder's state where it now is
     weights.write_bytes(weights.read_bytes()[:500])  # a node lost while it was written
+    original = fingerprint(storage)
 
-    code, output = run_search(["--resume", "damaged", "--storage-path", storage])
+    code, output = run_search(["--resume", "damaged", "--storage-path", copy])
     assert code == 0, output[-3000:]  # every point finished, the damaged one trained again
+    assert fingerprint(storage) == original  # nothing written into the original
     assert f"trial {going.trial_id} (" in output and "could not be loaded" in output
     assert "trained again from the start" in output
-    summary = json.loads((storage / "damaged" / "summary.json").read_text())
+    summary = json.loads((copy / "damaged" / "summary.json").read_text())
     assert [r["trial_id"] for r in summary["restarted"]] == [going.trial_id]
     (parent,) = parents(uri, "damaged")
     kids = children(uri, "damaged", parent.info.run_id)

@@ -136,7 +136,10 @@ class MLflowChildRuns(Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         self.flush(force=True)
-        write_account(Path(self.folder), self.phase, self.runs, self.pending, self.failures, self.retries)
+        # The search's folder where it is now (a copied folder resumes in place): the trials' storage
+        # is Ray's restored one; the folder given when the callback was made may be another machine's.
+        folder = Path(trials[0].storage.experiment_fs_path).parent / self.search if trials else Path(self.folder)
+        write_account(folder, self.phase, self.runs, self.pending, self.failures, self.retries)
 
     # -- the queue ----------------------------------------------------------------------------
 

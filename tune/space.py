@@ -260,7 +260,8 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage
     """Ray Tune's OptunaSearch over the grid's values, its study kept in `storage` (an Optuna
     storage URL). Grid: every point enqueued once; TPE: sampled from the same values."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from softfine_tune.in_place import StudyInPlace
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     points = None
@@ -275,9 +276,8 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage
                                                 n_startup_trials=max(2, min(10, num_samples // 3)))
     else:
         raise SearchError(f"--sampler must be grid or tpe, got {sampler!r}")
-    return OptunaSearch(space=grid.optuna_space(), metric=METRIC, mode=MODE, sampler=ot_sampler,
-                        points_to_evaluate=points, study_name=study_name,
-                        storage=optuna.storages.RDBStorage(storage))
+    return StudyInPlace(space=grid.optuna_space(), metric=METRIC, mode=MODE, sampler=ot_sampler,
+                        points_to_evaluate=points, study_name=study_name, storage=optuna.storages.RDBStorage(storage))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from pathlib import Path
 
 from softfine_tune.cli import PROG
 from softfine_tune.plan import Plan
@@ -134,6 +135,10 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
         try:
             for note in mend_checkpoints(path):
                 print(f"{PROG}: {note}", flush=True)
+            if phase == "search" and "group" not in param_space:  # the searcher's study: this folder's
+                from softfine_tune.in_place import StudyInPlace, TrialsInPlace
+
+                StudyInPlace.resumed_study, TrialsInPlace.resumed_folder = Path(path) / OPTUNA_DB, Path(path)
             return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
             raise SearchError(damaged_state(path, err)) from None
@@ -144,6 +149,10 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
                            max_report_frequency=30, sort_by_metric=True,
                            max_progress_rows=40)
     if phase == "search" and not fused:
+        from ray.tune.search import ConcurrencyLimiter
+
+        from softfine_tune.in_place import TrialsInPlace
+
         searcher = make_searcher(args.sampler, plan.grid, args.search_seed, plan.num_samples,
                                  storage=f"sqlite:///{path}/{OPTUNA_DB}", study_name=plan.name)
         scheduler = None
@@ -151,9 +160,11 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations_per_trial(plan.base) or 1000,
                                       grace_period=args.asha_grace_period,
                                       reduction_factor=args.asha_reduction_factor)
-        tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                      num_samples=plan.num_samples, max_concurrent_trials=args.max_concurrent or None,
-                                      reuse_actors=True, trial_dirname_creator=trial_dirname)
+        if args.max_concurrent:  # Ray's own wrapping, done here: the generator around it is ours
+            searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)
+        tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=TrialsInPlace(searcher), scheduler=scheduler,
+                                      num_samples=plan.num_samples, reuse_actors=True,
+                                      trial_dirname_creator=trial_dirname)
     else:  # the seeds, or the fused groups: a grid search of Ray Tune's own
         tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1,
                                       max_concurrent_trials=args.max_concurrent or None, reuse_actors=True,
