@@ -216,3 +216,28 @@ def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(
     for kid in kids:  # no evaluation logged twice, the restarted trial's included
         steps = [m.step for m in client.get_metric_history(kid.info.run_id, "dev_f1")]
         assert len(steps) == len(set(steps)), steps
+
+
+def test_damaged_ray_state_or_optuna_study_is_one_line_naming_the_file(ray_local, tmp_path):
+    """A search stopped and then damaged on disk: its resume names the damaged file and what to do."""
+    storage, uri = tmp_path / "ray", f"sqlite:///{tmp_path / 'm.db'}"
+    code, _ = run_search(small_search_flags(shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2",
+                                            "--epochs", "1", "--mlflow-uri", uri, "--storage-path", storage,
+                                            "--name", "s", "--address", ray_local))
+    assert code == 0
+    record = json.loads((storage / "s" / RECORD).read_text())
+    record["stage"] = "search"  # as if it had stopped before its summary
+    (storage / "s" / RECORD).write_text(json.dumps(record))
+
+    study = storage / "s" / "optuna.db"
+    kept = study.read_bytes()
+    study.write_bytes(b"not a database " * 100)
+    refused(["--resume", "s", "--storage-path", storage], f"--resume: {study}: the search's Optuna study is damaged",
+            "restore it from a copy, or start the search again under another --name")
+    study.write_bytes(kept)
+
+    (state,) = (storage / "s").glob("experiment_state-*.json")
+    state.write_text(state.read_text()[:200])
+    refused(["--resume", "s", "--storage-path", storage, "--address", ray_local],
+            f"--resume: {state}: Ray Tune's saved state of this search is damaged (a JSON file: JSONDecodeError",
+            "start the search again under another --name")
