@@ -206,7 +206,7 @@ def cmd_labels(args: argparse.Namespace) -> None:
 
 def print_label_space(corpus, space, as_json: bool) -> None:
     """A dataset's label space, its hierarchy's levels and Table 1's figures per split."""
-    from .data import categories, entity_counts, stats
+    from .data import FORMATS, categories, entity_counts, stats
 
     rows = {split: {**stats(sentences), "file": corpus.files[split]["path"], **({"carved": corpus.files[split]["carved"]}
                     if "carved" in corpus.files[split] else {}),
@@ -220,7 +220,9 @@ def print_label_space(corpus, space, as_json: bool) -> None:
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return
     shown = repr(space.separator) if space.separator else "none, one level"
-    print(f"{corpus.name}: {len(space.categories)} categories, {len(space)} labels (O, and B/I/E/S of each); "
+    formats = {f["format"] for f in corpus.files.values()}
+    print(f"{corpus.name} ({', '.join(FORMATS.get(f, f) for f in sorted(formats))}): "
+          f"{len(space.categories)} categories, {len(space)} labels (O, and B/I/E/S of each); "
           f"separator {shown}; nodes per level: {' / '.join(map(str, space.level_counts()))}")
     print(f"{'split':<6} {'sentences':>9} {'avg chars':>9} {'avg ent.':>8} {'categories':>10} {'per level':>10}  file")
     for split, r in rows.items():

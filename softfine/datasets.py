@@ -170,7 +170,10 @@ class Source:
             return get_spec(self.name).reader(path, on_problem=rule)
         names = path.parent / LABEL_NAMES
         label_names = read_label_names(names) if self.format == "tokens" and names.is_file() else None
-        return read_user_file(path, self.format, self.tag_scheme, label_names, rule)
+        try:
+            return read_user_file(path, self.format, self.tag_scheme, label_names, rule)
+        except DataError as err:  # which reader the content chose, with its line
+            raise DataError(f"{err} [read as {FORMATS[self.format]}, detected from its content]") from None
 
     def describe(self, split: str) -> str:
         return self.name if self.builtin else f"{self.files[split]} ({FORMATS[self.format]})"

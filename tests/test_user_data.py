@@ -233,8 +233,13 @@ BAD_FILES = [  # (name, {file: text}, fragment of the error), file "train.json" 
 ]
 
 
-@pytest.mark.parametrize("files, fragment", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
-def test_bad_user_data_is_one_error_naming_file_and_line(tmp_path, files, fragment):
+# Refused before a format is known (the content chooses it): the other errors name the reader too.
+BEFORE_DETECTION = {"neither-format", "empty-split", "bom-inside", "not-utf8", "mixed-formats", "two-dev-files",
+                    "no-train"}
+
+
+@pytest.mark.parametrize("name, files, fragment", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_user_data_is_one_error_naming_file_and_line(tmp_path, name, files, fragment):
     folder = tmp_path / "bad"
     folder.mkdir()
     for name, text in {"train.json": GOOD * 3, "dev.json": GOOD, **files}.items():
@@ -243,6 +248,8 @@ def test_bad_user_data_is_one_error_naming_file_and_line(tmp_path, files, fragme
     with pytest.raises((DataError, ConfigError)) as caught:
         load_corpus(make_config({"dataset": str(folder)}))
     assert fragment in str(caught.value)
+    if name not in BEFORE_DETECTION:
+        assert "[read as " in str(caught.value) and "detected from its content]" in str(caught.value)
 
 
 def test_a_byte_order_mark_at_the_start_is_read_as_the_builtin_readers_read_it(tmp_path):
@@ -284,7 +291,7 @@ def softfine(*args, check: bool = True) -> subprocess.CompletedProcess:
 def test_labels_prints_the_label_space_levels_and_table1_figures(fine_dev, tmp_path):
     folder = write_folder(tmp_path / "myfine", fine_dev, "spans")
     out = softfine("labels", "--dataset", folder).stdout
-    assert "myfine: 54 categories, 217 labels" in out and "separator '/'" in out
+    assert "myfine (span JSON lines (FiNE's)): 54 categories, 217 labels" in out and "separator '/'" in out
     assert out.splitlines()[1].split()[:6] == ["split", "sentences", "avg", "chars", "avg", "ent."]
     train = next(line for line in out.splitlines() if line.startswith("train "))
     assert train.split()[1] == "2000" and str(folder / "train.jsonl") in train
