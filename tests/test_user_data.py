@@ -242,9 +242,9 @@ BEFORE_DETECTION = {"neither-format", "empty-split", "bom-inside", "not-utf8", "
 def test_bad_user_data_is_one_error_naming_file_and_line(tmp_path, name, files, fragment):
     folder = tmp_path / "bad"
     folder.mkdir()
-    for name, text in {"train.json": GOOD * 3, "dev.json": GOOD, **files}.items():
+    for file, text in {"train.json": GOOD * 3, "dev.json": GOOD, **files}.items():
         if text is not None:
-            (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+            (folder / file).write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
     with pytest.raises((DataError, ConfigError)) as caught:
         load_corpus(make_config({"dataset": str(folder)}))
     assert fragment in str(caught.value)
