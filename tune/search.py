@@ -32,7 +32,7 @@ from softfine_tune.cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parse
 from softfine_tune.cluster import (check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit,
                                    probe_gpus)
 from softfine_tune.plan import Plan, make_plan
-from softfine_tune.report import finish, short
+from softfine_tune.report import describe_search, finish, planned_ray_trials, short
 from softfine_tune.results import finished, select, trial_rows
 from softfine_tune.resume import resume_args
 from softfine_tune.space import SearchError, fused_groups, point_name, point_of, record_points
@@ -242,10 +242,8 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
               "preset": plan.preset["path"], "search_name": plan.name, "mlflow_uri": plan.tracking.display,
               **{f"train.{k}": v for k, v in dataclasses.asdict(plan.base).items()
                  if k not in EXCLUDED_TRAIN_FIELDS or (k == "soft_scope" and "soft_scope" not in plan.keys)}}
-    what = (f"{plan.num_samples} seeds of one configuration" if plan.mode == "seeds"
-            else f"{args.sampler} search, {plan.num_samples} trials")
-    tags = {**run_tags(code), "mlflow.note.content": f"SoftFiNE {what} on {plan.dataset}; command: {PROG} "
-                                                     f"{' '.join(plan.argv)}"}
+    what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))  # the selection goes first at the end
+    tags = {**run_tags(code), "mlflow.note.content": f"SoftFiNE {what}. Command: `{PROG} {' '.join(plan.argv)}`"}
     run_id = tracker.start_parent(experiment_id, plan.name, plan.name, params, tags)
     tracker.attempt("log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.corpus)))
     return run_id
@@ -288,10 +286,8 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
     from ray import tune
 
     args = plan.args
-    what = (f"{plan.num_samples} seeds of one configuration" if plan.mode == "seeds"
-            else f"{plan.num_samples} trials ({args.sampler})" if plan.fuse == 1
-            else f"{plan.num_samples} grid points in fused trials of at most {plan.fuse}")
-    print(f"{PROG}: {what} on {plan.dataset}, cluster of {cluster['nodes']} node(s) "
+    what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))
+    print(f"{PROG}: {what}; cluster of {cluster['nodes']} node(s) "
           f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {args.cpus_per_trial:g} CPU + "
           f"{args.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
           f"{plan.tracking.display}", flush=True)
@@ -321,9 +317,9 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
     unlogged = [op for phase in ("search", "seeds") for op in read_account(folder, phase)[1]]
     summary = finish(plan, tracker, folder, record["experiment_id"], record["parent_run_id"], rows, seed_rows,
                      selected, time.time() - started, unlogged, cluster)
-    summary["restarted"] = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows
-                            if r.get("restarted")]
-    if summary["restarted"]:
+    restarted = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows if r.get("restarted")]
+    if restarted:  # trials whose damaged checkpoint was not resumed from (trial.py)
+        summary["restarted"] = restarted
         write_json(folder / "summary.json", summary)
     record.update(stage="done", summary=summary)
     write_json(folder / RECORD, record)
