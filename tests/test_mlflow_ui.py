@@ -4,9 +4,15 @@ The tracking server is the repository's one command (mlflow/server.sh) on 127.0.
 `python tune/search.py` in its own process, on its own local Ray instance, logging over HTTP. Then, in
 a headless Chromium driven by Playwright (tests/ui_browser.py), what a user looks for:
 
-* the experiment page: the search's parent run, its 3 trials nested under it (shown once expanded),
-  each named by its grid point (aug0.1-fea0.1-b2-g2);
-* the parent run's page: the selected alpha_aug, alpha_fea, beta and gamma, and its child runs;
+* the experiment: marked as model training (its kind), its runs table at the address the search
+  prints and, once "Model training" has been clicked in a browser, at the experiment's own address;
+  the search's parent run, its 3 trials nested under it (shown once expanded), each named by its
+  grid point (0.1,0.1,2,2), whole in the table's default column width at 1280x800;
+* the parent run's page in a 1280x800 window, without scrolling: the selected (α_aug, α_fea, β, γ),
+  its dev and test F1 with what they were counted on, and a link to the selected child run; the
+  selected alpha_aug, alpha_fea, beta and gamma as params, and its child runs;
+* the selected child run tagged as such, the registered model version with the point, the
+  dataset, the search's run and a description;
 * the parent run's artifacts: the trials table, the dev F1 plot, and Optuna's plots in optuna/;
 
 and `mlflow models serve --env-manager local` serves the selected model on 127.0.0.1 and answers a
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,7 +40,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tune_fixtures import REPO, SEARCH_SCRIPT, children, free_port, parents, shared_data_dir, small_search_flags
-from ui_browser import browser_missing, chromium, open_page, run_page_url, runs_page_url
+from ui_browser import (FIRST_SCREEN, browser_missing, chromium, close_assistant, open_page, run_page_url,
+                        runs_page_url)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
@@ -84,7 +92,7 @@ def search(tmp_path_factory) -> Iterator[dict]:
         (parent,) = parents(uri, EXPERIMENT)
         kids = children(uri, EXPERIMENT, parent.info.run_id)
         assert len(kids) == 3
-        yield {"uri": uri, "experiment_id": parent.info.experiment_id, "parent": parent,
+        yield {"uri": uri, "experiment_id": parent.info.experiment_id, "parent": parent, "kids": kids,
                "children": {k.info.run_name: k.info.run_id for k in kids}, "output": done.stdout}
 
 
@@ -134,16 +142,89 @@ def test_experiment_page_nests_the_trials_under_the_parent_run(search, browser):
             assert left(child_link) > left(parent_link) + 8, f"{name} is not indented under the parent run"
 
 
+def cut_off(link: Locator) -> float:
+    """How many pixels of a link's text its cell hides (the runs table clips a long name)."""
+    return link.evaluate("""e => { const text = document.createRange(); text.selectNodeContents(e);
+                                  return text.getBoundingClientRect().right - e.getBoundingClientRect().right; }""")
+
+
 @needs_chromium
-def test_trials_are_named_by_their_grid_point(search, browser):
-    names = [f"aug{aug:g}-fea{fea:g}-b2-g2" for aug, fea in GRID]  # --beta 2 --gamma 2
-    with open_page(browser, runs_page_url(search["uri"], search["experiment_id"]), "experiment-trial-names") as page:
+def test_trials_are_named_by_their_grid_point_whole_in_the_table(search, browser):
+    names = [f"{aug:g},{fea:g},2,2" for aug, fea in GRID]  # α_aug,α_fea,β,γ with --beta 2 --gamma 2
+    url = runs_page_url(search["uri"], search["experiment_id"])
+    with open_page(browser, url, "experiment-trial-names", viewport=FIRST_SCREEN) as page:
         expand(page, search["parent"].info.run_id)
         for name in names:
-            expect(run_link(page, name), f"a trial named by its grid point, {name}").to_be_visible()
+            link = run_link(page, name)
+            expect(link, f"a trial named by its grid point, {name}").to_be_visible()
+            assert cut_off(link) <= 0.5, f"{name} is cut in the runs table's Run Name column"
+
+
+@needs_chromium
+def test_the_experiment_opens_in_its_runs_table(search, browser):
+    """MLflow 3.17 takes GenAI or Model training from the address or from the browser, whatever the
+    experiment's kind: the search marks the kind, prints the Model training address, and one click on
+    "Model training" makes the experiment itself open on its runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri, experiment_id, parent = search["uri"], search["experiment_id"], search["parent"]
+    tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
+    assert tags.get("mlflow.experimentKind") == "custom_model_development"
+    with open_page(browser, f"{uri}/#/experiments", "experiment-opens-in-runs", viewport=FIRST_SCREEN) as page:
+        close_assistant(page)
+        page.get_by_text("Model training", exact=True).click()  # the sidebar's switch, top left
+        page.get_by_role("link", name=EXPERIMENT, exact=True).click()
+        expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
+        expect(run_link(page, parent.info.run_name)).to_be_visible()
+        page.goto(f"{uri}/#/experiments/{experiment_id}")  # the experiment's own address, later
+        expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
+        expect(run_link(page, parent.info.run_name)).to_be_visible()
 
 
 # --- The parent run's page. -------------------------------------------------------------------------
+
+def selected_child(search: dict):
+    (kid,) = [k for k in search["kids"] if k.info.run_id == search["parent"].data.params["selected_run_id"]]
+    return kid
+
+
+@needs_chromium
+def test_parent_run_first_screen_shows_the_selection_and_links_its_run(search, browser):
+    parent, experiment_id = search["parent"], search["experiment_id"]
+    p, m, kid = parent.data.params, parent.data.metrics, selected_child(search)
+    point = ", ".join(f"{float(p[f'selected_{k}']):g}" for k in SELECTED)
+    counted = (f"dev F1 {m['best_dev_f1']:.4f} on {m['best_dev_sentences']:g} sentences, "
+               f"{m['best_dev_gold_entities']:g} gold entities; test F1 {m['best_test_f1']:.4f} on "
+               f"{m['best_test_sentences']:g} sentences, {m['best_test_gold_entities']:g} gold entities")
+    url = run_page_url(search["uri"], experiment_id, parent.info.run_id)
+    with open_page(browser, url, "parent-run-first-screen", viewport=FIRST_SCREEN) as page:
+        close_assistant(page)  # open on a browser's first visit: the page is then one column, details first
+        description = page.get_by_test_id("note-editor-preview-content")  # the run's description, rendered
+        selection = description.get_by_text(f"Selected (α_aug, α_fea, β, γ) = ({point})")
+        expect(selection).to_be_in_viewport(ratio=1)
+        paragraph = description.locator("p").filter(has_text=f"Selected (α_aug, α_fea, β, γ) = ({point})")
+        expect(paragraph).to_contain_text(counted)
+        link = paragraph.get_by_role("link", name=kid.info.run_name, exact=True)
+        expect(link).to_be_in_viewport(ratio=1)
+        with page.context.expect_page() as opened:  # MLflow opens a description's links in a new tab
+            link.click()
+        expect(opened.value).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs/{kid.info.run_id}"))
+        expect(opened.value.get_by_role("heading", name=kid.info.run_name)).to_be_visible()
+
+
+def test_the_selection_is_marked_on_its_run_and_model_version(search):
+    from mlflow.tracking import MlflowClient
+
+    client, parent = MlflowClient(tracking_uri=search["uri"]), search["parent"]
+    kid = selected_child(search)
+    assert [k.info.run_name for k in search["kids"] if k.data.tags.get("softfine.selected") == "true"] == \
+        [kid.info.run_name]
+    version = client.get_model_version_by_alias("softfine-resume", "champion")
+    assert {k: float(version.tags[k]) for k in SELECTED} == {k: float(parent.data.params[f"selected_{k}"])
+                                                             for k in SELECTED}
+    assert version.tags["dataset"] == "resume" and version.tags["softfine.search_run_id"] == parent.info.run_id
+    assert version.tags["softfine.selected_run_id"] == kid.info.run_id and version.run_id == parent.info.run_id
+    assert "\n" not in version.description and f"dev F1 {parent.data.metrics['best_dev_f1']:.4f}" in version.description
 
 @needs_chromium
 def test_parent_run_page_shows_the_selected_hyperparameters(search, browser):
@@ -156,7 +237,8 @@ def test_parent_run_page_shows_the_selected_hyperparameters(search, browser):
             row = page.get_by_role("row").filter(has=page.get_by_text(f"selected_{name}", exact=True))
             expect(row.get_by_role("cell").last).to_have_text(parent.data.params[f"selected_{name}"])
         for name in search["children"]:  # "About this run" lists the nested runs
-            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+            child_runs = page.get_by_test_id("key-value-Child runs")
+            expect(child_runs.get_by_role("link", name=name, exact=True)).to_be_visible()
 
 
 def expect_folder_lists(page: Page, folder: str, files: tuple[str, ...]) -> None:

@@ -44,7 +44,7 @@ def test_the_grid_as_fused_groups_gives_every_point_its_run_study_trial_and_chec
     (parent,) = parents(uri, "fused")
     kids = children(uri, "fused", parent.info.run_id)
     assert len(kids) == 12 and len({point(k) for k in kids}) == 12  # every point once, in its own run
-    assert {k.info.run_name for k in kids} == {f"aug{a:g}-fea{f:g}-b{b:g}-g{g:g}" for a, f in alphas
+    assert {k.info.run_name for k in kids} == {f"{a:g},{f:g},{b:g},{g:g}" for a, f in alphas
                                                for b in PAPER_GRID["beta"] for g in (2, 2.5)}
     assert all(k.info.status == "FINISHED" for k in kids)
     trials = {k.data.tags["softfine.trial_id"] for k in kids}

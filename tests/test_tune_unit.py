@@ -96,7 +96,8 @@ def test_each_trial_config_is_the_base_with_its_point_validated_again():
     assert dataclasses.replace(trial, out=plan.base.out, device=plan.base.device, seed=7, alpha_aug=plan.base.alpha_aug,
                                alpha_fea=plan.base.alpha_fea, beta=plan.base.beta, gamma=plan.base.gamma,
                                soft_scope=plan.base.soft_scope) == plan.base  # the point's fields, nothing else
-    assert space.point_name(point) == "aug0.01-fea0.005-b4-g2.5-related-s9"
+    assert space.point_name(plan.grid.points()[-1]) == "0.01,0.005,4,2.5,related"  # α_aug,α_fea,β,γ: a run name
+    assert space.point_name(point) == "seed 9"  # a seeds-phase run: its point is the parent's
     with pytest.raises(ConfigError, match="trial config: beta"):  # a point is checked again
         space.trial_config(plan.base, {**point, "beta": "4"})
     assert tuner.progress_columns(plan.grid, "search")["soft_scope"] == "soft scope"  # Ray Tune's table

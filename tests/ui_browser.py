@@ -4,9 +4,11 @@ The browser is Debian's `chromium` (apt-get install chromium), or $CHROMIUM: Pla
 path, so `playwright install` (which downloads a browser build of its own) is never needed. Each page
 gets a new browser context (empty profile) and only talks to the test's own servers on 127.0.0.1.
 
-MLflow 3 opens an experiment in its "GenAI" mode (a traces overview) unless told otherwise;
-`?workflowType=machine_learning` is its "Model training" mode, whose experiment page is the runs
-table (as the search's own hint prints it, tune/report.py ui_hint).
+MLflow 3.17 opens an experiment in its "GenAI" mode (a traces overview) unless the address says
+`?workflowType=machine_learning` (its "Model training" mode, whose experiment page is the runs table,
+as the search's own hint prints it, tune/report.py ui_hint) or the browser remembers a click on
+"Model training". On a server on 127.0.0.1 it also opens its Assistant panel on a browser's first
+visit, which narrows the page to one column (`close_assistant`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # CI keeps test-artifacts/ as an artifact: the screenshots show what the UI looked like, failed or not.
 SCREENSHOTS = Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO / "test-artifacts") / "mlflow-ui"
 VIEWPORT = {"width": 1600, "height": 1000}
+FIRST_SCREEN = {"width": 1280, "height": 800}  # what a laptop shows without scrolling
 
 
 def chromium_path() -> str | None:
@@ -62,12 +65,13 @@ def chromium() -> Iterator[Browser]:
 
 
 @contextlib.contextmanager
-def open_page(browser: Browser, url: str, screenshot: str, height: int = VIEWPORT["height"]) -> Iterator[Page]:
+def open_page(browser: Browser, url: str, screenshot: str, height: int = VIEWPORT["height"],
+              viewport: dict | None = None) -> Iterator[Page]:
     """`url` in a new context; on exit, pass or fail, a full-page PNG SCREENSHOTS/`screenshot`.png.
 
     MLflow's layout scrolls inside its own panes, so a "full page" is the viewport: tall pages
-    (a run's parameters) ask for a taller one."""
-    context = browser.new_context(viewport={**VIEWPORT, "height": height})
+    (a run's parameters) ask for a taller one, a first screen for FIRST_SCREEN."""
+    context = browser.new_context(viewport=viewport or {**VIEWPORT, "height": height})
     context.set_default_timeout(60_000)
     page = context.new_page()
     try:
@@ -78,6 +82,20 @@ def open_page(browser: Browser, url: str, screenshot: str, height: int = VIEWPOR
         with contextlib.suppress(Exception):  # a screenshot never hides the test's own error
             page.screenshot(path=SCREENSHOTS / f"{screenshot}.png", full_page=True)
         context.close()
+
+
+def close_assistant(page: Page) -> None:
+    """Closes MLflow's Assistant panel if it is open, as a person does once (the browser remembers)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.get_by_text("Model training", exact=True).wait_for()  # the sidebar: the app has loaded
+    panel = page.get_by_role("button", name="New Chat")  # the panel's own (its title is "MLflow Assistant Beta")
+    try:
+        panel.wait_for(timeout=10_000)  # it opens as the app starts, if at all
+    except PlaywrightTimeout:
+        return
+    page.get_by_role("button", name="Close").last.click()
+    panel.wait_for(state="hidden")
 
 
 def runs_page_url(uri: str, experiment_id: str) -> str:

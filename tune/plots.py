@@ -4,11 +4,12 @@ plots of the study (parameter importances, slice, the beta x gamma contour, opti
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Sequence
 
-from softfine_tune.space import SEARCHED
+from softfine_tune.space import SEARCHED, SYMBOLS
 
 log = logging.getLogger("softfine.tune")
 
@@ -26,31 +27,57 @@ def _pyplot():
     return plt
 
 
-def plot_dev_f1(rows: list[dict], path: Path, title: str, keys: Sequence[str] = SEARCHED) -> Path:
-    """Dev F1 of every trial against each hyperparameter (alpha_aug, alpha_fea, beta, gamma, and
-    soft_scope when searched): the points, and the mean per value."""
+def plot_dev_f1(rows: list[dict], path: Path, title: str, keys: Sequence[str] = SEARCHED,
+                selected: dict | None = None) -> Path:
+    """Dev F1 of every point against each hyperparameter (alpha_aug, alpha_fea, beta, gamma, and
+    soft_scope when searched), one panel each, two panels a row: the points, the mean per value and
+    the selected point (a star). Sized to be read in MLflow's artifact view, about 900 pixels wide."""
     plt = _pyplot()
     scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))]
-    labels = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4), sharey=True)
-    for ax, key in zip(axes, keys):
-        values = sorted({r[key] for r in scored})
-        positions = {v: i for i, v in enumerate(values)}
-        xs = [positions[r[key]] + 0.08 * ((n % 5) - 2) for n, r in enumerate(scored)]
-        ax.scatter(xs, [r["best_dev_f1"] for r in scored], s=18, alpha=0.6)
-        means = [sum(r["best_dev_f1"] for r in scored if r[key] == v) / max(1, sum(r[key] == v for r in scored))
-                 for v in values]
-        ax.plot(range(len(values)), means, color="black", marker="D", label="mean")
-        ax.set_xticks(range(len(values)), [f"{v:g}" if isinstance(v, float) else str(v) for v in values])
-        ax.set_xlabel(labels[key])
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("best dev F1")
-    axes[0].legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    columns, lines = 2, math.ceil(len(keys) / 2)
+    figure, axes = plt.subplots(lines, columns, figsize=(9, 0.6 + 3.2 * lines), sharey=True, squeeze=False)
+    star = None if selected is None else f"selected: {', '.join(_tick(selected[k]) for k in keys)} " \
+                                         f"(dev F1 {selected['best_dev_f1']:.4f})"
+    for ax, key in zip(axes.flat, keys):
+        _dev_f1_panel(ax, scored, key, selected, star)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("dev F1", fontsize=12)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=3, fontsize=11,
+                  frameon=False)
+    figure.suptitle(title, fontsize=13)
+    figure.tight_layout(rect=(0, 0, 1, 0.88))
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _tick(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _dev_f1_panel(ax, scored: list[dict], key: str, selected: dict | None, star: str | None) -> None:
+    """One hyperparameter's panel: the points (spread a little sideways, so that equal scores stay
+    visible), the mean per value, and the selected point."""
+    values = sorted({r[key] for r in scored})
+    positions = {v: i for i, v in enumerate(values)}
+    offset = [0.08 * ((n % 5) - 2) for n in range(len(scored))]
+    ax.scatter([positions[r[key]] + d for r, d in zip(scored, offset)], [r["best_dev_f1"] for r in scored],
+               s=30, alpha=0.55, label="a point")
+    means = [sum(r["best_dev_f1"] for r in scored if r[key] == v) / max(1, sum(r[key] == v for r in scored))
+             for v in values]
+    ax.plot(range(len(values)), means, color="black", marker="D", label="mean per value")
+    chosen = [(positions[r[key]] + d, r["best_dev_f1"]) for r, d in zip(scored, offset)
+              if selected is not None and r.get("trial") == selected.get("trial")]
+    if chosen:
+        ax.scatter(*zip(*chosen), marker="*", s=320, color="tab:red", edgecolor="black", zorder=5, label=star)
+    ax.set_xticks(range(len(values)), [_tick(v) for v in values])
+    ax.set_xlim(-0.5, len(values) - 0.5)
+    ax.set_xlabel(SYMBOLS[key], fontsize=13)
+    ax.tick_params(labelsize=11)
+    ax.grid(alpha=0.3)
 
 
 def optuna_figures(storage: str, study_name: str) -> dict:
@@ -65,10 +92,12 @@ def optuna_figures(storage: str, study_name: str) -> dict:
     if len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])) < 2:
         log.info("Optuna: a study of fewer than two finished trials has no plots")
         return {}
-    plots = {"optuna/param_importances.png": lambda: ovm.plot_param_importances(study),
-             "optuna/slice.png": lambda: ovm.plot_slice(study),
-             "optuna/contour_beta_gamma.png": lambda: ovm.plot_contour(study, params=["beta", "gamma"]),
-             "optuna/optimization_history.png": lambda: ovm.plot_optimization_history(study)}
+    target = "dev F1"  # the study's objective, which Optuna's axes call "Objective Value" unless named
+    plots = {"optuna/param_importances.png": lambda: ovm.plot_param_importances(study, target_name=target),
+             "optuna/slice.png": lambda: ovm.plot_slice(study, target_name=target),
+             "optuna/contour_beta_gamma.png": lambda: ovm.plot_contour(study, params=["beta", "gamma"],
+                                                                       target_name=target),
+             "optuna/optimization_history.png": lambda: ovm.plot_optimization_history(study, target_name=target)}
     figures = {}
     for name, plot in plots.items():
         try:

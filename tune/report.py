@@ -10,9 +10,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Sequence
+
+from softfine_tune.cli import PROG
 from softfine_tune.plan import Plan
 from softfine_tune.results import busy_fraction, by_trial, max_overlap, seed_stats, slot_resource, write_table
-from softfine_tune.tracking import COUNT_KEYS, REPO, write_json
+from softfine_tune.space import SYMBOLS, point_name, point_of
+from softfine_tune.tracking import COUNT_KEYS, REPO, RUNS_VIEW, SELECTED_TAG, write_json
 
 log = logging.getLogger("softfine.tune")
 
@@ -32,7 +36,8 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     plot = None
     if plan.mode == "search":
         plot = plot_dev_f1(rows, folder / "dev_f1_vs_hyperparameters.png",
-                           f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per trial", plan.keys)
+                           f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per point", plan.keys,
+                           selected)
     # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
     slots = slot_resource(args.gpus_per_trial)
     per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
@@ -90,7 +95,8 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
         summary["selected_checkpoint"] = selected["checkpoint"]
         if summary["model_uri"] and plan.mode == "search":
             summary["registered_model"] = tracker.attempt("register the selected model", lambda: register(
-                tracker.client, summary["model_uri"], f"softfine-{plan.dataset}", plan.name, selected))
+                tracker.client, summary["model_uri"], plan, parent_run_id, selected))
+    mark_selection(tracker, plan, summary, selected)
     complete = selected is not None and (plan.mode == "search" or summary["seeds_finished"] == summary["seeds"])
     tracker.attempt("close the parent run", lambda: tracker.client.set_terminated(
         parent_run_id, status="FINISHED" if complete else "FAILED"))
@@ -147,15 +153,112 @@ def log_study(tracker, parent_run_id: str, folder: Path) -> None:
     plt.close("all")
 
 
-def register(client, model_uri: str, name: str, search: str, selected: dict) -> str:
+def register(client, model_uri: str, plan: Plan, parent_run_id: str, selected: dict) -> str:
     """The selected model as a new version of the dataset's registered model, with the alias
-    `champion` moved to it; returns "NAME@champion (version N)"."""
-    import mlflow
+    `champion` moved to it, its point, data and search as tags and a one-line description; returns
+    "NAME@champion (version N)"."""
+    from mlflow.exceptions import MlflowException
 
-    version = mlflow.register_model(model_uri, name, tags={"softfine.search": search,
-                                                           "best_dev_f1": str(selected["best_dev_f1"])})
+    name = f"softfine-{plan.dataset}"
+    tags = {**{k: _value(selected[k]) for k in plan.keys}, "dataset": plan.dataset,
+            "best_dev_f1": str(selected["best_dev_f1"]), "test_f1": str(selected.get("test_f1")),
+            "softfine.search": plan.name, "softfine.search_run_id": parent_run_id,
+            "softfine.selected_run_id": selected["mlflow_run_id"]}
+    description = (f"SoftFiNE on {plan.dataset}, {point_text(selected, plan.keys)}: dev F1 "
+                   f"{selected['best_dev_f1']:.4f}, test F1 {_f1(selected.get('test_f1'))}; selected by the search "
+                   f"{plan.name} (MLflow run {parent_run_id}).")
+    try:  # the client's calls, not mlflow.register_model, which prints two lines of its own
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    version = client.create_model_version(name, model_uri, run_id=parent_run_id, tags=tags, description=description,
+                                          model_id=model_id)
     client.set_registered_model_alias(name, "champion", version.version)
     return f"{name}@champion (version {version.version})"
+
+
+# -- The selection where MLflow's UI shows it first: the parent run's description ------------------
+
+def describe_search(plan: Plan, points: int, ray_trials: int) -> str:
+    """What a search runs, counted as it is: "grid search on resume: 36 points in 3 fused Ray
+    trials of at most 12 points" (the parent run's note, the console's first line)."""
+    if plan.mode == "seeds":
+        return f"one configuration with {points} seeds on {plan.dataset}, one Ray trial each"
+    size = (f"{points} points in {ray_trials} fused Ray trials of at most {plan.fuse} points" if plan.fuse != 1
+            else f"{points} points, one Ray trial each")
+    then = f", then the selection with {plan.args.seeds} seeds" if plan.args.seeds else ""
+    return f"{plan.args.sampler} search on {plan.dataset}: {size}{then}"
+
+
+def planned_ray_trials(plan: Plan) -> int:
+    """The Ray trials of the search's first phase: a fused grid's groups, else one per point."""
+    from softfine_tune.space import fused_groups
+
+    if plan.mode == "search" and plan.fuse != 1:
+        return len(fused_groups(plan.grid.points(), plan.fuse, plan.base))
+    return plan.num_samples
+
+
+def point_text(row: dict, keys: Sequence[str]) -> str:
+    """"(α_aug, α_fea, β, γ) = (0.01, 0.005, 2, 2.5)" (with the soft scope when it is searched)."""
+    return f"({', '.join(SYMBOLS[k] for k in keys)}) = ({', '.join(_value(row[k]) for k in keys)})"
+
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A Markdown link to a run's page, relative to the UI's address (a run's description)."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id}?{RUNS_VIEW})"
+
+
+def _mean_std(summary: dict, split: str) -> str:
+    """"0.6123 ± 0.0100" of the seeds' F1 on a split."""
+    return f"{_f1(summary[f'seeds_{split}_f1_mean'])} ± {_f1(summary[f'seeds_{split}_f1_std'])}"
+
+
+def selection_head(plan: Plan, summary: dict, selected: dict | None) -> str:
+    """The description's first paragraph: the selection, its dev and test F1 with what they were
+    counted on, a link to its child run, the model."""
+    if selected is None:
+        return "**Nothing selected**: no trial produced a dev F1."
+    point, experiment = point_of(selected, plan.keys), summary["experiment_id"]
+    if plan.mode == "seeds":  # the model is the seed with the best dev F1
+        link = run_link(experiment, selected["mlflow_run_id"], point_name({**point, "seed": selected["seed"]}))
+        return (f"**{point_text(selected, plan.keys)} with {summary['seeds']} seeds**: dev F1 "
+                f"**{_mean_std(summary, 'dev')}**{_on(summary, 'seeds_', 'dev')}; test F1 "
+                f"**{_mean_std(summary, 'test')}**{_on(summary, 'seeds_', 'test')} (mean ± standard deviation). "
+                f"The model is {link}'s, the best dev F1.")
+    link = run_link(experiment, selected["mlflow_run_id"], point_name(point))
+    model = f"; its model: `models:/softfine-{plan.dataset}@champion`" if summary.get("registered_model") else ""
+    seeds = (f" With {summary['seeds']} seeds: dev F1 {_mean_std(summary, 'dev')}, test F1 "
+             f"{_mean_std(summary, 'test')}." if "seeds" in summary else "")
+    return (f"**Selected {point_text(selected, plan.keys)}**: dev F1 **{_f1(summary['best_dev_f1'])}**"
+            f"{_on(summary, 'best_', 'dev')}; test F1 **{_f1(summary['best_test_f1'])}**"
+            f"{_on(summary, 'best_', 'test')}. Its run: {link}{model}.{seeds}")
+
+
+def selection_note(plan: Plan, summary: dict, selected: dict | None) -> str:
+    """The parent run's description once the search has ended: the selection first, then what the
+    search ran (as counted at its end) and its command."""
+    counts = (f"{summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed, in "
+              f"{summary['wall_seconds']:.0f} s")
+    point = f"its {','.join(SYMBOLS[k] for k in plan.keys)}"
+    naming = ("by its seed" if plan.mode == "seeds" else f"by {point}, a seed's by its seed" if plan.args.seeds
+              else f"by {point}")
+    return (f"{selection_head(plan, summary, selected)}\n\nSoftFiNE "
+            f"{describe_search(plan, summary['trials'], summary['ray_trials'])} ({counts}); a child run is named "
+            f"{naming}. Command: `{PROG} {' '.join(plan.argv)}`")
+
+
+def mark_selection(tracker, plan: Plan, summary: dict, selected: dict | None) -> None:
+    """The selection on the parent run's description (what MLflow's run page shows first) and,
+    as SELECTED_TAG, on the child run whose model the parent has."""
+    parent = summary["parent_run_id"]
+    if selected is not None and selected.get("mlflow_run_id"):
+        tracker.attempt("tag the selected run", lambda: tracker.client.set_tag(
+            selected["mlflow_run_id"], SELECTED_TAG, "true"))
+    tracker.attempt("describe the selection on the parent run", lambda: tracker.client.set_tag(
+        parent, "mlflow.note.content", selection_note(plan, summary, selected)))
 
 
 def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) -> tuple[str | None, str | None]:
@@ -180,8 +283,8 @@ def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) ->
 def ui_hint(store, experiment_id: str, run_id: str) -> str:
     from softfine_tune.tracking import default_tracking_uri, is_remote
 
-    # MLflow 3's experiment pages open in GenAI mode; workflowType=machine_learning shows the runs.
-    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    # MLflow 3.17's pages open in GenAI mode unless the address (or the browser) says Model training.
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?{RUNS_VIEW}"
     if is_remote(store.uri):  # the server's address without credentials (the browser asks for them)
         return f"open {store.uri.rstrip('/')}/{page}"
     server = REPO / "mlflow" / "server.sh"
@@ -197,6 +300,10 @@ def short(text: str, width: int = 160) -> str:
 
 def _value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _f1(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not math.isnan(value) else "-"
 
 
 def _on(summary: dict, prefix: str, split: str) -> str:
@@ -233,10 +340,11 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     if plan.mode == "search":
         ranked = sorted([r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))],
                         key=lambda r: (-r["best_dev_f1"], r["trial"]))
-        out.append("Best configurations by dev F1:")
+        out.append(f"Best configurations by dev F1 (the first {min(5, len(ranked))} of {len(ranked)}; all in "
+                   "trials.csv):")
         out.append(f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  " + ("scope    " if scope else "")
                    + f"{'dev F1':>6}  {'test F1':>7}  {'status':<10}  MLflow run")
-        for rank, r in enumerate(ranked[:10], 1):
+        for rank, r in enumerate(ranked[:5], 1):
             out.append(f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
                        + (f"{r['soft_scope']:<7}  " if scope else "")
                        + f"{f1(r['best_dev_f1'])}  {f1(r.get('test_f1')):>7}  {r['status']:<10}  {r['mlflow_run_id']}")
@@ -276,11 +384,10 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     out.append(f"  {ui_hint(plan.tracking, summary['experiment_id'], summary['parent_run_id'])}")
     if summary.get("model_uri"):
         which = f" (seed {summary['model_seed']}, the best dev F1 of the seeds)" if plan.mode == "seeds" else ""
+        registered = (f", registered as {summary['registered_model']}: models:/softfine-{plan.dataset}@champion"
+                      if summary.get("registered_model") else "")
         out.append(f"  model{which}: mlflow.pyfunc.load_model('runs:/{summary['parent_run_id']}/model')"
-                   f".predict(['...'])  ({summary['model_uri']})")
-    if summary.get("registered_model"):
-        out.append(f"  registered: {summary['registered_model']}, "
-                   f"mlflow.pyfunc.load_model('models:/softfine-{plan.dataset}@champion')")
+                   f"{registered}")
     account = summary["mlflow_account"]
     if account["driver_failures"] or account["unlogged_updates"]:
         out.append(f"MLflow could not record everything: {account['unlogged_updates']} update(s) of "

@@ -37,6 +37,8 @@ METRIC, MODE = "best_dev_f1", "max"
 SCOPES = ("paper", "related")
 # The TrainConfig fields a grid point sets (soft_scope too, when it is searched).
 SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
+# How the paper writes each searched value: tables, figures, the parent run's description.
+SYMBOLS = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
 # The paper's grid (Appendix C): (alpha_aug, alpha_fea) pairs, beta, gamma.
 PAPER_GRID = {"alphas": [[0.1, 0.1], [0.1, 0.05], [0.01, 0.01], [0.01, 0.005]], "beta": [2, 3, 4],
               "gamma": [1.5, 2, 2.5]}
@@ -88,12 +90,14 @@ def trial_config(base, point: dict, **fixed):
 
 
 def point_name(point: dict) -> str:
-    """A point as a run name: aug0.01-fea0.005-b2-g2.5 (-related when the scope is searched, -s3
-    for a seed)."""
+    """A point as a run name: its α_aug,α_fea,β,γ, `0.01,0.005,2,2.5` (`,related` when the scope is
+    searched), short enough to be read whole in MLflow's runs table (about 16 characters fit); a
+    seeds-phase run is `seed 43`, its point being the parent run's configuration."""
     values = point_values(point)
-    name = f"aug{values['alpha_aug']:g}-fea{values['alpha_fea']:g}-b{values['beta']:g}-g{values['gamma']:g}"
-    name += f"-{values['soft_scope']}" if "soft_scope" in values else ""
-    return name + (f"-s{values['seed']}" if "seed" in values else "")
+    if "seed" in values:
+        return f"seed {values['seed']}"
+    name = ",".join(f"{float(values[k]):g}" for k in SEARCHED)
+    return name + (f",{values['soft_scope']}" if "soft_scope" in values else "")
 
 
 def point_of(values: dict, keys: Sequence[str]) -> dict:

@@ -38,6 +38,12 @@ PHASE_TAG = "softfine.phase"
 SEARCH_TAG = "softfine.search"  # the search's name, on the parent and every child
 # What an F1 was computed on: the evaluations' counts, on every child run and in the summary.
 COUNT_KEYS = ("dev_sentences", "dev_gold_entities", "test_sentences", "test_gold_entities")
+# MLflow 3's experiment-level kind (the UI's ExperimentKind; `genai_development` is the other): a
+# search's experiment is model training, whose page is the runs table. MLflow 3.17's UI takes its
+# GenAI / Model training switch from the URL (RUNS_VIEW) or the browser, not from this tag.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+RUNS_VIEW = "workflowType=machine_learning"  # the query that opens an MLflow page in Model training
+SELECTED_TAG = "softfine.selected"  # "true" on the child run whose model the parent run has
 
 
 def mask_credentials(text: str) -> str:
@@ -291,14 +297,18 @@ class Tracker:
             return False
 
     def experiment(self, name: str) -> str:
-        """The experiment's id, created if needed (with the artifact root beside a SQLite store)."""
+        """The experiment's id, created if needed (with the artifact root beside a SQLite store),
+        marked as model training (EXPERIMENT_KIND), an experiment made elsewhere too."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":
                 raise SearchError(f"--experiment-name {name}: this MLflow experiment was deleted; restore it "
                                   "(mlflow experiments restore) or choose another name")
+            if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+                self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri))
+        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
+                                             tags=dict([EXPERIMENT_KIND]))
 
     def start_parent(self, experiment_id: str, run_name: str, search: str, params: dict, tags: dict) -> str:
         from mlflow.entities import Param
