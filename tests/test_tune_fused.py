@@ -6,6 +6,7 @@ a killed driver resumed, and the refusals; the grouping and the memory arithmeti
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,8 @@ def test_the_grid_as_fused_groups_gives_every_point_its_run_study_trial_and_chec
         "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "fused",
         "--storage-path", tmp_path / "ray", "--name", "fused"))
     assert code == 0
-    assert "Number of trials: 2/2" in output  # 12 points, two Ray trials of 6
+    ended = [line for line in output.splitlines() if re.match(r"  \[\d+/12\] [\d.,]+: dev F1 \d", line)]
+    assert len(ended) == 12 and "search: 12/12 points finished in" in output  # a line per point, not per trial
     assert "12 points in 2 fused trials of at most 6 points (12 finished, 0 stopped early, 0 failed)" in output
     (parent,) = parents(uri, "fused")
     kids = children(uri, "fused", parent.info.run_id)

@@ -141,7 +141,7 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
         for entity in found:
             assert set(entity) == {"text", "category", "levels", "start", "end"}
             assert text[entity["start"]:entity["end"] + 1] == entity["text"]
-    assert "Number of trials: 36/36" in output  # Ray Tune's progress table
+    assert "search: 36/36 points finished in" in output and "== Status ==" not in output  # not Ray's table
     assert "Best configurations by dev F1" in output and "mlflow ui" not in output  # a server: its URL instead
     assert f"{mlflow_server.uri}/#/experiments/" in output
 

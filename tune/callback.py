@@ -122,14 +122,14 @@ class MLflowChildRuns(Callback):
         """A failed trial that Ray will restart from its last checkpoint: where it failed, and why."""
         last = trial.last_result or {}
         retry = {"trial_id": trial.trial_id, "node_ip": last.get("node_ip", ""), "step": last.get("step"),
-                 "error": _error(trial)}
+                 "error": trial_error(trial)}
         self.retries.append(retry)
         for member, _ in members(trial):
             self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member,
                          "tags": {"softfine.retried_after": describe_retry(retry)}})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = _error(trial)
+        error = trial_error(trial)
         for member, _ in members(trial):
             self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member, "tags": {"softfine.error": error}})
             self.submit({"op": "end", "trial_id": trial.trial_id, "member": member, "status": "FAILED"})
@@ -284,7 +284,7 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _error(trial) -> str:
+def trial_error(trial) -> str:
     """Ray's account of the trial's last failure (Tune writes `str(error)`): from the last line that
     names an exception on, or all of it. Read from the error file in the driver's copy of the trial
     folder, written just before Tune calls back; its copy in the storage path, which

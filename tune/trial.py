@@ -138,8 +138,10 @@ def keep_best(out: Path, members: list[str], final_dir: Path, final: dict) -> st
 
 
 def quiet(verbose: bool) -> None:
-    """Per-trial training logs only with --verbose: 36 trials' progress lines would bury Ray's table."""
+    """Per-trial training logs only with --verbose: 36 trials' progress lines would bury the search's
+    console. The data's notes (repairs, categories train lacks) the driver has printed once already."""
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("softfine").setLevel(level)
-    logging.getLogger("softfine.data").setLevel(level if verbose else logging.ERROR)  # repair notes, per trial
+    for name in ("softfine.data", "softfine.datasets"):
+        logging.getLogger(name).setLevel(level if verbose else logging.ERROR)
     logging.getLogger("ray.train").setLevel(level)  # "Checkpoint successfully created", per report

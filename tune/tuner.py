@@ -112,11 +112,37 @@ def progress_columns(grid, phase: str, fused: bool = False) -> dict:
     return {key: names[key] for key in grid.space()}
 
 
+def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
+    """How many grid points a phase trains: its seeds, its fused groups' points, or its samples."""
+    if phase == "seeds":
+        return plan.args.seeds
+    if "group" in param_space:
+        return sum(len(group["points"]) for group in param_space["group"]["grid_search"])
+    return plan.num_samples
+
+
+def make_reporter(plan: Plan, phase: str, param_space: dict):
+    """The phase's console (console.py): a line per point and a short status; with -v, Ray Tune's
+    table every 30 s, and the warnings of Ray's that the short console leaves out (an operation or a
+    snapshot slower than Ray expects, which every checkpointing evaluation of a small model is)."""
+    from ray.tune import CLIReporter
+
+    from softfine_tune.console import PointsReporter
+
+    if not plan.args.verbose:
+        for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        return PointsReporter(phase, phase_points(plan, phase, param_space), plan.base.epochs)
+    metrics = {"step": "step", "dev_f1": "dev F1", "best_dev_f1": "best dev F1", "test_f1": "test F1"}
+    return CLIReporter(parameter_columns=progress_columns(plan.grid, phase, "group" in param_space),
+                       metric_columns=metrics, max_report_frequency=30, sort_by_metric=True, max_progress_rows=40)
+
+
 def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback):
     """The phase's Tuner; restored (unfinished and failed trials go on) when it was started before.
     A restored Tuner keeps the callback it was made with (its state from the last snapshot)."""
     from ray import tune
-    from ray.tune import CheckpointConfig, CLIReporter, FailureConfig, RunConfig
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
@@ -143,11 +169,7 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
         except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
             raise SearchError(damaged_state(path, err)) from None
     fused = "group" in param_space  # --fuse: a grid search over the groups, no searcher
-    reporter = CLIReporter(parameter_columns=progress_columns(plan.grid, phase, fused),
-                           metric_columns={"step": "step", "dev_f1": "dev F1", "best_dev_f1": "best dev F1",
-                                           "test_f1": "test F1"},
-                           max_report_frequency=30, sort_by_metric=True,
-                           max_progress_rows=40)
+    reporter = make_reporter(plan, phase, param_space)
     if phase == "search" and not fused:
         from ray.tune.search import ConcurrencyLimiter
 
