@@ -358,12 +358,7 @@ def read_token_json(path: str | Path, scheme: str | None = None, label_names: Se
 def _token_record(line: str, label_names: Sequence[str] | None, where: str) -> tuple[list[str], list[str]]:
     """(tokens, string tags) of one run_ner.py JSON line. Integer tags without label names are a
     DataError: no sentence of the file could be read."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise SentenceProblem(f"not valid JSON ({err.msg}, column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise SentenceProblem(f"expected a JSON object, got {type(record).__name__}")
+    record = _json_object(line)
     tokens, tags = record.get("tokens"), record.get("ner_tags")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise SentenceProblem('expected "tokens": a non-empty list of strings')
@@ -450,13 +445,19 @@ def read_fine(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
     return sentences
 
 
-def _fine_record(line: str) -> dict:
+def _json_object(line: str) -> dict:
+    """One JSON-lines record: an object, or the SentenceProblem that says what the line is."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise SentenceProblem(f"not valid JSON ({err.msg}, column {err.colno})") from None
     if not isinstance(record, dict):
         raise SentenceProblem(f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _fine_record(line: str) -> dict:
+    record = _json_object(line)
     if not isinstance(record.get("text"), str) or not record["text"]:
         raise SentenceProblem(f'id {record.get("id")}: expected a non-empty "text" string')
     if not isinstance(record.get("label"), dict):
