@@ -4,7 +4,7 @@ Like Ray's own `MLflowLoggerCallback`, it turns Tune's events into MLflow calls 
 workers need no route to the tracking server. Beyond it, it keeps what this project needs:
 
 * one child run per grid point, nested under the search's parent run and named by its point
-  (`aug0.01-fea0.005-b2-g2`), with its TrainConfig as params, its data as dataset inputs, the code
+  (`0.01,0.005,2,2`: α_aug,α_fea,β,γ), with its TrainConfig as params, its data as dataset inputs, the code
   version as source; a fused trial (--fuse) is several points, each with its own run (keyed
   `TRIAL_ID/MEMBER`), fed from the member's part of each report (trial.member_results);
 * a retried or resumed trial goes on in its own run: the trial-to-run map is the callback's state,

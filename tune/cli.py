@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  # after a crash of this driver:\n"
                "  python tune/search.py --resume\n")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show every trial's training log (progress, data notes) as well, and the traceback "
+                        help="show Ray Tune's progress table (every 30 s) and its warnings instead of the short "
+                             "console, every trial's training log (progress, data notes) as well, and the traceback "
                              "of an error")
 
     train = parser.add_argument_group(
