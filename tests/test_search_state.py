@@ -180,7 +180,8 @@ def fingerprint(folder: Path) -> dict:
 
 def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(ray_local, tmp_path):
     """A search folder copied elsewhere resumes there, writing nothing into the original; a trial
-    whose checkpoint cannot be loaded trains again from the start, and the summary says so."""
+    whose checkpoint cannot be loaded trains again from the start, and the summary says so; the
+    MLflow callback's state cut short is done without (its runs found again by their tags)."""
     from mlflow.tracking import MlflowClient
 
     from tune_fixtures import children, kill_the_driver_when, parents, saved_trials, saved_trials_so_far
@@ -197,9 +198,14 @@ def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(
     copy = tmp_path / "elsewhere" / "ray"
     shutil.copytree(storage, copy)
     (going,) = [t for t in saved_trials(copy / "damaged").values() if t.status != "TERMINATED" and t.checkpoint]
-    weights = Path(going.checkpoint.path) / "state" / "model.safetensors"
-    assert copy in weights.parents  # Ray reads a copied folder's state where it now is
-    weights.write_bytes(weights.read_bytes()[:500])  # a node lost while it was written
+    trial_dir = Path(going.checkpoint.path).parent
+    assert copy in trial_dir.parents  # Ray reads a copied folder's state where it now is
+    # Every checkpoint the trial has (the one the snapshot names may be the one Ray deleted, which
+    # a resume replaces with the next: tuner.mend_checkpoints), cut short as a lost node leaves it.
+    for weights in trial_dir.glob("checkpoint_*/state/model.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:500])
+    (callbacks,) = (copy / "damaged").glob("callback-states-*.pkl")
+    callbacks.write_bytes(callbacks.read_bytes()[:40])  # Ray's copy of it, cut short by the kill
     original = fingerprint(storage)
 
     code, output = run_search(["--resume", "damaged", "--storage-path", copy])
@@ -207,6 +213,7 @@ def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(
     assert fingerprint(storage) == original  # nothing written into the original
     assert f"trial {going.trial_id} (" in output and "could not be loaded" in output
     assert "trained again from the start" in output
+    assert f"{callbacks.name} was cut short" in output
     summary = json.loads((copy / "damaged" / "summary.json").read_text())
     assert [r["trial_id"] for r in summary["restarted"]] == [going.trial_id]
     (parent,) = parents(uri, "damaged")

@@ -33,6 +33,23 @@ def _checkpoint_index(name: str) -> int | None:
     return int(number) if prefix == "checkpoint" and number.isdigit() else None
 
 
+def mend_callback_state(path: str) -> list[str]:
+    """Drops a callback state that a killed driver left cut short; returns notes.
+
+    Ray copies its callbacks' state into the search's folder after each snapshot, not atomically:
+    a driver killed during the copy leaves a file that cannot be read, and the restore fails on it.
+    The MLflow callback's state can be done without (a trial's run is found again by its trial-id
+    tag, its last logged step read from MLflow). A complete pickle ends with its STOP opcode "."
+    (checked without unpickling it)."""
+    notes = []
+    for state in sorted(Path(path).glob("callback-states-*.pkl")):
+        if not state.read_bytes().endswith(b"."):
+            state.unlink()
+            notes.append(f"{state.name} was cut short (the driver stopped while it was written): the trials' MLflow "
+                         "runs are found again by their trial-id tags")
+    return notes
+
+
 def mend_checkpoints(path: str) -> list[str]:
     """Makes a stopped search's checkpoints agree with its last experiment snapshot; returns notes.
 
@@ -159,7 +176,7 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
     if restore and tune.Tuner.can_restore(path):
         log.warning("resuming %s from %s", phase, path)
         try:
-            for note in mend_checkpoints(path):
+            for note in mend_callback_state(path) + mend_checkpoints(path):
                 print(f"{PROG}: {note}", flush=True)
             if phase == "search" and "group" not in param_space:  # the searcher's study: this folder's
                 from softfine_tune.in_place import StudyInPlace, TrialsInPlace
