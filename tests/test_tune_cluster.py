@@ -85,8 +85,10 @@ def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlf
 
 def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlflow_server, tmp_path):
     # 6 points, half a GPU each, on 3 nodes with one GPU: two trials share each GPU, never three.
+    # 8 epochs: trials long enough to overlap on a loaded machine, where their workers start seconds apart
+    # (seen: 2-epoch trials that never met in a CI-like run).
     code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "4", "--gamma", "2",
+        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "4", "--gamma", "2", "--epochs", "8",
         "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--allow-cpu-fallback", "--mlflow-uri",
         mlflow_server.uri, "--experiment-name", "packed", "--storage-path", tmp_path, "--name", "packed"))
     assert code == 0
