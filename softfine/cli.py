@@ -206,7 +206,8 @@ def cmd_labels(args: argparse.Namespace) -> None:
 
 def print_label_space(corpus, space, as_json: bool) -> None:
     """A dataset's label space, its hierarchy's levels and Table 1's figures per split."""
-    from .data import FORMATS, categories, entity_counts, stats
+    from .data import categories, entity_counts, stats
+    from .formats import FORMATS
 
     rows = {split: {**stats(sentences), "file": corpus.files[split]["path"], **({"carved": corpus.files[split]["carved"]}
                     if "carved" in corpus.files[split] else {}),

@@ -8,7 +8,7 @@ directory (`$XDG_CACHE_HOME/softfine/data`, default `~/.cache/softfine/data`).
 
 A user's own data is `--dataset FOLDER` (files named train, dev or validation, and test, any
 extension) or `--train-file/--validation-file/--test-file`, as Hugging Face's run_ner.py names
-them; each file's format is detected from its content (data.py, FORMATS), one format for all.
+them; each file's format is detected from its content (formats.py), one format for all.
 A built-in name wins over a folder of that name: write `./weibo` for the folder.
 """
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .data import (FORMATS, Sentence, detect_format, read_bmes, read_fine, read_label_names, read_user_file,
-                   read_weibo, unseen_categories)
+from .data import Sentence, read_bmes, read_fine, read_weibo, unseen_categories
+from .formats import FORMATS, detect_format, read_label_names, read_user_file
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
