@@ -25,23 +25,43 @@ def detect_format(path: str | Path) -> str:
     object with "tokens" (run_ner.py's JSON lines), one with "text" (span JSON lines), anything
     else a column file."""
     path = Path(path)
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        if not line.lstrip().startswith("{"):
-            return "columns"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: the file reads as JSON lines but this line is not valid JSON "
-                            f"({err.msg}, column {err.colno})") from None
-        if isinstance(record, dict) and "tokens" in record:
-            return "tokens"
-        if isinstance(record, dict) and "text" in record:
-            return "spans"
-        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{path}:{number}: a JSON line with neither \"tokens\" (and \"ner_tags\": run_ner.py's "
-                        f"format) nor \"text\" (and \"label\": span JSON lines); it has: {keys}")
+    number, line = first_line(path)
+    if not line.lstrip().startswith("{"):
+        return "columns"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{number}: the file reads as JSON lines but this line is not valid JSON "
+                        f"({err.msg}, column {err.colno})") from None
+    if isinstance(record, dict) and "tokens" in record:
+        return "tokens"
+    if isinstance(record, dict) and "text" in record:
+        return "spans"
+    keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"{path}:{number}: a JSON line with neither \"tokens\" (and \"ner_tags\": run_ner.py's "
+                    f"format) nor \"text\" (and \"label\": span JSON lines); it has: {keys}")
+
+
+def first_line(path: Path) -> tuple[int, str]:
+    """(number, text) of a file's first line that is not blank, read no further: a format is
+    chosen by it, and the reader then reads the whole file by data.py's rules."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    number, pending = 0, ""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # lines end at "\n", as data.py counts them
+            while block := f.read(1 << 16):
+                *lines, pending = (pending + block).split("\n")
+                for line in lines:
+                    number += 1
+                    if line.strip():
+                        return number, line.removesuffix("\r")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror})") from None
+    if pending.strip():
+        return number + 1, pending
     raise DataError(f"{path}: the file is empty")
 
 
@@ -125,5 +145,4 @@ def read_user_file(path: str | Path, fmt: str, scheme: str | None = None, label_
 
 def _column_delimiter(path: str | Path) -> str:
     """A tab where the first line holds one, else a space (Weibo's and Resume's own layouts)."""
-    first = next(line for line in _lines(Path(path)) if line.strip())
-    return "\t" if "\t" in first else " "
+    return "\t" if "\t" in first_line(Path(path))[1] else " "
