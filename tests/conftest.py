@@ -36,3 +36,14 @@ def ray_local():
     ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS's `weed mini`) on 127.0.0.1 for the session; stopped after it.
+    `s3_server.env` is what a client needs (AWS_ENDPOINT_URL and the test user's keys)."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
