@@ -2,9 +2,12 @@
 before it starts any machine), broken variants that this code must refuse, what the YAML says
 about GPUs and ports.
 
-The AWS config also goes through Ray's whole AWS bootstrap (IAM profile, key pair, subnets,
-security group, resource autodetection from the EC2 instance catalogue) against moto's
-simulated EC2/IAM: no AWS account is used. Without moto that test is skipped, except in CI."""
+The AWS configs (a100.yaml with S3 storage, a100-nfs.yaml with NFS) also go through Ray's whole
+AWS bootstrap (IAM profile, key pair, subnets, security group, resource autodetection from the EC2
+instance catalogue) and launch their head and a worker against moto's simulated EC2/IAM (spot
+workers, on-demand head, the instance profiles): no AWS account is used. Without moto those tests
+are skipped, except in CI. Then what the cloud set-up promises: S3 as the search's storage, IAM
+instance profiles and never a key in a file, NFS kept as the alternative."""
 
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CONFIGS = {"a100": CLUSTER / "a100.yaml", "local": CLUSTER / "local.yaml"}
+CONFIGS = {"a100": CLUSTER / "a100.yaml", "a100-nfs": CLUSTER / "a100-nfs.yaml", "local": CLUSTER / "local.yaml"}
+AWS_CONFIGS = ("a100", "a100-nfs")
 
 # GPUs, accelerator and vCPUs of the A100 instance types a config may use (AWS and GCP public
 # specifications). Used to check the declared resources offline; the moto test below checks the
@@ -123,11 +127,17 @@ def simulated_aws(tmp_path, monkeypatch):
             {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
         iam.create_instance_profile(InstanceProfileName="ray-autoscaler-v1")
         iam.add_role_to_instance_profile(InstanceProfileName="ray-autoscaler-v1", RoleName="ray-autoscaler-v1")
+        # a100.yaml's own profiles, as cluster/README.md creates them (role and profile of one name).
+        for name in ("softfine-ray-head", "softfine-ray-worker"):
+            iam.create_role(RoleName=name, AssumeRolePolicyDocument=(CLUSTER / "iam" / "ec2-trust.json").read_text())
+            iam.create_instance_profile(InstanceProfileName=name)
+            iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
         yield boto3
 
 
-def test_a100_config_bootstraps_on_simulated_aws(simulated_aws):
-    config = load("a100")
+@pytest.mark.parametrize("name", AWS_CONFIGS)
+def test_a100_config_bootstraps_and_launches_on_simulated_aws(simulated_aws, name):
+    config = load(name)
     resolved = _bootstrap_config(copy.deepcopy(config), no_config_cache=True)
     ec2 = simulated_aws.client("ec2", region_name=config["provider"]["region"])
 
@@ -149,15 +159,51 @@ def test_a100_config_bootstraps_on_simulated_aws(simulated_aws):
     for node_type in undeclared["available_node_types"].values():
         node_type.pop("resources")
     detected = AWSNodeProvider.fillout_available_node_types_resources(undeclared)["available_node_types"]
-    for name, node_type in config["available_node_types"].items():
-        declared, auto = node_type["resources"], detected[name]["resources"]
-        if name == config["head_node_type"]:
+    for type_name, node_type in config["available_node_types"].items():
+        declared, auto = node_type["resources"], detected[type_name]["resources"]
+        if type_name == config["head_node_type"]:
             assert "GPU" not in auto and declared.get("GPU", 0) == 0
             continue
-        assert declared["GPU"] == auto["GPU"], (name, declared, auto)
-        assert declared["CPU"] == auto["CPU"], (name, declared, auto)
+        assert declared["GPU"] == auto["GPU"], (type_name, declared, auto)
+        assert declared["CPU"] == auto["CPU"], (type_name, declared, auto)
         assert {k for k in declared if k.startswith("accelerator_type:")} == \
             {k for k in auto if k.startswith("accelerator_type:")} == {"accelerator_type:A100"}
+
+    launch_every_node_type(simulated_aws, name, config, resolved)
+
+
+def launch_every_node_type(boto3, name: str, config: dict, resolved: dict) -> None:
+    """The node configs as Ray's AWS provider sends them to EC2's RunInstances (botocore checks
+    every field against the API's model; moto launches them): the workers come up as spot
+    instances, the head on demand, each with its instance profile."""
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+
+    provider = AWSNodeProvider(resolved["provider"], resolved["cluster_name"])
+    head_type = resolved["head_node_type"]
+    for type_name, node_type in resolved["available_node_types"].items():
+        node_config = copy.deepcopy(node_type["node_config"])
+        if type_name == head_type:  # as `ray up` launches the head (commands.get_or_create_head_node)
+            node_config = {**copy.deepcopy(resolved.get("head_node", {})), **node_config}
+        provider.create_node(node_config, {"ray-user-node-type": type_name}, 1)
+    ec2 = boto3.client("ec2", region_name=config["provider"]["region"])
+    launched = {}
+    for reservation in ec2.describe_instances()["Reservations"]:
+        for instance in reservation["Instances"]:
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            launched[tags["ray-user-node-type"]] = instance
+    assert set(launched) == set(config["available_node_types"])
+    for type_name, instance in launched.items():
+        profile = instance.get("IamInstanceProfile", {}).get("Arn", "")
+        if type_name == head_type:
+            assert instance.get("InstanceLifecycle") is None, instance  # on demand
+            expected = config["available_node_types"][head_type]["node_config"].get("IamInstanceProfile", {}).get(
+                "Name", "ray-autoscaler-v1")  # else Ray's default profile for the head
+            assert profile.endswith(f":instance-profile/{expected}"), profile
+        else:
+            assert instance["InstanceLifecycle"] == "spot", instance
+            assert instance["InstanceType"] in A100_INSTANCES
+            if name == "a100":  # the trials write their checkpoints to S3: they need a profile
+                assert profile.endswith(":instance-profile/softfine-ray-worker"), profile
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +273,9 @@ def test_broken_local_config_fails_launcher_validation(case, mutate, message):
 # ---------------------------------------------------------------------------------------------
 # GPUs, image, ports, files: what the YAML says.
 
-def test_a100_workers_declare_the_gpus_of_their_instance_type():
-    config = load("a100")
+@pytest.mark.parametrize("name", AWS_CONFIGS)
+def test_a100_workers_declare_the_gpus_of_their_instance_type(name):
+    config = load(name)
     head = node_types(config)[config["head_node_type"]]
     assert head["node_config"]["InstanceType"] not in A100_INSTANCES
     assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0  # no trials on the head
@@ -246,8 +293,9 @@ def test_a100_workers_declare_the_gpus_of_their_instance_type():
         assert 0 <= node_type.get("min_workers", 0) <= node_type["max_workers"] <= config["max_workers"]
 
 
-def test_a100_image_carries_the_ray_version_that_launches_it():
-    image = load("a100")["docker"]["image"]
+@pytest.mark.parametrize("name", AWS_CONFIGS)
+def test_a100_image_carries_the_ray_version_that_launches_it(name):
+    image = load(name)["docker"]["image"]
     repository, tag = image.split(":")
     assert repository == "rayproject/ray"
     version, python, flavour = tag.split("-")
@@ -290,3 +338,143 @@ def test_config_ships_this_repo_and_uses_its_scripts(name):
     for script in ("mlflow/server.sh",):
         assert any(f"~/softfine-tune/{script}" in c for c in commands), script
         assert os.access(REPO / script, os.X_OK), script
+
+
+# ---------------------------------------------------------------------------------------------
+# The cloud set-up (issue #27): S3 storage with instance profiles, spot workers, NFS kept.
+
+S3_URI = re.compile(r"s3://([a-zA-Z0-9.\-]+)/([^\s'\"]+)")
+KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")  # the form of AWS access key ids
+KEY_VALUE = re.compile(r"(?i)\baws_(?:access_key_id|secret_access_key|session_token)\b['\"]?\s*[=:]\s*['\"]?[A-Za-z0-9/+]")
+KEY_NAME = re.compile(r"(?i)\baws_(?:access_key_id|secret_access_key|session_token)\b")
+
+
+def credential_leaks(text: str, *, strict: bool) -> list[str]:
+    """AWS access key ids, and assignments of a key, secret or session token; with strict, any
+    mention of those variables (a cluster config has no business with them at all)."""
+    found = KEY_ID.findall(text) + [m.group(0) for m in KEY_VALUE.finditer(text)]
+    return found + ([m.group(0) for m in KEY_NAME.finditer(text)] if strict else [])
+
+
+def test_credential_check_finds_keys():
+    assert credential_leaks("run_options: [--env=AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG]", strict=False)
+    assert credential_leaks("aws_access_key_id = AKIAIOSFODNN7EXAMPLE\n", strict=False)
+    assert credential_leaks("export AWS_SESSION_TOKEN=abc", strict=False)
+    assert credential_leaks("- echo $AWS_SECRET_ACCESS_KEY", strict=True)
+    assert not credential_leaks("aws configure   # or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE",
+                                strict=False)
+
+
+def test_no_aws_key_in_any_cluster_file():
+    files = sorted(p for p in CLUSTER.rglob("*") if p.is_file())
+    assert {CLUSTER / "a100.yaml", CLUSTER / "a100-nfs.yaml", CLUSTER / "README.md"} <= set(files)
+    for path in files:
+        text = path.read_text()
+        assert not credential_leaks(text, strict=path.suffix == ".yaml"), path
+
+
+def worker_and_head(config: dict) -> tuple[dict, dict]:
+    (worker,) = worker_types(config).values()
+    return worker, node_types(config)[config["head_node_type"]]
+
+
+@pytest.mark.parametrize("name", AWS_CONFIGS)
+def test_a100_workers_are_spot_and_the_head_on_demand(name):
+    config = load(name)
+    worker, head = worker_and_head(config)
+    market = worker["node_config"]["InstanceMarketOptions"]
+    assert market["MarketType"] == "spot"
+    # One-time requests that end with the instance: a persistent request would relaunch a node
+    # the autoscaler already replaced.
+    assert market["SpotOptions"] == {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+    assert "InstanceMarketOptions" not in head["node_config"]  # on demand: the driver, GCS and MLflow live there
+    # Sizes and limits as before the move to the cloud's storage.
+    assert (config["max_workers"], config["idle_timeout_minutes"]) == (4, 15)
+    assert (worker["min_workers"], worker["max_workers"]) == (1, 4)
+    assert worker["node_config"]["InstanceType"] == "p4d.24xlarge"
+    assert head["node_config"]["InstanceType"] == "m5.2xlarge"
+
+
+def mlflow_destination(config: dict) -> str | None:
+    (command,) = [c for c in config["head_start_ray_commands"] if "mlflow/server.sh" in c]
+    words = command.split()
+    return words[words.index("--artifacts-destination") + 1] if "--artifacts-destination" in words else None
+
+
+def storage_paths_in_readme() -> list[str]:
+    return re.findall(r"--storage-path\s+(\S+)", (CLUSTER / "README.md").read_text())
+
+
+def test_a100_keeps_the_search_state_in_s3():
+    config = load("a100")
+    bucket, prefix = S3_URI.fullmatch(mlflow_destination(config)).groups()
+    prefix, _, artifacts = prefix.rpartition("/")
+    assert artifacts == "mlflow-artifacts"
+    # The search's command in cluster/README.md stores in the same bucket and prefix.
+    assert f"s3://{bucket}/{prefix}" in storage_paths_in_readme()
+    # Nothing shared between the nodes but the network: no NFS, no /mnt/shared.
+    docker = config["docker"]
+    texts = all_commands(config) + [o for k in ("run_options", "head_run_options", "worker_run_options")
+                                    for o in docker.get(k, [])]
+    assert not [t for t in texts if "/mnt/shared" in t or "nfs" in t.lower()], texts
+    # The bucket's prefix is what the instance profiles may touch (cluster/iam/s3-softfine.json).
+    policy = json.loads((CLUSTER / "iam" / "s3-softfine.json").read_text())
+    resources = {statement["Resource"] for statement in policy["Statement"]}
+    assert resources == {"arn:aws:s3:::BUCKET", f"arn:aws:s3:::BUCKET/{prefix}/*"}
+    assert bucket in (CLUSTER / "README.md").read_text()  # the placeholder the README's set-up replaces
+
+
+def test_a100_nodes_take_credentials_from_instance_profiles():
+    config = load("a100")
+    worker, head = worker_and_head(config)
+    assert head["node_config"]["IamInstanceProfile"] == {"Name": "softfine-ray-head"}
+    assert worker["node_config"]["IamInstanceProfile"] == {"Name": "softfine-ray-worker"}
+    # The head launches the workers with theirs: it may pass that role, and no other.
+    passing = json.loads((CLUSTER / "iam" / "head-pass-worker-role.json").read_text())
+    (statement,) = passing["Statement"]
+    assert (statement["Action"], statement["Resource"]) == ("iam:PassRole", "arn:aws:iam::*:role/softfine-ray-worker")
+    trust = json.loads((CLUSTER / "iam" / "ec2-trust.json").read_text())
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+    # Every profile and policy file the config relies on is created by the README's set-up.
+    readme = (CLUSTER / "README.md").read_text()
+    for needed_text in ("softfine-ray-$node", "file://cluster/iam/ec2-trust.json", "cluster/iam/s3-softfine.json",
+                        "file://cluster/iam/head-pass-worker-role.json", "AmazonEC2FullAccess"):
+        assert needed_text in readme, needed_text
+
+
+def test_nfs_alternative_is_the_same_cluster_with_shared_disk_storage():
+    s3, nfs = load("a100"), load("a100-nfs")
+    for key in ("max_workers", "upscaling_speed", "idle_timeout_minutes", "head_node_type", "file_mounts",
+                "rsync_filter", "rsync_exclude", "setup_commands", "worker_start_ray_commands", "auth"):
+        assert s3[key] == nfs[key], key
+    assert s3["docker"]["image"] == nfs["docker"]["image"]
+    assert {k: v for k, v in s3["provider"].items() if k != "security_group"} == \
+        {k: v for k, v in nfs["provider"].items() if k != "security_group"}
+    assert s3["cluster_name"] != nfs["cluster_name"]  # both may run at once
+    for (s3_node, nfs_node) in zip(worker_and_head(s3), worker_and_head(nfs)):
+        for key in ("resources", "min_workers", "max_workers"):
+            assert s3_node.get(key) == nfs_node.get(key), key
+        for key in ("InstanceType", "ImageId", "InstanceMarketOptions"):
+            assert s3_node["node_config"].get(key) == nfs_node["node_config"].get(key), key
+    assert s3["head_start_ray_commands"][:2] == nfs["head_start_ray_commands"][:2]
+    # The NFS one: the head exports /mnt/shared, the workers mount it, the search stores there,
+    # MLflow's artifacts stay on the head's disk.
+    assert "--volume=/mnt/shared:/mnt/shared" in nfs["docker"]["run_options"]
+    assert any("exportfs" in c for c in nfs["initialization_commands"])
+    (worker_nfs, _) = worker_and_head(nfs)
+    assert any("mount -t nfs4" in c and "/mnt/shared" in c for c in worker_nfs["initialization_commands"])
+    assert mlflow_destination(nfs) is None
+    assert "/mnt/shared/ray_results" in storage_paths_in_readme()
+
+
+def test_a_misspelt_node_config_field_fails_the_simulated_launch(simulated_aws):
+    """What the launch test relies on: EC2's API model refuses a field it does not know."""
+    import botocore.exceptions
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+
+    resolved = _bootstrap_config(load("a100"), no_config_cache=True)
+    node_config = copy.deepcopy(resolved["available_node_types"]["a100_x8"]["node_config"])
+    node_config["InstanceMarketOption"] = node_config.pop("InstanceMarketOptions")
+    provider = AWSNodeProvider(resolved["provider"], resolved["cluster_name"])
+    with pytest.raises(botocore.exceptions.ParamValidationError, match="InstanceMarketOption"):
+        provider.create_node(node_config, {"ray-user-node-type": "a100_x8"}, 1)
