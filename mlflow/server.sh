@@ -18,17 +18,24 @@ Every option not listed below goes to \`mlflow server\` unchanged, which validat
 (\`$PROG --port 5001 --workers 2 --x-frame-options DENY\`; see \`mlflow server --help\`).
 The server listens on 127.0.0.1:5000 unless --host/--port (or \$MLFLOW_HOST/\$MLFLOW_PORT) say otherwise.
 
-Default (embedded) mode: SQLite backend store STORE/mlflow.db, artifacts served from STORE/artifacts,
-one worker (\`--backend-store-uri\`, \`--artifacts-destination\`, \`--workers\` given here override them).
+Default (embedded) mode: SQLite backend store STORE/mlflow.db, artifacts served from STORE/artifacts
+(or \$MLFLOW_ARTIFACTS_DESTINATION), one worker (\`--backend-store-uri\`, \`--artifacts-destination\`,
+\`--workers\` given here override them).
+
 STORE is mlflow/ beside this script unless --store or \$SOFTFINE_MLFLOW_STORE says otherwise; it is
 made private (mode 700) on every start, and the server runs in it.
+
+Artifacts are always served (--serve-artifacts): clients read and write them through this server, as
+mlflow-artifacts:/ URIs. An s3://bucket/prefix destination needs boto3, and AWS credentials for this
+server only, taken the way AWS tools take them (AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+the instance's IAM role; AWS_ENDPOINT_URL or MLFLOW_S3_ENDPOINT_URL for a store other than AWS's);
+the bucket is listed once before the server starts.
 
 Options of this script:
   --store DIR    folder for mlflow.db, artifacts/, server.log, server.pid, basic_auth.* (default: $HERE)
   --prod         production mode: PostgreSQL backend store from \$MLFLOW_BACKEND_STORE_URI
                  (postgresql://USER@HOST:5432/DB; the password in ~/.pgpass or \$PGPASSWORD,
-                 never in the repo), artifacts served from \$MLFLOW_ARTIFACTS_DESTINATION
-                 (a folder or s3://bucket/prefix; default STORE/artifacts), 4 workers
+                 never in the repo), 4 workers
   --auth         basic authentication (--app-name basic-auth; pip install -e '.[auth]'); needs
                  \$MLFLOW_FLASK_SERVER_SECRET_KEY, and on the first start \$MLFLOW_AUTH_ADMIN_PASSWORD;
                  its settings are STORE/basic_auth.ini (written once, users in STORE/basic_auth.db)
@@ -46,6 +53,7 @@ Environment: \$PYTHON (default python3) is the interpreter that has mlflow insta
 Examples:
   $PROG                                   # http://127.0.0.1:5000, stores in mlflow/
   $PROG --port 5001 --store /tmp/mlf      # another port and store
+  $PROG --artifacts-destination s3://my-bucket/softfine/mlflow   # artifacts in S3, served to clients
   MLFLOW_BACKEND_STORE_URI=postgresql://mlflow@db.internal:5432/mlflow \\
   MLFLOW_ARTIFACTS_DESTINATION=s3://my-bucket/mlflow $PROG --prod --auth --host 10.0.1.5
 EOF
@@ -207,11 +215,6 @@ prod_checks() {
   case "$MLFLOW_BACKEND_STORE_URI" in
     *://*:*@*) note "warning: MLFLOW_BACKEND_STORE_URI holds a password; prefer ~/.pgpass or PGPASSWORD" ;;
   esac
-  DEST="${MLFLOW_ARTIFACTS_DESTINATION:-$STORE/artifacts}"
-  case "$DEST" in
-    *://*) ;;
-    *) mkdir -p "$DEST" || die "--prod: cannot create MLFLOW_ARTIFACTS_DESTINATION $DEST"; DEST="$(cd "$DEST" && pwd)" ;;
-  esac
 }
 
 # MLflow's own basic_auth.ini, plus a cache of checked credentials: without it every request pays a
@@ -245,25 +248,30 @@ auth_checks() {
   export MLFLOW_AUTH_CONFIG_PATH
 }
 
+# Where the served artifacts go: $MLFLOW_ARTIFACTS_DESTINATION (a folder, relative to where this script
+# was started, or a URI such as s3://bucket/prefix), else STORE/artifacts; an --artifacts-destination
+# given to this script wins over both (it comes last, below). The folder is created once the options
+# are checked.
+DEST="${MLFLOW_ARTIFACTS_DESTINATION:-$STORE/artifacts}"
+case "$DEST" in
+  *://*|/*) ;;
+  *) DEST="$PWD/$DEST" ;;
+esac
 ARGS=(server --serve-artifacts)
 if [ "$PROD" = 1 ]; then
   prod_checks
   ARGS+=(--backend-store-uri "$MLFLOW_BACKEND_STORE_URI" --artifacts-destination "$DEST" --workers 4)
-  MODE="prod (PostgreSQL, artifacts in $DEST)"
+  MODE="prod (PostgreSQL"
 else
-  mkdir -p "$STORE/artifacts"
-  ARGS+=(--backend-store-uri "sqlite:///$STORE/mlflow.db" --artifacts-destination "$STORE/artifacts" --workers 1)
-  MODE="embedded (SQLite $STORE/mlflow.db, artifacts in $STORE/artifacts)"
+  ARGS+=(--backend-store-uri "sqlite:///$STORE/mlflow.db" --artifacts-destination "$DEST" --workers 1)
+  MODE="embedded (SQLite $STORE/mlflow.db"
 fi
 if [ "$AUTH" = 1 ]; then
   auth_checks
   ARGS+=(--app-name basic-auth)
-  MODE="$MODE, basic auth"
 fi
 # The caller's options come last: for an option given twice, mlflow server (click) keeps the last.
 ARGS+=(${PASS[@]+"${PASS[@]}"})
-# Named in the start-up line, with any password in a URI masked (the line goes to logs).
-[ ${#PASS[@]} = 0 ] || MODE="$MODE, with $(sed -E 's#(://[^/:@]*):[^/@]*@#\1:***@#g' <<< "${PASS[*]}")"
 
 # --- Python checks: mlflow server's own validation of the options, then the address. ------------------
 
@@ -342,15 +350,52 @@ if sys.argv[1] == "prod":
             import psycopg  # noqa: F401
         except ImportError:
             refuse(f"--prod: no PostgreSQL driver for {sys.executable}: pip install psycopg2-binary")
-    dest = params.get("artifacts_destination") or ""
-    if dest.startswith("s3://"):
-        try:
-            import boto3  # noqa: F401
-        except ImportError:
-            refuse(f"--prod: artifacts in {dest} need boto3: pip install boto3")
+
+dest = params.get("artifacts_destination") or ""
+
+
+def check_s3(dest):
+    """The bucket answers a listing of the prefix with the credentials and endpoint this server will
+    use (boto3's own chain: environment, profile, instance role; AWS_ENDPOINT_URL, or
+    MLFLOW_S3_ENDPOINT_URL as MLflow's S3 client takes it). Nothing is written; no secret is printed."""
+    import os
+    from urllib.parse import urlparse
+
+    try:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+    except ImportError:
+        refuse(f"--artifacts-destination {dest} needs boto3 for {sys.executable}: pip install boto3")
+    parsed = urlparse(dest)
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket:
+        refuse(f"--artifacts-destination {dest}: no bucket (give s3://BUCKET/PREFIX)")
+    session = boto3.Session()
+    if session.get_credentials() is None:
+        refuse(f"--artifacts-destination {dest}: no AWS credentials for this server: give them the way AWS "
+               "tools take them (AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the instance's "
+               "IAM role), never in a file of this repository")
+    config = botocore.config.Config(connect_timeout=5, read_timeout=15, retries={"max_attempts": 2})
+    client = session.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None,
+                            verify=False if os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() == "true" else None,
+                            config=config)
+    try:
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    except botocore.exceptions.ClientError as e:
+        error = e.response.get("Error", {})
+        refuse(f"--artifacts-destination {dest}: S3 refused to list it ({error.get('Code', '?')}: "
+               f"{str(error.get('Message', '')).strip()[:200]})")
+    except botocore.exceptions.BotoCoreError as e:
+        refuse(f"--artifacts-destination {dest}: S3 cannot be reached ({str(e)[:200]})")
+
+
+if dest.startswith("s3://"):
+    check_s3(dest)
 print(host)
 print(port)
 print(sys.executable)
+print(dest)
 PY
 )"
 
@@ -380,7 +425,18 @@ PY
 )"
 
 CHECKED="$(py "$CHECK_OPTIONS" "$([ "$PROD" = 1 ] && echo prod || echo embedded)" "${ARGS[@]:1}")"
-{ read -r HOST; read -r PORT; read -r PYBIN; } <<< "$CHECKED"
+{ read -r HOST; read -r PORT; read -r PYBIN; read -r DEST; } <<< "$CHECKED"
+# A folder destination (the default STORE/artifacts) is made here (a relative one in STORE, where the
+# server runs), private like the store.
+case "$DEST" in
+  *://*) ;;
+  *) (cd "$STORE" && mkdir -p "$DEST") 2>/dev/null || die "--artifacts-destination $DEST: cannot create the folder" ;;
+esac
+MODE="$MODE, artifacts in $DEST"
+[ "$AUTH" = 0 ] || MODE="$MODE, basic auth"
+MODE="$MODE)"
+# Named in the start-up line, with any password in a URI masked (the line goes to logs).
+[ ${#PASS[@]} = 0 ] || MODE="$MODE, with $(sed -E 's#(://[^/:@]*):[^/@]*@#\1:***@#g' <<< "${PASS[*]}")"
 
 [ "$DAEMON" = 0 ] || clear_pidfile   # frees the port when the old daemon of this store used it
 py "$CHECK_BIND" "$HOST" "$PORT" >/dev/null

@@ -254,7 +254,8 @@ def test_help_lists_the_scripts_own_options(tmp_path):
                            timeout=30)
     assert shown.returncode == 0 and not shown.stderr
     for option in ("--store", "--prod", "--auth", "--daemon", "--stop", "--timeout", "MLFLOW_BACKEND_STORE_URI",
-                   "MLFLOW_FLASK_SERVER_SECRET_KEY", "mlflow server --help"):
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY", "mlflow server --help", "MLFLOW_ARTIFACTS_DESTINATION",
+                   "--artifacts-destination s3://", "AWS_ENDPOINT_URL"):
         assert option in shown.stdout, option
 
 
