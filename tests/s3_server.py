@@ -88,13 +88,10 @@ class S3Server:
         return f"s3://{BUCKET}/{prefix.strip('/')}"
 
     def stop(self) -> None:
+        # SIGKILL: its data is the test's to throw away (on SIGTERM weed takes ~15 s to flush and stop).
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         if getattr(self, "log", None):
             self.log.close()
 
