@@ -75,8 +75,9 @@ def test_a_second_driver_on_one_search_is_refused_naming_the_first(tmp_path):
     import os
 
     from softfine_tune.search import one_driver
+    from softfine_tune.storage import SearchFiles, Storage
 
-    with one_driver(tmp_path / "ray" / "twice"):  # what the first driver holds while it runs
+    with one_driver(SearchFiles(Storage(str(tmp_path / "ray")), "twice")):  # what the first driver holds while it runs
         refused(flags(tmp_path, "--name", "twice", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"),
                 f"--name twice: the search in {tmp_path / 'ray' / 'twice'} is running in process {os.getpid()}")
     assert not (tmp_path / "ray" / "twice").exists()  # neither left anything behind

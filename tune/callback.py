@@ -33,12 +33,14 @@ import json
 import logging
 import posixpath
 import re
+import tempfile
 import time
 from pathlib import Path
 
 from ray.tune import Callback
 
 from softfine_tune.space import point_name, trial_config
+from softfine_tune.storage import read_uri, uri_of
 from softfine_tune.trial import member_dirs, member_results, members_of
 from softfine_tune.tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
 
@@ -52,6 +54,11 @@ PLACEMENT = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_vis
 
 
 class MLflowChildRuns(Callback):
+    # The search's files where this driver keeps them (storage.SearchFiles), set by the driver
+    # before each phase: a restored callback was made (and pickled) by an earlier driver, maybe on
+    # another machine.
+    search_files = None
+
     def __init__(self, folder: str, experiment_id: str, parent_run_id: str, search: str, phase: str, base,
                  run_tags: dict, datasets: list, timeout: float = 10, probe_interval: float = 30):
         self.folder = folder  # the search's folder: the phase's account goes there at the end
@@ -109,9 +116,10 @@ class MLflowChildRuns(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         finished = bool((trial.last_result or {}).get("final"))
         for (member, _), folder in zip(members(trial), member_dirs(trial.config)):
-            if finished and trial.checkpoint is not None:
-                self.submit({"op": "artifact", "trial_id": trial.trial_id, "member": member,
-                             "checkpoint": posixpath.normpath(posixpath.join(trial.checkpoint.path, folder))})
+            if finished and trial.checkpoint is not None:  # a path, or a URI on a remote storage
+                where = uri_of(trial.checkpoint.filesystem, posixpath.normpath(posixpath.join(trial.checkpoint.path,
+                                                                                              folder)))
+                self.submit({"op": "artifact", "trial_id": trial.trial_id, "member": member, "checkpoint": where})
             else:  # stopped by the scheduler (ASHA)
                 self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member,
                              "tags": {"softfine.stopped_early": "true"}})
@@ -136,8 +144,14 @@ class MLflowChildRuns(Callback):
 
     def on_experiment_end(self, trials, **info) -> None:
         self.flush(force=True)
-        # The search's folder where it is now (a copied folder resumes in place): the trials' storage
-        # is Ray's restored one; the folder given when the callback was made may be another machine's.
+        # The search's folder where it is now (a copied folder resumes in place; a remote storage's
+        # working copy is this driver's): the folder given when the callback was made may be
+        # another machine's.
+        files = MLflowChildRuns.search_files
+        if files is not None and files.name == self.search:
+            write_account(files.folder, self.phase, self.runs, self.pending, self.failures, self.retries)
+            files.push(RUNS.format(self.phase), UNLOGGED.format(self.phase))
+            return
         folder = Path(trials[0].storage.experiment_fs_path).parent / self.search if trials else Path(self.folder)
         write_account(folder, self.phase, self.runs, self.pending, self.failures, self.retries)
 
@@ -188,9 +202,11 @@ class MLflowChildRuns(Callback):
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
         elif op["op"] == "artifact":  # where the point's best checkpoint is kept, and its test scores
             self.client.set_tag(run_id, "softfine.checkpoint", op["checkpoint"])
-            test_metrics = Path(op["checkpoint"]) / "test_metrics.json"
-            if test_metrics.is_file():  # local or shared storage (a cloud URI has no local path)
-                self.client.log_artifact(run_id, str(test_metrics))
+            test_metrics = read_uri(f"{op['checkpoint'].rstrip('/')}/test_metrics.json")
+            if test_metrics is not None:
+                with tempfile.TemporaryDirectory(prefix="softfine-metrics-") as tmp:
+                    (Path(tmp) / "test_metrics.json").write_bytes(test_metrics)
+                    self.client.log_artifact(run_id, str(Path(tmp) / "test_metrics.json"))
         elif op["op"] == "end":
             self.client.set_terminated(run_id, status=op["status"])
 

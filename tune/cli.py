@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import logging
 import textwrap
-from pathlib import Path
 
 from softfine_tune.space import SCOPES, SearchError
 from softfine_tune.tracking import REPO
@@ -36,7 +35,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, except that the flags of a search record (--resume) that it refuses are an
     error naming the record, not a usage message."""
 
-    record: Path | None = None
+    record: str | None = None  # the search record being read (--resume)
 
     def error(self, message: str):
         if self.record is not None:

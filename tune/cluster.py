@@ -101,11 +101,13 @@ def cluster_resources() -> dict:
             "hosts": sorted({n["NodeManagerAddress"] for n in nodes})}
 
 
-def check_cluster(args: argparse.Namespace, cluster: dict, storage_path: str) -> None:
-    if len(cluster["hosts"]) > 1:
+def check_cluster(args: argparse.Namespace, cluster: dict, storage) -> None:
+    """The trials' resources against the cluster's nodes; on several hosts, a word on a local
+    --storage-path (`storage`: storage.Storage), which every host must share."""
+    if len(cluster["hosts"]) > 1 and not storage.remote:
         log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
-                    "NFS), for the checkpoints that --max-failures and --resume use", len(cluster["hosts"]),
-                    storage_path)
+                    "NFS), or cloud storage (s3://BUCKET/PREFIX), for the checkpoints that --max-failures and "
+                    "--resume use", len(cluster["hosts"]), storage)
     if args.gpus_per_trial > cluster["max_node_gpus"]:
         raise SearchError(f"--gpus-per-trial {args.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
                           f"(the most on one node: {cluster['max_node_gpus']:g}; {cluster['nodes']} node(s)). "

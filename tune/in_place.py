@@ -1,31 +1,67 @@
-"""A search restored where its folder now is: a copied or moved search folder resumes in place.
+"""A search restored where its folder now is: a copied or moved search folder resumes in place,
+and a search on a remote storage resumes on a machine that has never seen it.
 
 Ray Tune restores its trials' storage to the folder it is given, but two parts of a search's
-saved state name the folder it had when the search started, by absolute path: the Optuna study's
-storage (OptunaSearch saves its whole state) and the experiment from which the searcher makes new
-trials (SearchGenerator's state). A resumed copy would write its study, and the trials it had not
+saved state name the folder it had when the search started: the Optuna study's storage, by
+absolute path (OptunaSearch saves its whole state; on a remote storage the study is a local
+working copy, storage.py), and the experiment from which the searcher makes new trials
+(SearchGenerator's state). A resumed copy would write its study, and the trials it had not
 started yet, into the original's folder. Restored through these classes, both are the folder
 resumed: the driver sets it (tuner.make_tuner) before it restores.
+
+On a remote storage the study also travels with Ray's snapshots: each one holds a copy of it
+taken as the searcher's state is saved (`StudyInPlace.save_to_dir`), so the study a resume
+downloads is the one that goes with the searcher state Ray restores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import sqlite3
+import tempfile
 from pathlib import Path
 
 import optuna
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from softfine_tune.storage import open_path
+
+
+@contextlib.contextmanager
+def storage_opened_at(url: str):
+    """While the block runs, an Optuna RDBStorage read back from a pickle opens `url`, not the URL
+    it was saved with: Optuna's __setstate__ connects at once (and creates its tables there),
+    which for a folder that is gone fails, and for one that is there writes into another search's
+    study. The searcher's state is unpickled by Ray (OptunaSearch.restore); this only re-points it."""
+    from optuna.storages import RDBStorage
+
+    original = RDBStorage.__setstate__
+
+    def setstate(self, state: dict) -> None:
+        original(self, {**state, "url": url})
+
+    RDBStorage.__setstate__ = setstate
+    try:
+        yield
+    finally:
+        RDBStorage.__setstate__ = original
+
 
 class StudyInPlace(OptunaSearch):
     resumed_study: Path | None = None  # the optuna.db of the search folder being resumed
+    snapshot_study: Path | None = None  # on a remote storage: the study copied into each snapshot of Ray's
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
         if self.resumed_study is None:
+            super().restore(checkpoint_path)
             return
-        storage = optuna.storages.RDBStorage(f"sqlite:///{self.resumed_study}")
+        url = f"sqlite:///{self.resumed_study}"
+        with storage_opened_at(url):
+            super().restore(checkpoint_path)
+        storage = optuna.storages.RDBStorage(url)
         self._storage = storage
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
                                            sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
@@ -33,18 +69,40 @@ class StudyInPlace(OptunaSearch):
         self._ot_trials = {key: optuna.trial.Trial(self._ot_study, trial._trial_id)
                            for key, trial in self._ot_trials.items()}
 
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """The searcher's state, as Ray saves it with every snapshot; on a remote storage also a
+        copy of the study (SQLite's backup: a consistent copy even while it is written), put in
+        place atomically in Ray's staging folder, which Ray uploads as the search's optuna.db."""
+        super().save_to_dir(checkpoint_dir, session_str)
+        if self.snapshot_study is None or not self.snapshot_study.is_file():
+            return
+        target = Path(checkpoint_dir) / self.snapshot_study.name
+        # Written beside the staging folder, not in it: Ray uploads whatever is in it at any time.
+        fd, tmp = tempfile.mkstemp(prefix=".optuna-", suffix=".db", dir=Path(checkpoint_dir).parent)
+        os.close(fd)
+        try:
+            with contextlib.closing(sqlite3.connect(self.snapshot_study)) as source, \
+                    contextlib.closing(sqlite3.connect(tmp)) as copy_:
+                source.backup(copy_)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
 
 class TrialsInPlace(SearchGenerator):
     """New trials go where the search's folder is now: the saved experiment they are made from
     gets the storage that Ray gives the restored trials (its _restore_trials does the same)."""
 
-    resumed_folder: Path | None = None  # the search folder being resumed
+    resumed_at: tuple[str, str] | None = None  # (storage path or URI, experiment name) being resumed
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
-        if self.resumed_folder is None or self._experiment is None:
+        if self.resumed_at is None or self._experiment is None:
             return
+        storage_path, name = self.resumed_at
+        fs, fs_path = open_path(storage_path)
         storage = copy.copy(self._experiment.spec["storage"])
-        storage.storage_fs_path = str(self.resumed_folder.parent)
-        storage.experiment_dir_name = self.resumed_folder.name
+        storage.storage_filesystem, storage.storage_fs_path = fs, fs_path.rstrip("/")
+        storage.experiment_dir_name = name
         self._experiment.spec["storage"] = storage

@@ -14,6 +14,7 @@ from softfine.config import TrainConfig
 from softfine.datasets import Corpus
 from softfine_tune.cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
 from softfine_tune.space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
+from softfine_tune.storage import Storage
 from softfine_tune.tracking import TrackingStore, mask_argv, tracking_store
 
 log = logging.getLogger("softfine.tune")
@@ -35,9 +36,10 @@ class Plan:
     preset: dict
     tracking: TrackingStore
     experiment_name: str
-    storage_path: str
+    storage_path: str  # what Ray Tune gets: the folder (absolute), or the URI (storage.py)
     name: str
     corpus: Corpus | None = None  # the data, read once by the driver (search.check_data) and sent to every trial
+    storage: Storage | None = None  # --storage-path: where the search's files live (storage.py)
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -172,13 +174,14 @@ def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
     return preset, base, grid
 
 
-def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Path, str]:
-    """--storage-path (checked, not created) and the search's name."""
-    storage = args.storage_path or str(DEFAULT_STORAGE)
-    if "://" in storage:
-        raise SearchError(f"--storage-path {storage}: give a folder (on a multi-node cluster, a shared one, e.g. NFS)")
-    storage = Path(storage).resolve()
-    check_storage(storage)
+def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Storage, str]:
+    """--storage-path (checked, not created: a folder that can be written, or a remote URI that
+    answers, with credentials that may write there) and the search's name."""
+    storage = Storage(args.storage_path or str(DEFAULT_STORAGE))
+    if storage.remote:
+        storage.check()
+    else:
+        check_storage(storage.local)
     name = args.name or f"{dataset}-{args.sampler}-{datetime.now():%Y%m%d-%H%M%S}"
     if not name or "/" in name or name in (".", ".."):
         raise SearchError(f"--name {name!r}: give a folder name (no '/')")
@@ -226,4 +229,5 @@ def make_plan(args: argparse.Namespace, argv: list[str], record: dict | None = N
         raise SearchError(str(err)) from None
     return Plan(args=args, argv=mask_argv(argv), dataset=dataset, base=base, grid=grid, mode=mode,
                 num_samples=num_samples, fuse=fuse, preset=preset, tracking=tracking,
-                experiment_name=args.experiment_name or f"softfine-{dataset}", storage_path=str(storage), name=name)
+                experiment_name=args.experiment_name or f"softfine-{dataset}", storage_path=storage.ray_path, name=name,
+                storage=storage)

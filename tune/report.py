@@ -22,10 +22,12 @@ log = logging.getLogger("softfine.tune")
 
 
 def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id: str, rows: list[dict],
-           seed_rows: list[dict], selected: dict | None, seconds: float, unlogged: list[dict], cluster: dict) -> dict:
+           seed_rows: list[dict], selected: dict | None, seconds: float, unlogged: list[dict], cluster: dict,
+           location: str | None = None) -> dict:
     """The parent run's params, metrics and artifacts; summary.json and trials.csv beside the Ray
-    results; the summary on the console, with an account of what MLflow did not get (`unlogged`:
-    the child runs' updates that the callbacks could not send)."""
+    results (in `folder`, the search's folder or its working copy; `location`: where the search's
+    files are kept, as shown); the summary on the console, with an account of what MLflow did not
+    get (`unlogged`: the child runs' updates that the callbacks could not send)."""
     from softfine_tune.plots import plot_dev_f1, plot_timeline
 
     args = plan.args
@@ -53,7 +55,7 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
                          trials, slots, cluster[f"{slots}s"], args.cpus_per_trial), "soft_labels": plan.base.soft,
                      "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
                      "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
-                     "parent_run_id": parent_run_id, "results": str(folder), "retries": retries}
+                     "parent_run_id": parent_run_id, "results": location or str(folder), "retries": retries}
     metrics = {"trials_finished": counts["TERMINATED"], "trials_failed": counts["ERROR"],
                "trials_retried": len({r["trial_id"] for r in retries}),
                "trials_stopped_early": counts["STOPPED"], "search_wall_seconds": seconds,

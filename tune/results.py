@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from softfine_tune.space import SEARCHED, point_values
+from softfine_tune.storage import uri_of
 from softfine_tune.tracking import COUNT_KEYS
 
 
@@ -41,7 +42,7 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
         points = members_of(config)
         parts = member_results(metrics) if metrics else [{} for _ in points]
         for number, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):
-            checkpoint = result.checkpoint.path if result.checkpoint else ""
+            checkpoint = uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else ""
             row = {"trial": len(rows), "trial_id": trial_id, "phase": phase, "status": status,
                    "mlflow_run_id": runs.get(run_key(trial_id, number if fused else None), ""),
                    **hyperparameters(point, base), "seed": point.get("seed", base.seed),

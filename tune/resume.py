@@ -8,30 +8,43 @@ from pathlib import Path
 
 from softfine_tune.cli import DEFAULT_STORAGE, RECORD, RESUME_OVERRIDES, Parser
 from softfine_tune.space import SearchError
+from softfine_tune.storage import Storage, is_remote
 from softfine_tune.tracking import mask_credentials, without_credentials
 
 
-def find_search(storage_path: str, which: str) -> Path:
-    """The results folder of the search to resume: NAME or a path, or the latest with a record."""
+def find_search(storage: Storage, which: str) -> tuple[Storage, str]:
+    """The storage and name of the search to resume: NAME in --storage-path, a results folder (or
+    URI/NAME), or the latest search there with a record."""
     if which != "latest":
-        for candidate in (Path(which), Path(storage_path) / which):
-            if (candidate / RECORD).is_file():
-                return candidate.resolve()
-        raise SearchError(f"--resume {which}: no search record ({RECORD}) there or in {storage_path}")
-    records = sorted(Path(storage_path).glob(f"*/{RECORD}"), key=lambda p: p.stat().st_mtime)
+        candidates = [(storage, which)]
+        if is_remote(which):
+            parent, _, name = which.rstrip("/").rpartition("/")
+            candidates.insert(0, (Storage(parent), name))
+        elif (Path(which) / RECORD).is_file():
+            folder = Path(which).resolve()
+            candidates.insert(0, (Storage(str(folder.parent)), folder.name))
+        for where, name in candidates:
+            if name and "/" not in name and where.exists(name, RECORD):
+                return where, name
+        raise SearchError(f"--resume {which}: no search record ({RECORD}) there or in {storage}")
+    records = sorted(storage.searches_with(RECORD))
     if not records:
-        raise SearchError(f"--resume: no search to resume in {storage_path} (pass --storage-path, or NAME)")
-    return records[-1].parent
+        raise SearchError(f"--resume: no search to resume in {storage} (pass --storage-path, or NAME)")
+    return storage, records[-1][1]
 
 
 RECORD_KEYS = {"argv": list, "name": str, "mlflow_uri": str, "experiment_id": str, "parent_run_id": str,
                "stage": str}
 
 
-def read_record(path: Path) -> dict:
+def read_record(storage: Storage, name: str) -> dict:
     """A search record, checked: a damaged one is an error naming the file, not a traceback."""
+    path = f"{storage.location(name)}/{RECORD}"
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        data = storage.read_bytes(name, RECORD)
+        if data is None:
+            raise FileNotFoundError(2, "no such file")
+        record = json.loads(data.decode("utf-8"))
     except OSError as err:
         raise SearchError(f"--resume: {path}: cannot read it ({err.strerror or err})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -64,14 +77,16 @@ def refuse_changes(args: argparse.Namespace, parser: Parser, record: dict) -> No
                           "new search (another --name)")
 
 
-def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, list[str], dict, Path]:
-    """The flags of the search to resume (its record's), with those of RESUME_OVERRIDES given now."""
-    storage = args.storage_path or str(DEFAULT_STORAGE)
-    folder = find_search(storage, args.resume)
-    record = read_record(folder / RECORD)
+def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, list[str], dict, str]:
+    """The flags of the search to resume (its record's), with those of RESUME_OVERRIDES given now;
+    the record; where the search is (a folder, or URI/NAME)."""
+    given = Storage(args.storage_path or str(DEFAULT_STORAGE))
+    given.check()  # a remote one: it answers, with credentials (one line naming the flag otherwise)
+    storage, name = find_search(given, args.resume)
+    record = read_record(storage, name)
     refuse_changes(args, parser, record)
     overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k, None)}
-    parser.record = folder / RECORD
+    parser.record = f"{storage.location(name)}/{RECORD}"
     try:
         resumed = parser.parse_args(record["argv"])
     finally:
@@ -83,5 +98,5 @@ def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Name
                           "resume it with that store")
     for key, value in overrides.items():
         setattr(resumed, key, value)
-    resumed.name, resumed.storage_path, resumed.resume = folder.name, str(folder.parent), None
-    return resumed, record["argv"], record, folder
+    resumed.name, resumed.storage_path, resumed.resume = name, str(storage), None
+    return resumed, record["argv"], record, storage.location(name)

@@ -24,7 +24,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Sequence
 
 from softfine_tune.callback import MLflowChildRuns, read_account
@@ -36,6 +35,7 @@ from softfine_tune.report import describe_search, finish, planned_ray_trials, sh
 from softfine_tune.results import finished, select, trial_rows
 from softfine_tune.resume import resume_args
 from softfine_tune.space import SearchError, fused_groups, point_name, point_of, record_points
+from softfine_tune.storage import LOCK, RemoteLock, SearchFiles
 from softfine_tune.tracking import (
     Tracker,
     check_tracking,
@@ -89,42 +89,52 @@ def check_encoder(base) -> None:
         raise SearchError(str(err)) from None
 
 
-def prepare_folder(folder: Path) -> None:
-    """The search's results folder, created and written to once before the MLflow parent run
+def prepare_folder(files: SearchFiles) -> None:
+    """The search's (working) folder, created and written to once before the MLflow parent run
     exists: a folder that cannot be written is refused before anything is recorded."""
+    folder = files.folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise SearchError(f"--storage-path {folder.parent}: cannot write the search's folder {folder} "
-                          f"({err.strerror or err})") from None
-
-
-LOCK = ".softfine_search.lock"  # in the search's folder: held by the driver running it
+        flag = f"--storage-path {folder.parent}" if not files.remote else f"--storage-path {files.storage.uri}"
+        what = "the search's folder" if not files.remote else "the search's working folder (XDG_CACHE_HOME)"
+        raise SearchError(f"{flag}: cannot write {what} {folder} ({err.strerror or err})") from None
 
 
 @contextlib.contextmanager
-def one_driver(folder: Path):
-    """An exclusive lock on the search's folder while the block runs (flock on an open file: the
-    kernel releases it when the process ends, however it ends). A second driver on the same
-    --storage-path and --name is refused, naming the first's process."""
+def one_driver(files: SearchFiles):
+    """An exclusive lock on the search while the block runs: flock on a file of its (working)
+    folder, which the kernel releases when the process ends, however it ends; on S3 also the lock
+    object beside the search's files (storage.RemoteLock: drivers on other machines). A second
+    driver on the same --storage-path and --name is refused, naming the first's process."""
     import fcntl
 
+    folder = files.folder
     made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove again if nothing else is written
-    prepare_folder(folder)
+    prepare_folder(files)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    remote = None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise SearchError(f"--name {folder.name}: the search in {folder} is running in process {holder}; wait "
-                              "for it to end (or stop it), or give another --name") from None
+            raise SearchError(f"--name {files.name}: the search in {files.location} is running in process {holder}; "
+                              "wait for it to end (or stop it), or give another --name") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if RemoteLock.available(files.storage):
+            remote = RemoteLock(files.storage, files.name)
+            remote.acquire()
+        elif files.remote:
+            log.warning("%s: one driver per search is checked on this machine only (storage.RemoteLock needs S3 and "
+                        "boto3): run the search's driver on one machine at a time", files.location)
         yield
     finally:
+        if remote is not None:
+            remote.release()
         os.close(fd)
         if made and [p.name for p in folder.iterdir()] == [LOCK]:  # refused before it began: leave nothing
             (folder / LOCK).unlink()
@@ -135,16 +145,16 @@ def one_driver(folder: Path):
 def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
     record: dict = {}
     if args.resume:
-        args, argv, record, folder = resume_args(args, parser)
-        print(f"{PROG}: resuming search {folder.name} ({folder}), stage: {record['stage']}, with its own flags: "
+        args, argv, record, location = resume_args(args, parser)
+        print(f"{PROG}: resuming search {args.name} ({location}), stage: {record['stage']}, with its own flags: "
               f"{' '.join(argv)}", flush=True)
         if record["stage"] == "done":
             print(json.dumps(record.get("summary", {}), indent=1, default=str))
             return 0
 
     plan = make_plan(args, argv, record or None)
-    folder = Path(plan.storage_path) / plan.name
-    if not record and (folder / RECORD).exists():
+    files = SearchFiles(plan.storage, plan.name)
+    if not record and plan.storage.exists(plan.name, RECORD):
         raise SearchError(f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
                           f"continue it with --resume {plan.name} or choose another name")
     plan = check_data(plan, record)
@@ -155,22 +165,26 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
     with credentials(mlflow_env):
         check_tracking(plan.tracking, args.mlflow_timeout)
     check_encoder(plan.base)
-    with one_driver(folder):
-        if not record and (folder / RECORD).exists():  # another driver wrote it since the check above
+    with one_driver(files):
+        if not record and plan.storage.exists(plan.name, RECORD):  # another driver wrote it since the check above
             raise SearchError(f"--name {plan.name}: a search of that name started in {plan.storage_path} meanwhile; "
                               f"continue it with --resume {plan.name} once it stops, or choose another name")
+        if files.remote:  # the working folder: empty for a new search, the search's files for a resumed one
+            pulled = files.pull()
+            if record:
+                log.info("%s: downloaded %s", files.location, ", ".join(pulled))
         if record:
-            check_study(folder)
-        return run_on_ray(plan, record, folder, mlflow_env)
+            check_study(files.folder, f"{files.location}/{OPTUNA_DB}")
+        return run_on_ray(plan, record, files, mlflow_env)
 
 
-def run_on_ray(plan: Plan, record: dict, folder: Path, mlflow_env: dict) -> int:
+def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -> int:
     """Ray (the cluster given, or a local one), its resources checked; then the search."""
     args = plan.args
     started_ray = connect_ray(args.address)
     try:
         cluster = cluster_resources()
-        check_cluster(args, cluster, plan.storage_path)
+        check_cluster(args, cluster, plan.storage)
         probe_gpus(args, cluster)
         if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
             size, why = (record["fuse"], "as when the search started") if record.get("fuse") else \
@@ -178,7 +192,7 @@ def run_on_ray(plan: Plan, record: dict, folder: Path, mlflow_env: dict) -> int:
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
         with credentials(mlflow_env):
-            return search(plan, record, folder, cluster)
+            return search(plan, record, files, cluster)
     finally:
         if started_ray:
             import ray
@@ -186,7 +200,7 @@ def run_on_ray(plan: Plan, record: dict, folder: Path, mlflow_env: dict) -> int:
             ray.shutdown()
 
 
-def search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
+def search(plan: Plan, record: dict, files: SearchFiles, cluster: dict) -> int:
     """The parent run, the phases, the summary; a failure ends the parent run."""
     tracker = Tracker(plan.tracking.uri, plan.args.mlflow_timeout)
     restoring = bool(record)
@@ -202,8 +216,9 @@ def search(plan: Plan, record: dict, folder: Path, cluster: dict) -> int:
                   "parent_run_id": parent_run_id, "code": code, "mode": plan.mode,
                   "stage": "seeds" if plan.mode == "seeds" else "search", **recorded_settings(plan)}
     try:
-        write_json(folder / RECORD, record)
-        return run_phases(plan, tracker, record, folder, cluster, restoring)
+        write_json(files.folder / RECORD, record)
+        files.push(RECORD)
+        return run_phases(plan, tracker, record, files, cluster, restoring)
     except BaseException as err:
         # Never RUNNING forever: a search stopped by Ctrl-C (which --resume continues) is KILLED,
         # a failed one FAILED, with the error on the run.
@@ -249,7 +264,8 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
     return run_id
 
 
-def run_phase(plan: Plan, phase: str, points, name: str, record: dict, folder: Path, restoring: bool) -> list[dict]:
+def run_phase(plan: Plan, phase: str, points, name: str, record: dict, files: SearchFiles,
+              restoring: bool) -> list[dict]:
     """One Tuner.fit: the search over the grid, or one point over seeds; its rows."""
     from ray import tune
     from ray.tune import ExperimentAnalysis
@@ -259,28 +275,30 @@ def run_phase(plan: Plan, phase: str, points, name: str, record: dict, folder: P
         tune.with_parameters(softfine_trial, base=plan.base, corpus=plan.corpus,
                              allow_cpu_fallback=args.allow_cpu_fallback, verbose=bool(args.verbose)),
         {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    callback = MLflowChildRuns(str(folder), record["experiment_id"], record["parent_run_id"], plan.name, phase,
+    callback = MLflowChildRuns(str(files.folder), record["experiment_id"], record["parent_run_id"], plan.name, phase,
                                plan.base, run_tags(record["code"]), dataset_inputs(plan.corpus), args.mlflow_timeout)
-    tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback)
+    MLflowChildRuns.search_files = files  # where a restored callback (made by an earlier driver) writes too
+    tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback, files.folder)
     started = time.time()
     results = tuner.fit()
     log.info("%s phase: %d trials in %.0f s", phase, len(results), time.time() - started)
     # Ray Tune returns normally after SIGINT, having saved the unfinished trials for a restore:
     # the saved experiment state tells (the trials in memory are all stopped by then).
-    saved = ExperimentAnalysis(results.experiment_path).trials
+    saved = ExperimentAnalysis(f"{plan.storage_path.rstrip('/')}/{name}").trials  # a path or a URI
     unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
     expected = (len(points["group"]["grid_search"]) if "group" in points  # --fuse: one trial per group
                 else plan.num_samples if phase == "search" else args.seeds)
     if unfinished or len(saved) < expected:
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
-    runs, _, _ = read_account(folder, phase)
+    runs, _, _ = read_account(files.folder, phase)
     rows = trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base)
     if "group" in points:  # the study gets every point, as the grid sampler's trials would have
-        record_points(f"sqlite:///{folder / OPTUNA_DB}", plan.name, plan.grid, rows)
+        record_points(f"sqlite:///{files.folder / OPTUNA_DB}", plan.name, plan.grid, rows)
+        files.push(OPTUNA_DB)
     return rows
 
 
-def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster: dict, restoring: bool) -> int:
+def run_phases(plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, cluster: dict, restoring: bool) -> int:
     """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
     with --seeds, only the seeds. Then the summary."""
     from ray import tune
@@ -294,7 +312,7 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
 
     def seeds(point: dict, name: str) -> list[dict]:
         space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(args.seeds)])}
-        return run_phase(plan, "seeds", space, name, record, folder, restoring)
+        return run_phase(plan, "seeds", space, name, record, files, restoring)
 
     preload_model_code()  # while the trials run: the model's check at the end needs torch and transformers
     started = time.time()
@@ -308,21 +326,24 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, folder: Path, cluster
         if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
             groups = {"group": tune.grid_search([fused_config(g) for g in fused_groups(
                 plan.grid.points(), plan.fuse, plan.base)])}
-        rows = run_phase(plan, "search", groups or {}, plan.name, record, folder, restoring)
+        rows = run_phase(plan, "search", groups or {}, plan.name, record, files, restoring)
         selected = select(rows)
         if selected is not None and args.seeds:
             record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})
-            write_json(folder / RECORD, record)
+            write_json(files.folder / RECORD, record)
+            files.push(RECORD)
             seed_rows = seeds(point_of(selected, plan.keys), f"{plan.name}-seeds")
-    unlogged = [op for phase in ("search", "seeds") for op in read_account(folder, phase)[1]]
-    summary = finish(plan, tracker, folder, record["experiment_id"], record["parent_run_id"], rows, seed_rows,
-                     selected, time.time() - started, unlogged, cluster)
+    unlogged = [op for phase in ("search", "seeds") for op in read_account(files.folder, phase)[1]]
+    summary = finish(plan, tracker, files.folder, record["experiment_id"], record["parent_run_id"], rows, seed_rows,
+                     selected, time.time() - started, unlogged, cluster, files.location)
     restarted = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows if r.get("restarted")]
     if restarted:  # trials whose damaged checkpoint was not resumed from (trial.py)
         summary["restarted"] = restarted
-        write_json(folder / "summary.json", summary)
+        write_json(files.folder / "summary.json", summary)
+    files.push()  # the summary, trials.csv and the figures (the record last: "done" once they are there)
     record.update(stage="done", summary=summary)
-    write_json(folder / RECORD, record)
+    write_json(files.folder / RECORD, record)
+    files.push(RECORD)
     for row in rows + seed_rows:
         if row.get("restarted"):
             print(f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): {row['restarted']}",

@@ -11,6 +11,7 @@ from pathlib import Path
 from softfine_tune.cli import PROG
 from softfine_tune.plan import Plan
 from softfine_tune.space import METRIC, MODE, SearchError, make_searcher
+from softfine_tune.storage import is_remote, open_path
 
 log = logging.getLogger("softfine.tune")
 
@@ -33,6 +34,19 @@ def _checkpoint_index(name: str) -> int | None:
     return int(number) if prefix == "checkpoint" and number.isdigit() else None
 
 
+def experiment_files(path: str, pattern: str) -> tuple[object, list[str]]:
+    """(pyarrow file system, the paths on it) of the files named `pattern` in the experiment folder
+    `path` (a folder, or a URI: storage.py), in name order."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    fs, root = open_path(path)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    return fs, sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(i.base_name,
+                                                                                                           pattern))
+
+
 def mend_callback_state(path: str) -> list[str]:
     """Drops a callback state that a killed driver left cut short; returns notes.
 
@@ -40,13 +54,17 @@ def mend_callback_state(path: str) -> list[str]:
     a driver killed during the copy leaves a file that cannot be read, and the restore fails on it.
     The MLflow callback's state can be done without (a trial's run is found again by its trial-id
     tag, its last logged step read from MLflow). A complete pickle ends with its STOP opcode "."
-    (checked without unpickling it)."""
+    (checked without unpickling it). On S3 an object is written whole or not at all, but the same
+    check costs one small read."""
     notes = []
-    for state in sorted(Path(path).glob("callback-states-*.pkl")):
-        if not state.read_bytes().endswith(b"."):
-            state.unlink()
-            notes.append(f"{state.name} was cut short (the driver stopped while it was written): the trials' MLflow "
-                         "runs are found again by their trial-id tags")
+    fs, states = experiment_files(path, "callback-states-*.pkl")
+    for state in states:
+        with fs.open_input_stream(state) as stream:
+            whole = stream.readall().endswith(b".")
+        if not whole:
+            fs.delete_file(state)
+            notes.append(f"{posixpath.basename(state)} was cut short (the driver stopped while it was written): the "
+                         "trials' MLflow runs are found again by their trial-id tags")
     return notes
 
 
@@ -77,7 +95,9 @@ def mend_checkpoints(path: str) -> list[str]:
                  if info.type == pyarrow.fs.FileType.Directory}
         newer = sorted(i for i in found if i is not None and i > known)
         if named and known not in found and newer:
-            pyarrow.fs.copy_files(found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs)
+            # use_threads=False: pyarrow's threaded uploads to S3 are not safe (Ray's own copies do the same)
+            pyarrow.fs.copy_files(found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs,
+                                  use_threads=False)
             notes.append(f"trial {trial.trial_id}: {posixpath.basename(named)}, named by the last snapshot, was "
                          f"deleted by Ray; it goes on from {posixpath.basename(found[newer[0]])} in its place")
         for index in newer:
@@ -85,9 +105,9 @@ def mend_checkpoints(path: str) -> list[str]:
     return notes
 
 
-def check_study(folder) -> None:
+def check_study(folder, shown: str | None = None) -> None:
     """A resumed search's Optuna study (optuna.db) is an Optuna database, or the resume is refused
-    before Ray starts, naming the file (not a bare SQL error at the end)."""
+    before Ray starts, naming the file (`shown`: where it is kept, when `folder` is a working copy)."""
     import contextlib
     import sqlite3
 
@@ -100,17 +120,18 @@ def check_study(folder) -> None:
     except sqlite3.DatabaseError as err:
         tables = {f"({err})"}
     if "studies" not in tables:
-        raise SearchError(f"--resume: {study}: the search's Optuna study is damaged (not an Optuna database: "
+        raise SearchError(f"--resume: {shown or study}: the search's Optuna study is damaged (not an Optuna database: "
                           f"{', '.join(sorted(tables)) or 'no tables'}); restore it from a copy, or start the search "
                           "again under another --name (its finished points are in MLflow)")
 
 
 def damaged_state(path: str, err: BaseException) -> str:
     """One line for a search whose Ray Tune state cannot be read back: the file, why, what to do."""
-    import glob
-
     kind = "a JSON file" if isinstance(err, ValueError) else "its files"
-    states = sorted(glob.glob(f"{glob.escape(path)}/experiment_state-*.json"))
+    try:
+        states = [f"{path}/{posixpath.basename(p)}" for p in experiment_files(path, "experiment_state-*.json")[1]]
+    except OSError:
+        states = []
     where = states[-1] if states and isinstance(err, ValueError) else path
     first = (str(err).strip().splitlines() or [""])[0][:200]
     return (f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
@@ -155,16 +176,23 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
                        metric_columns=metrics, max_report_frequency=30, sort_by_metric=True, max_progress_rows=40)
 
 
-def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback):
+def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback,
+               folder: Path):
     """The phase's Tuner; restored (unfinished and failed trials go on) when it was started before.
-    A restored Tuner keeps the callback it was made with (its state from the last snapshot)."""
+    A restored Tuner keeps the callback it was made with (its state from the last snapshot).
+    `folder`: the search's (working) folder, where its Optuna study is (storage.py)."""
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
     args = plan.args
-    path = f"{plan.storage_path.rstrip('/')}/{name}"
+    path = f"{plan.storage_path.rstrip('/')}/{name}"  # a folder, or a URI (storage.py)
+    from softfine_tune.in_place import StudyInPlace, TrialsInPlace, storage_opened_at
+
+    # On a remote storage, every experiment snapshot of Ray's holds a copy of the study, consistent
+    # with the searcher state beside it (StudyInPlace.save_to_dir).
+    StudyInPlace.snapshot_study = folder / OPTUNA_DB if is_remote(plan.storage_path) else None
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with the columns below
     # Every evaluation checkpoints (num_to_keep=1 forces an experiment snapshot each time): that
     # is what --max-failures and --resume need, not a bottleneck worth a warning per trial.
@@ -178,11 +206,13 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
         try:
             for note in mend_callback_state(path) + mend_checkpoints(path):
                 print(f"{PROG}: {note}", flush=True)
-            if phase == "search" and "group" not in param_space:  # the searcher's study: this folder's
-                from softfine_tune.in_place import StudyInPlace, TrialsInPlace
-
-                StudyInPlace.resumed_study, TrialsInPlace.resumed_folder = Path(path) / OPTUNA_DB, Path(path)
-            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            if phase != "search" or "group" in param_space:  # no searcher: Ray's grid search
+                return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            # The searcher's study: this folder's, from the moment the Tuner's pickle is read back.
+            StudyInPlace.resumed_study = folder / OPTUNA_DB
+            TrialsInPlace.resumed_at = (plan.storage_path, name)
+            with storage_opened_at(f"sqlite:///{folder / OPTUNA_DB}"):
+                return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
             raise SearchError(damaged_state(path, err)) from None
     fused = "group" in param_space  # --fuse: a grid search over the groups, no searcher
@@ -190,10 +220,8 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
     if phase == "search" and not fused:
         from ray.tune.search import ConcurrencyLimiter
 
-        from softfine_tune.in_place import TrialsInPlace
-
         searcher = make_searcher(args.sampler, plan.grid, args.search_seed, plan.num_samples,
-                                 storage=f"sqlite:///{path}/{OPTUNA_DB}", study_name=plan.name)
+                                 storage=f"sqlite:///{folder / OPTUNA_DB}", study_name=plan.name)
         scheduler = None
         if args.scheduler == "asha":
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations_per_trial(plan.base) or 1000,
