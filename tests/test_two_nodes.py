@@ -1,10 +1,21 @@
-"""cluster/local.yaml with two real Ray nodes on one machine, and the worker lost in the middle of
-a search.
+"""cluster/local.yaml with two real Ray nodes on one machine that share nothing but the network,
+and the worker lost in the middle of a search whose state is on S3.
 
 The head is on 127.0.0.1 and the worker on 127.0.0.2, each a "machine" of its own: an sshd in a
-PID and mount namespace of its own (`Sshd` in test_ray_up.py), so that each node has its own
-/tmp/ray and its `ray stop` sees only its own processes. Both are started by Ray's launcher as on
-any local cluster (`two_node_variant` says what differs from cluster/local.yaml):
+PID and mount namespace of its own (`Sshd` in test_ray_up.py), so that its `ray stop` sees only its
+own processes, and with private folders (PRIVATE_NODE_SCRIPT): a tmpfs of its own over /tmp (Ray's
+/tmp/ray, the trials' folders, every temporary file), /dev/shm (Ray's object store), /var/tmp and
+its home (the repository Ray's launcher syncs there, the search's working folder in ~/.cache, the
+head's MLflow store); the worker also has an empty folder where the data files are, so its trials
+get their sentences through Ray (the driver reads them and passes them with tune.with_parameters).
+What the nodes share is what machines on a network share: the S3 server (`s3_server`, on
+127.0.0.1), where the search keeps everything (`--storage-path s3://softfine/PREFIX`: Ray Tune's
+state, the trials' checkpoints, the search's record and study), each node's credentials in its
+own ~/.aws/credentials and the endpoint in its environment (~/.bashrc), as a machine of a cloud
+cluster has them; the tracking server on the head's loopback; the checkout and its virtual
+environment, read-only in effect (the code, which `ray up` also syncs into each node's home). Both
+nodes are started by Ray's launcher as on any local cluster (`two_node_variant` says what differs
+from cluster/local.yaml):
 
     ray up -y VARIANT.yaml         # SSH to the head: setup, `ray start --head`, mlflow/server.sh; the
                                    # head's autoscaler then sets up the worker over SSH: `ray start --address`
@@ -22,16 +33,23 @@ directly and may finish its last epochs before it notices its raylet is gone.) T
   evaluation once;
 * the worker's unfinished trials, and only they, were retried once (--max-failures 1), each from
   the step of its last checkpoint (softfine.resumed_from_step), on the head, the remaining node;
+* the worker's unfinished trials went on on the head from their checkpoints on S3, which the
+  worker had written there: the head never had them on a disk of its own;
 * the trials' node addresses show both nodes: trials.csv's node_ip (where each trial ended) and
   retried_after (where a retried one failed, after which step, and Ray's error), the same on the
   child runs (softfine.node_ip, softfine.retried_after); the printed summary names each retried
-  trial and why, summary.json lists the retries, and the parent run counts them (trials_retried);
+  trial and why, summary.json lists the retries (both read from S3), and the parent run counts
+  them (trials_retried);
 * the tracking server is stopped (`ray exec ... mlflow/server.sh --stop`), `ray down -y` stops
   the head's Ray, and stopping the two sshds ends whatever else ran in the two nodes (`ray down`
   of the local provider only marks the workers terminated).
 
 Which trials run on which node is Ray's choice (Optuna hands Tune one trial at a time, and Tune
 reuses a finished trial's actor), so the checks hold for any placement with a trial on the worker.
+
+This test replaced the variant whose nodes shared the storage folder (one disk): a local or shared
+--storage-path is covered by the single-node tests (test_tune_search.py, test_search_state.py),
+and a second two-node run would cost CI another two minutes.
 
 It needs what test_ray_up.py needs (sshd, rsync, ray[default], root for the namespaces) and the
 address 127.0.0.2 (on Linux, all of 127.0.0.0/8 is the loopback interface). Run it alone:
@@ -43,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import io
 import json
 import os
 import shutil
@@ -55,6 +74,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import test_ray_up
 from test_ray_up import (LOCAL_YAML, RAY, Sshd, answers, free_ports, head_only_variant, jobs_api_answers,
                          mlflow_health, processes_below, ray_cli_env, run, ssh_control_dir, tail, tear_down)
 from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags
@@ -65,6 +85,60 @@ EXPERIMENT = "softfine-two-nodes"
 SEARCH_NAME = "two-nodes"
 GRID = ("--alphas", "0.1,0.1", "0.01,0.005", "--beta", "2", "3", "--gamma", "2")  # 4 points
 EPOCHS = 6  # an evaluation and a checkpoint per epoch: the worker dies with most of them to go
+
+# A node's own folders: Sshd starts `sh -c NODE_SCRIPT node TMP_RAY SSH_CONFIG SSHD...` as the first
+# process of the node's namespaces (test_ray_up.Sshd.start); this script, in its place, gives the node
+# a tmpfs of its own over every folder Ray, the trials and the search write (and hides
+# $SOFTFINE_NODE_HIDE's folders behind empty ones). The node's sshd folder (its configuration, keys and
+# log) is bound back where it was: sshd reads it again for every connection.
+PRIVATE_NODE_SCRIPT = """set -e
+folder=$(dirname "$1")
+mount -t tmpfs softfine-keep /mnt
+mkdir /mnt/node
+mount --bind "$folder" /mnt/node
+for private in /tmp /dev/shm /var/tmp; do mount -t tmpfs softfine-node "$private"; done
+mkdir -p "$folder" /tmp/ray "$SOFTFINE_NODE_HOME"
+mount --bind /mnt/node "$folder"
+mount -t tmpfs softfine-home "$SOFTFINE_NODE_HOME"
+for hidden in $SOFTFINE_NODE_HIDE; do mount -t tmpfs -o ro softfine-nothing "$hidden"; done
+if [ -n "$2" ]; then mount --bind "$2" /etc/ssh/ssh_config; fi
+shift 2
+exec "$@"
+"""
+
+
+def start_private(node: Sshd, monkeypatch, hide: tuple[Path, ...] = ()) -> Sshd:
+    """Starts the node with its own folders (PRIVATE_NODE_SCRIPT); `hide`: folders it sees empty."""
+    with monkeypatch.context() as patch:
+        patch.setattr(test_ray_up, "NODE_SCRIPT", PRIVATE_NODE_SCRIPT)
+        patch.setenv("SOFTFINE_NODE_HOME", str(node.home))
+        patch.setenv("SOFTFINE_NODE_HIDE", " ".join(map(str, hide)))
+        return node.start()
+
+
+def inside(node: Sshd, path: Path | str) -> Path:
+    """`path` as the node sees it (its mount namespace, through its first process's /proc/PID/root)."""
+    return Path(f"/proc/{node.process.pid}/root") / Path(path).relative_to("/")
+
+
+def tmpfs_mounts(node: Sshd) -> set[str]:
+    """The mount points of the node's tmpfs file systems (/proc/PID/mountinfo)."""
+    lines = Path(f"/proc/{node.process.pid}/mountinfo").read_text().splitlines()
+    return {line.split()[4] for line in lines if " - tmpfs " in line}
+
+
+def provision(node: Sshd, s3_server) -> None:
+    """What a machine of a cloud cluster has: its credentials in ~/.aws/credentials (a profile, as AWS
+    tools take it), its region in ~/.aws/config and the endpoint in its environment (~/.bashrc, which
+    Ray's launcher sources before each command: `ray start` and so every Ray process of the node)."""
+    env = s3_server.env
+    aws = inside(node, node.home / ".aws")
+    aws.mkdir(mode=0o700)
+    (aws / "credentials").write_text(f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+                                     f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+    (aws / "credentials").chmod(0o600)
+    (aws / "config").write_text(f"[default]\nregion = {env['AWS_REGION']}\n")
+    inside(node, node.home / ".bashrc").write_text(f"export AWS_ENDPOINT_URL={env['AWS_ENDPOINT_URL']}\n")
 
 
 def two_node_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], worker_agent_port: int, name: str) -> dict:
@@ -152,20 +226,32 @@ def alive_nodes(dashboard: int, count: int, timeout: float) -> list:
     return nodes
 
 
-def worker_results(experiment: Path) -> dict[str, list[dict]]:
+def read_s3(s3_server, key: str) -> bytes:
+    with s3_server.fs().open_input_stream(key) as stream:
+        return stream.readall()
+
+
+def worker_results(s3_server, experiment: str) -> dict[str, list[dict]]:
     """Each trial's results so far that came from the worker (Tune's result.json per trial, written
-    by the driver as it takes them), by trial id."""
-    found: dict[str, list[dict]] = {}
-    for path in experiment.glob("trial_*/result.json"):
-        with open(path, encoding="utf-8") as f:
-            lines = [json.loads(line) for line in f if line.endswith("\n")]  # whole lines only
+    by the driver as it takes them and uploaded to S3 with each of its snapshots), by trial id."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, found = s3_server.fs(), {}
+    trials = [i.path for i in fs.get_file_info(FileSelector(experiment, allow_not_found=True))
+              if i.type == FileType.Directory and i.base_name.startswith("trial_")]
+    for trial in trials:
+        try:
+            text = read_s3(s3_server, f"{trial}/result.json").decode()
+        except FileNotFoundError:
+            continue
+        lines = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]  # whole lines
         results = [r for r in lines if r.get("node_ip") == WORKER_IP]
         if results:
-            found[path.parent.name.removeprefix("trial_")] = results
+            found[trial.rpartition("/trial_")[2]] = results
     return found
 
 
-def kill_the_worker_mid_trial(experiment: Path, worker: Sshd, job: subprocess.Popen, killed: dict,
+def kill_the_worker_mid_trial(s3_server, experiment: str, worker: Sshd, job: subprocess.Popen, killed: dict,
                               timeout: float = 300) -> None:
     """Once a trial on the worker has reported an evaluation (and so saved a checkpoint) and not
     finished, SIGKILL to the worker's raylet (the one process named raylet among the worker node's)
@@ -173,7 +259,8 @@ def kill_the_worker_mid_trial(experiment: Path, worker: Sshd, job: subprocess.Po
     worker trial in `killed`."""
     deadline = time.time() + timeout
     while time.time() < deadline and job.poll() is None:
-        running = {t: rs for t, rs in worker_results(experiment).items() if not any(r.get("final") for r in rs)}
+        running = {t: rs for t, rs in worker_results(s3_server, experiment).items()
+                   if not any(r.get("final") for r in rs)}
         if running:
             raylets = [pid for pid, command in worker.processes().items() if command.split(" ")[0].endswith("/raylet")]
             if len(raylets) != 1:
@@ -189,7 +276,7 @@ def kill_the_worker_mid_trial(experiment: Path, worker: Sshd, job: subprocess.Po
                        f"(the search ended: {job.poll() is not None})")
 
 
-def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path):
+def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_server, monkeypatch):
     from test_ray_up import needed_tools
 
     needed_tools()
@@ -210,14 +297,19 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path):
                   key=tmp_path / "head" / "client_key")
     nodes = [head]
     try:
-        head.start()
-        nodes.append(worker.start())
+        start_private(head, monkeypatch)
+        nodes.append(start_private(worker, monkeypatch, hide=(data,)))
+        for node in nodes:
+            provision(node, s3_server)
+            assert {"/tmp", "/dev/shm", "/var/tmp", str(node.home)} <= tmpfs_mounts(node), tmpfs_mounts(node)
+        assert str(data) in tmpfs_mounts(worker) and not list(inside(worker, data).iterdir())  # no data files there
+        assert (inside(head, data) / "resume" / "train.char.bmes").is_file()
         config = two_node_variant(yaml.safe_load(LOCAL_YAML.read_text()), sshd=head, ports=ports,
                                   worker_agent_port=worker_agent, name=name)
         config_path = tmp_path / "local-two-nodes.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
-            run_search_and_lose_the_worker(tmp_path, config_path, ports, head, worker, data)
+            run_search_and_lose_the_worker(tmp_path, config_path, ports, head, worker, data, s3_server)
         finally:
             down = tear_down(config_path, name, tmp_path)
         assert down.returncode == 0, tail(down.stdout)
@@ -236,28 +328,31 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path):
 
 
 def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dict, head: Sshd, worker: Sshd,
-                                   data: Path) -> None:
+                                   data: Path, s3_server) -> None:
     up = run([RAY, "up", "-y", "--no-config-cache", str(config_path)], timeout=240, log=tmp_path / "up.log")
     assert up.returncode == 0, tail(up.stdout)
     # The head as local.yaml sets it up: the repository synced to ~/softfine-tune (without
     # .gitignore'd files), Ray's GCS and dashboard and MLflow on the variant's ports.
-    assert (head.home / "softfine-tune" / "tune" / "search.py").is_file()
-    assert not (head.home / "softfine-tune" / ".venv").exists() and not (head.home / "softfine-tune" / ".git").exists()
+    synced = inside(head, head.home / "softfine-tune")
+    assert (synced / "tune" / "search.py").is_file()
+    assert not (synced / ".venv").exists() and not (synced / ".git").exists()
+    assert not (head.home / "softfine-tune").exists()  # in the head's own home, not on the test's disk
     assert answers(ports["gcs"]), tail(up.stdout)
     assert jobs_api_answers(ports["dashboard"]) and mlflow_health(ports["mlflow"]), tail(up.stdout)
     # The head's autoscaler sets the worker up over SSH (its log: the head's monitor.*).
     nodes = alive_nodes(ports["dashboard"], 2, timeout=240)
     # (session_latest links to /tmp/ray/..., the head's own view of its folder)
-    monitor = "\n".join(tail(p.read_bytes(), 3000) for p in head.tmp_ray.glob("session_2*/logs/monitor.*"))
+    monitor = "\n".join(tail(p.read_bytes(), 3000) for p in inside(head, "/tmp/ray").glob("session_2*/logs/monitor.*"))
     assert len(nodes) == 2, f"{len(nodes)} node(s) alive; the head's autoscaler:\n{monitor}"
     addresses = {n.node_ip: n for n in nodes}
     assert WORKER_IP in addresses and len(addresses) == 2, addresses  # two nodes, two addresses
     (head_ip,) = set(addresses) - {WORKER_IP}
     assert addresses[head_ip].is_head_node and not addresses[WORKER_IP].is_head_node
-    assert (worker.home / "softfine-tune" / "tune" / "search.py").is_file()  # synced by the head's updater
+    assert (inside(worker, worker.home / "softfine-tune") / "tune" / "search.py").is_file()  # by the head's updater
 
     uri = f"http://127.0.0.1:{ports['mlflow']}"
-    storage = tmp_path / "ray_results"
+    storage = s3_server.uri(f"two-nodes-{uuid.uuid4().hex[:8]}")
+    experiment = f"{storage[len('s3://'):]}/{SEARCH_NAME}"
     commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     flags = small_search_flags(data, *GRID, "--epochs", str(EPOCHS), "--cpus-per-trial", "1", "--max-failures", "1",
@@ -273,7 +368,7 @@ def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dic
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         killed: dict = {}
         try:
-            kill_the_worker_mid_trial(storage / SEARCH_NAME, worker, job, killed)
+            kill_the_worker_mid_trial(s3_server, experiment, worker, job, killed)
             job.wait(timeout=300)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the search did not end within 300 s: {tail(job_log.read_text())}")
@@ -284,11 +379,14 @@ def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dic
     assert "error" not in killed, f"{killed['error']}: {tail(output)}"
     print(f"killed the worker's raylet (pid {killed['pid']}) after steps {killed['steps']}")
     assert job.returncode == 0 and "succeeded" in output, tail(output)
-    check_the_search(uri, storage / SEARCH_NAME, output, killed, head_ip)
-    assert (head.home / "softfine-mlflow" / "mlflow.db").is_file()  # the store of the server `ray up` started
+    check_the_search(uri, s3_server, experiment, output, killed, head_ip)
+    assert (inside(head, head.home / "softfine-mlflow") / "mlflow.db").is_file()  # the store of the server `ray up` started
+    # The search's working folder is the head's own (~/.cache), the data never was on the worker.
+    assert (inside(head, head.home / ".cache" / "softfine" / "searches" / "s3") / experiment / "summary.json").is_file()
+    assert not list(inside(worker, data).iterdir())
 
 
-def check_the_search(uri: str, folder: Path, output: str, killed: dict, head_ip: str) -> None:
+def check_the_search(uri: str, s3_server, experiment: str, output: str, killed: dict, head_ip: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
@@ -298,6 +396,8 @@ def check_the_search(uri: str, folder: Path, output: str, killed: dict, head_ip:
     points = [(k.data.params["alpha_aug"], k.data.params["alpha_fea"], k.data.params["beta"]) for k in kids]
     assert len(kids) == 4 and len(set(points)) == 4, points  # every grid point, once
     assert all(k.info.status == "FINISHED" for k in kids), [(k.info.run_name, k.info.status) for k in kids]
+    for kid in kids:  # every final checkpoint on S3, the retried trials' too
+        assert kid.data.tags["softfine.checkpoint"].startswith(f"s3://{experiment}/trial_"), kid.data.tags
     by_trial = {k.data.tags["softfine.trial_id"]: k for k in kids}
     steps = {}
     for trial_id, kid in by_trial.items():
@@ -306,9 +406,9 @@ def check_the_search(uri: str, folder: Path, output: str, killed: dict, head_ip:
         steps[trial_id] = sorted(history)
     assert len({tuple(s) for s in steps.values()}) == 1, steps  # every trial: every evaluation, once
 
-    with open(folder / "trials.csv", newline="", encoding="utf-8") as f:
-        rows = {r["trial_id"]: r for r in csv.DictReader(f)}
-    summary = json.loads((folder / "summary.json").read_text())
+    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO(read_s3(s3_server, f"{experiment}/trials.csv")
+                                                                 .decode("utf-8"), newline=""))}
+    summary = json.loads(read_s3(s3_server, f"{experiment}/summary.json"))
     retried = {r["trial_id"]: r for r in summary["retries"]}
     # The trials the worker ran when it died were retried, once each (and so was a trial it had just
     # started, if any: the per-trial checks below say it failed there before its first evaluation).
