@@ -218,7 +218,7 @@ def test_a_storage_that_cannot_be_used_is_one_line_before_ray_starts(aws_env, tm
             f"({s3.endpoint})", "AWS_ENDPOINT_URL")
     assert s3.fs().get_file_info("no-such-bucket-here").type.name == "NotFound"  # nothing created
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key-" + uuid.uuid4().hex)
-    output = refused([*flags, "--storage-path", s3.uri("p")], f"--storage-path {s3.uri('p')}: cannot write there",
+    output = refused([*flags, "--storage-path", s3.uri("p")], f"--storage-path {s3.uri('p')}: cannot reach it or write there",
                      "ACCESS_DENIED", "AWS_ACCESS_KEY_ID")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in output
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env["AWS_SECRET_ACCESS_KEY"])
@@ -226,7 +226,7 @@ def test_a_storage_that_cannot_be_used_is_one_line_before_ray_starts(aws_env, tm
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
-    refused([*flags, "--storage-path", s3.uri("p")], "cannot write there", "NETWORK_CONNECTION",
+    refused([*flags, "--storage-path", s3.uri("p")], "cannot reach it or write there", "NETWORK_CONNECTION",
             f"endpoint http://127.0.0.1:{closed}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     refused(["--resume", "x", "--storage-path", "s3://no-such-bucket-here/p"], "bucket 'no-such-bucket-here' does not exist")

@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  python tune/search.py --dataset resume --model tiny --alphas 0.01,0.005 --beta 2 --gamma 2 \\\n"
                "      --seeds 3 --no-aug --gpus-per-trial 0\n"
                "  # after a crash of this driver:\n"
-               "  python tune/search.py --resume\n")
+               "  python tune/search.py --resume\n"
+               "  # the search's state on S3 (keys as AWS tools take them), resumed from any machine:\n"
+               "  python tune/search.py --dataset weibo --storage-path s3://BUCKET/searches --name w1 ...\n"
+               "  python tune/search.py --resume w1 --storage-path s3://BUCKET/searches\n")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Ray Tune's progress table (every 30 s) and its warnings instead of the short "
                              "console, every trial's training log (progress, data notes) as well, and the traceback "
@@ -156,11 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: 1)")
     faults.add_argument("--name", metavar="NAME",
                         help="name of this search: its Ray results folder (default: DATASET-SAMPLER-TIME)")
-    faults.add_argument("--storage-path", metavar="DIR",
-                        help=f"folder where Ray keeps results and checkpoints; on a multi-node cluster, one that every "
-                             f"node shares (e.g. NFS) (default: {DEFAULT_STORAGE})")
+    faults.add_argument("--storage-path", metavar="DIR|URI",
+                        help="where a search keeps everything, in a folder per --name: Ray Tune's state, the trials' "
+                             "checkpoints, the search's record, its Optuna study, summary.json and trials.csv. A "
+                             "folder (on a multi-node cluster, one that every node shares, e.g. NFS), or cloud "
+                             "storage that the nodes reach over the network, s3://BUCKET/PREFIX (any URI pyarrow "
+                             "opens): the driver then works in a copy of the search's own files in "
+                             "~/.cache/softfine/searches/ (or $XDG_CACHE_HOME/...) and uploads them as they change, and a "
+                             "resume needs nothing "
+                             "but the URI. S3's endpoint and credentials come as AWS tools take them "
+                             "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an "
+                             "instance role), on the driver's machine and every node; never in the URI "
+                             f"(default: {DEFAULT_STORAGE})")
     faults.add_argument("--resume", nargs="?", const="latest", metavar="NAME",
-                        help="continue a search whose driver stopped (the latest one, or NAME or a results folder): "
+                        help="continue a search whose driver stopped (the latest one in --storage-path, or NAME there, "
+                             "or a results folder): "
                              "finished trials are kept, unfinished ones go on from their checkpoints, in their MLflow "
                              "runs; the search's own flags are reused, except --address, --storage-path, -v and "
                              "--mlflow-uri (give it again when it held a password: the record keeps it masked)")

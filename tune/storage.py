@@ -115,11 +115,14 @@ class Storage:
 
         how = ("the endpoint and credentials come from the environment, as AWS tools take them: AWS_ENDPOINT_URL, "
                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role")
+        unusable = f"--storage-path {self.uri}: cannot reach it or write there"
         try:
-            fs, base = self.filesystem()
-        except (ValueError, OSError, ImportError) as err:  # ArrowInvalid is a ValueError
+            fs, base = self.filesystem()  # an S3 URI: the bucket's region is looked up unless it is given
+        except (ValueError, ImportError) as err:  # ArrowInvalid is a ValueError
             raise SearchError(f"--storage-path {self.uri}: not a storage URI pyarrow can open ({first_line(err)})") \
                 from None
+        except OSError as err:
+            raise SearchError(f"{unusable} ({first_line(err)}; endpoint {endpoint()}); {how}") from None
         try:
             if parts.scheme in BUCKETS:
                 bucket = base.split("/")[0]
@@ -131,8 +134,7 @@ class Storage:
                 out.write(b"")
             fs.delete_file(probe)
         except OSError as err:
-            raise SearchError(f"--storage-path {self.uri}: cannot write there ({first_line(err)}; endpoint "
-                              f"{endpoint()}); {how}") from None
+            raise SearchError(f"{unusable} ({first_line(err)}; endpoint {endpoint()}); {how}") from None
 
     # -- files ------------------------------------------------------------------------------
 
