@@ -6,6 +6,9 @@ a headless Chromium driven by Playwright (tests/ui_browser.py), what a user look
 
 * the experiment: marked as model training (its kind), its runs table at the address the search
   prints and, once "Model training" has been clicked in a browser, at the experiment's own address;
+  on a first visit (an empty browser profile, nothing clicked away), the experiments list opening it
+  on its runs table, and the parent run's first screen showing the selection: both xfail, on exactly
+  the causes MLflow 3.17.2 has (tests/ui_browser.py), and pass once MLflow or the search meets them;
   the search's parent run, its 3 trials nested under it (shown once expanded), each named by its
   grid point (0.1,0.1,2,2), whole in the table's default column width at 1280x800;
 * the parent run's page in a 1280x800 window, without scrolling: the selected (α_aug, α_fea, β, γ),
@@ -40,8 +43,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tune_fixtures import REPO, SEARCH_SCRIPT, children, free_port, parents, shared_data_dir, small_search_flags
-from ui_browser import (FIRST_SCREEN, browser_missing, chromium, close_assistant, open_page, run_page_url,
-                        runs_page_url)
+from ui_browser import (ASSISTANT_AUTO_OPENED_KEY, FIRST_SCREEN, WORKFLOW_KEY, assistant_opens, browser_missing,
+                        chromium, close_assistant, open_page, run_page_url, runs_page_url)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
@@ -171,12 +174,40 @@ def test_the_experiment_opens_in_its_runs_table(search, browser):
     tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
     assert tags.get("mlflow.experimentKind") == "custom_model_development"
     with open_page(browser, f"{uri}/#/experiments", "experiment-opens-in-runs", viewport=FIRST_SCREEN) as page:
-        close_assistant(page)
         page.get_by_text("Model training", exact=True).click()  # the sidebar's switch, top left
         page.get_by_role("link", name=EXPERIMENT, exact=True).click()
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
         expect(run_link(page, parent.info.run_name)).to_be_visible()
+        assert page.evaluate(f"localStorage.getItem('{WORKFLOW_KEY}')") == '"machine_learning"'  # remembered
         page.goto(f"{uri}/#/experiments/{experiment_id}")  # the experiment's own address, later
+        expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
+        expect(run_link(page, parent.info.run_name)).to_be_visible()
+
+
+GENAI_FIRST = ("MLflow 3.17.2 opens an experiment in GenAI mode on a browser's first visit whatever its "
+               "mlflow.experimentKind tag: useExperimentKind follows the address's or the browser's workflowType "
+               "(default genai) as shouldEnableWorkflowBasedNavigation() returns true, and no server setting "
+               "changes that (mlflow/mlflow#24498; tests/ui_browser.py)")
+
+
+@needs_chromium
+def test_a_first_visit_opens_the_experiment_in_its_runs_table(search, browser):
+    """Issue #25: in a browser that has never been on this server, clicking the experiment in the
+    experiments list opens its runs table; nothing is switched or closed first. xfails only while
+    MLflow lands on its GenAI tabs for want of a remembered or addressed workflowType."""
+    from mlflow.tracking import MlflowClient
+
+    uri, experiment_id, parent = search["uri"], search["experiment_id"], search["parent"]
+    tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
+    assert tags.get("mlflow.experimentKind") == "custom_model_development"
+    with open_page(browser, f"{uri}/#/experiments", "first-visit-experiment", viewport=FIRST_SCREEN) as page:
+        page.get_by_role("link", name=EXPERIMENT, exact=True).click()
+        expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/\w+"))  # the tab it lands on
+        landed = page.url.split("#", 1)[1]
+        remembered = page.evaluate(f"localStorage.getItem('{WORKFLOW_KEY}')")
+        if re.match(rf"/experiments/{experiment_id}/(overview|traces)\b.*workflowType=genai", landed) and \
+                remembered is None:
+            pytest.xfail(f"{GENAI_FIRST}: it landed on {landed}")
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
         expect(run_link(page, parent.info.run_name)).to_be_visible()
 
@@ -188,28 +219,77 @@ def selected_child(search: dict):
     return kid
 
 
-@needs_chromium
-def test_parent_run_first_screen_shows_the_selection_and_links_its_run(search, browser):
-    parent, experiment_id = search["parent"], search["experiment_id"]
-    p, m, kid = parent.data.params, parent.data.metrics, selected_child(search)
+def selection_text(search: dict) -> str:
+    p = search["parent"].data.params
     point = ", ".join(f"{float(p[f'selected_{k}']):g}" for k in SELECTED)
+    return f"Selected (α_aug, α_fea, β, γ) = ({point})"
+
+
+def selection_link(page: Page, search: dict) -> Locator:
+    """The description's link to the selected child run, in the paragraph that names the selection."""
+    description = page.get_by_test_id("note-editor-preview-content")  # the run's description, rendered
+    paragraph = description.locator("p").filter(has_text=selection_text(search))
+    return paragraph.get_by_role("link", name=selected_child(search).info.run_name, exact=True)
+
+
+def expect_selection_on_screen(page: Page, search: dict) -> None:
+    """The selection, its dev and test F1 with their counts and the link to its run, all in the
+    viewport; the link opens the selected child run."""
+    parent, experiment_id, kid = search["parent"], search["experiment_id"], selected_child(search)
+    m = parent.data.metrics
     counted = (f"dev F1 {m['best_dev_f1']:.4f} on {m['best_dev_sentences']:g} sentences, "
                f"{m['best_dev_gold_entities']:g} gold entities; test F1 {m['best_test_f1']:.4f} on "
                f"{m['best_test_sentences']:g} sentences, {m['best_test_gold_entities']:g} gold entities")
-    url = run_page_url(search["uri"], experiment_id, parent.info.run_id)
+    description = page.get_by_test_id("note-editor-preview-content")
+    expect(description.get_by_text(selection_text(search))).to_be_in_viewport(ratio=1)
+    paragraph = description.locator("p").filter(has_text=selection_text(search))
+    expect(paragraph).to_contain_text(counted)
+    link = selection_link(page, search)
+    expect(link).to_be_in_viewport(ratio=1)
+    with page.context.expect_page() as opened:  # MLflow opens a description's links in a new tab
+        link.click()
+    expect(opened.value).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs/{kid.info.run_id}"))
+    expect(opened.value.get_by_role("heading", name=kid.info.run_name)).to_be_visible()
+
+
+@needs_chromium
+def test_parent_run_first_screen_shows_the_selection_and_links_its_run(search, browser):
+    """Once the Assistant panel has been closed (the browser remembers): a first visit is
+    test_a_first_visit_to_the_parent_run_shows_the_selection_on_the_first_screen."""
+    url = run_page_url(search["uri"], search["experiment_id"], search["parent"].info.run_id)
     with open_page(browser, url, "parent-run-first-screen", viewport=FIRST_SCREEN) as page:
         close_assistant(page)  # open on a browser's first visit: the page is then one column, details first
-        description = page.get_by_test_id("note-editor-preview-content")  # the run's description, rendered
-        selection = description.get_by_text(f"Selected (α_aug, α_fea, β, γ) = ({point})")
-        expect(selection).to_be_in_viewport(ratio=1)
-        paragraph = description.locator("p").filter(has_text=f"Selected (α_aug, α_fea, β, γ) = ({point})")
-        expect(paragraph).to_contain_text(counted)
-        link = paragraph.get_by_role("link", name=kid.info.run_name, exact=True)
-        expect(link).to_be_in_viewport(ratio=1)
-        with page.context.expect_page() as opened:  # MLflow opens a description's links in a new tab
-            link.click()
-        expect(opened.value).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs/{kid.info.run_id}"))
-        expect(opened.value.get_by_role("heading", name=kid.info.run_name)).to_be_visible()
+        expect_selection_on_screen(page, search)
+
+
+ASSISTANT_FIRST = ("MLflow 3.17.2 opens its Assistant panel on a browser's first visit to a server on localhost, "
+                   "127.0.0.1 or ::1, with no server-side switch; it narrows the run page below two columns, and "
+                   "the stacked page puts About this run, Datasets, Tags and Registered models above the "
+                   "description (tests/ui_browser.py)")
+
+
+@needs_chromium
+def test_a_first_visit_to_the_parent_run_shows_the_selection_on_the_first_screen(search, browser):
+    """Issue #25: the address the search prints, in a browser that has never been on this server, at
+    1280x800 without scrolling: the selection, its F1s with their counts and the link to its run.
+    Nothing is closed first. xfails only while the Assistant panel MLflow opened is what hides them."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    url = run_page_url(search["uri"], search["experiment_id"], search["parent"].info.run_id)
+    with open_page(browser, url, "first-visit-parent-run", viewport=FIRST_SCREEN) as page:
+        opened = assistant_opens(page)
+        link = selection_link(page, search)
+        expect(link).to_be_visible()  # rendered, on the first screen or not
+        try:
+            expect(link).to_be_in_viewport(ratio=1, timeout=10_000)
+        except (AssertionError, PlaywrightTimeout):
+            auto_opened = page.evaluate(f"localStorage.getItem('{ASSISTANT_AUTO_OPENED_KEY}')") == "true"
+            if opened and auto_opened:
+                box = link.bounding_box() or {}
+                pytest.xfail(f"{ASSISTANT_FIRST}: the link to the selected run is at y={box.get('y', 0):.0f} "
+                             f"in a {FIRST_SCREEN['height']} px high window")
+            raise
+        expect_selection_on_screen(page, search)
 
 
 def test_the_selection_is_marked_on_its_run_and_model_version(search):

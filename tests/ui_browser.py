@@ -9,6 +9,21 @@ MLflow 3.17 opens an experiment in its "GenAI" mode (a traces overview) unless t
 as the search's own hint prints it, tune/report.py ui_hint) or the browser remembers a click on
 "Model training". On a server on 127.0.0.1 it also opens its Assistant panel on a browser's first
 visit, which narrows the page to one column (`close_assistant`).
+
+Where that comes from in MLflow 3.17.2's UI (mlflow/server/js/build/static/js, the names from its
+sources), for the tests that check a first visit without working around either:
+* the mode: WorkflowTypeProvider takes `workflowType` from the address, else from localStorage
+  WORKFLOW_KEY (default "genai"; only the sidebar's GenAI / Model training switch writes it), and
+  useExperimentKind returns the kind of that mode, not the experiment's `mlflow.experimentKind` tag,
+  because shouldEnableWorkflowBasedNavigation() is `return true` (main.*.js: `n=(0,s.Z0)(); ...
+  n?m(t):(e=>...find(e=>"mlflow.experimentKind"===e.key)...)(e)`, `Z0:()=>R`, `R=()=>!0`). No server
+  option or environment variable sets it (mlflow/mlflow#24498; its proposed fix, #24493, is not in 3.17.2).
+* the Assistant: its button's effect `n&&!f&&(p(!0),o||a())` opens the panel when the page's host
+  name is localhost, 127.0.0.1 or ::1 (`n`) and localStorage ASSISTANT_AUTO_OPENED_KEY is unset
+  (`f`); ASSISTANT_OPEN_KEY then keeps it open on every visit until it is closed. The server has no
+  switch for it (MLFLOW_ENABLE_REMOTE_ASSISTANT only lets other hosts use it). The panel takes 25% of
+  the window; a run page narrower than the theme's lg breakpoint stacks its side sections (About this
+  run, Datasets, Tags, Registered models) above the description (verticalStackOrder "aside-first").
 """
 
 from __future__ import annotations
@@ -22,13 +37,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Locator, Page
 
 REPO = Path(__file__).resolve().parents[1]
 # CI keeps test-artifacts/ as an artifact: the screenshots show what the UI looked like, failed or not.
 SCREENSHOTS = Path(os.environ.get("TEST_ARTIFACTS_DIR") or REPO / "test-artifacts") / "mlflow-ui"
 VIEWPORT = {"width": 1600, "height": 1000}
 FIRST_SCREEN = {"width": 1280, "height": 800}  # what a laptop shows without scrolling
+# MLflow 3.17.2's localStorage keys (its useLocalStorage hook appends _v1 to each), see above.
+WORKFLOW_KEY = "mlflow.workflowType_v1"
+ASSISTANT_AUTO_OPENED_KEY = "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1"
+ASSISTANT_OPEN_KEY = "mlflow.assistant.panelOpen_v1"
 
 
 def chromium_path() -> str | None:
@@ -84,18 +103,28 @@ def open_page(browser: Browser, url: str, screenshot: str, height: int = VIEWPOR
         context.close()
 
 
-def close_assistant(page: Page) -> None:
-    """Closes MLflow's Assistant panel if it is open, as a person does once (the browser remembers)."""
+def assistant_panel(page: Page) -> Locator:
+    return page.get_by_role("button", name="New Chat")  # the panel's own (its title is "MLflow Assistant Beta")
+
+
+def assistant_opens(page: Page) -> bool:
+    """Whether MLflow's Assistant panel is open once the app has started (it opens then, if at all)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     page.get_by_text("Model training", exact=True).wait_for()  # the sidebar: the app has loaded
-    panel = page.get_by_role("button", name="New Chat")  # the panel's own (its title is "MLflow Assistant Beta")
     try:
-        panel.wait_for(timeout=10_000)  # it opens as the app starts, if at all
+        assistant_panel(page).wait_for(timeout=10_000)
     except PlaywrightTimeout:
+        return False
+    return True
+
+
+def close_assistant(page: Page) -> None:
+    """Closes MLflow's Assistant panel if it is open, as a person does once (the browser remembers)."""
+    if not assistant_opens(page):
         return
     page.get_by_role("button", name="Close").last.click()
-    panel.wait_for(state="hidden")
+    assistant_panel(page).wait_for(state="hidden")
 
 
 def runs_page_url(uri: str, experiment_id: str) -> str:
