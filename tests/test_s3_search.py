@@ -181,7 +181,8 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         assert champion.run_id == parent.info.run_id
         summary = json.loads(stored_objects(s3, f"{prefix}/cut")["summary.json"])
         assert summary["selected_checkpoint"].startswith(f"{storage}/cut/trial_") and not summary.get("model_error")
-        assert (tmp_path / "fresh-head" / "softfine" / "searches" / "s3" / "softfine" / prefix / "cut" / RECORD).is_file()
+        fresh = tmp_path / "fresh-head" / "softfine" / "searches" / "s3" / "softfine" / prefix / "cut"
+        assert (fresh / RECORD).is_file()  # the new head's working folder
     finally:
         ray.shutdown()
         shutil.rmtree(head_disk, ignore_errors=True)
@@ -203,7 +204,7 @@ def refused(argv: list, *fragments: str) -> str:
     code, output = run_search([str(a) for a in argv])
     last = output.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in output, output[-3000:]
-    assert last.startswith("tune/search.py: error: --storage-path ") or last.startswith("tune/search.py: error: --name"), last
+    assert last.startswith(("tune/search.py: error: --storage-path ", "tune/search.py: error: --name")), last
     for fragment in fragments:
         assert fragment in last, f"{fragment!r} not in {last!r}"
     assert not ray.is_initialized()  # before Ray starts
@@ -218,7 +219,8 @@ def test_a_storage_that_cannot_be_used_is_one_line_before_ray_starts(aws_env, tm
             f"({s3.endpoint})", "AWS_ENDPOINT_URL")
     assert s3.fs().get_file_info("no-such-bucket-here").type.name == "NotFound"  # nothing created
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key-" + uuid.uuid4().hex)
-    output = refused([*flags, "--storage-path", s3.uri("p")], f"--storage-path {s3.uri('p')}: cannot reach it or write there",
+    output = refused([*flags, "--storage-path", s3.uri("p")],
+                     f"--storage-path {s3.uri('p')}: cannot reach it or write there",
                      "ACCESS_DENIED", "AWS_ACCESS_KEY_ID")
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in output
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env["AWS_SECRET_ACCESS_KEY"])
@@ -229,10 +231,13 @@ def test_a_storage_that_cannot_be_used_is_one_line_before_ray_starts(aws_env, tm
     refused([*flags, "--storage-path", s3.uri("p")], "cannot reach it or write there", "NETWORK_CONNECTION",
             f"endpoint http://127.0.0.1:{closed}")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    refused(["--resume", "x", "--storage-path", "s3://no-such-bucket-here/p"], "bucket 'no-such-bucket-here' does not exist")
+    refused(["--resume", "x", "--storage-path", "s3://no-such-bucket-here/p"],
+            "bucket 'no-such-bucket-here' does not exist")
     output = refused([*flags, "--storage-path", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@softfine/p"],
                      "--storage-path s3://...@softfine/p: no credentials in the URI")
     assert "wJalrXUtnFEMI" not in output and "AKIAEXAMPLE" not in output
+    refused([*flags, "--storage-path", f"{s3.uri('p')}?endpoint_override=elsewhere"],
+            "give the bucket and prefix alone (s3://BUCKET/PREFIX)", "AWS_ENDPOINT_URL")
     assert not (tmp_path / "cache").exists()  # no working folder either
 
 

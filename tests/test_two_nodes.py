@@ -380,7 +380,7 @@ def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dic
     print(f"killed the worker's raylet (pid {killed['pid']}) after steps {killed['steps']}")
     assert job.returncode == 0 and "succeeded" in output, tail(output)
     check_the_search(uri, s3_server, experiment, output, killed, head_ip)
-    assert (inside(head, head.home / "softfine-mlflow") / "mlflow.db").is_file()  # the store of the server `ray up` started
+    assert (inside(head, head.home / "softfine-mlflow") / "mlflow.db").is_file()  # the store `ray up`'s server made
     # The search's working folder is the head's own (~/.cache), the data never was on the worker.
     assert (inside(head, head.home / ".cache" / "softfine" / "searches" / "s3") / experiment / "summary.json").is_file()
     assert not list(inside(worker, data).iterdir())

@@ -165,11 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "folder (on a multi-node cluster, one that every node shares, e.g. NFS), or cloud "
                              "storage that the nodes reach over the network, s3://BUCKET/PREFIX (any URI pyarrow "
                              "opens): the driver then works in a copy of the search's own files in "
-                             "~/.cache/softfine/searches/ (or $XDG_CACHE_HOME/...) and uploads them as they change, and a "
-                             "resume needs nothing "
-                             "but the URI. S3's endpoint and credentials come as AWS tools take them "
-                             "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an "
-                             "instance role), on the driver's machine and every node; never in the URI "
+                             "~/.cache/softfine/searches/ (or $XDG_CACHE_HOME/...) and uploads them as they change, "
+                             "and a resume needs nothing but the URI. S3's endpoint and credentials come as AWS "
+                             "tools take them (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                             "AWS_PROFILE, an instance role), on the driver's machine and every node; never in the URI "
                              f"(default: {DEFAULT_STORAGE})")
     faults.add_argument("--resume", nargs="?", const="latest", metavar="NAME",
                         help="continue a search whose driver stopped (the latest one in --storage-path, or NAME there, "

@@ -170,7 +170,7 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
             raise SearchError(f"--name {plan.name}: a search of that name started in {plan.storage_path} meanwhile; "
                               f"continue it with --resume {plan.name} once it stops, or choose another name")
         if files.remote:  # the working folder: empty for a new search, the search's files for a resumed one
-            pulled = files.pull()
+            pulled = files.pull(download=bool(record))
             if record:
                 log.info("%s: downloaded %s", files.location, ", ".join(pulled))
         if record:

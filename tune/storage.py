@@ -84,7 +84,8 @@ class Storage:
         if not self.remote:
             return self.local / name
         parts = urllib.parse.urlsplit(self.uri)
-        where = [re.sub(r"[^\w.@+=-]", "_", p) for p in f"{parts.netloc}/{parts.path}".split("/") if p not in ("", ".", "..")]
+        where = [re.sub(r"[^\w.@+=-]", "_", p) for p in f"{parts.netloc}/{parts.path}".split("/")
+                 if p not in ("", ".", "..")]
         return cache_home() / "softfine" / "searches" / parts.scheme / Path(*where) / name
 
     def filesystem(self):
@@ -111,6 +112,9 @@ class Storage:
             raise SearchError(f"--storage-path {parts.scheme}://...@{parts.netloc.rpartition('@')[2]}{parts.path}: "
                               "no credentials in the URI; give them the way AWS tools take them (AWS_ACCESS_KEY_ID "
                               "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)")
+        if parts.query or parts.fragment:  # pyarrow's options (region=, endpoint_override=): the environment's
+            raise SearchError(f"--storage-path {self.uri}: give the bucket and prefix alone (s3://BUCKET/PREFIX); the "
+                              "endpoint and region come from the environment (AWS_ENDPOINT_URL, AWS_REGION)")
         import pyarrow.fs
 
         how = ("the endpoint and credentials come from the environment, as AWS tools take them: AWS_ENDPOINT_URL, "
@@ -249,10 +253,11 @@ class SearchFiles:
         if self.remote:
             self.storage.filesystem()[0].delete_file(self.storage.fs_path(self.name, file))
 
-    def pull(self) -> list[str]:
+    def pull(self, download: bool = True) -> list[str]:
         """Empties the working folder (whatever an earlier driver on this machine left there is no
-        part of the search now) but for the lock this driver holds, and downloads the search's own
-        files into it; returns their names. Nothing to do on a local storage."""
+        part of the search now) but for the lock this driver holds, and (`download`: a resumed
+        search) downloads the search's own files into it; returns their names. Nothing to do on a
+        local storage."""
         if not self.remote:
             return []
         import pyarrow.fs
@@ -260,6 +265,8 @@ class SearchFiles:
         for path in self.folder.iterdir():
             if path.is_file() and path.name != LOCK:
                 path.unlink()
+        if not download:
+            return []
         fs, _ = self.storage.filesystem()
         got = []
         for info in fs.get_file_info(pyarrow.fs.FileSelector(self.storage.fs_path(self.name), allow_not_found=True)):
