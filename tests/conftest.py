@@ -47,3 +47,16 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3")).start()
     yield server
     server.stop()
+
+
+# pytest -n 2 --dist loadgroup (pyproject.toml): each module's tests run in one worker, so that a
+# module's fixtures (a trained model, a search, a Ray instance) are made once. The modules that
+# start Ray nodes with `ray up`/`ray start` over sshd in namespaces of their own share one group:
+# one at a time.
+ONE_AT_A_TIME = {"test_two_nodes.py", "test_ray_up.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = "ray-nodes" if item.path.name in ONE_AT_A_TIME else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
