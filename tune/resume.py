@@ -19,7 +19,9 @@ def find_search(storage: Storage, which: str) -> tuple[Storage, str]:
         candidates = [(storage, which)]
         if is_remote(which):
             parent, _, name = which.rstrip("/").rpartition("/")
-            candidates.insert(0, (Storage(parent), name))
+            remote = Storage(parent)
+            remote.check()  # it answers, with credentials (one line naming the flag otherwise)
+            candidates.insert(0, (remote, name))
         elif (Path(which) / RECORD).is_file():
             folder = Path(which).resolve()
             candidates.insert(0, (Storage(str(folder.parent)), folder.name))

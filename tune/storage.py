@@ -211,7 +211,9 @@ def first_line(err: BaseException) -> str:
 
 
 def endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's own"
+    """The S3 endpoint the environment gives (as shown: a user and password in it masked)."""
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's own"
+    return re.sub(r"//[^/@\s]*@", "//***@", url)
 
 
 def own(file: str) -> bool:
