@@ -14,14 +14,13 @@ import torch
 
 from .batches import collate, encode
 from .config import TrainConfig
-from .data import categories
 from .datasets import Corpus, load_corpus
 from .device import attention_kernels, autocast, pad_multiple, resolve_device
 from .errors import ConfigError
 from .fused import FusedModel, uses_augmentation
-from .labels import LabelSpace
-from .model import CharIds, build_model
+from .model import CharIds
 from .optim import build_optimizer
+from .train import label_space, new_encoder
 
 
 def member_memory(config: TrainConfig, corpus: Corpus | None = None) -> dict:
@@ -30,11 +29,11 @@ def member_memory(config: TrainConfig, corpus: Corpus | None = None) -> dict:
     device = resolve_device(config.device)
     if device.type != "cuda":
         raise ConfigError(f"device {device}: a fused group's memory is measured on a CUDA device")
-    sentences = (corpus or load_corpus(config, ["train"])).splits["train"]
-    labels = LabelSpace.infer(categories(sentences), config.label_separator)
-    tokenizer, model = build_model(config.model, labels, config.dropout, (c for s in sentences for c in s.chars),
-                                   config.tiny_shape())
+    corpus = corpus or load_corpus(config, ["train"])
+    labels = label_space(corpus, config)
+    tokenizer, model = new_encoder(config, labels, corpus)  # as train_group makes it
     model.to(device)
+    sentences = corpus.splits["train"]
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
     longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:config.batch_size]
     batch = collate(longest, pad_multiple(config.pad_multiple, device, config.compile), config.batch_size,

@@ -19,7 +19,8 @@ from softfine.fused import FusedModel
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, load_checkpoint, random_model
 from softfine.optim import TRAINING_STATE, build_optimizer, make_scheduler
-from softfine.train import LOSS_PARTS, forward_loss, train, train_group, train_step
+from softfine.train import LOSS_PARTS, train, train_group, train_step
+from test_step import forward_loss
 
 # Three points of the paper's grid: every searched value differs somewhere.
 POINTS = [dict(alpha_aug=0.1, alpha_fea=0.1, beta=2.0, gamma=1.5), dict(alpha_aug=0.01, alpha_fea=0.005, beta=3.0,

@@ -13,12 +13,24 @@ from softfine.data import categories
 from softfine.datasets import load_corpus
 from softfine.device import attention_kernels, pad_multiple
 from softfine.evaluate import predict_tags
-from softfine.fused import FusedModel
+from softfine.fused import FusedModel, member_loss, uses_augmentation
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, load_checkpoint, random_model
-from softfine.train import forward_loss, train
+from softfine.train import train
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128)
+
+
+def forward_loss(model: SoftFiNEModel, soft_table: torch.Tensor, config: TrainConfig):
+    """`loss(input_ids, aug_ids, attention_mask, label_ids)`: one model's forward pass and SoftFiNE
+    loss, without vmap: what a member of a fused group computes (fused.member_loss), to compare with."""
+    use_aug = uses_augmentation(config)
+
+    def loss(input_ids, aug_ids, attention_mask, label_ids) -> dict[str, torch.Tensor]:
+        return member_loss(model, soft_table, use_aug, config.alpha_aug, config.alpha_fea,
+                           input_ids, aug_ids, attention_mask, label_ids)
+
+    return loss
 
 
 def tiny_config(data_dir, out, **overrides) -> TrainConfig:
