@@ -165,7 +165,7 @@ def main(args: argparse.Namespace) -> None:
                   f"{result['test_gold_entities']} gold entities; {result['train_seconds']:.0f} s training" if result else "")
         report("tiny defaults, Resume, seed 1", figure, "F1 as on CPU (0.8556)", wall, note)
 
-    print(f"\n| check | figure | goal | s |\n|---|---|---|---|")
+    print("\n| check | figure | goal | s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['check']} | {r['figure'] or r['note']} | {r['goal']} | {r['seconds']} |")
     print(json.dumps({"card": card, "torch": torch.__version__, "rows": rows}))

@@ -27,7 +27,7 @@ import time
 import torch
 
 from softfine.batches import encode, train_loader
-from softfine.config import ATTENTION, TrainConfig, make_config
+from softfine.config import ATTENTION, MAX_TOKENS, TrainConfig, make_config
 from softfine.data import categories
 from softfine.datasets import load_corpus
 from softfine.device import attention_kernels, compile_step, pad_multiple, resolve_device
@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-aug", action="store_true", help="time plain steps (no augmentation)")
     parser.add_argument("--attention", choices=ATTENTION, default="auto", help="as softfine train --attention")
-    parser.add_argument("--pad-multiple", type=integer(0, 512),
+    parser.add_argument("--pad-multiple", type=integer(0, MAX_TOKENS),
                         help="as softfine train --pad-multiple (default: the device's)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="as softfine train --compile")

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from .config import MAX_TOKENS
 from .data import Sentence
 from .labels import LabelSpace
 from .model import CharIds
@@ -59,7 +60,7 @@ def padded_length(longest: int, multiple: int, max_length: int) -> int:
     return max(longest, min(-(-longest // multiple) * multiple, max_length))
 
 
-def collate(examples: list[dict], multiple: int = 0, rows: int = 0, max_length: int = 512) -> dict:
+def collate(examples: list[dict], multiple: int = 0, rows: int = 0, max_length: int = MAX_TOKENS) -> dict:
     """Pads a batch to `padded_length` tokens and, with `rows`, to that many rows. A padding row
     attends to its first token only (a row that attends to nothing would make NaNs) and has no
     characters, so the losses, which average over characters, are the same."""
@@ -84,7 +85,7 @@ def collate(examples: list[dict], multiple: int = 0, rows: int = 0, max_length: 
 
 
 def train_loader(examples: list[dict], batch_size: int, seed: int, epoch: int, pin_memory: bool = False,
-                 multiple: int = 0, max_length: int = 512):
+                 multiple: int = 0, max_length: int = MAX_TOKENS):
     """Batches of similar length (transformers' LengthGroupedSampler), reshuffled each epoch;
     `pin_memory` (for CUDA) lets the copies to the GPU run asynchronously; `multiple` > 0 pads
     every batch to a multiple of that many tokens and to `batch_size` rows."""
@@ -98,7 +99,7 @@ def train_loader(examples: list[dict], batch_size: int, seed: int, epoch: int, p
                                        collate_fn=pad, drop_last=False, pin_memory=pin_memory)
 
 
-def eval_loader(examples: list[dict], batch_size: int, multiple: int = 0, max_length: int = 512):
+def eval_loader(examples: list[dict], batch_size: int, multiple: int = 0, max_length: int = MAX_TOKENS):
     """Every window once, shortest first, padded as `train_loader` pads."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     pad = functools.partial(collate, multiple=multiple, rows=batch_size if multiple else 0, max_length=max_length)

@@ -23,7 +23,7 @@ import types
 import typing
 from typing import Sequence
 
-from .config import DATA_FIELDS
+from .config import DATA_FIELDS, MAX_TOKENS
 from .errors import ConfigError, SoftFiNEError
 
 log = logging.getLogger("softfine")
@@ -287,7 +287,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         log.warning("%s %s: %d gold entities of %d categories the checkpoint has no label for (%s): scored as missed",
                     corpus.name, args.split, sum(unknown.values()), len(unknown),
                     ", ".join(f"{c} {n}" for c, n in sorted(unknown.items())))
-    examples = encode(sentences, CharIds(tokenizer), labels, config.get("max_length", 512), unknown_as_o=True)
+    examples = encode(sentences, CharIds(tokenizer), labels, config.get("max_length", MAX_TOKENS), unknown_as_o=True)
     scores = evaluate(model, Split(sentences, examples), labels, device)
     scores["unseen_entities"] = sum(unknown.values())
     if args.json:

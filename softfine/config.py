@@ -26,6 +26,8 @@ from typing_extensions import Annotated
 from .data import SCHEMES
 from .errors import ConfigError, SoftFiNEError
 
+MAX_TOKENS = 512  # BERT's position embeddings: the longest window, [CLS] and [SEP] included
+
 Positive = Annotated[float, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -102,14 +104,14 @@ class TrainConfig:
     label_separator: Optional[str] = option(None, "splits categories into hierarchy levels (default: '/' when "
                                             "every category starts with '/', as FiNE's, else one level; e.g. '.' "
                                             "splits Weibo's PER.NAM)")
-    max_length: Annotated[int, Field(ge=8, le=512)] = option(512, "tokens per window, [CLS] and [SEP] "
+    max_length: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = option(MAX_TOKENS, "tokens per window, [CLS] and [SEP] "
                                                              "included; longer sentences are split")
     strict: bool = option(False, "make every data problem an error instead of a repaired or skipped sentence")
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = option(
         "auto", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)")
     log_every: Annotated[int, Field(ge=0)] = option(50, "training steps between progress lines (the only "
                                                     "times a step waits to read the loss)")
-    pad_multiple: Optional[Annotated[int, Field(ge=0, le=512)]] = option(
+    pad_multiple: Optional[Annotated[int, Field(ge=0, le=MAX_TOKENS)]] = option(
         None, "pad each batch to a multiple of N tokens and to full rows, so a GPU sees a few shapes; 0 pads to "
         "the batch's longest window (default: 64 on CUDA or with --compile, else 0)")
     attention: Literal[ATTENTION] = option(

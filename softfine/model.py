@@ -29,6 +29,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from .config import MAX_TOKENS
 from .errors import ConfigError, StorageError
 from .labels import LabelSpace
 
@@ -129,7 +130,7 @@ def random_model(chars: Iterable[str], labels: LabelSpace, dropout: float, shape
     from transformers import BertConfig, BertForTokenClassification
 
     tokenizer = tiny_tokenizer(chars)
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, **(shape or {}),
+    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, **(shape or {}),
                         **label_fields(labels, dropout))
     return add_aug_tokens(tokenizer, BertForTokenClassification(config), mean_resizing=False)
 

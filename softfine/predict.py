@@ -7,6 +7,7 @@ from typing import Sequence
 
 from seqeval.scheme import IOBES, Entities
 
+from .config import MAX_TOKENS
 from .data import Sentence
 from .model import CharIds, load_checkpoint
 from .batches import Split, encode
@@ -25,7 +26,7 @@ class Predictor:
     def __init__(self, model, tokenizer, labels, train_config: dict, device):
         self.model, self.labels, self.device = model, labels, device
         self.char_ids = CharIds(tokenizer)
-        self.max_length = train_config.get("max_length", 512)
+        self.max_length = train_config.get("max_length", MAX_TOKENS)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str = "auto") -> "Predictor":
