@@ -38,9 +38,14 @@ def point_key(config: dict) -> tuple:
      dict(alpha_aug=0.1, alpha_fea=0.1, beta=4, gamma=2)),
 ])
 def test_presets_hold_the_papers_settings_and_grid(dataset, expected, selection):
+    from softfine.config import FINE_TUNING
+    from softfine_tune.plan import base_config
+
     preset = space.load_preset(dataset)
+    assert not any(preset["train"].get(key) == value for key, value in FINE_TUNING.items())  # only what differs
+    base = base_config(preset, {"dataset": dataset})  # with the trainer's fine-tuning defaults
     for key, value in expected.items():
-        assert preset["train"][key] == pytest.approx(value), key
+        assert getattr(base, key) == pytest.approx(value), key
     grid = preset["grid"]
     assert len(grid) == 36
     assert sorted(map(point_key, grid.points())) == sorted(map(point_key, PAPER_GRID))
