@@ -19,6 +19,7 @@ costliest operators. Figures are printed, not asserted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import resource
@@ -26,17 +27,14 @@ import time
 
 import torch
 
-from softfine.batches import encode, train_loader
+from softfine.batches import train_loader
 from softfine.config import ATTENTION, MAX_TOKENS, TrainConfig, make_config
-from softfine.data import categories
 from softfine.datasets import load_corpus
-from softfine.device import attention_kernels, compile_step, pad_multiple, resolve_device
-from softfine.fused import FusedModel, uses_augmentation
-from softfine.labels import LabelSpace
-from softfine.model import CharIds, SoftFiNEModel, build_model, random_model
-from softfine.optim import build_optimizer
+from softfine.device import resolve_device
+from softfine.fused import FusedModel
+from softfine.model import SoftFiNEModel, build_model, random_model
 from softfine.script import integer, run_script
-from softfine.train import train_step
+from softfine.train import GroupRun, label_space
 
 TINY_SHAPE = TrainConfig(model="tiny").tiny_shape()  # the tiny encoder's defaults, as `softfine train` builds it
 
@@ -99,42 +97,38 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def measure(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace) -> tuple[GroupRun, int]:
+    """The training loop's own set-up (softfine.train.GroupRun: optimizer, loss, attention kernel,
+    padding) around an encoder of `--shape` or `--model`; and the encoder's parameter count."""
     # make_config: a bad --dataset or --device is a ConfigError naming the flag, as in softfine train
     config = make_config(dict(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
                               aug=not args.no_aug, lr=1e-4, device=args.device, attention=args.attention,
                               pad_multiple=args.pad_multiple, compile=args.compile))
     device = resolve_device(config.device)
     torch.manual_seed(0)
-    sentences = load_corpus(config, ["train"]).splits["train"]
-    labels = LabelSpace.infer(categories(sentences), config.label_separator)
-    tokenizer, model = build(args.shape, args.model, labels, config.dropout, (c for s in sentences for c in s.chars))
+    corpus = load_corpus(config, ["train"])
+    labels = label_space(corpus, config)
+    chars = (c for s in corpus.splits["train"] for c in s.chars)
+    tokenizer, model = build(args.shape, args.model, labels, config.dropout, chars)
     fused = FusedModel([model.to(device)] * args.fuse).train()
-    examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
-    optimizer = build_optimizer(fused.params, config)
-    tables = torch.stack([labels.soft_targets(config.beta, config.gamma)] * args.fuse).to(device)
-    alphas = [torch.full((args.fuse,), value, device=device) for value in (config.alpha_aug, config.alpha_fea)]
-    loss = fused.loss(tables, uses_augmentation(config), *alphas)
-    loss = compile_step(loss, device) if config.compile else loss
-    kernel = "math" if args.fuse > 1 else config.attention  # as train.py: vmap refuses the fused kernels' dropout
-    multiple = pad_multiple(config.pad_multiple, device, config.compile)
-    lengths: set[int] = set()
+    run = GroupRun([config] * args.fuse, [], corpus, labels, tokenizer, fused, device)
+    return run, sum(p.numel() for p in model.parameters())
+
+
+def measure(args: argparse.Namespace) -> None:
+    run, parameters = setup(args)
+    config, device, lengths = run.config, run.device, set()
 
     def batches():
-        epoch = 0
-        while True:
-            yield from train_loader(examples, config.batch_size, config.seed, epoch, device.type == "cuda",
-                                    multiple, config.max_length)
-            epoch += 1
+        for epoch in itertools.count():
+            yield from train_loader(run.data["train"].examples, config.batch_size, config.seed, epoch,
+                                    device.type == "cuda", run.multiple, config.max_length)
 
     stream = batches()
 
     def step() -> dict:
         batch = next(stream)
-        with attention_kernels(device, kernel):
-            train_step(loss, batch, device)
-        fused.clip_grad_norms(config.max_grad_norm)
-        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        run.train_on(batch)
         lengths.add(batch["input_ids"].shape[1])
         return batch
 
@@ -156,17 +150,18 @@ def measure(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    on_gpu = device.type == "cuda"
     figures = {
         "dataset": args.dataset, "model": args.model or args.shape, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": device.type == "cuda",
-        "augmentation": not args.no_aug, "attention": kernel, "pad_multiple": multiple,
+        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": on_gpu,
+        "augmentation": not args.no_aug, "attention": run.kernel, "pad_multiple": run.multiple,
         "compile": config.compile, "fuse": args.fuse, "batch_size": args.batch_size, "steps": args.steps,
-        "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "parameters_M": round(parameters / 1e6, 1),
         "chars_per_s": round(chars / seconds), "sentences_per_s": round(sentences_seen / seconds, 1),
         "step_ms": round(seconds * 1e3 / args.steps, 2), "warmup_s": round(warmup_s, 2),
         "padded_lengths": len(lengths), "peak_memory_MiB": round(peak),
-        "peak_memory_kind": "CUDA allocated" if device.type == "cuda" else "process max RSS",
+        "peak_memory_kind": "CUDA allocated" if on_gpu else "process max RSS",
     }
     if args.profile:
         figures.update(profile_steps(step, args.profile, device, sync))
@@ -174,7 +169,6 @@ def measure(args: argparse.Namespace) -> None:
         if key != "profile_top":
             print(f"{key:>18}: {value}")
     print(json.dumps(figures))
-
 
 if __name__ == "__main__":
     run_script(parser(), measure)

@@ -147,11 +147,13 @@ class GroupRun:
         self.kernel = "math" if fused.size > 1 else config.attention
         soft_tables = torch.stack([labels.soft_targets(c.beta, c.gamma, c.soft_scope) if c.soft
                                    else labels.one_hot_targets() for c in configs]).to(device)
-        alphas = [torch.tensor([getattr(c, name) for c in configs], device=device) for name in ("alpha_aug", "alpha_fea")]
+        alphas = [torch.tensor([getattr(c, name) for c in configs], device=device)
+                  for name in ("alpha_aug", "alpha_fea")]
         self.loss = fused.loss(soft_tables, uses_augmentation(config), *alphas)
         if config.compile:
             self.loss = compile_step(self.loss, device)
         self.running = dict.fromkeys(LOSS_PARTS + ("n",), 0.0)
+        self.seen_chars = 0
 
     def restore(self, states: list[dict]) -> None:
         """The members' training states of one evaluation (resume_members)."""
@@ -166,7 +168,7 @@ class GroupRun:
                  self.corpus.name, *(len(sentences.get(s, [])) for s in ("train", "dev", "test")),
                  len(self.labels), self.total_steps, self.device,
                  f", {self.fused.size} runs fused" if self.fused.size > 1 else "")
-        started, self.seen_chars = time.perf_counter(), 0
+        started = time.perf_counter()
         bar = progress(self.total_steps, "train", self.step)
         for epoch in range(self.step // self.steps_per_epoch, config.epochs):
             self.fused.train()
