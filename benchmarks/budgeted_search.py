@@ -48,11 +48,29 @@ def search(name: str, flags: list[str], common: list[str], tmp: str) -> tuple[li
 
 
 def run(name: str, flags: list[str], common: list[str], tmp: str) -> None:
-    command = [sys.executable, "tune/search.py", *common, *flags, "--name", name, "--storage-path", f"{tmp}/ray",
-               "--mlflow-uri", f"sqlite:///{tmp}/mlflow.db", "--experiment-name", "budget"]
+    command = [
+        sys.executable,
+        "tune/search.py",
+        *common,
+        *flags,
+        "--name",
+        name,
+        "--storage-path",
+        f"{tmp}/ray",
+        "--mlflow-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        "--experiment-name",
+        "budget",
+    ]
     print("$ " + " ".join(command[1:]), flush=True)
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     error = relay_error(done.stderr) if done.returncode else None
     if error:  # the search's own one line: a problem the user can fix
         raise SoftFiNEError(f"search {name}: {error}")
@@ -67,34 +85,70 @@ def describe(name: str, rows: list[dict], summary: dict, target: float) -> dict:
         best = max(best, r["best_dev_f1"])
         if reached is None and best >= target:
             reached = spent
-    return {"search": name, "trials": len(rows), "trial_epochs": spent, "best_dev_f1": summary.get("best_dev_f1"),
-            "test_f1_of_selection": summary.get("best_test_f1"), "epochs_to_within": reached}
+    return {
+        "search": name,
+        "trials": len(rows),
+        "trial_epochs": spent,
+        "best_dev_f1": summary.get("best_dev_f1"),
+        "test_f1_of_selection": summary.get("best_test_f1"),
+        "epochs_to_within": reached,
+    }
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--limit-train", type=integer(1), default=600)
     parser.add_argument("--epochs", type=integer(1), default=4)
-    parser.add_argument("--budget", type=integer(1), default=11,
-                        help="trials of each budgeted search (default: 11, 30%% of 36)")
-    parser.add_argument("--seeds", type=integer(0, 2**32 - 1), nargs="+", default=[0, 1, 2], help="Optuna sampler seeds")
-    parser.add_argument("--tolerance", type=number(0, above=False), default=0.003, help="F1 (0.003 = 0.3 points)")
+    parser.add_argument(
+        "--budget",
+        type=integer(1),
+        default=11,
+        help="trials of each budgeted search (default: 11, 30%% of 36)",
+    )
+    parser.add_argument(
+        "--seeds", type=integer(0, 2**32 - 1), nargs="+", default=[0, 1, 2], help="Optuna sampler seeds"
+    )
+    parser.add_argument(
+        "--tolerance", type=number(0, above=False), default=0.003, help="F1 (0.003 = 0.3 points)"
+    )
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
-    parser.add_argument("--out", help="keep the searches' results and MLflow store here (default: a temporary "
-                                      "folder, removed at the end); a grid already there is reused")
+    parser.add_argument(
+        "--out",
+        help="keep the searches' results and MLflow store here (default: a temporary "
+        "folder, removed at the end); a grid already there is reused",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     check_data(args.dataset, args.data_dir)
-    common = ["--dataset", args.dataset, "--model", "tiny", "--limit-train", str(args.limit_train),
-              "--epochs", str(args.epochs), "--gpus-per-trial", "0", "--cpus-per-trial", "1", "--address", "local"]
+    common = [
+        "--dataset",
+        args.dataset,
+        "--model",
+        "tiny",
+        "--limit-train",
+        str(args.limit_train),
+        "--epochs",
+        str(args.epochs),
+        "--gpus-per-trial",
+        "0",
+        "--cpus-per-trial",
+        "1",
+        "--address",
+        "local",
+    ]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
     table = []
     with contextlib.ExitStack() as stack:
-        tmp = str(Path(args.out).resolve()) if args.out else stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="budgeted-search-"))
+        tmp = (
+            str(Path(args.out).resolve())
+            if args.out
+            else stack.enter_context(tempfile.TemporaryDirectory(prefix="budgeted-search-"))
+        )
         grid_rows, grid_summary = search("grid", [], common, tmp)
         target = grid_summary["best_dev_f1"] - args.tolerance
         table.append(describe("grid (36 points)", grid_rows, grid_summary, target))
@@ -102,16 +156,31 @@ def main(args: argparse.Namespace) -> None:
             tpe = ["--sampler", "tpe", "--num-samples", str(args.budget), "--search-seed", str(seed)]
             table.append(describe(f"TPE, seed {seed}", *search(f"tpe-{seed}", tpe, common, tmp), target))
             asha = [*tpe, "--scheduler", "asha", "--asha-grace-period", "1", "--asha-reduction-factor", "2"]
-            table.append(describe(f"TPE + ASHA, seed {seed}", *search(f"asha-{seed}", asha, common, tmp), target))
+            table.append(
+                describe(f"TPE + ASHA, seed {seed}", *search(f"asha-{seed}", asha, common, tmp), target)
+            )
     grid_epochs = table[0]["trial_epochs"]
-    print(f"\n{args.dataset}, tiny encoder, {args.limit_train} training sentences, {args.epochs} epochs per trial; "
-          f"target: grid's best dev F1 {grid_summary['best_dev_f1']:.4f} - {args.tolerance:g}")
-    print(f"{'search':<22} {'trials':>6} {'trial-epochs':>12} {'% grid':>7} {'best dev F1':>11} {'its test F1':>11} "
-          f"{'epochs to within':>16}")
+    print(
+        f"\n{args.dataset}, tiny encoder, {args.limit_train} training sentences, {args.epochs} "
+        "epochs per trial; "
+        f"target: grid's best dev F1 {grid_summary['best_dev_f1']:.4f} - {args.tolerance:g}"
+    )
+    print(
+        f"{'search':<22} {'trials':>6} {'trial-epochs':>12} {'% grid':>7} {'best dev F1':>11} "
+        f"{'its test F1':>11} "
+        f"{'epochs to within':>16}"
+    )
     for r in table:
-        within = "never" if r["epochs_to_within"] is None else f"{r['epochs_to_within']} ({100 * r['epochs_to_within'] / grid_epochs:.0f} %)"
-        print(f"{r['search']:<22} {r['trials']:>6} {r['trial_epochs']:>12} {100 * r['trial_epochs'] / grid_epochs:>6.0f}% "
-              f"{r['best_dev_f1']:>11.4f} {r['test_f1_of_selection']:>11.4f} {within:>16}")
+        within = (
+            "never"
+            if r["epochs_to_within"] is None
+            else f"{r['epochs_to_within']} ({100 * r['epochs_to_within'] / grid_epochs:.0f} %)"
+        )
+        print(
+            f"{r['search']:<22} {r['trials']:>6} {r['trial_epochs']:>12} "
+            f"{100 * r['trial_epochs'] / grid_epochs:>6.0f}% "
+            f"{r['best_dev_f1']:>11.4f} {r['test_f1_of_selection']:>11.4f} {within:>16}"
+        )
 
 
 if __name__ == "__main__":

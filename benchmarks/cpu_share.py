@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from search_overhead import DIRECT, OWN, POINT, REPO, run_env, search_command
+
 from softfine.errors import SoftFiNEError
 from softfine.script import check_data, integer, number, relay_error, run_script
 
@@ -39,15 +40,21 @@ def threads() -> dict[str, Thread]:
     for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
         try:
             stat = (task / "stat").read_text()
-            status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+            status = dict(
+                line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line
+            )
             words = (task.parents[1] / "cmdline").read_bytes().split(b"\0")[:3]
         except OSError:  # it ended meanwhile
             continue
         name = " ".join(w.decode(errors="replace").rsplit("/", 1)[-1][:30] for w in words).strip()
-        fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-        found[str(task)] = Thread(task.parts[2], name or stat[stat.index("(") + 1:stat.rindex(")")],
-                                  int(fields[11]) + int(fields[12]), int(status["voluntary_ctxt_switches"]),
-                                  int(status["nonvoluntary_ctxt_switches"]))
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        found[str(task)] = Thread(
+            task.parts[2],
+            name or stat[stat.index("(") + 1 : stat.rindex(")")],
+            int(fields[11]) + int(fields[12]),
+            int(status["voluntary_ctxt_switches"]),
+            int(status["nonvoluntary_ctxt_switches"]),
+        )
     return found
 
 
@@ -62,7 +69,7 @@ def descends_from(pid: str, ancestor: int) -> bool:
         if pid == str(ancestor):
             return True
         stat = (Path("/proc") / pid / "stat").read_text()
-        pid = stat[stat.rindex(")") + 2:].split()[1]
+        pid = stat[stat.rindex(")") + 2 :].split()[1]
     return False
 
 
@@ -119,22 +126,35 @@ def sample(command: list[str], search: bool, settle: float, window: float, env: 
         names[now.pid] = now.name
     others = {p: d for p, d in delta.items() if p != pid}
     busiest = sorted(others, key=lambda p: -others[p][1])[:6]
-    return {"seconds": seconds, "training": delta[pid][0] / HZ, "preempted": delta[pid][2] / seconds,
-            "others": sum(d[0] for d in others.values()) / HZ, "woke": sum(d[1] for d in others.values()) / seconds,
-            "idle": (cores_after["idle"] - cores_before["idle"]) / HZ,
-            "steal": (cores_after["steal"] - cores_before["steal"]) / HZ,
-            "busiest": [(names[p], others[p][1] / seconds, others[p][0] / HZ) for p in busiest]}
+    return {
+        "seconds": seconds,
+        "training": delta[pid][0] / HZ,
+        "preempted": delta[pid][2] / seconds,
+        "others": sum(d[0] for d in others.values()) / HZ,
+        "woke": sum(d[1] for d in others.values()) / seconds,
+        "idle": (cores_after["idle"] - cores_before["idle"]) / HZ,
+        "steal": (cores_after["steal"] - cores_before["steal"]) / HZ,
+        "busiest": [(names[p], others[p][1] / seconds, others[p][0] / HZ) for p in busiest],
+    }
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="resume")
-    parser.add_argument("--epochs", type=integer(1), default=3, help="epochs of both runs: enough to outlast the window")
+    parser.add_argument(
+        "--epochs", type=integer(1), default=3, help="epochs of both runs: enough to outlast the window"
+    )
     parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=1)
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
     parser.add_argument("--threads", type=integer(1), help="CPU threads of each run (default: every core)")
-    parser.add_argument("--settle", type=number(0), default=20.0,
-                        help="seconds from the start of the training process (the command, or the trial) to the window")
+    parser.add_argument(
+        "--settle",
+        type=number(0),
+        default=20.0,
+        help="seconds from the start of the training process (the command, or the trial) to the window",
+    )
     parser.add_argument("--window", type=number(0), default=20.0, help="seconds sampled")
     parser.add_argument("--out", required=True, help="a new folder for the runs and their logs")
     return parser
@@ -147,26 +167,43 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     env, threads_per_run = run_env(args.threads)
-    common = ["--dataset", args.dataset, "--model", "tiny", "--seed", str(args.seed), "--epochs", str(args.epochs)]
+    common = [
+        "--dataset",
+        args.dataset,
+        "--model",
+        "tiny",
+        "--seed",
+        str(args.seed),
+        "--epochs",
+        str(args.epochs),
+    ]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
     direct = [sys.executable, "-m", "softfine", "train", *common, *POINT, "--out", str(out / "direct")]
     search = search_command(common, out, "local", threads_per_run, "cpu_share")
-    rows = [(DIRECT, sample(direct, False, args.settle, args.window, env, out / "direct.log")),
-            (OWN, sample(search, True, args.settle, args.window, env, out / "search.log"))]
+    rows = [
+        (DIRECT, sample(direct, False, args.settle, args.window, env, out / "direct.log")),
+        (OWN, sample(search, True, args.settle, args.window, env, out / "search.log")),
+    ]
 
     capacity = os.cpu_count()
-    print(f"\n{'run':<27} {'window s':>8} {'training core-s':>17} {'others core-s':>13} {'idle core-s':>11} "
-          f"{'stolen core-s':>13} {'training preempted/s':>20} {'others woke/s':>13}")
+    print(
+        f"\n{'run':<27} {'window s':>8} {'training core-s':>17} {'others core-s':>13} {'idle core-s':>11} "
+        f"{'stolen core-s':>13} {'training preempted/s':>20} {'others woke/s':>13}"
+    )
     for kind, r in rows:
         share = f"{r['training']:.1f} ({100 * r['training'] / (capacity * r['seconds']):.1f} %)"
-        print(f"{kind:<27} {r['seconds']:>8.1f} {share:>17} {r['others']:>13.2f} {r['idle']:>11.2f} "
-              f"{r['steal']:>13.2f} {r['preempted']:>20.0f} {r['woke']:>13.0f}")
+        print(
+            f"{kind:<27} {r['seconds']:>8.1f} {share:>17} {r['others']:>13.2f} {r['idle']:>11.2f} "
+            f"{r['steal']:>13.2f} {r['preempted']:>20.0f} {r['woke']:>13.0f}"
+        )
     for kind, r in rows:
         print(f"\nmost wake-ups beside the training, {kind}: per s, core-s")
         for name, woke, cpu in r["busiest"]:
             print(f"  {woke:6.0f} {cpu:6.2f}  {name}")
-    print(f"\ncpu cores: {capacity}, threads per run: {threads_per_run}, epochs: {args.epochs}, "
-          f"dataset: {args.dataset}, window: {args.window:g} s, {args.settle:g} s into training; runs in {out}")
+    print(
+        f"\ncpu cores: {capacity}, threads per run: {threads_per_run}, epochs: {args.epochs}, "
+        f"dataset: {args.dataset}, window: {args.window:g} s, {args.settle:g} s into training; runs in {out}"
+    )
 
 
 if __name__ == "__main__":

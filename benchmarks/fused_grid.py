@@ -36,8 +36,12 @@ def grid_points() -> list[dict]:
     """The paper's 36 points (Appendix C), in the search's order: (alphas, beta, gamma)."""
     from softfine_tune.space import PAPER_GRID  # the search's own module (no Ray imported)
 
-    return [dict(alpha_aug=aug, alpha_fea=fea, beta=float(beta), gamma=float(gamma))
-            for aug, fea in PAPER_GRID["alphas"] for beta in PAPER_GRID["beta"] for gamma in PAPER_GRID["gamma"]]
+    return [
+        dict(alpha_aug=aug, alpha_fea=fea, beta=float(beta), gamma=float(gamma))
+        for aug, fea in PAPER_GRID["alphas"]
+        for beta in PAPER_GRID["beta"]
+        for gamma in PAPER_GRID["gamma"]
+    ]
 
 
 def point_config(args: argparse.Namespace, out: Path, point: dict):
@@ -45,10 +49,23 @@ def point_config(args: argparse.Namespace, out: Path, point: dict):
     from softfine.config import make_config
 
     shape = dict(tiny_layers=12, tiny_hidden=768) if args.shape == "bert-base" else {}
-    return make_config(dict(dataset=args.dataset, data_dir=args.data_dir, model="tiny", **shape,
-                            batch_size=args.batch_size, epochs=args.epochs, limit_train=args.limit_train or None,
-                            limit_eval=args.limit_eval or None, device=args.device, log_every=0, seed=1,
-                            out=str(out), **point))
+    return make_config(
+        dict(
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            model="tiny",
+            **shape,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            limit_train=args.limit_train or None,
+            limit_eval=args.limit_eval or None,
+            device=args.device,
+            log_every=0,
+            seed=1,
+            out=str(out),
+            **point,
+        )
+    )
 
 
 def check(args: argparse.Namespace) -> None:
@@ -69,7 +86,7 @@ def run_k(args: argparse.Namespace, k: int) -> dict:
     from softfine.device import resolve_device
     from softfine.train import train_group
 
-    points = grid_points()[:args.points]
+    points = grid_points()[: args.points]
     with tempfile.TemporaryDirectory(prefix="fused-grid-") as work:
         configs = [point_config(args, Path(work) / f"point{n}", p) for n, p in enumerate(points)]
         device = resolve_device(configs[0].device)
@@ -77,30 +94,50 @@ def run_k(args: argparse.Namespace, k: int) -> dict:
         started = time.perf_counter()
         results = []
         for first in range(0, len(configs), k):
-            results += train_group(configs[first:first + k])
+            results += train_group(configs[first : first + k])
         wall = time.perf_counter() - started
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2**20, "CUDA max allocated"
     else:
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
-    return {"K": k, "groups": -(-len(points) // k), "points": len(points), "wall_s": round(wall, 1),
-            "chars_per_s": round(len(points) * args.epochs * train_chars / wall),
-            "peak_MiB_per_member": round(peak / min(k, len(points)), 1), "peak_kind": kind,
-            "best_dev_f1": [round(r["best_dev_f1"], 4) for r in results]}
+    return {
+        "K": k,
+        "groups": -(-len(points) // k),
+        "points": len(points),
+        "wall_s": round(wall, 1),
+        "chars_per_s": round(len(points) * args.epochs * train_chars / wall),
+        "peak_MiB_per_member": round(peak / min(k, len(points)), 1),
+        "peak_kind": kind,
+        "best_dev_f1": [round(r["best_dev_f1"], 4) for r in results],
+    }
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--data-dir")
-    parser.add_argument("--shape", choices=["tiny", "bert-base"], default="tiny",
-                        help="tiny: the tiny encoder's defaults; bert-base: its shape, randomly initialised")
+    parser.add_argument(
+        "--shape",
+        choices=["tiny", "bert-base"],
+        default="tiny",
+        help="tiny: the tiny encoder's defaults; bert-base: its shape, randomly initialised",
+    )
     parser.add_argument("--batch-size", type=integer(1), default=32)
     parser.add_argument("--epochs", type=integer(1), default=1)
-    parser.add_argument("--limit-train", type=integer(0), default=64, help="first N training sentences (0: all)")
-    parser.add_argument("--limit-eval", type=integer(0), default=32, help="first N dev and test sentences (0: all)")
-    parser.add_argument("--points", type=integer(1, 36), default=12, help="the grid's first N points (36: all)")
-    parser.add_argument("--fuse", type=integer(1), nargs="+", default=[1, 4, 12], metavar="K", help="group sizes")
+    parser.add_argument(
+        "--limit-train", type=integer(0), default=64, help="first N training sentences (0: all)"
+    )
+    parser.add_argument(
+        "--limit-eval", type=integer(0), default=32, help="first N dev and test sentences (0: all)"
+    )
+    parser.add_argument(
+        "--points", type=integer(1, 36), default=12, help="the grid's first N points (36: all)"
+    )
+    parser.add_argument(
+        "--fuse", type=integer(1), nargs="+", default=[1, 4, 12], metavar="K", help="group sizes"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--one", type=int, metavar="K", help=argparse.SUPPRESS)  # a child: one K, JSON out
     return parser
@@ -120,7 +157,9 @@ def main(args: argparse.Namespace) -> None:
     child = [a for a in sys.argv[1:]]
     rows = []
     for k in args.fuse:
-        done = subprocess.run([sys.executable, __file__, *child, "--one", str(k)], capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, *child, "--one", str(k)], capture_output=True, text=True
+        )
         error = relay_error(done.stderr) if done.returncode else None
         if error:  # the child's one line (a problem of its data, say)
             raise SoftFiNEError(f"K={k}: {error}")
@@ -128,13 +167,26 @@ def main(args: argparse.Namespace) -> None:
             sys.exit(f"K={k} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         row = rows[-1]
-        print(f"K={row['K']:>2}: {row['groups']:>2} groups, {row['wall_s']:>7.1f} s, {row['chars_per_s']:>8} chars/s "
-              f"summed ({row['chars_per_s'] / rows[0]['chars_per_s']:.2f}x K={rows[0]['K']}), "
-              f"{row['peak_MiB_per_member']:>7.1f} MiB per member ({row['peak_kind']})", flush=True)
+        print(
+            f"K={row['K']:>2}: {row['groups']:>2} groups, {row['wall_s']:>7.1f} s, "
+            f"{row['chars_per_s']:>8} chars/s "
+            f"summed ({row['chars_per_s'] / rows[0]['chars_per_s']:.2f}x K={rows[0]['K']}), "
+            f"{row['peak_MiB_per_member']:>7.1f} MiB per member ({row['peak_kind']})",
+            flush=True,
+        )
     same = all(r["best_dev_f1"] == rows[0]["best_dev_f1"] for r in rows)
     print(f"every K gives each point the same best dev F1: {same}")
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "args": vars(args), "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "machine": platform.processor() or platform.machine(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "args": vars(args),
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

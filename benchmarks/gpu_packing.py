@@ -28,10 +28,25 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_packing(k: int, args: argparse.Namespace) -> list[dict]:
-    command = [sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--shape", args.shape,
-               "--device", args.device, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-    trials = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)]
+    command = [
+        sys.executable,
+        str(HERE / "train_throughput.py"),
+        "--dataset",
+        "weibo",
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    trials = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)
+    ]
     results = []
     for trial in trials:
         out, err = trial.communicate()
@@ -49,14 +64,18 @@ def epoch_chars(data_dir: str | None) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--packing", type=integer(1), nargs="+", default=[1, 2, 4, 8], help="trials per GPU")
     parser.add_argument("--batch-size", type=integer(1), default=4, help="the paper's Weibo batch size is 4")
     parser.add_argument("--steps", type=integer(1), default=150, help="timed steps per trial")
     parser.add_argument("--warmup", type=integer(0), default=20, help="untimed steps per trial first")
     parser.add_argument("--data-dir")
     parser.add_argument("--shape", choices=["tiny", "bert-base"], default="bert-base")
-    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu to check this script's plumbing")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default), or cpu to check this script's plumbing"
+    )
     return parser
 
 
@@ -71,17 +90,24 @@ def main(args: argparse.Namespace) -> None:
         raise DeviceError(f"{err}; CPU figures come from train_throughput.py") from None
     per_epoch = epoch_chars(args.data_dir)  # missing data: a DataError, before any trial starts
     card = torch.cuda.get_device_name() + ", bf16" if args.device.startswith("cuda") else "CPU"
-    print(f"{card}, {args.shape} shape, Weibo ({per_epoch} training characters an "
-          f"epoch), batch {args.batch_size}")
-    print(f"{'trials/GPU':>10} {'chars/s (sum)':>14} {'trial-epochs/h':>15} {'chars/s per trial':>18} "
-          f"{'peak MiB per trial':>19}")
+    print(
+        f"{card}, {args.shape} shape, Weibo ({per_epoch} training characters an "
+        f"epoch), batch {args.batch_size}"
+    )
+    print(
+        f"{'trials/GPU':>10} {'chars/s (sum)':>14} {'trial-epochs/h':>15} {'chars/s per trial':>18} "
+        f"{'peak MiB per trial':>19}"
+    )
     base = None
     for k in args.packing:
         results = run_packing(k, args)
         total = sum(r["chars_per_s"] for r in results)
         base = base or total
-        print(f"{k:>10} {total:>14,} {total * 3600 / per_epoch:>15.1f} {total // k:>18,} "
-              f"{max(r['peak_memory_MiB'] for r in results):>19,}   ({total / base:.2f}x one trial)", flush=True)
+        print(
+            f"{k:>10} {total:>14,} {total * 3600 / per_epoch:>15.1f} {total // k:>18,} "
+            f"{max(r['peak_memory_MiB'] for r in results):>19,}   ({total / base:.2f}x one trial)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,18 @@ from softfine.script import check_data, integer, run_script
 
 def run(seed: int | None, data_dir: str | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="tiny-resume-") as out:
-        command = [sys.executable, "-m", "softfine", "train", "--dataset", "resume", "--model", "tiny", "--out", out]
+        command = [
+            sys.executable,
+            "-m",
+            "softfine",
+            "train",
+            "--dataset",
+            "resume",
+            "--model",
+            "tiny",
+            "--out",
+            out,
+        ]
         command += ["--seed", str(seed)] if seed is not None else []
         command += ["--data-dir", data_dir] if data_dir else []
         print("$ softfine " + " ".join(command[3:]), flush=True)
@@ -42,9 +53,15 @@ def run(seed: int | None, data_dir: str | None) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=integer(0, 2**32 - 1), action="append",
-                        help="a seed (repeatable; default: the trainer's)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seed",
+        type=integer(0, 2**32 - 1),
+        action="append",
+        help="a seed (repeatable; default: the trainer's)",
+    )
     parser.add_argument("--data-dir", default=os.environ.get("SOFTFINE_DATA_DIR"))
     return parser
 
@@ -52,13 +69,33 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     check_data("resume", args.data_dir)
     rows = [run(seed, args.data_dir) for seed in (args.seed or [None])]
-    keys = ("model", "tiny_layers", "tiny_hidden", "epochs", "batch_size", "lr", "schedule", "warmup_ratio",
-            "dropout", "weight_decay", "soft", "aug", "alpha_aug", "alpha_fea", "beta", "gamma")
+    keys = (
+        "model",
+        "tiny_layers",
+        "tiny_hidden",
+        "epochs",
+        "batch_size",
+        "lr",
+        "schedule",
+        "warmup_ratio",
+        "dropout",
+        "weight_decay",
+        "soft",
+        "aug",
+        "alpha_aug",
+        "alpha_fea",
+        "beta",
+        "gamma",
+    )
     print("settings (the tiny defaults): " + ", ".join(f"{k}={rows[0]['settings'][k]}" for k in keys))
-    print(f"{'seed':>5} {'dev F1':>7} {'test F1':>7} {'test sentences':>14} {'gold entities':>13} {'wall s':>7}")
+    print(
+        f"{'seed':>5} {'dev F1':>7} {'test F1':>7} {'test sentences':>14} {'gold entities':>13} {'wall s':>7}"
+    )
     for r in rows:
-        print(f"{r['seed']:>5} {r['best_dev_f1']:>7.4f} {r['test_f1']:>7.4f} {r['test_sentences']:>14} "
-              f"{r['test_gold_entities']:>13} {r['wall_seconds']:>7.1f}")
+        print(
+            f"{r['seed']:>5} {r['best_dev_f1']:>7.4f} {r['test_f1']:>7.4f} {r['test_sentences']:>14} "
+            f"{r['test_gold_entities']:>13} {r['wall_seconds']:>7.1f}"
+        )
     print(f"cpu cores: {os.cpu_count()}, torch threads: default")
 
 

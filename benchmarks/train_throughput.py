@@ -36,7 +36,9 @@ from softfine.model import SoftFiNEModel, build_model, random_model
 from softfine.script import integer, run_script
 from softfine.train import GroupRun, label_space
 
-TINY_SHAPE = TrainConfig(model="tiny").tiny_shape()  # the tiny encoder's defaults, as `softfine train` builds it
+TINY_SHAPE = TrainConfig(
+    model="tiny"
+).tiny_shape()  # the tiny encoder's defaults, as `softfine train` builds it
 
 
 def build(shape: str, model: str | None, labels, dropout: float, chars):
@@ -63,37 +65,61 @@ def profile_steps(step, steps: int, device: torch.device, sync) -> dict:
     kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps if on_gpu else None
     key = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
     top = sorted(events, key=key, reverse=True)[:10]
-    print(f"\nprofile of {steps} steps: step {wall_ms:.1f} ms host (wall)"
-          + (f", GPU kernels {kernel_ms:.1f} ms ({kernel_ms / wall_ms:.0%} of it)" if on_gpu else ", no GPU"))
+    print(
+        f"\nprofile of {steps} steps: step {wall_ms:.1f} ms host (wall)"
+        + (f", GPU kernels {kernel_ms:.1f} ms ({kernel_ms / wall_ms:.0%} of it)" if on_gpu else ", no GPU")
+    )
     print(f"{'operator':<48} {'calls/step':>10} {'self CPU ms/step':>16} {'self GPU ms/step':>16}")
     for e in top:
         gpu = f"{e.self_device_time_total / 1e3 / steps:16.2f}" if on_gpu else f"{'-':>16}"
         print(f"{e.key[:48]:<48} {e.count / steps:>10.1f} {e.self_cpu_time_total / 1e3 / steps:>16.2f} {gpu}")
-    return {"profile_step_ms": round(wall_ms, 2),
-            "profile_kernel_ms": round(kernel_ms, 2) if kernel_ms is not None else None,
-            "profile_top": [e.key for e in top]}
+    return {
+        "profile_step_ms": round(wall_ms, 2),
+        "profile_kernel_ms": round(kernel_ms, 2) if kernel_ms is not None else None,
+        "profile_top": [e.key for e in top],
+    }
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataset", default="resume")
     parser.add_argument("--data-dir")
     parser.add_argument("--shape", choices=["tiny", "bert-base"], default="tiny")
     parser.add_argument("--model", help="a Hugging Face name or directory instead of --shape")
     parser.add_argument("--batch-size", type=integer(1), default=16)
     parser.add_argument("--steps", type=integer(1), default=30, help="timed steps")
-    parser.add_argument("--warmup", type=integer(0), default=5, help="untimed steps first (compilation included)")
+    parser.add_argument(
+        "--warmup", type=integer(0), default=5, help="untimed steps first (compilation included)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-aug", action="store_true", help="time plain steps (no augmentation)")
-    parser.add_argument("--attention", choices=ATTENTION, default="auto", help="as softfine train --attention")
-    parser.add_argument("--pad-multiple", type=integer(0, MAX_TOKENS),
-                        help="as softfine train --pad-multiple (default: the device's)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="as softfine train --compile")
-    parser.add_argument("--fuse", type=integer(1), default=1, metavar="K", help="members of a fused group (a grid's "
-                        "points that differ only in the loss), trained as one model")
-    parser.add_argument("--profile", type=integer(0), default=0, metavar="N", help="profile N more steps and print "
-                        "where the time goes")
+    parser.add_argument(
+        "--attention", choices=ATTENTION, default="auto", help="as softfine train --attention"
+    )
+    parser.add_argument(
+        "--pad-multiple",
+        type=integer(0, MAX_TOKENS),
+        help="as softfine train --pad-multiple (default: the device's)",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=False, help="as softfine train --compile"
+    )
+    parser.add_argument(
+        "--fuse",
+        type=integer(1),
+        default=1,
+        metavar="K",
+        help="members of a fused group (a grid's points that differ only in the loss), trained as one model",
+    )
+    parser.add_argument(
+        "--profile",
+        type=integer(0),
+        default=0,
+        metavar="N",
+        help="profile N more steps and print where the time goes",
+    )
     return parser
 
 
@@ -101,9 +127,19 @@ def setup(args: argparse.Namespace) -> tuple[GroupRun, int]:
     """The training loop's own set-up (softfine.train.GroupRun: optimizer, loss, attention kernel,
     padding) around an encoder of `--shape` or `--model`; and the encoder's parameter count."""
     # make_config: a bad --dataset or --device is a ConfigError naming the flag, as in softfine train
-    config = make_config(dict(dataset=args.dataset, data_dir=args.data_dir, batch_size=args.batch_size,
-                              aug=not args.no_aug, lr=1e-4, device=args.device, attention=args.attention,
-                              pad_multiple=args.pad_multiple, compile=args.compile))
+    config = make_config(
+        dict(
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            aug=not args.no_aug,
+            lr=1e-4,
+            device=args.device,
+            attention=args.attention,
+            pad_multiple=args.pad_multiple,
+            compile=args.compile,
+        )
+    )
     device = resolve_device(config.device)
     torch.manual_seed(0)
     corpus = load_corpus(config, ["train"])
@@ -121,8 +157,15 @@ def measure(args: argparse.Namespace) -> None:
 
     def batches():
         for epoch in itertools.count():
-            yield from train_loader(run.data["train"].examples, config.batch_size, config.seed, epoch,
-                                    device.type == "cuda", run.multiple, config.max_length)
+            yield from train_loader(
+                run.data["train"].examples,
+                config.batch_size,
+                config.seed,
+                epoch,
+                device.type == "cuda",
+                run.multiple,
+                config.max_length,
+            )
 
     stream = batches()
 
@@ -148,19 +191,34 @@ def measure(args: argparse.Namespace) -> None:
         sentences_seen += len(batch["sentence"]) * args.fuse
     sync()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     on_gpu = device.type == "cuda"
     figures = {
-        "dataset": args.dataset, "model": args.model or args.shape, "device": str(device),
+        "dataset": args.dataset,
+        "model": args.model or args.shape,
+        "device": str(device),
         "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": on_gpu,
-        "augmentation": not args.no_aug, "attention": run.kernel, "pad_multiple": run.multiple,
-        "compile": config.compile, "fuse": args.fuse, "batch_size": args.batch_size, "steps": args.steps,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "bf16": on_gpu,
+        "augmentation": not args.no_aug,
+        "attention": run.kernel,
+        "pad_multiple": run.multiple,
+        "compile": config.compile,
+        "fuse": args.fuse,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
         "parameters_M": round(parameters / 1e6, 1),
-        "chars_per_s": round(chars / seconds), "sentences_per_s": round(sentences_seen / seconds, 1),
-        "step_ms": round(seconds * 1e3 / args.steps, 2), "warmup_s": round(warmup_s, 2),
-        "padded_lengths": len(lengths), "peak_memory_MiB": round(peak),
+        "chars_per_s": round(chars / seconds),
+        "sentences_per_s": round(sentences_seen / seconds, 1),
+        "step_ms": round(seconds * 1e3 / args.steps, 2),
+        "warmup_s": round(warmup_s, 2),
+        "padded_lengths": len(lengths),
+        "peak_memory_MiB": round(peak),
         "peak_memory_kind": "CUDA allocated" if on_gpu else "process max RSS",
     }
     if args.profile:
@@ -169,6 +227,7 @@ def measure(args: argparse.Namespace) -> None:
         if key != "profile_top":
             print(f"{key:>18}: {value}")
     print(json.dumps(figures))
+
 
 if __name__ == "__main__":
     run_script(parser(), measure)

@@ -9,8 +9,8 @@ a few shapes. Padding is masked everywhere (attention mask; label -100), so it c
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -26,8 +26,13 @@ class Split:
     examples: list[dict]  # one per window: input_ids, aug_ids, label_ids, sentence, offset
 
 
-def encode(sentences: Sequence[Sentence], char_ids: CharIds, labels: LabelSpace, max_length: int,
-           unknown_as_o: bool = False) -> list[dict]:
+def encode(
+    sentences: Sequence[Sentence],
+    char_ids: CharIds,
+    labels: LabelSpace,
+    max_length: int,
+    unknown_as_o: bool = False,
+) -> list[dict]:
     """Token ids of each sentence and of its augmentation (entity characters replaced by
     [B] [I] [E] [S]), with label ids; sentences longer than a window are split into windows.
     `unknown_as_o` (scoring only, where the gold tags are the sentences' own): a tag the label
@@ -43,13 +48,15 @@ def encode(sentences: Sequence[Sentence], char_ids: CharIds, labels: LabelSpace,
         aug = [seg_ids[tag[0]] if tag != "O" else i for tag, i in zip(sentence.tags, ids)]
         for offset in range(0, max(len(ids), 1), width):
             window = slice(offset, offset + width)
-            examples.append({
-                "input_ids": torch.tensor([cls] + ids[window] + [sep]),
-                "aug_ids": torch.tensor([cls] + aug[window] + [sep]),
-                "label_ids": torch.tensor([-100] + label_ids[window] + [-100]),
-                "sentence": number,
-                "offset": offset,
-            })
+            examples.append(
+                {
+                    "input_ids": torch.tensor([cls] + ids[window] + [sep]),
+                    "aug_ids": torch.tensor([cls] + aug[window] + [sep]),
+                    "label_ids": torch.tensor([-100] + label_ids[window] + [-100]),
+                    "sentence": number,
+                    "offset": offset,
+                }
+            )
     return examples
 
 
@@ -71,7 +78,7 @@ def collate(examples: list[dict], multiple: int = 0, rows: int = 0, max_length: 
     def pad(key: str, value: int) -> torch.Tensor:
         out = torch.full((n, length), value, dtype=torch.long)
         for i, e in enumerate(examples):
-            out[i, :len(e[key])] = e[key]
+            out[i, : len(e[key])] = e[key]
         return out
 
     return {
@@ -84,26 +91,45 @@ def collate(examples: list[dict], multiple: int = 0, rows: int = 0, max_length: 
     }
 
 
-def train_loader(examples: list[dict], batch_size: int, seed: int, epoch: int, pin_memory: bool = False,
-                 multiple: int = 0, max_length: int = MAX_TOKENS):
+def train_loader(
+    examples: list[dict],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    pin_memory: bool = False,
+    multiple: int = 0,
+    max_length: int = MAX_TOKENS,
+):
     """Batches of similar length (transformers' LengthGroupedSampler), reshuffled each epoch;
     `pin_memory` (for CUDA) lets the copies to the GPU run asynchronously; `multiple` > 0 pads
     every batch to a multiple of that many tokens and to `batch_size` rows."""
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-    sampler = LengthGroupedSampler(batch_size, lengths=[len(e["input_ids"]) for e in examples],
-                                   generator=generator)
-    pad = functools.partial(collate, multiple=multiple, rows=batch_size if multiple else 0, max_length=max_length)
-    return torch.utils.data.DataLoader(examples, batch_size=batch_size, sampler=sampler,
-                                       collate_fn=pad, drop_last=False, pin_memory=pin_memory)
+    sampler = LengthGroupedSampler(
+        batch_size, lengths=[len(e["input_ids"]) for e in examples], generator=generator
+    )
+    pad = functools.partial(
+        collate, multiple=multiple, rows=batch_size if multiple else 0, max_length=max_length
+    )
+    return torch.utils.data.DataLoader(
+        examples,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=pad,
+        drop_last=False,
+        pin_memory=pin_memory,
+    )
 
 
 def eval_loader(examples: list[dict], batch_size: int, multiple: int = 0, max_length: int = MAX_TOKENS):
     """Every window once, shortest first, padded as `train_loader` pads."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    pad = functools.partial(collate, multiple=multiple, rows=batch_size if multiple else 0, max_length=max_length)
+    pad = functools.partial(
+        collate, multiple=multiple, rows=batch_size if multiple else 0, max_length=max_length
+    )
     # A generator of its own: a DataLoader draws a seed from torch's global one when iterated,
     # which would shift the training's dropout masks by every evaluation.
-    return torch.utils.data.DataLoader([examples[i] for i in order], batch_size=batch_size, collate_fn=pad,
-                                       generator=torch.Generator())
+    return torch.utils.data.DataLoader(
+        [examples[i] for i in order], batch_size=batch_size, collate_fn=pad, generator=torch.Generator()
+    )

@@ -21,7 +21,7 @@ import re
 import sys
 import types
 import typing
-from typing import Sequence
+from collections.abc import Sequence
 
 from .config import DATA_FIELDS, MAX_TOKENS
 from .errors import ConfigError, SoftFiNEError
@@ -32,8 +32,10 @@ log = logging.getLogger("softfine")
 # ---------------------------------------------------------------------------------------------
 # TrainConfig as flags: one flag per field; a YAML file underneath, the flags given on top.
 
-def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str] = (),
-                         only: Sequence[str] | None = None) -> None:
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, exclude: Sequence[str] = (), only: Sequence[str] | None = None
+) -> None:
     """Adds `--field-name` for every TrainConfig field (or those in `only`), with default SUPPRESS
     so that only the flags actually given reach `given_values`. A bool field gets `--NAME` and
     `--no-NAME`."""
@@ -47,8 +49,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         help_text = f.metadata.get("help", "")
         kind = hints[f.name]
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {f.default})",
+            )
             continue
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X]: X
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
@@ -59,8 +66,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: Sequence[str]
         else:
             default = f.default
         shown = f" (default: {default})" if default is not None else ""  # None: the help says what happens
-        parser.add_argument(flag, dest=f.name, type=str if choices else base, choices=choices,
-                            default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text + shown)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=str if choices else base,
+            choices=choices,
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            help=help_text + shown,
+        )
 
 
 def given_values(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:
@@ -74,9 +88,15 @@ def given_values(args: argparse.Namespace, exclude: Sequence[str] = ()) -> dict:
 # Text the shell gave: UTF-8 (Python holds other bytes as lone surrogates, which would reach the
 # model or a file name) and not empty (an empty --data-dir must not mean "the default one").
 
-WANTED = {"data_dir": "a directory", "out": "a directory", "model": "a Hugging Face name, a local directory or tiny",
-          "config": "a YAML file", "checkpoint": "a checkpoint directory", "label_separator": "a separator",
-          "text": "a text to tag"}
+WANTED = {
+    "data_dir": "a directory",
+    "out": "a directory",
+    "model": "a Hugging Face name, a local directory or tiny",
+    "config": "a YAML file",
+    "checkpoint": "a checkpoint directory",
+    "label_separator": "a separator",
+    "text": "a text to tag",
+}
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
@@ -94,8 +114,12 @@ def flag_names(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
     return names
 
 
-def check_text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                         error: type[Exception] = ConfigError, wanted: dict[str, str] | None = None) -> None:
+def check_text_arguments(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    error: type[Exception] = ConfigError,
+    wanted: dict[str, str] | None = None,
+) -> None:
     """Every text value given on the command line is valid UTF-8 and not empty; else `error`,
     naming the flag (or the positional argument and its number) and, from `wanted` (dest ->
     what to give), what it takes."""
@@ -114,22 +138,33 @@ def check_text_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
             except UnicodeEncodeError as err:
                 shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 byte = text[err.start].encode("utf-8", "surrogateescape")[0]
-                raise error(f"{flag} '{shown}': not valid UTF-8 (byte 0x{byte:02x} at character {err.start + 1}); "
-                            "give UTF-8 text (check the terminal's or the file's encoding)") from None
+                raise error(
+                    f"{flag} '{shown}': not valid UTF-8 (byte 0x{byte:02x} at character {err.start + 1}); "
+                    "give UTF-8 text (check the terminal's or the file's encoding)"
+                ) from None
             if not text:
                 what = wanted.get(dest, "a value")
                 either = ", or" if " or " in what else " or"
-                raise error(f"{flag} '': empty; give {what}" + (f"{either} leave the flag out" if optional else ""))
+                raise error(
+                    f"{flag} '': empty; give {what}" + (f"{either} leave the flag out" if optional else "")
+                )
 
 
 # ---------------------------------------------------------------------------------------------
 # Commands.
 
+
 def cmd_data_download(args: argparse.Namespace) -> None:
     from .datasets import download
 
-    for split, path in download(args.name, args.data_dir, mirror=args.mirror, splits=args.split,
-                                force=args.force, allow_unverified=args.allow_unverified).items():
+    for split, path in download(
+        args.name,
+        args.data_dir,
+        mirror=args.mirror,
+        splits=args.split,
+        force=args.force,
+        allow_unverified=args.allow_unverified,
+    ).items():
         print(f"{split}\t{path}")
 
 
@@ -140,6 +175,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     splits = available_splits(args.name, args.data_dir)
     if not splits:
         from .datasets import dataset_files
+
         dataset_files(args.name, args.data_dir)  # raises, naming the missing files
     rows = {s: stats(read_split(args.name, s, args.data_dir, args.strict)) for s in splits}
     if args.json:
@@ -150,8 +186,10 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     for split in SPLITS:
         if split in rows:
             r = rows[split]
-            print(f"{split:<6} {r['sentences']:>9} {r['avg_chars']:>9.1f} {r['avg_entities']:>8.1f} "
-                  f"{r['categories']:>10}")
+            print(
+                f"{split:<6} {r['sentences']:>9} {r['avg_chars']:>9.1f} {r['avg_entities']:>8.1f} "
+                f"{r['categories']:>10}"
+            )
         else:
             print(f"{split:<6} {'missing':>9}")
 
@@ -159,8 +197,11 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 def cmd_labels(args: argparse.Namespace) -> None:
     from .labels import LabelSpace
 
-    data = [f"--{k.replace('_', '-')}" for k in ("dataset", "train_file", "validation_file", "test_file")
-            if getattr(args, k, None) is not None]
+    data = [
+        f"--{k.replace('_', '-')}"
+        for k in ("dataset", "train_file", "validation_file", "test_file")
+        if getattr(args, k, None) is not None
+    ]
     if args.categories is not None and data:
         raise ConfigError(f"--categories and {data[0]}: give categories or a dataset, not both")
     if args.categories is None and not data:
@@ -169,8 +210,10 @@ def cmd_labels(args: argparse.Namespace) -> None:
         given = args.categories.split(",")
         empty = next((i for i, c in enumerate(given, 1) if not c.strip()), None)
         if empty is not None:  # "A,,B" would make the labels B-, I-, ... of an empty category
-            raise ConfigError(f"--categories {args.categories!r}: category {empty} is empty; give categories "
-                              "separated by single commas")
+            raise ConfigError(
+                f"--categories {args.categories!r}: category {empty} is empty; give categories "
+                "separated by single commas"
+            )
         corpus, space = None, LabelSpace.from_categories(given, getattr(args, "label_separator", None))
     else:
         from .data import categories
@@ -182,11 +225,15 @@ def cmd_labels(args: argparse.Namespace) -> None:
         space = LabelSpace.infer(sorted(found), config.label_separator)
     if args.gold is None:
         if corpus is None:
-            raise ConfigError("--categories: give --gold too (the label space of a dataset is printed without it)")
+            raise ConfigError(
+                "--categories: give --gold too (the label space of a dataset is printed without it)"
+            )
         return print_label_space(corpus, space, args.json)
     missing = [flag for flag, value in (("--beta", args.beta), ("--gamma", args.gamma)) if value is None]
     if missing:
-        raise ConfigError(f"--gold {args.gold}: give {' and '.join(missing)} too (the soft label's base and penalty)")
+        raise ConfigError(
+            f"--gold {args.gold}: give {' and '.join(missing)} too (the soft label's base and penalty)"
+        )
     try:
         gold = space.index(args.gold)
     except KeyError as err:
@@ -209,48 +256,73 @@ def print_label_space(corpus, space, as_json: bool) -> None:
     from .data import categories, entity_counts, stats
     from .formats import FORMATS
 
-    rows = {split: {**stats(sentences), "file": corpus.files[split]["path"], **({"carved": corpus.files[split]["carved"]}
-                    if "carved" in corpus.files[split] else {}),
-                    "categories_per_level": type(space).infer(categories(sentences), space.separator).level_counts()}
-            for split, sentences in corpus.splits.items()}
+    rows = {
+        split: {
+            **stats(sentences),
+            "file": corpus.files[split]["path"],
+            **({"carved": corpus.files[split]["carved"]} if "carved" in corpus.files[split] else {}),
+            "categories_per_level": type(space).infer(categories(sentences), space.separator).level_counts(),
+        }
+        for split, sentences in corpus.splits.items()
+    }
     counts = {split: entity_counts(sentences) for split, sentences in corpus.splits.items()}
-    summary = {"dataset": corpus.name, "separator": space.separator, "levels": space.level_counts(),
-               "labels": space.labels, "splits": rows, "unseen_in_train": corpus.unseen,
-               "entities": {c: {split: counts[split].get(c, 0) for split in counts} for c in space.categories}}
+    summary = {
+        "dataset": corpus.name,
+        "separator": space.separator,
+        "levels": space.level_counts(),
+        "labels": space.labels,
+        "splits": rows,
+        "unseen_in_train": corpus.unseen,
+        "entities": {c: {split: counts[split].get(c, 0) for split in counts} for c in space.categories},
+    }
     if as_json:
         print(json.dumps(summary, ensure_ascii=False, indent=1))
         return
     shown = repr(space.separator) if space.separator else "none, one level"
     formats = {f["format"] for f in corpus.files.values()}
-    print(f"{corpus.name} ({', '.join(FORMATS.get(f, f) for f in sorted(formats))}): "
-          f"{len(space.categories)} categories, {len(space)} labels (O, and B/I/E/S of each); "
-          f"separator {shown}; nodes per level: {' / '.join(map(str, space.level_counts()))}")
-    print(f"{'split':<6} {'sentences':>9} {'avg chars':>9} {'avg ent.':>8} {'categories':>10} {'per level':>10}  file")
+    print(
+        f"{corpus.name} ({', '.join(FORMATS.get(f, f) for f in sorted(formats))}): "
+        f"{len(space.categories)} categories, {len(space)} labels (O, and B/I/E/S of each); "
+        f"separator {shown}; nodes per level: {' / '.join(map(str, space.level_counts()))}"
+    )
+    print(
+        f"{'split':<6} {'sentences':>9} {'avg chars':>9} {'avg ent.':>8} {'categories':>10} "
+        f"{'per level':>10}  file"
+    )
     for split, r in rows.items():
         carved = f" (carved: {r['carved']})" if "carved" in r else ""
-        print(f"{split:<6} {r['sentences']:>9} {r['avg_chars']:>9.1f} {r['avg_entities']:>8.1f} {r['categories']:>10} "
-              f"{'/'.join(map(str, r['categories_per_level'])):>10}  {r['file']}{carved}")
+        print(
+            f"{split:<6} {r['sentences']:>9} {r['avg_chars']:>9.1f} {r['avg_entities']:>8.1f} "
+            f"{r['categories']:>10} "
+            f"{'/'.join(map(str, r['categories_per_level'])):>10}  {r['file']}{carved}"
+        )
     width = max(len(c) for c in space.categories)
     print(f"\n{'category':<{width}}  " + "  ".join(f"{split:>6}" for split in counts))
     for category in space.categories:
-        print(f"{category:<{width}}  " + "  ".join(f"{counts[split].get(category, 0):>6}" for split in counts))
+        print(
+            f"{category:<{width}}  " + "  ".join(f"{counts[split].get(category, 0):>6}" for split in counts)
+        )
     for split, unseen in corpus.unseen.items():
-        print(f"\n{split}: {sum(unseen.values())} gold entities of categories train never has: "
-              + ", ".join(f"{c} ({n})" for c, n in unseen.items()))
+        print(
+            f"\n{split}: {sum(unseen.values())} gold entities of categories train never has: "
+            + ", ".join(f"{c} ({n})" for c, n in unseen.items())
+        )
 
 
 def data_config(args: argparse.Namespace):
     """A command's data flags (DATA_FIELDS) as a TrainConfig: every command finds data by one set of rules."""
     from .config import make_config
 
-    return make_config({k: v for k, v in given_values(args).items() if k in DATA_FIELDS + ("label_separator",)})
+    return make_config(
+        {k: v for k, v in given_values(args).items() if k in DATA_FIELDS + ("label_separator",)}
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from .config import load_config, make_config
     from .train import train
-
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     flags = given_values(args)
     config = load_config(args.config, flags) if args.config else make_config(flags)
@@ -274,32 +346,51 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     sentences = corpus.splits[args.split]
     if args.limit is not None:
         if not 1 <= args.limit <= len(sentences):
-            raise ConfigError(f"--limit {args.limit}: give 1 to {len(sentences)} ({corpus.name} {args.split} has "
-                              f"{len(sentences)} sentences), or leave it out to score the whole split")
-        sentences = sentences[:args.limit]
+            raise ConfigError(
+                f"--limit {args.limit}: give 1 to {len(sentences)} ({corpus.name} {args.split} has "
+                f"{len(sentences)} sentences), or leave it out to score the whole split"
+            )
+        sentences = sentences[: args.limit]
     found = categories(sentences)
     unknown = {c: n for c, n in entity_counts(sentences).items() if c not in labels.categories}
     if found and len(unknown) == len(found):  # no category in common: another dataset's checkpoint
-        raise ConfigError(f"--dataset {data.dataset or corpus.name}: label 'B-{found[0]}' (and every other) is not in "
-                          f"the checkpoint's label space ({', '.join(labels.categories[:3])}, ...); was the checkpoint "
-                          "trained on it?")
+        raise ConfigError(
+            f"--dataset {data.dataset or corpus.name}: label 'B-{found[0]}' (and every other) is not in "
+            f"the checkpoint's label space ({', '.join(labels.categories[:3])}, ...); was the checkpoint "
+            "trained on it?"
+        )
     if unknown:
-        log.warning("%s %s: %d gold entities of %d categories the checkpoint has no label for (%s): scored as missed",
-                    corpus.name, args.split, sum(unknown.values()), len(unknown),
-                    ", ".join(f"{c} {n}" for c, n in sorted(unknown.items())))
-    examples = encode(sentences, CharIds(tokenizer), labels, config.get("max_length", MAX_TOKENS), unknown_as_o=True)
+        log.warning(
+            "%s %s: %d gold entities of %d categories the checkpoint has no label for (%s): scored as missed",
+            corpus.name,
+            args.split,
+            sum(unknown.values()),
+            len(unknown),
+            ", ".join(f"{c} {n}" for c, n in sorted(unknown.items())),
+        )
+    examples = encode(
+        sentences, CharIds(tokenizer), labels, config.get("max_length", MAX_TOKENS), unknown_as_o=True
+    )
     scores = evaluate(model, Split(sentences, examples), labels, device)
     scores["unseen_entities"] = sum(unknown.values())
     if args.json:
-        print(json.dumps({"dataset": corpus.name, "split": args.split, **scores}, indent=1, ensure_ascii=False))
+        print(
+            json.dumps({"dataset": corpus.name, "split": args.split, **scores}, indent=1, ensure_ascii=False)
+        )
         return
-    print(f"{corpus.name} {args.split}: {scores['sentences']} sentences, {scores['gold_entities']} gold entities"
-          + (f" ({scores['unseen_entities']} of categories the checkpoint does not know)" if unknown else ""))
+    print(
+        f"{corpus.name} {args.split}: {scores['sentences']} sentences, {scores['gold_entities']} "
+        "gold entities"
+        + (f" ({scores['unseen_entities']} of categories the checkpoint does not know)" if unknown else "")
+    )
     print(f"precision {scores['precision']:.4f}  recall {scores['recall']:.4f}  f1 {scores['f1']:.4f}")
     for key in sorted(k for k in scores if k.startswith("f1_level")):
         print(f"{key} {scores[key]:.4f}")
     for category, s in sorted(scores["per_category"].items()):
-        print(f"  {category:<40} P {s['precision']:.4f}  R {s['recall']:.4f}  F1 {s['f1']:.4f}  n={s['support']}")
+        print(
+            f"  {category:<40} P {s['precision']:.4f}  R {s['recall']:.4f}  F1 {s['f1']:.4f}  "
+            f"n={s['support']}"
+        )
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -314,7 +405,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
             lines = re.split(r"\r\n|\r|\n", sys.stdin.buffer.read().decode("utf-8"))
             texts = [line for line in lines if line.strip()]
         except UnicodeDecodeError as err:
-            raise ConfigError(f"standard input: not UTF-8 text (byte {err.start}); give UTF-8 text, one per line") from None
+            raise ConfigError(
+                f"standard input: not UTF-8 text (byte {err.start}); give UTF-8 text, one per line"
+            ) from None
     predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
     for text, found in zip(texts, predictor.predict(texts)):
         print(json.dumps({"text": text, "entities": found}, ensure_ascii=False))
@@ -322,64 +415,106 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="softfine", description="SoftFiNE: fine-grained Chinese NER with "
-                                     "hierarchical soft labels and entity augmentation (Yang et al., ACL 2023).")
+    parser = argparse.ArgumentParser(
+        prog="softfine",
+        description="SoftFiNE: fine-grained Chinese NER with "
+        "hierarchical soft labels and entity augmentation (Yang et al., ACL 2023).",
+    )
     parser.add_argument("--version", action="version", version=f"softfine {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = commands.add_parser("data", help="download datasets, print their statistics")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    download = data_commands.add_parser("download", help="fetch a dataset from its public origin, checksummed")
+    download = data_commands.add_parser(
+        "download", help="fetch a dataset from its public origin, checksummed"
+    )
     download.add_argument("name", metavar="dataset", help="weibo, resume or fine")
-    download.add_argument("--data-dir", help="data directory (default: $SOFTFINE_DATA_DIR, else ~/.cache/softfine/data)")
-    download.add_argument("--mirror", help="base URL of a mirror laid out like the data directory "
-                          "(MIRROR/NAME/FILE) instead of the public origin")
-    download.add_argument("--split", nargs="+", default=["train", "dev", "test"], choices=["train", "dev", "test"])
-    download.add_argument("--force", action="store_true", help="download even files already present and valid")
-    download.add_argument("--allow-unverified", action="store_true",
-                          help="also save files that have no pinned SHA-256 (FiNE's train.json), with a warning")
+    download.add_argument(
+        "--data-dir", help="data directory (default: $SOFTFINE_DATA_DIR, else ~/.cache/softfine/data)"
+    )
+    download.add_argument(
+        "--mirror",
+        help="base URL of a mirror laid out like the data directory "
+        "(MIRROR/NAME/FILE) instead of the public origin",
+    )
+    download.add_argument(
+        "--split", nargs="+", default=["train", "dev", "test"], choices=["train", "dev", "test"]
+    )
+    download.add_argument(
+        "--force", action="store_true", help="download even files already present and valid"
+    )
+    download.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="also save files that have no pinned SHA-256 (FiNE's train.json), with a warning",
+    )
     download.set_defaults(func=cmd_data_download)
-    stats = data_commands.add_parser("stats", help="per split: sentences, average characters, average entities, "
-                                     "categories (the paper's Table 1)")
+    stats = data_commands.add_parser(
+        "stats",
+        help="per split: sentences, average characters, average entities, categories (the paper's Table 1)",
+    )
     stats.add_argument("name", metavar="dataset", help="weibo, resume, ontonotes4 or fine")
     stats.add_argument("--data-dir")
     stats.add_argument("--strict", action="store_true", help="stop at the first data problem")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_data_stats)
 
-    labels = commands.add_parser("labels", help="a dataset's label space, hierarchy and statistics; with --gold, "
-                                 "every label's soft-label relevance to it", argument_default=argparse.SUPPRESS)
+    labels = commands.add_parser(
+        "labels",
+        help="a dataset's label space, hierarchy and statistics; with --gold, "
+        "every label's soft-label relevance to it",
+        argument_default=argparse.SUPPRESS,
+    )
     add_config_arguments(labels, only=DATA_FIELDS + ("label_separator",))
     labels.add_argument("--categories", default=None, help="comma-separated categories instead of a dataset")
     labels.add_argument("--beta", type=float, default=None, help="soft-label base, > 1 (with --gold)")
-    labels.add_argument("--gamma", type=float, default=None, help="penalty of a wrong component, > 0 (with --gold)")
+    labels.add_argument(
+        "--gamma", type=float, default=None, help="penalty of a wrong component, > 0 (with --gold)"
+    )
     labels.add_argument("--gold", default=None, help="gold label, e.g. B-/work/video/teleplay")
-    labels.add_argument("--soft-scope", choices=("paper", "related"), default="paper",
-                        help="paper: every entity label gets a score; related: only those sharing the segment tag "
-                             "or a level at the same depth (the authors' code) (default: paper)")
-    labels.add_argument("--json", action="store_true", default=False, help="print JSON: the label space and "
-                        "statistics, or with --gold an object label -> score")
+    labels.add_argument(
+        "--soft-scope",
+        choices=("paper", "related"),
+        default="paper",
+        help="paper: every entity label gets a score; related: only those sharing the segment tag "
+        "or a level at the same depth (the authors' code) (default: paper)",
+    )
+    labels.add_argument(
+        "--json",
+        action="store_true",
+        default=False,
+        help="print JSON: the label space and statistics, or with --gold an object label -> score",
+    )
     labels.set_defaults(func=cmd_labels)
 
-    train = commands.add_parser("train", help="train SoftFiNE, keep the best checkpoint by dev F1, test it",
-                                argument_default=argparse.SUPPRESS)
+    train = commands.add_parser(
+        "train",
+        help="train SoftFiNE, keep the best checkpoint by dev F1, test it",
+        argument_default=argparse.SUPPRESS,
+    )
     train.add_argument("--config", default=None, help="YAML file of options; flags override it")
     add_config_arguments(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a dataset split",
-                                   argument_default=argparse.SUPPRESS)
+    evaluate = commands.add_parser(
+        "evaluate", help="score a checkpoint on a dataset split", argument_default=argparse.SUPPRESS
+    )
     evaluate.add_argument("--checkpoint", required=True)
     add_config_arguments(evaluate, only=DATA_FIELDS)
     evaluate.add_argument("--split", default="test", choices=["train", "dev", "test"])
     evaluate.add_argument("--limit", type=int, default=None, help="only the first N sentences")
     evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true", default=False, help="print one JSON object: sentences, "
-                          "gold_entities, precision, recall, f1, per_category, ...")
+    evaluate.add_argument(
+        "--json",
+        action="store_true",
+        default=False,
+        help="print one JSON object: sentences, gold_entities, precision, recall, f1, per_category, ...",
+    )
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = commands.add_parser("predict", help="print entities of texts as JSON lines")
@@ -393,8 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         check_text_arguments(parser, args)
         args.func(args)

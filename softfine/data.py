@@ -32,9 +32,9 @@ import json
 import logging
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from .errors import DataError
 
@@ -98,8 +98,11 @@ def to_bioes(tags: Sequence[str], scheme: str) -> tuple[list[str], SentenceProbl
         seg, sep, category = tag.partition("-")
         if tag != "O" and (not sep or seg not in prefixes or not category.strip()):
             known = "/".join(prefixes)
-            raise SentenceProblem(f"tag {tag!r} at character {i + 1}: unknown tag prefix or empty category "
-                                  f"(expected O or {known}-CATEGORY for {scheme.upper()})", i)
+            raise SentenceProblem(
+                f"tag {tag!r} at character {i + 1}: unknown tag prefix or empty category "
+                f"(expected O or {known}-CATEGORY for {scheme.upper()})",
+                i,
+            )
         mapped.append("O" if tag == "O" else f"{prefixes[seg]}-{category}")
     chunks = get_entities(mapped)
     canonical = "bio" if scheme == "bio" else "bioes"
@@ -108,8 +111,11 @@ def to_bioes(tags: Sequence[str], scheme: str) -> tuple[list[str], SentenceProbl
     if written != mapped:
         i = next(i for i, (a, b) in enumerate(zip(written, mapped)) if a != b)
         chunk = next((f"part of {c} at characters {s + 1}-{e + 1}" for c, s, e in chunks if s <= i <= e), "O")
-        note = SentenceProblem(f"tag {tags[i]!r} at character {i + 1} is not valid {scheme.upper()}; read as "
-                               f"conlleval does: {chunk}", i)
+        note = SentenceProblem(
+            f"tag {tags[i]!r} at character {i + 1} is not valid {scheme.upper()}; read as "
+            f"conlleval does: {chunk}",
+            i,
+        )
     return _render(chunks, len(mapped), "bioes"), note
 
 
@@ -126,7 +132,9 @@ class _Problems:
         """A sentence that cannot be read: skipped, or an error."""
         where = f"{self.path}:{line}: {message}"
         if self.on_problem != "skip":
-            hint = "" if self.on_problem == "error" else " (an evaluation split is scored whole: fix the file)"
+            hint = (
+                "" if self.on_problem == "error" else " (an evaluation split is scored whole: fix the file)"
+            )
             raise DataError(where + hint)
         self.skipped += 1
         log.warning("%s (sentence skipped)", where)
@@ -140,11 +148,21 @@ class _Problems:
 
     def summary(self, total: int) -> None:
         if self.repaired:
-            log.warning("%s: read %d of %d sentences with invalid tags as conlleval does (see warnings "
-                        "above; --strict makes them errors)", self.path, self.repaired, total)
+            log.warning(
+                "%s: read %d of %d sentences with invalid tags as conlleval does (see warnings "
+                "above; --strict makes them errors)",
+                self.path,
+                self.repaired,
+                total,
+            )
         if self.skipped:
-            log.warning("%s: skipped %d of %d sentences that cannot be read (see warnings above; "
-                        "--strict makes them errors)", self.path, self.skipped, total)
+            log.warning(
+                "%s: skipped %d of %d sentences that cannot be read (see warnings above; "
+                "--strict makes them errors)",
+                self.path,
+                self.skipped,
+                total,
+            )
 
 
 def _lines(path: Path) -> list[str]:
@@ -165,8 +183,10 @@ def _lines(path: Path) -> list[str]:
         raise DataError(f"{path}: the file is empty")
     if "\ufeff" in text:  # a byte-order mark past the start (files joined with cat) would become a character
         line = text.count("\n", 0, text.index("\ufeff")) + 1
-        raise DataError(f"{path}:{line}: a byte-order mark (U+FEFF) inside the file, where it would be read as a "
-                        "character; remove it (one at the very start is allowed)")
+        raise DataError(
+            f"{path}:{line}: a byte-order mark (U+FEFF) inside the file, where it would be read as a "
+            "character; remove it (one at the very start is allowed)"
+        )
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
@@ -189,8 +209,15 @@ def _blocks(lines: list[str]) -> Iterator[tuple[int, list[str]]]:
 _WEIBO_CHAR = re.compile(r"(.+?)(\d+)")
 
 
-def read_columns(path: str | Path, *, scheme: str | None = "bioes", delimiter: str | None = None,
-                 strip_position_digits: bool = False, words: bool = False, on_problem: str = "skip") -> list[Sentence]:
+def read_columns(
+    path: str | Path,
+    *,
+    scheme: str | None = "bioes",
+    delimiter: str | None = None,
+    strip_position_digits: bool = False,
+    words: bool = False,
+    on_problem: str = "skip",
+) -> list[Sentence]:
     """Read a one-character-per-line file: `CHAR<delimiter>TAG`, blank lines between sentences.
 
     `scheme` is the tagging scheme of the file (bio, bioes or bmes; None: detected from its tags);
@@ -228,12 +255,17 @@ def read_columns(path: str | Path, *, scheme: str | None = "bioes", delimiter: s
     return sentences
 
 
-def _columns(block: list[str], delimiter: str | None, strip_position_digits: bool) -> tuple[list[str], list[str]]:
+def _columns(
+    block: list[str], delimiter: str | None, strip_position_digits: bool
+) -> tuple[list[str], list[str]]:
     chars, tags = [], []
     for offset, line in enumerate(block):
         if "\r" in line:  # "\r\n" endings are gone (_lines): a lone one would end up inside a character
-            raise SentenceProblem(f"carriage return (\\r) inside line {line!r}: the file has old Mac line endings "
-                                  "or a stray control character; use \\n or \\r\\n line endings", offset)
+            raise SentenceProblem(
+                f"carriage return (\\r) inside line {line!r}: the file has old Mac line endings "
+                "or a stray control character; use \\n or \\r\\n line endings",
+                offset,
+            )
         fields = line.split(delimiter)
         if delimiter is None and len(fields) > 2:
             fields = [fields[0], fields[-1]]
@@ -244,8 +276,11 @@ def _columns(block: list[str], delimiter: str | None, strip_position_digits: boo
         if strip_position_digits:
             match = _WEIBO_CHAR.fullmatch(char)
             if not match:
-                raise SentenceProblem(f"malformed character {char!r}: expected a character "
-                                      "followed by its word-position digits", offset)
+                raise SentenceProblem(
+                    f"malformed character {char!r}: expected a character "
+                    "followed by its word-position digits",
+                    offset,
+                )
             char = match.group(1)
         chars.append(char)
         tags.append(tag)
@@ -258,12 +293,16 @@ def detect_scheme(tags: Iterable[str], path: str | Path) -> str:
     --tag-scheme."""
     prefixes = {tag.partition("-")[0] for tag in tags if tag != "O"}
     if {"M", "I"} <= prefixes:
-        raise DataError(f"{path}: its tags have both M- and I- prefixes, which is none of BIO, BIOES and BMES; "
-                        "give --tag-scheme bio, bioes or bmes")
+        raise DataError(
+            f"{path}: its tags have both M- and I- prefixes, which is none of BIO, BIOES and BMES; "
+            "give --tag-scheme bio, bioes or bmes"
+        )
     return "bmes" if "M" in prefixes else "bioes" if prefixes & {"E", "S"} else "bio"
 
 
-def split_tokens(tokens: Sequence[str], tags: Sequence[str], scheme: str) -> tuple[list[str], list[str], list[int]]:
+def split_tokens(
+    tokens: Sequence[str], tags: Sequence[str], scheme: str
+) -> tuple[list[str], list[str], list[int]]:
     """(characters, their tags, the token of each character): a token of several characters split
     into characters, its tag carried over as BIO carries an entity: B-X -> B-X I-X ..., I-X -> I-X
     I-X ..., E-X -> I-X ... E-X, S-X -> B-X I-X ... E-X (M- for I- in BMES), O -> O O ... A token of
@@ -274,8 +313,11 @@ def split_tokens(tokens: Sequence[str], tags: Sequence[str], scheme: str) -> tup
     chars, char_tags, owner = [], [], []
     for i, (token, tag) in enumerate(zip(tokens, tags)):
         if not token or (len(token) > 1 and any(c.isspace() for c in token)):
-            raise SentenceProblem(f"token {i + 1} {token!r} is empty or holds whitespace among other characters: "
-                                  "give each space as a token of its own, or leave it out", i)
+            raise SentenceProblem(
+                f"token {i + 1} {token!r} is empty or holds whitespace among other characters: "
+                "give each space as a token of its own, or leave it out",
+                i,
+            )
         seg, _, category = tag.partition("-")
         n = len(token)
         if n == 1 or tag == "O" or seg not in ("B", "I", "M", "E", "S"):
@@ -296,8 +338,7 @@ def split_tokens(tokens: Sequence[str], tags: Sequence[str], scheme: str) -> tup
 
 def read_weibo(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
     """Weibo NER: `CHAR<TAB>TAG`, BIO, each character followed by its word-position digits."""
-    return read_columns(path, scheme="bio", delimiter="\t", strip_position_digits=True,
-                        on_problem=on_problem)
+    return read_columns(path, scheme="bio", delimiter="\t", strip_position_digits=True, on_problem=on_problem)
 
 
 def read_bmes(path: str | Path, on_problem: str = "skip") -> list[Sentence]:
@@ -348,9 +389,12 @@ def _fine_record(line: str) -> dict:
     if not isinstance(record.get("text"), str) or not record["text"]:
         raise SentenceProblem(f'id {record.get("id")}: expected a non-empty "text" string')
     if not isinstance(record.get("label"), dict):
-        got = "no \"label\"" if "label" not in record else f'"label" {json.dumps(record["label"])[:40]}'
-        raise SentenceProblem(f'id {record.get("id")}: {got}: expected an object {{CATEGORY: {{MENTION: [[start, end], ...]}}}} '
-                              '({} for a sentence without entities)')
+        got = 'no "label"' if "label" not in record else f'"label" {json.dumps(record["label"])[:40]}'
+        raise SentenceProblem(
+            f"id {record.get('id')}: {got}: expected an object "
+            f"{{CATEGORY: {{MENTION: [[start, end], ...]}}}} "
+            "({} for a sentence without entities)"
+        )
     return record
 
 
@@ -368,7 +412,9 @@ def _fine_spans(labels: dict) -> Iterator[tuple[str, str, int, int]]:
     except SentenceProblem:
         raise
     except (AttributeError, TypeError, ValueError):
-        raise SentenceProblem('malformed "label": expected {CATEGORY: {MENTION: [[start, end], ...]}}') from None
+        raise SentenceProblem(
+            'malformed "label": expected {CATEGORY: {MENTION: [[start, end], ...]}}'
+        ) from None
 
 
 def _fine_tags(text: str, labels: dict) -> list[str]:
@@ -377,18 +423,20 @@ def _fine_tags(text: str, labels: dict) -> list[str]:
     tags = ["O"] * len(text)
     for category, mention, start, end in _fine_spans(labels):
         if not (0 <= start <= end < len(text)):
-            raise SentenceProblem(f"span [{start}, {end}] of {mention!r} is outside the "
-                                  f"text of {len(text)} characters")
-        if nfkc(text[start:end + 1]) != nfkc(mention):
-            raise SentenceProblem(f"span [{start}, {end}] reads {text[start:end + 1]!r}, "
-                                  f"not its mention {mention!r}")
-        if any(tag != "O" for tag in tags[start:end + 1]):
+            raise SentenceProblem(
+                f"span [{start}, {end}] of {mention!r} is outside the text of {len(text)} characters"
+            )
+        if nfkc(text[start : end + 1]) != nfkc(mention):
+            raise SentenceProblem(
+                f"span [{start}, {end}] reads {text[start : end + 1]!r}, not its mention {mention!r}"
+            )
+        if any(tag != "O" for tag in tags[start : end + 1]):
             raise SentenceProblem(f"span [{start}, {end}] of {mention!r} overlaps another entity")
         if start == end:
             tags[start] = f"S-{category}"
         else:
             tags[start] = f"B-{category}"
-            tags[start + 1:end] = [f"I-{category}"] * (end - start - 1)
+            tags[start + 1 : end] = [f"I-{category}"] * (end - start - 1)
             tags[end] = f"E-{category}"
     return tags
 

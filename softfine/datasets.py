@@ -22,18 +22,22 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .data import Sentence, read_bmes, read_fine, read_weibo, unseen_categories
-from .formats import FORMATS, detect_format, read_label_names, read_user_file
 from .errors import ConfigError, DataError
+from .formats import FORMATS, detect_format, read_label_names, read_user_file
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
-USER_SPLITS = {"train": ("train",), "dev": ("dev", "validation"), "test": ("test",)}  # file names, before a "."
+USER_SPLITS = {
+    "train": ("train",),
+    "dev": ("dev", "validation"),
+    "test": ("test",),
+}  # file names, before a "."
 FILE_FLAGS = {"train": "--train-file", "dev": "--validation-file", "test": "--test-file"}
 LABEL_NAMES = "labels.txt"  # beside a file of integer tags: the tag names, one a line, in id order
 
@@ -79,7 +83,7 @@ DATASETS: dict[str, DatasetSpec] = {
         read_bmes,
         None,
         note="OntoNotes 4.0 (LDC2011T03) is licensed by the LDC: put its usual Chinese NER release "
-             "(train/dev/test.char.bmes) into DATA_DIR/ontonotes4/ yourself",
+        "(train/dev/test.char.bmes) into DATA_DIR/ontonotes4/ yourself",
     ),
     "fine": DatasetSpec(
         "fine",
@@ -88,8 +92,10 @@ DATASETS: dict[str, DatasetSpec] = {
         "https://raw.githubusercontent.com/XpastaX/SoftFiNE/main/data/FiNE",
         # dev and test as published in the authors' repository (checked against its snapshot);
         # train.json has no pinned checksum yet: `data download fine --allow-unverified` only.
-        {"dev": "8022fbf8794c56af98cebf1479d2dd3e2fddefb54376f7a41ab76ccbd3af4c19",
-         "test": "1f13606e64bbef2f885691a5ad87d914f97873b8367b93efcf6b64f052e7145a"},
+        {
+            "dev": "8022fbf8794c56af98cebf1479d2dd3e2fddefb54376f7a41ab76ccbd3af4c19",
+            "test": "1f13606e64bbef2f885691a5ad87d914f97873b8367b93efcf6b64f052e7145a",
+        },
         "FiNE (Yang et al., ACL 2023)",
     ),
 }
@@ -118,8 +124,9 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     return cache / "softfine" / "data"
 
 
-def dataset_files(name: str, directory: str | os.PathLike | None = None,
-                  splits: Sequence[str] = SPLITS) -> dict[str, Path]:
+def dataset_files(
+    name: str, directory: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS
+) -> dict[str, Path]:
     """Paths of the requested splits; a DataError names every one that is missing."""
     spec = get_spec(name)
     folder = data_dir(directory) / name
@@ -127,13 +134,16 @@ def dataset_files(name: str, directory: str | os.PathLike | None = None,
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         how = (f"run `softfine data download {name}`" if spec.origin else spec.note) or ""
-        raise DataError(f"missing data file(s) for {name!r}: {', '.join(missing)} ({how}; "
-                        f"the data directory comes from --data-dir or $SOFTFINE_DATA_DIR)")
+        raise DataError(
+            f"missing data file(s) for {name!r}: {', '.join(missing)} ({how}; "
+            f"the data directory comes from --data-dir or $SOFTFINE_DATA_DIR)"
+        )
     return paths
 
 
-def read_split(name: str, split: str, directory: str | os.PathLike | None = None,
-               strict: bool = False) -> list[Sentence]:
+def read_split(
+    name: str, split: str, directory: str | os.PathLike | None = None, strict: bool = False
+) -> list[Sentence]:
     """A built-in dataset's split, by the rules of `on_problem`."""
     path = dataset_files(name, directory, [split])[split]
     return get_spec(name).reader(path, on_problem=on_problem(split, strict))
@@ -154,10 +164,12 @@ def on_problem(split: str, strict: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 # A run's data: a built-in dataset or the user's files (`Source`), read once (`Corpus`).
 
+
 @dataclass(frozen=True)
 class Source:
     """Where a run's data comes from: its name, the file of each split there is, and their format
     (a built-in dataset's name, or a FORMATS key)."""
+
     name: str
     files: dict[str, Path]
     format: str
@@ -215,8 +227,10 @@ def data_source(config) -> Source:
     formats = {split: detect_format(path) for split, path in files.items()}
     if len(set(formats.values())) > 1:
         mixed = ", ".join(f"{files[s].name} is {FORMATS[f]}" for s, f in formats.items())
-        raise DataError(f"{files[next(iter(files))].parent}: the splits mix formats ({mixed}); give every split "
-                        "in one format")
+        raise DataError(
+            f"{files[next(iter(files))].parent}: the splits mix formats ({mixed}); give every split "
+            "in one format"
+        )
     return Source(dataset_name(config), files, next(iter(formats.values())), False, config.tag_scheme)
 
 
@@ -224,18 +238,24 @@ def folder_files(folder: Path) -> dict[str, Path]:
     """The split files of a user's folder: train, dev or validation, and test, any extension."""
     if not folder.is_dir():
         what = "not a folder" if folder.exists() else "no such folder"
-        raise DataError(f"--dataset {folder}: {what}; give a built-in dataset ({', '.join(DATASETS)}) or a folder "
-                        "holding train, dev (or validation) and test files")
+        raise DataError(
+            f"--dataset {folder}: {what}; give a built-in dataset ({', '.join(DATASETS)}) or a folder "
+            "holding train, dev (or validation) and test files"
+        )
     files = {}
     for split, stems in USER_SPLITS.items():
         found = sorted(p for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] in stems)
         if len(found) > 1:
-            raise DataError(f"--dataset {folder}: {' and '.join(p.name for p in found)} are all {split} files; keep one")
+            raise DataError(
+                f"--dataset {folder}: {' and '.join(p.name for p in found)} are all {split} files; keep one"
+            )
         if found:
             files[split] = found[0]
     if "train" not in files:
         held = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
-        raise DataError(f"--dataset {folder}: no training file (train, train.json, train.txt, ...); it holds {held}")
+        raise DataError(
+            f"--dataset {folder}: no training file (train, train.json, train.txt, ...); it holds {held}"
+        )
     return files
 
 
@@ -243,9 +263,12 @@ def folder_files(folder: Path) -> dict[str, Path]:
 class Corpus:
     """A run's sentences, each split read and checked once: what `train_group` trains and scores
     on, and what the search's driver sends to its trials (no trial reads a file)."""
+
     name: str
     splits: dict[str, list[Sentence]]
-    files: dict[str, dict]  # split -> {"path", "sha256", "format", "sentences"} (and "carved" for a carved dev)
+    files: dict[
+        str, dict
+    ]  # split -> {"path", "sha256", "format", "sentences"} (and "carved" for a carved dev)
     sha256: str  # over the files, in split order: what a run's results say they came from
     unseen: dict[str, dict[str, int]]  # data.unseen_categories
 
@@ -254,31 +277,57 @@ def load_corpus(config, splits: Sequence[str] | None = None) -> Corpus:
     """The splits a run reads (default: train, dev and, where there is one, test) by the rules of
     `on_problem`; a dev split carved from train with `dev_fraction`; the limits applied last."""
     source = data_source(config)
-    wanted = list(splits) if splits is not None else ["train", "dev"] + (["test"] if "test" in source.files else [])
+    wanted = (
+        list(splits)
+        if splits is not None
+        else ["train", "dev"] + (["test"] if "test" in source.files else [])
+    )
     carve = "dev" in wanted and "dev" not in source.files and config.dev_fraction is not None
     if config.dev_fraction is not None and "dev" in source.files:
-        raise ConfigError(f"--dev-fraction {config.dev_fraction:g}: {source.describe('dev')} is the dev split; "
-                          "leave --dev-fraction out")
+        raise ConfigError(
+            f"--dev-fraction {config.dev_fraction:g}: {source.describe('dev')} is the dev split; "
+            "leave --dev-fraction out"
+        )
     for split in dict.fromkeys(wanted + (["train"] if carve else [])):
         if split not in source.files and not (split == "dev" and carve):
             raise missing_split(source, split, config)
-    read = {split: source.read(split, config.strict) for split in SPLITS
-            if split in source.files and (split in wanted or (carve and split == "train"))}
-    files = {split: {"path": str(source.files[split].resolve()), "sha256": sha256_of([source.files[split]]),
-                     "format": source.format, "sentences": len(read[split])} for split in read}
+    read = {
+        split: source.read(split, config.strict)
+        for split in SPLITS
+        if split in source.files and (split in wanted or (carve and split == "train"))
+    }
+    files = {
+        split: {
+            "path": str(source.files[split].resolve()),
+            "sha256": sha256_of([source.files[split]]),
+            "format": source.format,
+            "sentences": len(read[split]),
+        }
+        for split in read
+    }
     if carve:
         read["train"], read["dev"] = carve_dev(read["train"], config.dev_fraction, config.dev_seed)
-        files["dev"] = {**files["train"], "sentences": len(read["dev"]),
-                        "carved": f"{config.dev_fraction:g} of train, seed {config.dev_seed}"}
+        files["dev"] = {
+            **files["train"],
+            "sentences": len(read["dev"]),
+            "carved": f"{config.dev_fraction:g} of train, seed {config.dev_seed}",
+        }
         files["train"]["sentences"] = len(read["train"])
-        log.warning("%s: no dev split; carved %d of its %d training sentences as dev (--dev-fraction %g, "
-                    "--dev-seed %d); train keeps %d", source.describe("train"), len(read["dev"]),
-                    len(read["dev"]) + len(read["train"]), config.dev_fraction, config.dev_seed, len(read["train"]))
+        log.warning(
+            "%s: no dev split; carved %d of its %d training sentences as dev (--dev-fraction %g, "
+            "--dev-seed %d); train keeps %d",
+            source.describe("train"),
+            len(read["dev"]),
+            len(read["dev"]) + len(read["train"]),
+            config.dev_fraction,
+            config.dev_seed,
+            len(read["train"]),
+        )
     if "train" in read and config.limit_train:
-        read["train"] = read["train"][:config.limit_train]
+        read["train"] = read["train"][: config.limit_train]
     for split in ("dev", "test"):
         if split in read and config.limit_eval:
-            read[split] = read[split][:config.limit_eval]
+            read[split] = read[split][: config.limit_eval]
     read = {split: read[split] for split in SPLITS if split in read and split in wanted}
     unseen = unseen_categories(read) if "train" in read else {}
     paths = list(dict.fromkeys(source.files[s] for s in SPLITS if s in source.files and s in files))
@@ -288,20 +337,30 @@ def load_corpus(config, splits: Sequence[str] | None = None) -> Corpus:
 def report_unseen(corpus: Corpus) -> None:
     """A warning per split holding gold entities of categories that train never has."""
     for split, counts in corpus.unseen.items():
-        log.warning("%s %s: %d gold entities of %d categories that train never has (%s): scored, and missed unless "
-                    "a model finds them anyway", corpus.name, split, sum(counts.values()), len(counts),
-                    ", ".join(f"{c} {n}" for c, n in counts.items()))
+        log.warning(
+            "%s %s: %d gold entities of %d categories that train never has (%s): scored, and missed unless "
+            "a model finds them anyway",
+            corpus.name,
+            split,
+            sum(counts.values()),
+            len(counts),
+            ", ".join(f"{c} {n}" for c, n in counts.items()),
+        )
 
 
 def missing_split(source: Source, split: str, config) -> DataError:
     if source.builtin:
         dataset_files(source.name, config.data_dir, [split])  # raises, naming the file and how to get it
     if config.dataset is None:
-        return DataError(f"{FILE_FLAGS[split]}: no {split} file given" + (
-            "; give one, or --dev-fraction F to carve a dev split from train" if split == "dev" else ""))
+        return DataError(
+            f"{FILE_FLAGS[split]}: no {split} file given"
+            + ("; give one, or --dev-fraction F to carve a dev split from train" if split == "dev" else "")
+        )
     stems = " or ".join(USER_SPLITS[split])
-    return DataError(f"--dataset {config.dataset}: no {split} file ({stems}, any extension)" + (
-        "; add one, or pass --dev-fraction F to carve a dev split from train" if split == "dev" else ""))
+    return DataError(
+        f"--dataset {config.dataset}: no {split} file ({stems}, any extension)"
+        + ("; add one, or pass --dev-fraction F to carve a dev split from train" if split == "dev" else "")
+    )
 
 
 def carve_dev(train: list[Sentence], fraction: float, seed: int) -> tuple[list[Sentence], list[Sentence]]:
@@ -310,10 +369,15 @@ def carve_dev(train: list[Sentence], fraction: float, seed: int) -> tuple[list[S
     import random
 
     if len(train) < 2:
-        raise DataError(f"--dev-fraction {fraction:g}: {len(train)} training sentence(s), too few to carve a dev split")
+        raise DataError(
+            f"--dev-fraction {fraction:g}: {len(train)} training sentence(s), too few to carve a dev split"
+        )
     size = min(max(1, round(fraction * len(train))), len(train) - 1)
     chosen = set(random.Random(seed).sample(range(len(train)), size))
-    return ([s for i, s in enumerate(train) if i not in chosen], [s for i, s in enumerate(train) if i in chosen])
+    return (
+        [s for i, s in enumerate(train) if i not in chosen],
+        [s for i, s in enumerate(train) if i in chosen],
+    )
 
 
 def sha256_of(paths: Sequence[Path]) -> str:
@@ -326,9 +390,16 @@ def sha256_of(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def download(name: str, directory: str | os.PathLike | None = None, *, mirror: str | None = None,
-             splits: Sequence[str] = SPLITS, force: bool = False, allow_unverified: bool = False,
-             timeout: float = 60.0) -> dict[str, Path]:
+def download(
+    name: str,
+    directory: str | os.PathLike | None = None,
+    *,
+    mirror: str | None = None,
+    splits: Sequence[str] = SPLITS,
+    force: bool = False,
+    allow_unverified: bool = False,
+    timeout: float = 60.0,
+) -> dict[str, Path]:
     """Fetch a dataset's files from its public origin (or a mirror with the data-dir layout).
 
     Each file is checked against its pinned SHA-256 before it is moved into place, so a failed
@@ -343,8 +414,10 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
         except ValueError as err:
             raise DataError(f"--mirror {mirror}: not a URL ({err})") from None
         if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.scheme == "file"):
-            raise DataError(f"--mirror {mirror}: not a URL; give http://HOST/PATH, https://HOST/PATH or "
-                            "file:///FOLDER (laid out as MIRROR/NAME/FILE)")
+            raise DataError(
+                f"--mirror {mirror}: not a URL; give http://HOST/PATH, https://HOST/PATH or "
+                "file:///FOLDER (laid out as MIRROR/NAME/FILE)"
+            )
         base = f"{mirror.rstrip('/')}/{name}"
     elif spec.origin:
         base = spec.origin
@@ -352,8 +425,10 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
         raise DataError(f"{name!r} has no public origin to download from: {spec.note}")
     unpinned = [spec.files[s] for s in splits if s not in spec.sha256]
     if unpinned and not allow_unverified:
-        raise DataError(f"{name}: no pinned checksum for {', '.join(unpinned)}, so it cannot be verified; "
-                        "pass --allow-unverified to save it anyway, or --split to leave it out")
+        raise DataError(
+            f"{name}: no pinned checksum for {', '.join(unpinned)}, so it cannot be verified; "
+            "pass --allow-unverified to save it anyway, or --split to leave it out"
+        )
     folder = data_dir(directory) / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -373,14 +448,20 @@ def download(name: str, directory: str | os.PathLike | None = None, *, mirror: s
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as response:
                     shutil.copyfileobj(response, tmp)
-            except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a URL urllib cannot read
+            except (
+                urllib.error.URLError,
+                OSError,
+                ValueError,
+            ) as err:  # ValueError: a URL urllib cannot read
                 Path(tmp.name).unlink(missing_ok=True)
                 raise DataError(f"{url}: download failed ({err})") from None
         got = sha256_of([Path(tmp.name)])
         if expected and got != expected:
             Path(tmp.name).unlink(missing_ok=True)
-            raise DataError(f"{url}: checksum mismatch (sha256 {got}, expected {expected}); "
-                            f"nothing was written to {target}")
+            raise DataError(
+                f"{url}: checksum mismatch (sha256 {got}, expected {expected}); "
+                f"nothing was written to {target}"
+            )
         if not expected:
             log.warning("%s: UNVERIFIED (no pinned checksum; --allow-unverified): its sha256 is %s", url, got)
         os.replace(tmp.name, target)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,8 +28,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise DeviceError(f"--device {name}: torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
-                          f"{visible!r}, torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+        raise DeviceError(
+            f"--device {name}: torch sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{visible!r}, torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+        )
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise DeviceError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
@@ -53,11 +55,17 @@ def attention_kernels(device: torch.device, choice: str = "auto"):
         raise ConfigError(f"--attention {choice!r}: expected one of {', '.join(ATTENTION)}")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if device.type != "cuda":  # math alone where asked (fused groups: vmap has no rule for the CPU's flash kernel)
+    if (
+        device.type != "cuda"
+    ):  # math alone where asked (fused groups: vmap has no rule for the CPU's flash kernel)
         return sdpa_kernel([SDPBackend.MATH]) if choice == "math" else contextlib.nullcontext()
 
-    first = {"auto": SDPBackend.EFFICIENT_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[choice]
+    first = {
+        "auto": SDPBackend.EFFICIENT_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[choice]
     return sdpa_kernel(list(dict.fromkeys([first, SDPBackend.MATH])), set_priority=True)
 
 

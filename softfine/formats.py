@@ -9,19 +9,32 @@ problem is handled as data.py's docstring says, naming the file and line.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from .data import (Sentence, SentenceProblem, _json_object, _lines, _Problems, detect_scheme, read_columns, read_fine,
-                   split_tokens, to_bioes)
+from .data import (
+    Sentence,
+    SentenceProblem,
+    _json_object,
+    _lines,
+    _Problems,
+    detect_scheme,
+    read_columns,
+    read_fine,
+    split_tokens,
+    to_bioes,
+)
 from .errors import DataError
 
-FORMATS = {"tokens": "JSON lines with tokens and ner_tags", "columns": "a two-column character file",
-           "spans": "span JSON lines (FiNE's)"}
+FORMATS = {
+    "tokens": "JSON lines with tokens and ner_tags",
+    "columns": "a two-column character file",
+    "spans": "span JSON lines (FiNE's)",
+}
 
 
 def detect_format(path: str | Path) -> str:
-    """"tokens", "spans" or "columns" (FORMATS), from the first line that is not blank: a JSON
+    """ "tokens", "spans" or "columns" (FORMATS), from the first line that is not blank: a JSON
     object with "tokens" (run_ner.py's JSON lines), one with "text" (span JSON lines), anything
     else a column file."""
     path = Path(path)
@@ -31,15 +44,19 @@ def detect_format(path: str | Path) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{number}: the file reads as JSON lines but this line is not valid JSON "
-                        f"({err.msg}, column {err.colno})") from None
+        raise DataError(
+            f"{path}:{number}: the file reads as JSON lines but this line is not valid JSON "
+            f"({err.msg}, column {err.colno})"
+        ) from None
     if isinstance(record, dict) and "tokens" in record:
         return "tokens"
     if isinstance(record, dict) and "text" in record:
         return "spans"
     keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-    raise DataError(f"{path}:{number}: a JSON line with neither \"tokens\" (and \"ner_tags\": run_ner.py's "
-                    f"format) nor \"text\" (and \"label\": span JSON lines); it has: {keys}")
+    raise DataError(
+        f'{path}:{number}: a JSON line with neither "tokens" (and "ner_tags": run_ner.py\'s '
+        f'format) nor "text" (and "label": span JSON lines); it has: {keys}'
+    )
 
 
 def first_line(path: Path) -> tuple[int, str]:
@@ -65,8 +82,12 @@ def first_line(path: Path) -> tuple[int, str]:
     raise DataError(f"{path}: the file is empty")
 
 
-def read_token_json(path: str | Path, scheme: str | None = None, label_names: Sequence[str] | None = None,
-                    on_problem: str = "skip") -> list[Sentence]:
+def read_token_json(
+    path: str | Path,
+    scheme: str | None = None,
+    label_names: Sequence[str] | None = None,
+    on_problem: str = "skip",
+) -> list[Sentence]:
     """Hugging Face run_ner.py's JSON lines: `{"tokens": [...], "ner_tags": [...]}`, tags as
     strings, or as integers naming `label_names` (labels.txt) or the record's own "label_names"
     list. `scheme`: the tags' (None: detected); a token of several characters is split into
@@ -107,15 +128,19 @@ def _token_record(line: str, label_names: Sequence[str] | None, where: str) -> t
     if not isinstance(tags, list):
         raise SentenceProblem('expected "ner_tags": a list of tags, one per token')
     if len(tags) != len(tokens):
-        raise SentenceProblem(f'"ner_tags" has {len(tags)} tags for {len(tokens)} tokens: give one tag per token')
+        raise SentenceProblem(
+            f'"ner_tags" has {len(tags)} tags for {len(tokens)} tokens: give one tag per token'
+        )
     if all(isinstance(t, str) for t in tags):
         return tokens, tags
     if not all(type(t) is int for t in tags):
         raise SentenceProblem('"ner_tags": expected all strings (B-X, O, ...) or all integers (label ids)')
     names = record.get("label_names", label_names)
     if names is None:
-        raise DataError(f'{where}: integer "ner_tags" but no label names: put a labels.txt beside the file (one '
-                        'name a line, in id order) or a "label_names" list in each record')
+        raise DataError(
+            f'{where}: integer "ner_tags" but no label names: put a labels.txt beside the file (one '
+            'name a line, in id order) or a "label_names" list in each record'
+        )
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
         raise SentenceProblem('"label_names": expected a list of tag names (O, B-X, ...)')
     bad = next((t for t in tags if not 0 <= t < len(names)), None)
@@ -129,18 +154,27 @@ def read_label_names(path: str | Path) -> list[str]:
     names = [line.strip() for line in _lines(Path(path)) if line.strip()]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
-        raise DataError(f"{path}: the label name {twice!r} is written twice; give each name once, in id order")
+        raise DataError(
+            f"{path}: the label name {twice!r} is written twice; give each name once, in id order"
+        )
     return names
 
 
-def read_user_file(path: str | Path, fmt: str, scheme: str | None = None, label_names: Sequence[str] | None = None,
-                   on_problem: str = "skip") -> list[Sentence]:
+def read_user_file(
+    path: str | Path,
+    fmt: str,
+    scheme: str | None = None,
+    label_names: Sequence[str] | None = None,
+    on_problem: str = "skip",
+) -> list[Sentence]:
     """A user's file in format `fmt` (FORMATS; see `detect_format`)."""
     if fmt == "tokens":
         return read_token_json(path, scheme, label_names, on_problem)
     if fmt == "spans":
         return read_fine(path, on_problem)
-    return read_columns(path, scheme=scheme, delimiter=_column_delimiter(path), words=True, on_problem=on_problem)
+    return read_columns(
+        path, scheme=scheme, delimiter=_column_delimiter(path), words=True, on_problem=on_problem
+    )
 
 
 def _column_delimiter(path: str | Path) -> str:

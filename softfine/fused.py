@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -54,21 +54,34 @@ def check_group(configs: Sequence[TrainConfig]) -> None:
     for number, config in enumerate(configs[1:], 1):
         for name, value in dataclasses.asdict(config).items():
             if name not in LOSS_FIELDS + ("out",) and value != first[name]:
-                raise ConfigError(f"fused group: member {number} has {name}={value!r} but member 0 has "
-                                  f"{first[name]!r}; members may differ only in {', '.join(LOSS_FIELDS)} and out")
+                raise ConfigError(
+                    f"fused group: member {number} has {name}={value!r} but member 0 has "
+                    f"{first[name]!r}; members may differ only in {', '.join(LOSS_FIELDS)} and out"
+                )
         if uses_augmentation(config) != uses_augmentation(configs[0]):
             # alpha_aug = alpha_fea = 0 skips the augmented half of the batch: another forward pass
-            raise ConfigError(f"fused group: member {number} {'uses' if uses_augmentation(config) else 'skips'} "
-                              "the augmented sentences and member 0 does not (alpha_aug = alpha_fea = 0 skips them); "
-                              "put such points in a group of their own")
+            raise ConfigError(
+                f"fused group: member {number} {'uses' if uses_augmentation(config) else 'skips'} "
+                "the augmented sentences and member 0 does not (alpha_aug = alpha_fea = 0 skips them); "
+                "put such points in a group of their own"
+            )
     outs = [Path(c.out).resolve() for c in configs]
     if len(set(outs)) < len(outs):
         twice = next(out for out in outs if outs.count(out) > 1)
         raise ConfigError(f"fused group: two members write to {twice}; give each its own out")
 
 
-def member_loss(model: Callable, soft_table: torch.Tensor, use_aug: bool, alpha_aug, alpha_fea,
-                input_ids, aug_ids, attention_mask, label_ids) -> dict[str, torch.Tensor]:
+def member_loss(
+    model: Callable,
+    soft_table: torch.Tensor,
+    use_aug: bool,
+    alpha_aug,
+    alpha_fea,
+    input_ids,
+    aug_ids,
+    attention_mask,
+    label_ids,
+) -> dict[str, torch.Tensor]:
     """The forward pass of `model` (input_ids, attention_mask -> features, logits) and the SoftFiNE
     loss of one batch, over fixed-shape tensors with masks (nothing waits for the GPU). Original
     and augmented sentences share one encoder call."""
@@ -79,9 +92,17 @@ def member_loss(model: Callable, soft_table: torch.Tensor, use_aug: bool, alpha_
         return softfine_loss(logits, targets, chars)
     n = input_ids.shape[0]
     features, logits = model(torch.cat([input_ids, aug_ids]), torch.cat([attention_mask, attention_mask]))
-    return softfine_loss(logits[:n], targets, chars, aug_logits=logits[n:], features=features[:n],
-                         aug_features=features[n:], entities=chars & label_ids.ne(0),  # label 0 is O
-                         alpha_aug=alpha_aug, alpha_fea=alpha_fea)
+    return softfine_loss(
+        logits[:n],
+        targets,
+        chars,
+        aug_logits=logits[n:],
+        features=features[:n],
+        aug_features=features[n:],
+        entities=chars & label_ids.ne(0),  # label 0 is O
+        alpha_aug=alpha_aug,
+        alpha_fea=alpha_fea,
+    )
 
 
 class FusedModel:
@@ -94,7 +115,7 @@ class FusedModel:
         # The architecture without weights: functional_call runs it with member k's tensors.
         self.skeleton = copy.deepcopy(models[0]).to("meta")
 
-    def train(self, mode: bool = True) -> "FusedModel":
+    def train(self, mode: bool = True) -> FusedModel:
         # Dropout on or off, for every member. Set on each module, not by transformers' train(),
         # which re-applies its hub kernels on a change of mode and refuses a model on "meta".
         for module in self.skeleton.modules():
@@ -118,14 +139,18 @@ class FusedModel:
 
         return one
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, logits) of every member, each with a leading dimension K."""
         return self._map(self._call, (0, 0, None, None))(self.params, self.buffers, input_ids, attention_mask)
 
-    def loss(self, soft_tables: torch.Tensor, use_aug: bool, alpha_aug: torch.Tensor,
-             alpha_fea: torch.Tensor) -> Callable[..., dict]:
+    def loss(
+        self, soft_tables: torch.Tensor, use_aug: bool, alpha_aug: torch.Tensor, alpha_fea: torch.Tensor
+    ) -> Callable[..., dict]:
         """`loss(input_ids, aug_ids, attention_mask, label_ids)`: every member's `member_loss`, each
         part a (K,) tensor; soft_tables (K, N, N), the alphas (K,)."""
+
         def one(params, buffers, table, a_aug, a_fea, *batch):
             model = lambda ids, mask: self._call(params, buffers, ids, mask)  # noqa: E731
             return member_loss(model, table, use_aug, a_aug, a_fea, *batch)
@@ -163,9 +188,16 @@ class FusedModel:
         """Member k's part of the stacked AdamW's state_dict: what its own AdamW would hold, in
         tensors of its own (torch.save writes a view's whole storage: every member's moments)."""
         shapes = self.optimizer_shapes()
-        return {"param_groups": state["param_groups"],
-                "state": {i: {key: value[k].clone() if _stacked(key, value, shapes[i]) else value
-                              for key, value in per_param.items()} for i, per_param in state["state"].items()}}
+        return {
+            "param_groups": state["param_groups"],
+            "state": {
+                i: {
+                    key: value[k].clone() if _stacked(key, value, shapes[i]) else value
+                    for key, value in per_param.items()
+                }
+                for i, per_param in state["state"].items()
+            },
+        }
 
     def stack_optimizer_states(self, states: Sequence[dict]) -> dict:
         """The stacked AdamW's state_dict from its members' (as `member_optimizer_state` gives them).
@@ -175,9 +207,12 @@ class FusedModel:
         self._check_fits(states, shapes)
         stacked = {}
         for i, per_param in states[0]["state"].items():
-            stacked[i] = {key: torch.stack([s["state"][i][key] for s in states])
-                          if _stacked(key, value, shapes[int(i)], member=True) else value
-                          for key, value in per_param.items()}
+            stacked[i] = {
+                key: torch.stack([s["state"][i][key] for s in states])
+                if _stacked(key, value, shapes[int(i)], member=True)
+                else value
+                for key, value in per_param.items()
+            }
         return {"param_groups": states[0]["param_groups"], "state": stacked}
 
     def _check_fits(self, states: Sequence[dict], shapes: list[torch.Size]) -> None:
@@ -188,16 +223,22 @@ class FusedModel:
             whose = f"member {k}'s optimizer state" if self.size > 1 else "the saved optimizer state"
             unknown = sorted(set(state["state"]) - set(range(len(shapes))))
             if unknown:
-                raise ConfigError(f"resume: {whose} has moments of parameter {unknown[0]}, but the model has "
-                                  f"{len(shapes)} (0 to {len(shapes) - 1}); was it saved with another model?")
+                raise ConfigError(
+                    f"resume: {whose} has moments of parameter {unknown[0]}, but the model has "
+                    f"{len(shapes)} (0 to {len(shapes) - 1}); was it saved with another model?"
+                )
             if state["state"].keys() != states[0]["state"].keys():
-                raise ConfigError(f"resume: {whose} has moments of other parameters than member 0's; resume a group "
-                                  "from the states of one group")
+                raise ConfigError(
+                    f"resume: {whose} has moments of other parameters than member 0's; resume a group "
+                    "from the states of one group"
+                )
             for i, moments in state["state"].items():
                 got = moments["exp_avg"].shape
                 if got not in (shapes[i][1:], shapes[i]) or got != states[0]["state"][i]["exp_avg"].shape:
-                    raise ConfigError(f"resume: {whose} holds moments of shape {list(got)} for {names[i]}, whose "
-                                      f"shape is {list(shapes[i][1:])}; was it saved with another model?")
+                    raise ConfigError(
+                        f"resume: {whose} holds moments of shape {list(got)} for {names[i]}, whose "
+                        f"shape is {list(shapes[i][1:])}; was it saved with another model?"
+                    )
 
 
 def _first(stacked: torch.Tensor | dict[str, torch.Tensor]):

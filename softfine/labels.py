@@ -3,8 +3,8 @@
 A label is `O` or `<seg>-<category>`, seg in B/I/E/S. Its components are the segment tag and
 the category's hierarchy levels: FiNE's `/organization/company/vehicle_brand` splits on `/` into
 three levels; any dataset whose categories all start with `/` is split so, others have one level
-unless a separator is given (Weibo's `PER.NAM` on `.`). A level is identified by its path from the root, so `company` under `organization` and a
-`company` elsewhere in a hierarchy are different components.
+unless a separator is given (Weibo's `PER.NAM` on `.`). A level is identified by its path from the
+root, so `company` under `organization` and a `company` elsewhere in a hierarchy are different components.
 
 For gold label g and candidate j (both not O):
     miss  = levels of g that j lacks
@@ -23,8 +23,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -40,11 +40,11 @@ class LabelSpace:
     separator: str | None = None
 
     @classmethod
-    def from_categories(cls, categories: Sequence[str], separator: str | None = None) -> "LabelSpace":
+    def from_categories(cls, categories: Sequence[str], separator: str | None = None) -> LabelSpace:
         return cls(tuple(sorted(set(categories))), separator or None)
 
     @classmethod
-    def infer(cls, categories: Sequence[str], separator: str | None = None) -> "LabelSpace":
+    def infer(cls, categories: Sequence[str], separator: str | None = None) -> LabelSpace:
         """The label space of a dataset's categories, split into levels on `separator` (the
         --label-separator given), else on "/" when every category starts with "/" (FiNE's paths),
         else of one level."""
@@ -54,7 +54,7 @@ class LabelSpace:
 
     def level_counts(self) -> list[int]:
         """How many hierarchy nodes each level has, level 1 first."""
-        nodes = {c[:k + 1] for cat in self.categories for c in [self.levels(cat)] for k in range(len(c))}
+        nodes = {c[: k + 1] for cat in self.categories for c in [self.levels(cat)] for k in range(len(c))}
         return [sum(len(n) == depth for n in nodes) for depth in range(1, self.depth + 1)]
 
     @property
@@ -71,8 +71,10 @@ class LabelSpace:
         try:
             return self._index[label]
         except KeyError:
-            raise KeyError(f"label {label!r} is not in this label space ({len(self)} labels, e.g. "
-                           f"{', '.join(self.labels[1:4])})") from None
+            raise KeyError(
+                f"label {label!r} is not in this label space ({len(self)} labels, e.g. "
+                f"{', '.join(self.labels[1:4])})"
+            ) from None
 
     @property
     def _index(self) -> dict[str, int]:
@@ -101,12 +103,12 @@ class LabelSpace:
         lead = self.separator if category.startswith(self.separator) else ""
         return f"{seg}-{lead}{self.separator.join(self.levels(category)[:k])}"
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019 - a run has one LabelSpace, kept as long as the run: nothing leaks
     def components(self, label: str) -> tuple[str, frozenset]:
         """(segment tag, the set of hierarchy nodes as root paths) of a non-O label."""
         seg, category = label.split("-", 1)
         levels = self.levels(category)
-        return seg, frozenset(levels[:k + 1] for k in range(len(levels)))
+        return seg, frozenset(levels[: k + 1] for k in range(len(levels)))
 
     def soft_targets(self, beta: float, gamma: float, scope: str = "paper") -> torch.Tensor:
         """N x N tensor: row g holds every label's relevance to gold label g."""
@@ -142,11 +144,12 @@ class LabelSpace:
         return torch.eye(len(self), dtype=torch.float32)
 
     def to_json(self) -> str:
-        return json.dumps({"categories": list(self.categories), "separator": self.separator},
-                          ensure_ascii=False, indent=1)
+        return json.dumps(
+            {"categories": list(self.categories), "separator": self.separator}, ensure_ascii=False, indent=1
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "LabelSpace":
+    def from_json(cls, text: str) -> LabelSpace:
         data = json.loads(text)
         categories, separator = data["categories"], data.get("separator")
         if not (isinstance(categories, list) and all(isinstance(c, str) and c for c in categories)):

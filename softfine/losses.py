@@ -37,11 +37,18 @@ def feature_kl(features: torch.Tensor, aug_features: torch.Tensor, mask: torch.T
     return masked_mean((log_d.exp() * (log_d - log_d_aug)).sum(-1), mask)
 
 
-def softfine_loss(logits: torch.Tensor, targets: torch.Tensor, chars: torch.Tensor, *,
-                  aug_logits: torch.Tensor | None = None, features: torch.Tensor | None = None,
-                  aug_features: torch.Tensor | None = None, entities: torch.Tensor | None = None,
-                  alpha_aug: float | torch.Tensor = 0.0,
-                  alpha_fea: float | torch.Tensor = 0.0) -> dict[str, torch.Tensor]:
+def softfine_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    chars: torch.Tensor,
+    *,
+    aug_logits: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    aug_features: torch.Tensor | None = None,
+    entities: torch.Tensor | None = None,
+    alpha_aug: float | torch.Tensor = 0.0,
+    alpha_fea: float | torch.Tensor = 0.0,
+) -> dict[str, torch.Tensor]:
     """The total loss and its parts. `chars` marks the batch's real characters, `entities` its
     entity characters (for the feature loss). Without `aug_logits` the augmentation terms are
     zero (the paper's no-augmentation ablation)."""
@@ -49,5 +56,9 @@ def softfine_loss(logits: torch.Tensor, targets: torch.Tensor, chars: torch.Tens
     zero = soft.new_zeros(())
     aug = soft_cross_entropy(aug_logits, targets, chars) if aug_logits is not None else zero
     fea = feature_kl(features, aug_features, entities) if features is not None else zero
-    return {"loss": soft + alpha_aug * aug + alpha_fea * fea, "loss_soft": soft, "loss_aug": aug,
-            "loss_fea": fea}
+    return {
+        "loss": soft + alpha_aug * aug + alpha_fea * fea,
+        "loss_soft": soft,
+        "loss_aug": aug,
+        "loss_fea": fea,
+    }

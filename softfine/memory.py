@@ -35,12 +35,19 @@ def member_memory(config: TrainConfig, corpus: Corpus | None = None) -> dict:
     model.to(device)
     sentences = corpus.splits["train"]
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
-    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[:config.batch_size]
-    batch = collate(longest, pad_multiple(config.pad_multiple, device, config.compile), config.batch_size,
-                    config.max_length)
+    longest = sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True)[: config.batch_size]
+    batch = collate(
+        longest,
+        pad_multiple(config.pad_multiple, device, config.compile),
+        config.batch_size,
+        config.max_length,
+    )
     tensors = [batch[k].to(device) for k in ("input_ids", "aug_ids", "attention_mask", "label_ids")]
-    table = (labels.soft_targets(config.beta, config.gamma, config.soft_scope) if config.soft
-             else labels.one_hot_targets()).to(device)
+    table = (
+        labels.soft_targets(config.beta, config.gamma, config.soft_scope)
+        if config.soft
+        else labels.one_hot_targets()
+    ).to(device)
     peaks = {}
     for size in (1, 2):
         torch.cuda.synchronize(device)
@@ -49,7 +56,9 @@ def member_memory(config: TrainConfig, corpus: Corpus | None = None) -> dict:
         before = torch.cuda.memory_allocated(device)
         fused = FusedModel([model] * size)  # the members' own stacked weights, as train_group makes them
         optimizer = build_optimizer(fused.params, config)
-        alphas = [torch.full((size,), getattr(config, name), device=device) for name in ("alpha_aug", "alpha_fea")]
+        alphas = [
+            torch.full((size,), getattr(config, name), device=device) for name in ("alpha_aug", "alpha_fea")
+        ]
         loss = fused.loss(table.expand(size, -1, -1), uses_augmentation(config), *alphas)
         with attention_kernels(device, "math" if size > 1 else config.attention), autocast(device):
             parts = loss(*tensors)

@@ -6,7 +6,7 @@ split: a number that differs from the split's is visible next to the F1)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from seqeval.scheme import IOBES
 
@@ -19,8 +19,7 @@ def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
     # MLflow model, checked on an example when a search logs it) loads without it.
     from seqeval.metrics import classification_report
 
-    report = classification_report(gold, pred, mode="strict", scheme=IOBES, output_dict=True,
-                                   zero_division=0)
+    report = classification_report(gold, pred, mode="strict", scheme=IOBES, output_dict=True, zero_division=0)
     micro = report.pop("micro avg")
     for key in ("macro avg", "weighted avg"):
         report.pop(key, None)
@@ -30,9 +29,15 @@ def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
         "precision": float(micro["precision"]),
         "recall": float(micro["recall"]),
         "f1": float(micro["f1-score"]),
-        "per_category": {c: {"precision": float(s["precision"]), "recall": float(s["recall"]),
-                             "f1": float(s["f1-score"]), "support": int(s["support"])}
-                         for c, s in report.items()},
+        "per_category": {
+            c: {
+                "precision": float(s["precision"]),
+                "recall": float(s["recall"]),
+                "f1": float(s["f1-score"]),
+                "support": int(s["support"]),
+            }
+            for c, s in report.items()
+        },
     }
 
 
@@ -44,6 +49,6 @@ def evaluate_tags(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], 
     scores = entity_scores(gold, pred)
     if labels.depth > 1:
         for k in range(1, labels.depth + 1):
-            cut = lambda seqs: [[labels.truncate(t, k) for t in s] for s in seqs]  # noqa: E731
-            scores[f"f1_level{k}"] = entity_scores(cut(gold), cut(pred))["f1"]
+            cut_gold, cut_pred = ([[labels.truncate(t, k) for t in s] for s in seqs] for seqs in (gold, pred))
+            scores[f"f1_level{k}"] = entity_scores(cut_gold, cut_pred)["f1"]
     return scores

@@ -22,8 +22,8 @@ import json
 import logging
 import pickle  # only for its exception: torch's safe loader raises pickle.UnpicklingError
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from pydantic import ValidationError
@@ -51,7 +51,9 @@ class SoftFiNEModel(nn.Module):
     def encoder(self) -> nn.Module:
         return self.net.base_model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (features, logits): the encoder's last hidden states and the label scores."""
         # The mask as SDPA takes it, (batch, 1, 1, length): from the 2D mask transformers would
         # first ask whether any position is padding, which makes a GPU step wait for the host.
@@ -74,10 +76,20 @@ def tiny_tokenizer(chars: Iterable[str]):
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]  # as BERT's tokenizer frames a text, so that pipelines do too
     backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return one_token_per_character(PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]"))
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    return one_token_per_character(
+        PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+    )
 
 
 def one_token_per_character(tokenizer):
@@ -93,8 +105,9 @@ def one_token_per_character(tokenizer):
     if backend is None:  # a slow (Python) tokenizer: the pipeline tokenizes as it does
         return tokenizer
     split = pre_tokenizers.Split(Regex(r"\S"), behavior="isolated")
-    backend.pre_tokenizer = split if backend.pre_tokenizer is None else pre_tokenizers.Sequence(
-        [backend.pre_tokenizer, split])
+    backend.pre_tokenizer = (
+        split if backend.pre_tokenizer is None else pre_tokenizers.Sequence([backend.pre_tokenizer, split])
+    )
     return tokenizer
 
 
@@ -119,8 +132,12 @@ def label_fields(labels: LabelSpace, dropout: float) -> dict:
     names the pipeline's aggregation reads (several ids may share a name), label2id from the
     project's own labels (one id each, as in labels.json)."""
     names = labels.labels
-    return dict(num_labels=len(names), id2label={i: pipeline_label(n) for i, n in enumerate(names)},
-                label2id={n: i for i, n in enumerate(names)}, classifier_dropout=dropout)
+    return dict(
+        num_labels=len(names),
+        id2label={i: pipeline_label(n) for i, n in enumerate(names)},
+        label2id={n: i for i, n in enumerate(names)},
+        classifier_dropout=dropout,
+    )
 
 
 def random_model(chars: Iterable[str], labels: LabelSpace, dropout: float, shape: dict | None = None):
@@ -130,13 +147,22 @@ def random_model(chars: Iterable[str], labels: LabelSpace, dropout: float, shape
     from transformers import BertConfig, BertForTokenClassification
 
     tokenizer = tiny_tokenizer(chars)
-    config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, **(shape or {}),
-                        **label_fields(labels, dropout))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_TOKENS,
+        **(shape or {}),
+        **label_fields(labels, dropout),
+    )
     return add_aug_tokens(tokenizer, BertForTokenClassification(config), mean_resizing=False)
 
 
-def build_model(name: str, labels: LabelSpace, dropout: float, train_chars: Iterable[str] = (),
-                tiny_shape: dict | None = None):
+def build_model(
+    name: str,
+    labels: LabelSpace,
+    dropout: float,
+    train_chars: Iterable[str] = (),
+    tiny_shape: dict | None = None,
+):
     """(tokenizer, SoftFiNEModel) for encoder `name`: a hub name, a local directory, or "tiny" (of
     `tiny_shape`); the classifier is new, the augmentation tokens are added."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -151,15 +177,21 @@ def build_model(name: str, labels: LabelSpace, dropout: float, train_chars: Iter
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             net = AutoModelForTokenClassification.from_pretrained(name, **label_fields(labels, dropout))
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor
-        raise ConfigError(f"--model {name}: its pytorch_model.bin holds Python objects besides tensors, and "
-                          "nothing read from disk is unpickled; give an encoder saved as model.safetensors") from None
+        raise ConfigError(
+            f"--model {name}: its pytorch_model.bin holds Python objects besides tensors, and "
+            "nothing read from disk is unpickled; give an encoder saved as model.safetensors"
+        ) from None
     except Exception as err:  # noqa: BLE001 - whatever transformers, tokenizers or safetensors raise:
         # the folder or name cannot be used, and the error says why
-        raise ConfigError(f"--model {name}: cannot load this encoder ({first_line(err)}); give a Hugging Face "
-                          "name that is reachable or cached, a local directory, or `tiny`") from err
+        raise ConfigError(
+            f"--model {name}: cannot load this encoder ({first_line(err)}); give a Hugging Face "
+            "name that is reachable or cached, a local directory, or `tiny`"
+        ) from err
     if not (hasattr(net, "dropout") and hasattr(net, "classifier")):
-        raise ConfigError(f"--model {name}: {type(net).__name__} has no dropout and linear classifier over the "
-                          "encoder's states; use a BERT-like encoder")
+        raise ConfigError(
+            f"--model {name}: {type(net).__name__} has no dropout and linear classifier over the "
+            "encoder's states; use a BERT-like encoder"
+        )
     return add_aug_tokens(one_token_per_character(tokenizer), net)[0], SoftFiNEModel(net)
 
 
@@ -176,9 +208,11 @@ def check_encoder(name: str) -> None:
             AutoConfig.from_pretrained(name)
             AutoTokenizer.from_pretrained(name)
     except Exception as err:  # noqa: BLE001 - whatever transformers or huggingface_hub raise: it cannot be loaded
-        raise ConfigError(f"--model {name}: cannot load its config and tokenizer ({first_line(err)}); give a local copy "
-                          "(--model /path/to/encoder), or run where the Hugging Face Hub is reachable, or with it in "
-                          "the Hub's cache and HF_HUB_OFFLINE=1") from None
+        raise ConfigError(
+            f"--model {name}: cannot load its config and tokenizer ({first_line(err)}); give a local copy "
+            "(--model /path/to/encoder), or run where the Hugging Face Hub is reachable, or with it in "
+            "the Hub's cache and HF_HUB_OFFLINE=1"
+        ) from None
 
 
 def first_line(err: BaseException) -> str:
@@ -242,8 +276,9 @@ def hf_errors_only():
         hf_logging.set_verbosity(level)
 
 
-def save_checkpoint(directory: str | Path, model: SoftFiNEModel, tokenizer, labels: LabelSpace,
-                    train_config: dict) -> Path:
+def save_checkpoint(
+    directory: str | Path, model: SoftFiNEModel, tokenizer, labels: LabelSpace, train_config: dict
+) -> Path:
     from safetensors import SafetensorError
 
     directory = Path(directory)
@@ -253,8 +288,9 @@ def save_checkpoint(directory: str | Path, model: SoftFiNEModel, tokenizer, labe
             model.net.save_pretrained(directory)  # model.safetensors and config.json
         tokenizer.save_pretrained(directory)
         (directory / "labels.json").write_text(labels.to_json(), encoding="utf-8")
-        (directory / "train_config.json").write_text(json.dumps(train_config, indent=1, ensure_ascii=False),
-                                                     encoding="utf-8")
+        (directory / "train_config.json").write_text(
+            json.dumps(train_config, indent=1, ensure_ascii=False), encoding="utf-8"
+        )
     except (OSError, SafetensorError) as err:  # a full disk, a folder without write permission
         reason = getattr(err, "strerror", None) or str(err).split(": ", 1)[-1]
         raise StorageError(f"{directory}: cannot write the checkpoint ({reason})") from None
@@ -275,8 +311,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
 
     def damaged(name: str, err: BaseException | str) -> ConfigError:
         why = err if isinstance(err, str) else first_line(err)
-        return ConfigError(f"--checkpoint {directory}: {name} is missing or damaged ({why}); "
-                           "train again or copy the checkpoint anew")
+        return ConfigError(
+            f"--checkpoint {directory}: {name} is missing or damaged ({why}); "
+            "train again or copy the checkpoint anew"
+        )
 
     try:
         labels = LabelSpace.from_json((directory / "labels.json").read_text(encoding="utf-8"))
@@ -291,7 +329,9 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     try:
         model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
         if model_type not in CONFIG_MAPPING:
-            raise ValueError(f"model_type {model_type!r} is not one this transformers {transformers_version} knows")
+            raise ValueError(
+                f"model_type {model_type!r} is not one this transformers {transformers_version} knows"
+            )
         config = AutoConfig.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a damaged file
         raise damaged("config.json", err) from err
@@ -306,18 +346,24 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
     named = [config.id2label.get(i) for i in range(len(labels))]
     if named not in ([pipeline_label(n) for n in labels.labels], labels.labels):
         wrong = next(i for i, n in enumerate(named) if n != pipeline_label(labels.labels[i]))
-        raise damaged("labels.json or config.json",
-                      f"label {wrong} is {labels.labels[wrong]!r} in labels.json but {named[wrong]!r} in config.json")
+        raise damaged(
+            "labels.json or config.json",
+            f"label {wrong} is {labels.labels[wrong]!r} in labels.json but {named[wrong]!r} in config.json",
+        )
     try:  # use_safetensors: never a pickled pytorch_model.bin
         with no_hf_progress_bars(), hf_errors_only():  # its load report: the check below says it in one line
-            net, info = AutoModelForTokenClassification.from_pretrained(directory, use_safetensors=True,
-                                                                        output_loading_info=True)
+            net, info = AutoModelForTokenClassification.from_pretrained(
+                directory, use_safetensors=True, output_loading_info=True
+            )
     except Exception as err:  # noqa: BLE001 - SafetensorError, RuntimeError (shapes that differ), ...
         raise damaged("model.safetensors", err) from err
     # transformers fills weights the file lacks with random ones, with a warning: not a trained model
     lacking = info["missing_keys"] or [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
     if lacking:
-        raise damaged("model.safetensors", f"{len(lacking)} weights missing or of another shape, e.g. {sorted(lacking)[0]}")
+        raise damaged(
+            "model.safetensors",
+            f"{len(lacking)} weights missing or of another shape, e.g. {sorted(lacking)[0]}",
+        )
     return SoftFiNEModel(net).to(device).eval(), tokenizer, labels, train_config
 
 

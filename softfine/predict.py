@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from seqeval.scheme import IOBES, Entities
 
+from .batches import Split, encode
 from .config import MAX_TOKENS
 from .data import Sentence
-from .model import CharIds, load_checkpoint
-from .batches import Split, encode
 from .device import resolve_device
 from .evaluate import predict_tags
+from .model import CharIds, load_checkpoint
 
 
 class Predictor:
@@ -29,7 +29,7 @@ class Predictor:
         self.max_length = train_config.get("max_length", MAX_TOKENS)
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path, device: str = "auto") -> "Predictor":
+    def from_checkpoint(cls, directory: str | Path, device: str = "auto") -> Predictor:
         device = resolve_device(device)
         return cls(*load_checkpoint(directory, device), device=device)
 
@@ -38,6 +38,16 @@ class Predictor:
         split = Split(sentences, encode(sentences, self.char_ids, self.labels, self.max_length))
         tags = predict_tags(self.model, split, self.labels, self.device, batch_size)
         found = Entities(tags, IOBES).entities
-        return [[{"text": texts[i][e.start:e.end], "category": e.tag, "levels": list(self.labels.levels(e.tag)),
-                  "start": e.start, "end": e.end - 1} for e in sentence_entities]
-                for i, sentence_entities in enumerate(found)]
+        return [
+            [
+                {
+                    "text": texts[i][e.start : e.end],
+                    "category": e.tag,
+                    "levels": list(self.labels.levels(e.tag)),
+                    "start": e.start,
+                    "end": e.end - 1,
+                }
+                for e in sentence_entities
+            ]
+            for i, sentence_entities in enumerate(found)
+        ]

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import SoftFiNEError
 
 
 def integer(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse `type`: an integer from `low` (to `high`, inclusive)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -29,6 +30,7 @@ def integer(low: int, high: int | None = None) -> Callable[[str], int]:
 
 def number(low: float = 0.0, above: bool = True) -> Callable[[str], float]:
     """An argparse `type`: a finite number above `low` (or at least `low`, with above=False)."""
+
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -42,8 +44,11 @@ def number(low: float = 0.0, above: bool = True) -> Callable[[str], float]:
     return parse
 
 
-def run_script(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None],
-               argv: Sequence[str] | None = None) -> None:
+def run_script(
+    parser: argparse.ArgumentParser,
+    main: Callable[[argparse.Namespace], None],
+    argv: Sequence[str] | None = None,
+) -> None:
     """Parses the flags and runs `main(args)`. A SoftFiNEError (a bad value, missing data, no CUDA
     device) ends the script as it ends the softfine command: `PROG: error: ...`, exit status 2."""
     args = parser.parse_args(argv)

@@ -22,8 +22,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -37,7 +37,14 @@ from .evaluate import evaluate_group, flat_scores, progress
 from .fused import FusedModel, check_group, uses_augmentation
 from .labels import LabelSpace
 from .model import CharIds, build_model, load_checkpoint, save_checkpoint
-from .optim import TRAINING_STATE, build_optimizer, load_training_state, make_scheduler, restore, save_training_state
+from .optim import (
+    TRAINING_STATE,
+    build_optimizer,
+    load_training_state,
+    make_scheduler,
+    restore,
+    save_training_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,12 @@ METRICS_FILE = "metrics.jsonl"  # one line per evaluation
 TEST_METRICS_FILE = "test_metrics.json"  # the best checkpoint's test scores
 
 
-def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None = None,
-          resume_from: str | os.PathLike | None = None, corpus: Corpus | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    on_evaluate: Callable[[dict, str], None] | None = None,
+    resume_from: str | os.PathLike | None = None,
+    corpus: Corpus | None = None,
+) -> dict:
     """Train, evaluating on dev as configured; returns the best checkpoint's dev and test scores.
 
     `on_evaluate(metrics, out_dir)` is called after every evaluation, once `out_dir` holds the
@@ -59,8 +70,12 @@ def train(config: TrainConfig, on_evaluate: Callable[[dict, str], None] | None =
     return train_group([config], report, None if resume_from is None else [resume_from], corpus)[0]
 
 
-def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict, str], None] | None = None,
-                resume_from: Sequence[str | os.PathLike] | None = None, corpus: Corpus | None = None) -> list[dict]:
+def train_group(
+    configs: Sequence[TrainConfig],
+    on_evaluate: Callable[[int, dict, str], None] | None = None,
+    resume_from: Sequence[str | os.PathLike] | None = None,
+    corpus: Corpus | None = None,
+) -> list[dict]:
     """Train the runs `configs`, which differ only in loss hyperparameters and `out`, as one fused
     model; each member k is the run `train(configs[k])` would be, with the same files in its own
     out. Returns each member's result, as `train` does.
@@ -88,8 +103,12 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
     del members
     if states is not None:
         run.restore(states)
-        log.info("resumed from %s at step %d (best dev F1 so far %s)", ", ".join(map(str, resume_from)), run.step,
-                 " ".join(f"{f:.4f}" for f in run.best_f1))
+        log.info(
+            "resumed from %s at step %d (best dev F1 so far %s)",
+            ", ".join(map(str, resume_from)),
+            run.step,
+            " ".join(f"{f:.4f}" for f in run.best_f1),
+        )
     run.train(on_evaluate)
     results = run.results()
     if "test" in run.data:
@@ -104,36 +123,61 @@ def train_group(configs: Sequence[TrainConfig], on_evaluate: Callable[[int, dict
 # The set-up every run of a config starts from (shared with memory.py): the label space of its
 # data and a new encoder for it.
 
+
 def label_space(corpus: Corpus, config: TrainConfig) -> LabelSpace:
     """The labels of every category in the corpus's splits (a run's data must have training sentences)."""
     if not corpus.splits.get("train"):
         raise DataError(f"{corpus.files['train']['path']}: no usable training sentences")
-    return LabelSpace.infer([c for s in corpus.splits.values() for c in categories(s)], config.label_separator)
+    return LabelSpace.infer(
+        [c for s in corpus.splits.values() for c in categories(s)], config.label_separator
+    )
 
 
 def new_encoder(config: TrainConfig, labels: LabelSpace, corpus: Corpus) -> tuple:
     """(tokenizer, model): `config.model` with a new classifier for `labels` (the tiny encoder's
     vocabulary from the training characters)."""
-    return build_model(config.model, labels, config.dropout, (c for s in corpus.splits["train"] for c in s.chars),
-                       config.tiny_shape())
+    return build_model(
+        config.model,
+        labels,
+        config.dropout,
+        (c for s in corpus.splits["train"] for c in s.chars),
+        config.tiny_shape(),
+    )
 
 
 def encoded(corpus: Corpus, tokenizer, labels: LabelSpace, config: TrainConfig) -> dict[str, Split]:
     char_ids = CharIds(tokenizer)
-    return {name: Split(s, encode(s, char_ids, labels, config.max_length)) for name, s in corpus.splits.items()}
+    return {
+        name: Split(s, encode(s, char_ids, labels, config.max_length)) for name, s in corpus.splits.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop: a group's steps, its evaluations (each member's files), its test.
 
+
 class GroupRun:
     """One fused group in training: its data, optimizer and schedule, step, and best dev F1s."""
 
-    def __init__(self, configs: Sequence[TrainConfig], outs: list[Path], corpus: Corpus, labels: LabelSpace,
-                 tokenizer, fused: FusedModel, device: torch.device):
+    def __init__(
+        self,
+        configs: Sequence[TrainConfig],
+        outs: list[Path],
+        corpus: Corpus,
+        labels: LabelSpace,
+        tokenizer,
+        fused: FusedModel,
+        device: torch.device,
+    ):
         config = self.config = configs[0]
         self.outs, self.corpus, self.labels, self.tokenizer, self.fused, self.device = (
-            outs, corpus, labels, tokenizer, fused, device)
+            outs,
+            corpus,
+            labels,
+            tokenizer,
+            fused,
+            device,
+        )
         self.run_configs = [dataclasses.asdict(c) for c in configs]
         self.data = encoded(corpus, tokenizer, labels, config)
         self.steps_per_epoch = math.ceil(len(self.data["train"].examples) / config.batch_size)
@@ -145,10 +189,16 @@ class GroupRun:
         # A group's attention is the math kernel, in training and evaluation: vmap's rules for SDPA's
         # fused kernels refuse dropout with randomness="same" (fused.py), the CPU's flash kernel has none
         self.kernel = "math" if fused.size > 1 else config.attention
-        soft_tables = torch.stack([labels.soft_targets(c.beta, c.gamma, c.soft_scope) if c.soft
-                                   else labels.one_hot_targets() for c in configs]).to(device)
-        alphas = [torch.tensor([getattr(c, name) for c in configs], device=device)
-                  for name in ("alpha_aug", "alpha_fea")]
+        soft_tables = torch.stack(
+            [
+                labels.soft_targets(c.beta, c.gamma, c.soft_scope) if c.soft else labels.one_hot_targets()
+                for c in configs
+            ]
+        ).to(device)
+        alphas = [
+            torch.tensor([getattr(c, name) for c in configs], device=device)
+            for name in ("alpha_aug", "alpha_fea")
+        ]
         self.loss = fused.loss(soft_tables, uses_augmentation(config), *alphas)
         if config.compile:
             self.loss = compile_step(self.loss, device)
@@ -157,24 +207,40 @@ class GroupRun:
 
     def restore(self, states: list[dict]) -> None:
         """The members' training states of one evaluation (resume_members)."""
-        restore(states[0], self.optimizer, self.scheduler,
-                self.fused.stack_optimizer_states([s["optimizer"] for s in states]))
+        restore(
+            states[0],
+            self.optimizer,
+            self.scheduler,
+            self.fused.stack_optimizer_states([s["optimizer"] for s in states]),
+        )
         self.step = states[0]["step"]
         self.best_f1, self.best_step = [s["best_f1"] for s in states], [s["best_step"] for s in states]
 
     def train(self, on_evaluate: Callable[[int, dict, str], None] | None) -> None:
         config, sentences = self.config, self.corpus.splits
-        log.info("%s: %d train / %d dev / %d test sentences, %d labels, %d steps on %s%s",
-                 self.corpus.name, *(len(sentences.get(s, [])) for s in ("train", "dev", "test")),
-                 len(self.labels), self.total_steps, self.device,
-                 f", {self.fused.size} runs fused" if self.fused.size > 1 else "")
+        log.info(
+            "%s: %d train / %d dev / %d test sentences, %d labels, %d steps on %s%s",
+            self.corpus.name,
+            *(len(sentences.get(s, [])) for s in ("train", "dev", "test")),
+            len(self.labels),
+            self.total_steps,
+            self.device,
+            f", {self.fused.size} runs fused" if self.fused.size > 1 else "",
+        )
         started = time.perf_counter()
         bar = progress(self.total_steps, "train", self.step)
         for epoch in range(self.step // self.steps_per_epoch, config.epochs):
             self.fused.train()
             skip = self.step - epoch * self.steps_per_epoch  # batches of this epoch done before a resume
-            batches = train_loader(self.data["train"].examples, config.batch_size, config.seed, epoch,
-                                   self.device.type == "cuda", self.multiple, config.max_length)
+            batches = train_loader(
+                self.data["train"].examples,
+                config.batch_size,
+                config.seed,
+                epoch,
+                self.device.type == "cuda",
+                self.multiple,
+                config.max_length,
+            )
             for batch_number, batch in enumerate(batches):
                 if batch_number < skip:
                     continue
@@ -182,7 +248,11 @@ class GroupRun:
                 bar.update()
                 if config.log_every and self.step % config.log_every == 0:
                     self.log_progress(bar, epoch, started)
-                if config.eval_every and self.step % config.eval_every == 0 and self.step % self.steps_per_epoch:
+                if (
+                    config.eval_every
+                    and self.step % config.eval_every == 0
+                    and self.step % self.steps_per_epoch
+                ):
                     self.evaluate_and_keep(epoch + 1, on_evaluate)
             self.evaluate_and_keep(epoch + 1, on_evaluate)
         bar.close()
@@ -198,22 +268,38 @@ class GroupRun:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         for key in LOSS_PARTS:
-            self.running[key] = self.running[key] + parts[key]  # (K,) tensors on the device: no host sync per step
+            self.running[key] = (
+                self.running[key] + parts[key]
+            )  # (K,) tensors on the device: no host sync per step
         self.running["n"] += 1
         self.seen_chars += int(batch["label_ids"].ne(-100).sum())
 
     def log_progress(self, bar, epoch: int, started: float) -> None:
         losses = " ".join(f"{float(x) / max(self.running['n'], 1):.4f}" for x in self.running["loss"])
         bar.set_postfix(epoch=epoch + 1, loss=losses)
-        log.info("epoch %d step %d/%d loss %s (%.0f chars/s, lr %.2e)", epoch + 1, self.step, self.total_steps,
-                 losses, self.seen_chars / (time.perf_counter() - started), self.scheduler.get_last_lr()[0])
+        log.info(
+            "epoch %d step %d/%d loss %s (%.0f chars/s, lr %.2e)",
+            epoch + 1,
+            self.step,
+            self.total_steps,
+            losses,
+            self.seen_chars / (time.perf_counter() - started),
+            self.scheduler.get_last_lr()[0],
+        )
 
     def evaluate_and_keep(self, epoch: int, on_evaluate: Callable[[int, dict, str], None] | None) -> None:
         """Scores every member on dev, writes its files (best checkpoint, state, metrics line),
         then reports: a resume finds every member's files at one step."""
         self.fused.train(False)
-        scores = evaluate_group(lambda ids, mask: self.fused(ids, mask)[1], self.fused.size, self.data["dev"],
-                                self.labels, self.device, multiple=self.multiple, attention=self.kernel)
+        scores = evaluate_group(
+            lambda ids, mask: self.fused(ids, mask)[1],
+            self.fused.size,
+            self.data["dev"],
+            self.labels,
+            self.device,
+            multiple=self.multiple,
+            attention=self.kernel,
+        )
         optimizer_state = self.optimizer.state_dict()
         reports = [self.keep(k, out, scores[k], epoch, optimizer_state) for k, out in enumerate(self.outs)]
         self.fused.train()
@@ -229,40 +315,85 @@ class GroupRun:
             self.best_f1[k], self.best_step[k] = scores["f1"], self.step
             save_checkpoint(out / "best", model, self.tokenizer, self.labels, self.run_configs[k])
         save_checkpoint(out / "state", model, self.tokenizer, self.labels, self.run_configs[k])
-        save_training_state(out / "state" / TRAINING_STATE, self.fused.member_optimizer_state(optimizer_state, k),
-                            self.scheduler.state_dict(), self.step, self.best_f1[k], self.best_step[k])
+        save_training_state(
+            out / "state" / TRAINING_STATE,
+            self.fused.member_optimizer_state(optimizer_state, k),
+            self.scheduler.state_dict(),
+            self.step,
+            self.best_f1[k],
+            self.best_step[k],
+        )
         n = max(self.running["n"], 1)
-        metrics = {"epoch": epoch, "step": self.step,
-                   **{f"train_{key}": float(self.running[key][k]) / n for key in LOSS_PARTS},
-                   **flat_scores("dev", scores), "best_dev_f1": self.best_f1[k]}
+        metrics = {
+            "epoch": epoch,
+            "step": self.step,
+            **{f"train_{key}": float(self.running[key][k]) / n for key in LOSS_PARTS},
+            **flat_scores("dev", scores),
+            "best_dev_f1": self.best_f1[k],
+        }
         with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
-        log.info("%sepoch %d step %d: dev P %.4f R %.4f F1 %.4f on %d sentences, %d gold entities (best %.4f "
-                 "at step %d)", f"{out}: " if len(self.outs) > 1 else "", epoch, self.step, scores["precision"],
-                 scores["recall"], scores["f1"], scores["sentences"], scores["gold_entities"], self.best_f1[k],
-                 self.best_step[k])
+        log.info(
+            "%sepoch %d step %d: dev P %.4f R %.4f F1 %.4f on %d sentences, %d gold entities (best %.4f "
+            "at step %d)",
+            f"{out}: " if len(self.outs) > 1 else "",
+            epoch,
+            self.step,
+            scores["precision"],
+            scores["recall"],
+            scores["f1"],
+            scores["sentences"],
+            scores["gold_entities"],
+            self.best_f1[k],
+            self.best_step[k],
+        )
         return metrics
 
     def results(self) -> list[dict]:
         dev = self.data["dev"].sentences
-        return [{"best_dev_f1": self.best_f1[k], "best_step": self.best_step[k], "best_checkpoint": str(out / "best"),
-                 "dev_sentences": len(dev), "dev_gold_entities": sum(tag[0] in "BS" for s in dev for tag in s.tags),
-                 "data_sha256": self.corpus.sha256, "train_seconds": self.train_seconds,
-                 **{f"{split}_unseen_entities": sum(counts.values()) for split, counts in self.corpus.unseen.items()}}
-                for k, out in enumerate(self.outs)]
+        return [
+            {
+                "best_dev_f1": self.best_f1[k],
+                "best_step": self.best_step[k],
+                "best_checkpoint": str(out / "best"),
+                "dev_sentences": len(dev),
+                "dev_gold_entities": sum(tag[0] in "BS" for s in dev for tag in s.tags),
+                "data_sha256": self.corpus.sha256,
+                "train_seconds": self.train_seconds,
+                **{
+                    f"{split}_unseen_entities": sum(counts.values())
+                    for split, counts in self.corpus.unseen.items()
+                },
+            }
+            for k, out in enumerate(self.outs)
+        ]
 
     def test(self, results: list[dict]) -> None:
         """Each member's best checkpoint on the test split, into `results` and its test_metrics.json."""
         del self.fused, self.optimizer, self.loss  # the training state's memory, before the best models load
         best = FusedModel([load_checkpoint(out / "best", self.device)[0] for out in self.outs]).train(False)
-        scores = evaluate_group(lambda ids, mask: best(ids, mask)[1], best.size, self.data["test"], self.labels,
-                                self.device, multiple=self.multiple, attention=self.kernel)
+        scores = evaluate_group(
+            lambda ids, mask: best(ids, mask)[1],
+            best.size,
+            self.data["test"],
+            self.labels,
+            self.device,
+            multiple=self.multiple,
+            attention=self.kernel,
+        )
         for k, out in enumerate(self.outs):
             results[k].update(flat_scores("test", scores[k]))
             (out / TEST_METRICS_FILE).write_text(json.dumps(scores[k], indent=1, ensure_ascii=False))
-            log.info("%stest (best checkpoint, step %d): P %.4f R %.4f F1 %.4f on %d sentences, %d gold entities",
-                     f"{out}: " if len(self.outs) > 1 else "", self.best_step[k], scores[k]["precision"],
-                     scores[k]["recall"], scores[k]["f1"], scores[k]["sentences"], scores[k]["gold_entities"])
+            log.info(
+                "%stest (best checkpoint, step %d): P %.4f R %.4f F1 %.4f on %d sentences, %d gold entities",
+                f"{out}: " if len(self.outs) > 1 else "",
+                self.best_step[k],
+                scores[k]["precision"],
+                scores[k]["recall"],
+                scores[k]["f1"],
+                scores[k]["sentences"],
+                scores[k]["gold_entities"],
+            )
 
 
 def output_directory(out: str) -> Path:
@@ -278,7 +409,9 @@ def resume_members(resume_from: Sequence[str | os.PathLike], outs: Sequence[Path
     directory's state/; a member's best/ is copied to its out when it resumes from elsewhere.
     Members must have stopped at the same step (a group writes all its members before reporting)."""
     if len(resume_from) != len(outs):
-        raise ConfigError(f"resume: {len(resume_from)} directories for a group of {len(outs)}; give one per member")
+        raise ConfigError(
+            f"resume: {len(resume_from)} directories for a group of {len(outs)}; give one per member"
+        )
     models, states = [], []
     for source, out in zip(map(Path, resume_from), outs):
         model, tokenizer, _, _ = load_checkpoint(source / "state", device)
@@ -288,7 +421,9 @@ def resume_members(resume_from: Sequence[str | os.PathLike], outs: Sequence[Path
             shutil.copytree(source / "best", out / "best", dirs_exist_ok=True)
     steps = [s["step"] for s in states]
     if len(set(steps)) > 1:
-        raise ConfigError(f"resume: the members' states are at steps {steps}; resume a group from one evaluation")
+        raise ConfigError(
+            f"resume: the members' states are at steps {steps}; resume a group from one evaluation"
+        )
     return tokenizer, models, states
 
 
@@ -297,7 +432,10 @@ def train_step(loss: Callable[..., dict], batch: dict, device: torch.device) -> 
     or not). Returns the loss and its parts as detached tensors on `device` (a fused group's of
     shape (K,); reading them syncs CUDA)."""
     # non_blocking: the copies from pinned memory overlap the GPU's work (no host sync per step)
-    tensors = [batch[k].to(device, non_blocking=True) for k in ("input_ids", "aug_ids", "attention_mask", "label_ids")]
+    tensors = [
+        batch[k].to(device, non_blocking=True)
+        for k in ("input_ids", "aug_ids", "attention_mask", "label_ids")
+    ]
     with autocast(device):
         parts = loss(*tensors)
     parts["loss"].sum().backward()  # a group's members' losses: each member's gradients are its own
