@@ -124,11 +124,22 @@ def live_group_members(pgid: int) -> list[int]:
 
 @pytest.fixture
 def sleeper():
-    """An unrelated process that stale pid files will name."""
-    proc = subprocess.Popen(["sleep", "300"])
+    """An unrelated process that stale pid files will name. It blocks the signals a stop sends
+    first (TERM, INT, HUP), so that one sent to it stays pending, where a test sees it at once."""
+    code = ("import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, "
+            "signal.SIGHUP}); print('ready', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
     yield proc
     proc.kill()
     proc.wait()
+    proc.stdout.close()
+
+
+def signals_sent_to(pid: int) -> int:
+    """The signals pending for the process (a mask; 0: none was sent that it has not handled)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
 
 
 @pytest.fixture(autouse=True)
@@ -346,8 +357,7 @@ def test_stop_spares_the_process_a_stale_pid_file_names(kind, sleeper, tmp_path)
     assert result.stderr.startswith(f"mlflow/server.sh: --stop: {pidfile} is stale (")
     assert result.stderr.strip().endswith("removed it, stopped nothing") and result.stderr.count("\n") == 1
     assert not pidfile.exists()
-    time.sleep(0.2)
-    assert sleeper.poll() is None  # still alive
+    assert sleeper.poll() is None and signals_sent_to(sleeper.pid) == 0  # not signalled, let alone killed
 
 
 # ---------------------------------------------------------------------------------------------
