@@ -90,9 +90,11 @@ def mend_checkpoints(path: str) -> list[str]:
         known = _checkpoint_index(posixpath.basename(named)) if named else -1
         if known is None:
             continue
+        # A checkpoint is there when it holds files: on S3 a deleted one may still be listed, empty
+        # (SeaweedFS keeps the folder that Ray's upload made; pyarrow lists it as a directory).
         found = {_checkpoint_index(info.base_name): info.path
                  for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
-                 if info.type == pyarrow.fs.FileType.Directory}
+                 if info.type == pyarrow.fs.FileType.Directory and holds_files(fs, info.path)}
         newer = sorted(i for i in found if i is not None and i > known)
         if named and known not in found and newer:
             # use_threads=False: pyarrow's threaded uploads to S3 are not safe (Ray's own copies do the same)
@@ -103,6 +105,13 @@ def mend_checkpoints(path: str) -> list[str]:
         for index in newer:
             fs.delete_dir(found[index])
     return notes
+
+
+def holds_files(fs, path: str) -> bool:
+    import pyarrow.fs
+
+    selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
+    return any(info.type == pyarrow.fs.FileType.File for info in fs.get_file_info(selector))
 
 
 def check_study(folder, shown: str | None = None) -> None:
