@@ -130,7 +130,8 @@ def one_driver(files: SearchFiles):
             remote.acquire()
         elif files.remote:
             log.warning("%s: one driver per search is checked on this machine only (storage.RemoteLock needs S3 and "
-                        "boto3): run the search's driver on one machine at a time", files.location)
+                        "a boto3 whose botocore knows S3's conditional writes, late 2024 on): run the search's driver "
+                        "on one machine at a time", files.location)
         yield
     finally:
         if remote is not None:

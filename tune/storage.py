@@ -293,10 +293,11 @@ class RemoteLock:
     seconds, waiting that long at most.
 
     Conditional writes are S3's (AWS since 2024; SeaweedFS, MinIO); pyarrow has none, so this uses
-    boto3 (the AWS SDK, which takes the endpoint and credentials as pyarrow does). Without boto3,
-    or on another kind of storage (gs://, hdfs://: no such write here), only the working
-    folder's lock holds, which covers the drivers of one machine: run a search's driver on one
-    machine at a time (the cluster's head), as `ray job submit` does."""
+    boto3 (the AWS SDK, which takes the endpoint and credentials as pyarrow does; the tune extra
+    installs it, and botocore knows If-None-Match and If-Match on PutObject since late 2024).
+    Without such a boto3, or on another kind of storage (gs://, hdfs://: no such write here), only
+    the working folder's lock holds, which covers the drivers of one machine: run a search's
+    driver on one machine at a time (the cluster's head), as `ray job submit` does."""
 
     LEASE, RENEW = 60.0, 15.0
 
@@ -323,10 +324,11 @@ class RemoteLock:
         if not storage.remote or urllib.parse.urlsplit(storage.uri).scheme != "s3":
             return False
         try:
-            import boto3  # noqa: F401
+            import botocore.session
         except ImportError:
             return False
-        return True
+        put = botocore.session.get_session().get_service_model("s3").operation_model("PutObject")
+        return {"IfNoneMatch", "IfMatch"} <= set(put.input_shape.members)
 
     def _body(self) -> bytes:
         import json
