@@ -64,7 +64,8 @@ def test_search_overhead_alternates_its_runs_and_prints_the_medians(tmp_path):
     # Ray of its own, twice); its figures are not asserted. The smallest runs that take every step
     # of both (training, an evaluation on dev, the checkpoint, the test split, the model logged).
     done = benchmark("search_overhead.py", "--data-dir", str(shared_data_dir()), "--epochs", "1", "--limit-train", "32",
-                     "--limit-eval", "32", "--ray", "own", "--repeat", "2", "--out", str(tmp_path / "runs"))
+                     "--limit-eval", "32", "--ray", "own", "--repeat", "2", "--out", str(tmp_path / "runs"),
+                     timeout=600)  # 75 s alone on 2 cores; the other test worker may double it
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     rows = [(line[:30].strip(), line[30:].split()) for line in done.stdout.splitlines()
             if line.startswith(("direct", "search"))]
