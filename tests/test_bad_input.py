@@ -36,8 +36,10 @@ def first_sentences(path: Path, n: int) -> str:
 def small_data(data_dir, tmp_path_factory) -> Path:
     """A data directory of real excerpts: 40 Resume and Weibo sentences a split, FiNE dev's first 40 lines."""
     root = tmp_path_factory.mktemp("data")
-    for name, files in {"resume": ["train.char.bmes", "dev.char.bmes", "test.char.bmes"],
-                        "weibo": [f"weiboNER_2nd_conll.{s}" for s in ("train", "dev", "test")]}.items():
+    for name, files in {
+        "resume": ["train.char.bmes", "dev.char.bmes", "test.char.bmes"],
+        "weibo": [f"weiboNER_2nd_conll.{s}" for s in ("train", "dev", "test")],
+    }.items():
         (root / name).mkdir()
         for file in files:
             (root / name / file).write_text(first_sentences(data_dir / name / file, 40), encoding="utf-8")
@@ -85,63 +87,205 @@ GOOD_FINE = '{"id": 0, "text": "你好", "label": {}}\n'
 
 DATA_CASES = [
     # (id, file, content, extra flags, fragments of the message)
-    ("bmes-line-without-tag", RESUME_DEV, "中 B-PER\n人\n国 E-PER\n", [], ["dev.char.bmes:2:", "malformed line '人'"]),
-    ("bmes-three-columns", RESUME_DEV, "高 XX B-NAME\n", [], ["dev.char.bmes:1:", "malformed line '高 XX B-NAME'"]),
+    (
+        "bmes-line-without-tag",
+        RESUME_DEV,
+        "中 B-PER\n人\n国 E-PER\n",
+        [],
+        ["dev.char.bmes:2:", "malformed line '人'"],
+    ),
+    (
+        "bmes-three-columns",
+        RESUME_DEV,
+        "高 XX B-NAME\n",
+        [],
+        ["dev.char.bmes:1:", "malformed line '高 XX B-NAME'"],
+    ),
     ("bmes-tab-not-space", RESUME_DEV, "中\tO\n", [], ["dev.char.bmes:1:", "malformed line"]),
-    ("bmes-unknown-prefix", RESUME_DEV, "中 B-PER\n国 X-PER\n", [], ["dev.char.bmes:2:", "unknown tag prefix"]),
-    ("bmes-I-prefix", RESUME_DEV, "中 B-PER\n国 I-PER\n人 E-PER\n", [], ["dev.char.bmes:2:", "unknown tag prefix"]),
+    (
+        "bmes-unknown-prefix",
+        RESUME_DEV,
+        "中 B-PER\n国 X-PER\n",
+        [],
+        ["dev.char.bmes:2:", "unknown tag prefix"],
+    ),
+    (
+        "bmes-I-prefix",
+        RESUME_DEV,
+        "中 B-PER\n国 I-PER\n人 E-PER\n",
+        [],
+        ["dev.char.bmes:2:", "unknown tag prefix"],
+    ),
     ("bmes-empty-category", RESUME_DEV, "中 B-\n", [], ["dev.char.bmes:1:", "empty category"]),
     ("bmes-lowercase-o", RESUME_DEV, "中 o\n", [], ["dev.char.bmes:1:", "unknown tag prefix"]),
-    ("bmes-u2028-keeps-line-numbers", RESUME_DEV, "中\u2028 O\n\n人 X-PER\n", [], ["dev.char.bmes:3:", "unknown tag"]),
+    (
+        "bmes-u2028-keeps-line-numbers",
+        RESUME_DEV,
+        "中\u2028 O\n\n人 X-PER\n",
+        [],
+        ["dev.char.bmes:3:", "unknown tag"],
+    ),
     ("bmes-crlf-bad-line", RESUME_DEV, "中 O\r\n人\r\n", [], ["dev.char.bmes:2:", "malformed line '人'"]),
-    ("bmes-strict-unopened-entity", RESUME_DEV, "中 O\n国 M-PER\n人 E-PER\n", ["--strict"],
-     ["dev.char.bmes:2:", "not valid BMES"]),
-    ("bmes-strict-open-at-end", RESUME_DEV, "中 B-PER\n国 M-PER\n", ["--strict"], ["dev.char.bmes:2:", "not valid BMES"]),
-    ("bmes-strict-unclosed", RESUME_DEV, "中 B-PER\n国 O\n", ["--strict"], ["dev.char.bmes:1:", "not valid BMES"]),
-    ("bmes-strict-type-switch", RESUME_DEV, "中 B-PER\n国 M-LOC\n人 E-LOC\n", ["--strict"], ["dev.char.bmes:1:"]),
+    (
+        "bmes-strict-unopened-entity",
+        RESUME_DEV,
+        "中 O\n国 M-PER\n人 E-PER\n",
+        ["--strict"],
+        ["dev.char.bmes:2:", "not valid BMES"],
+    ),
+    (
+        "bmes-strict-open-at-end",
+        RESUME_DEV,
+        "中 B-PER\n国 M-PER\n",
+        ["--strict"],
+        ["dev.char.bmes:2:", "not valid BMES"],
+    ),
+    (
+        "bmes-strict-unclosed",
+        RESUME_DEV,
+        "中 B-PER\n国 O\n",
+        ["--strict"],
+        ["dev.char.bmes:1:", "not valid BMES"],
+    ),
+    (
+        "bmes-strict-type-switch",
+        RESUME_DEV,
+        "中 B-PER\n国 M-LOC\n人 E-LOC\n",
+        ["--strict"],
+        ["dev.char.bmes:1:"],
+    ),
     ("bmes-not-utf8", RESUME_DEV, BAD_UTF8 + b" O\n", [], ["dev.char.bmes: not UTF-8"]),
     ("bmes-empty-file", RESUME_DEV, "\n\n", [], ["dev.char.bmes: the file is empty"]),
     ("bmes-whitespace-only", RESUME_DEV, "  \n\t\n", [], ["dev.char.bmes: the file is empty"]),
     ("weibo-no-position-digit", WEIBO_DEV, "中\tO\n", [], ["conll.dev:1:", "word-position digits"]),
     ("weibo-space-delimiter", WEIBO_DEV, "中0 O\n", [], ["conll.dev:1:", "malformed line"]),
     ("weibo-bmes-prefix", WEIBO_DEV, "中0\tM-PER.NAM\n", [], ["conll.dev:1:", "unknown tag prefix"]),
-    ("weibo-strict-unopened", "weibo/weiboNER_2nd_conll.train", "中0\tO\n国0\tI-PER.NAM\n", ["--strict"],
-     ["conll.train:2:", "not valid BIO"]),
+    (
+        "weibo-strict-unopened",
+        "weibo/weiboNER_2nd_conll.train",
+        "中0\tO\n国0\tI-PER.NAM\n",
+        ["--strict"],
+        ["conll.train:2:", "not valid BIO"],
+    ),
     ("weibo-empty-tag", WEIBO_DEV, "中0\t\n", [], ["conll.dev:1:", "malformed line"]),
-    ("fine-not-json", FINE_DEV, GOOD_FINE + '{"id": 5, "text": "北京"\n', [], ["dev.json:2:", "not valid JSON"]),
+    (
+        "fine-not-json",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 5, "text": "北京"\n',
+        [],
+        ["dev.json:2:", "not valid JSON"],
+    ),
     ("fine-not-an-object", FINE_DEV, GOOD_FINE + "[1, 2]\n", [], ["dev.json:2:", "expected a JSON object"]),
     ("fine-no-label", FINE_DEV, GOOD_FINE + '{"id": 6, "text": "北京"}\n', [], ["dev.json:2:", 'no "label"']),
-    ("fine-null-label", FINE_DEV, GOOD_FINE + '{"id": 7, "text": "北京", "label": null}\n', [], ['"label" null']),
+    (
+        "fine-null-label",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 7, "text": "北京", "label": null}\n',
+        [],
+        ['"label" null'],
+    ),
     ("fine-list-label", FINE_DEV, GOOD_FINE + '{"id": 8, "text": "北京", "label": []}\n', [], ['"label" []']),
-    ("fine-empty-category", FINE_DEV, GOOD_FINE + '{"id": 9, "text": "北京", "label": {"": {"北京": [[0, 1]]}}}\n', [],
-     ["dev.json:2:", "empty category ''"]),
-    ("fine-slash-category", FINE_DEV, GOOD_FINE + '{"id": 10, "text": "北京", "label": {"/": {"北京": [[0, 1]]}}}\n',
-     [], ["dev.json:2:", "empty category '/'"]),
-    ("fine-empty-text", FINE_DEV, GOOD_FINE + '{"id": 11, "text": "", "label": {}}\n', [], ['non-empty "text"']),
-    ("fine-text-not-string", FINE_DEV, GOOD_FINE + '{"id": 12, "text": 5, "label": {}}\n', [], ['"text" string']),
-    ("fine-span-outside", FINE_DEV, GOOD_FINE + '{"id": 13, "text": "北京", "label": {"/l": {"北京": [[0, 9]]}}}\n',
-     [], ["dev.json:2:", "id 13", "outside the text"]),
-    ("fine-span-mismatch", FINE_DEV, GOOD_FINE + '{"id": 14, "text": "北京", "label": {"/l": {"上海": [[0, 1]]}}}\n',
-     [], ["id 14", "not its mention '上海'"]),
-    ("fine-overlap", FINE_DEV,
-     GOOD_FINE + '{"id": 15, "text": "北京欢迎", "label": {"/l": {"北京": [[0, 1]], "京欢": [[1, 2]]}}}\n', [], ["overlaps"]),
-    ("fine-float-offsets", FINE_DEV, GOOD_FINE + '{"id": 16, "text": "北京", "label": {"/l": {"北京": [[0.0, 1]]}}}\n',
-     [], ['malformed "label"']),
-    ("fine-mention-list", FINE_DEV, GOOD_FINE + '{"id": 17, "text": "北京", "label": {"/l": ["北京"]}}\n', [],
-     ['malformed "label"']),
-    ("fine-not-utf8", FINE_DEV, b'{"id": 1, "text": "' + BAD_UTF8 + b'", "label": {}}\n', [], ["dev.json: not UTF-8"]),
-    # A lone "\r" is no line end (line numbers are an editor's); in a column file it would end up in a character.
+    (
+        "fine-empty-category",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 9, "text": "北京", "label": {"": {"北京": [[0, 1]]}}}\n',
+        [],
+        ["dev.json:2:", "empty category ''"],
+    ),
+    (
+        "fine-slash-category",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 10, "text": "北京", "label": {"/": {"北京": [[0, 1]]}}}\n',
+        [],
+        ["dev.json:2:", "empty category '/'"],
+    ),
+    (
+        "fine-empty-text",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 11, "text": "", "label": {}}\n',
+        [],
+        ['non-empty "text"'],
+    ),
+    (
+        "fine-text-not-string",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 12, "text": 5, "label": {}}\n',
+        [],
+        ['"text" string'],
+    ),
+    (
+        "fine-span-outside",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 13, "text": "北京", "label": {"/l": {"北京": [[0, 9]]}}}\n',
+        [],
+        ["dev.json:2:", "id 13", "outside the text"],
+    ),
+    (
+        "fine-span-mismatch",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 14, "text": "北京", "label": {"/l": {"上海": [[0, 1]]}}}\n',
+        [],
+        ["id 14", "not its mention '上海'"],
+    ),
+    (
+        "fine-overlap",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 15, "text": "北京欢迎", "label": {"/l": {"北京": [[0, 1]], "京欢": [[1, 2]]}}}\n',
+        [],
+        ["overlaps"],
+    ),
+    (
+        "fine-float-offsets",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 16, "text": "北京", "label": {"/l": {"北京": [[0.0, 1]]}}}\n',
+        [],
+        ['malformed "label"'],
+    ),
+    (
+        "fine-mention-list",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 17, "text": "北京", "label": {"/l": ["北京"]}}\n',
+        [],
+        ['malformed "label"'],
+    ),
+    (
+        "fine-not-utf8",
+        FINE_DEV,
+        b'{"id": 1, "text": "' + BAD_UTF8 + b'", "label": {}}\n',
+        [],
+        ["dev.json: not UTF-8"],
+    ),
+    # A lone "\r" is no line end (line numbers are an editor's); in a column file it would end up in a
+    # character.
     ("bmes-lone-cr", RESUME_DEV, "中 O\n\n国 O\r人 O\n", [], ["dev.char.bmes:3:", "carriage return"]),
-    ("bmes-old-mac-line-ends", RESUME_DEV, "中 O\r国 O\r\r人 O\r", [], ["dev.char.bmes:1:", "old Mac line endings"]),
+    (
+        "bmes-old-mac-line-ends",
+        RESUME_DEV,
+        "中 O\r国 O\r\r人 O\r",
+        [],
+        ["dev.char.bmes:1:", "old Mac line endings"],
+    ),
     ("weibo-cr-in-character", WEIBO_DEV, "中0\tO\n国\r0\tO\n", [], ["conll.dev:2:", "carriage return"]),
-    ("fine-cr-between-tokens-then-bad-line", FINE_DEV, '{"id": 0,\r "text": "你好", "label": {}}\n{"id": 5\n', [],
-     ["dev.json:2:", "not valid JSON"]),
-    ("fine-raw-cr-in-text", FINE_DEV, GOOD_FINE + '{"id": 4, "text": "北\r京", "label": {}}\n', [],
-     ["dev.json:2:", "Invalid control character"]),
+    (
+        "fine-cr-between-tokens-then-bad-line",
+        FINE_DEV,
+        '{"id": 0,\r "text": "你好", "label": {}}\n{"id": 5\n',
+        [],
+        ["dev.json:2:", "not valid JSON"],
+    ),
+    (
+        "fine-raw-cr-in-text",
+        FINE_DEV,
+        GOOD_FINE + '{"id": 4, "text": "北\r京", "label": {}}\n',
+        [],
+        ["dev.json:2:", "Invalid control character"],
+    ),
 ]
 
 
-@pytest.mark.parametrize("file, content, flags, fragments", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+@pytest.mark.parametrize(
+    "file, content, flags, fragments", [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES]
+)
 def test_bad_data_file(capsys, small_data, tmp_path, file, content, flags, fragments):
     data = tmp_path / "data"
     shutil.copytree(small_data, data)
@@ -151,11 +295,15 @@ def test_bad_data_file(capsys, small_data, tmp_path, file, content, flags, fragm
     else:
         target.write_text(content, encoding="utf-8")
     code, err = run(capsys, "data", "stats", file.split("/")[0], "--data-dir", data, *flags)
-    assert_one_line_error(code, err, str(target) if ":" not in fragments[0] else str(data / Path(file).parent), *fragments)
+    assert_one_line_error(
+        code, err, str(target) if ":" not in fragments[0] else str(data / Path(file).parent), *fragments
+    )
 
 
 def test_missing_data_and_a_data_dir_that_is_a_file(capsys, small_data, tmp_path):
-    code, err = run(capsys, "train", "--dataset", "resume", "--model", "tiny", "--data-dir", tmp_path / "nothing")
+    code, err = run(
+        capsys, "train", "--dataset", "resume", "--model", "tiny", "--data-dir", tmp_path / "nothing"
+    )
     assert_one_line_error(code, err, "missing data file(s) for 'resume'", "train.char.bmes")
     (tmp_path / "a-file").write_text("x")
     code, err = run(capsys, "data", "download", "weibo", "--data-dir", tmp_path / "a-file")
@@ -200,9 +348,16 @@ CONFIG_CASES = [
     ("dict-value", "lr: {a: 1}\n", "key 'lr': Input should be a valid number"),
     ("limit-train-zero", "limit_train: 0\n", "key 'limit_train': Input should be greater than or equal to 1"),
     ("key-written-twice", "lr: 1e-3\nepochs: 3\nlr: 2e-3\n", "key 'lr' is written twice (lines 1 and 3)"),
-    ("key-written-twice-nested", "lr: 1e-3\nx:\n  a: 1\n  a: 2\n", "key 'a' is written twice (lines 3 and 4)"),
-    ("option-spelt-two-ways", "max_grad_norm: 1\nmax-grad-norm: 2\n",
-     "keys 'max_grad_norm' and 'max-grad-norm' name one option (lines 1 and 2)"),
+    (
+        "key-written-twice-nested",
+        "lr: 1e-3\nx:\n  a: 1\n  a: 2\n",
+        "key 'a' is written twice (lines 3 and 4)",
+    ),
+    (
+        "option-spelt-two-ways",
+        "max_grad_norm: 1\nmax-grad-norm: 2\n",
+        "keys 'max_grad_norm' and 'max-grad-norm' name one option (lines 1 and 2)",
+    ),
     ("empty-data-dir", 'data_dir: ""\n', "key 'data_dir' is '' (empty); give a value or leave the key out"),
     ("empty-out", "out: ''\n", "key 'out' is '' (empty)"),
     ("empty-label-separator", "label_separator: ''\n", "key 'label_separator' is '' (empty)"),
@@ -232,7 +387,9 @@ def test_yaml_keys_merged_in_may_be_overridden(tmp_path):
     from softfine.config import read_yaml
 
     config = tmp_path / "run.yaml"
-    config.write_text("base: &base {lr: 1.0e-3, epochs: 3}\nrun:\n  <<: *base\n  epochs: 5\n", encoding="utf-8")
+    config.write_text(
+        "base: &base {lr: 1.0e-3, epochs: 3}\nrun:\n  <<: *base\n  epochs: 5\n", encoding="utf-8"
+    )
     assert read_yaml(config)["run"] == {"lr": 1e-3, "epochs": 5}
 
 
@@ -254,41 +411,101 @@ FLAG_CASES = [
     ("unknown-schedule", ["train", "--schedule", "exponential"], "argument --schedule: invalid choice", True),
     ("unknown-scope", ["train", "--soft-scope", "all"], "argument --soft-scope: invalid choice", True),
     ("unknown-flag", ["train", "--bta", "3"], "unrecognized arguments: --bta", True),
-    ("negative-grad-norm", ["train", "--max-grad-norm", "-1"], "--max-grad-norm: Input should be greater than 0", False),
+    (
+        "negative-grad-norm",
+        ["train", "--max-grad-norm", "-1"],
+        "--max-grad-norm: Input should be greater than 0",
+        False,
+    ),
     ("negative-seed", ["train", "--seed", "-1"], "--seed: Input should be greater than or equal to 0", False),
-    ("huge-seed", ["train", "--seed", str(2 ** 40)], "--seed: Input should be less than 4294967296", False),
-    ("device-foo", ["train", "--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N (got 'foo')", False),
+    ("huge-seed", ["train", "--seed", str(2**40)], "--seed: Input should be less than 4294967296", False),
+    (
+        "device-foo",
+        ["train", "--device", "foo"],
+        "--device: expected auto, cpu, cuda or cuda:N (got 'foo')",
+        False,
+    ),
     ("infinite-lr", ["train", "--lr", "inf"], "--lr: Input should be a finite number", False),
     ("nan-beta", ["train", "--beta", "nan"], "--beta: Input should be a finite number", False),
     ("beta-one", ["train", "--beta", "1"], "--beta: Input should be greater than 1", False),
     ("gamma-negative", ["train", "--gamma", "-2"], "--gamma: Input should be greater than 0", False),
-    ("zero-batch", ["train", "--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1", False),
+    (
+        "zero-batch",
+        ["train", "--batch-size", "0"],
+        "--batch-size: Input should be greater than or equal to 1",
+        False,
+    ),
     ("dropout-one", ["train", "--dropout", "1"], "--dropout: Input should be less than 1", False),
-    ("limit-eval-zero", ["train", "--limit-eval", "0"], "--limit-eval: Input should be greater than or equal to 1", False),
-    ("eval-every-negative", ["train", "--eval-every", "-1"], "--eval-every: Input should be greater than or equal to 0", False),
-    ("unknown-dataset", ["train", "--dataset", "nope"], "unknown dataset 'nope'; known: weibo, resume, ontonotes4, fine", False),
-    ("labels-infinite-beta", ["labels", "--categories", "A,B", "--beta", "inf", "--gamma", "2", "--gold", "B-A"],
-     "--beta must be a finite number > 1, got inf", False),
-    ("labels-gamma-zero", ["labels", "--categories", "A,B", "--beta", "2", "--gamma", "0", "--gold", "B-A"],
-     "--gamma must be a finite number > 0, got 0.0", False),
-    ("labels-unknown-gold", ["labels", "--categories", "A,B", "--beta", "2", "--gamma", "2", "--gold", "B-C"],
-     "--gold: label 'B-C' is not in this label space", False),
-    ("labels-unknown-scope", ["labels", "--categories", "A", "--beta", "2", "--gamma", "2", "--gold", "B-A",
-                              "--soft-scope", "x"], "argument --soft-scope: invalid choice", True),
+    (
+        "limit-eval-zero",
+        ["train", "--limit-eval", "0"],
+        "--limit-eval: Input should be greater than or equal to 1",
+        False,
+    ),
+    (
+        "eval-every-negative",
+        ["train", "--eval-every", "-1"],
+        "--eval-every: Input should be greater than or equal to 0",
+        False,
+    ),
+    (
+        "unknown-dataset",
+        ["train", "--dataset", "nope"],
+        "unknown dataset 'nope'; known: weibo, resume, ontonotes4, fine",
+        False,
+    ),
+    (
+        "labels-infinite-beta",
+        ["labels", "--categories", "A,B", "--beta", "inf", "--gamma", "2", "--gold", "B-A"],
+        "--beta must be a finite number > 1, got inf",
+        False,
+    ),
+    (
+        "labels-gamma-zero",
+        ["labels", "--categories", "A,B", "--beta", "2", "--gamma", "0", "--gold", "B-A"],
+        "--gamma must be a finite number > 0, got 0.0",
+        False,
+    ),
+    (
+        "labels-unknown-gold",
+        ["labels", "--categories", "A,B", "--beta", "2", "--gamma", "2", "--gold", "B-C"],
+        "--gold: label 'B-C' is not in this label space",
+        False,
+    ),
+    (
+        "labels-unknown-scope",
+        ["labels", "--categories", "A", "--beta", "2", "--gamma", "2", "--gold", "B-A", "--soft-scope", "x"],
+        "argument --soft-scope: invalid choice",
+        True,
+    ),
     ("stats-unknown-dataset", ["data", "stats", "nope"], "unknown dataset 'nope'", False),
     ("download-unknown-dataset", ["data", "download", "nope"], "unknown dataset 'nope'", False),
     ("download-ontonotes", ["data", "download", "ontonotes4"], "has no public origin", False),
     ("download-unverified", ["data", "download", "fine"], "no pinned checksum for train.json", False),
-    ("download-mirror-not-a-url", ["data", "download", "weibo", "--mirror", "mirror.example.org"],
-     "--mirror mirror.example.org: not a URL", False),
-    ("download-mirror-bad-ipv6", ["data", "download", "weibo", "--mirror", "http://[::1"],
-     "--mirror http://[::1: not a URL (Invalid IPv6 URL)", False),
-    ("labels-empty-category", ["labels", "--categories", "A,,B", "--beta", "2", "--gamma", "2", "--gold", "B-A"],
-     "--categories 'A,,B': category 2 is empty", False),
+    (
+        "download-mirror-not-a-url",
+        ["data", "download", "weibo", "--mirror", "mirror.example.org"],
+        "--mirror mirror.example.org: not a URL",
+        False,
+    ),
+    (
+        "download-mirror-bad-ipv6",
+        ["data", "download", "weibo", "--mirror", "http://[::1"],
+        "--mirror http://[::1: not a URL (Invalid IPv6 URL)",
+        False,
+    ),
+    (
+        "labels-empty-category",
+        ["labels", "--categories", "A,,B", "--beta", "2", "--gamma", "2", "--gold", "B-A"],
+        "--categories 'A,,B': category 2 is empty",
+        False,
+    ),
 ]
 
 
-@pytest.mark.parametrize("args, fragment, argparse_error", [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES])
+@pytest.mark.parametrize(
+    "args, fragment, argparse_error", [c[1:] for c in FLAG_CASES], ids=[c[0] for c in FLAG_CASES]
+)
 def test_bad_flag(capsys, tmp_path, args, fragment, argparse_error):
     code, err = run(capsys, *args, *(["--data-dir", tmp_path / "no-data"] if args[0] != "labels" else []))
     assert_one_line_error(code, err, fragment, argparse_error=argparse_error)
@@ -296,16 +513,44 @@ def test_bad_flag(capsys, tmp_path, args, fragment, argparse_error):
 
 def test_out_naming_a_file(capsys, small_data, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    code, err = run(capsys, "train", "--dataset", "resume", "--model", "tiny", "--data-dir", small_data,
-                    "--out", tmp_path / "a-file")
+    code, err = run(
+        capsys,
+        "train",
+        "--dataset",
+        "resume",
+        "--model",
+        "tiny",
+        "--data-dir",
+        small_data,
+        "--out",
+        tmp_path / "a-file",
+    )
     assert_one_line_error(code, err, f"--out {tmp_path / 'a-file'}: a file is there")
 
 
 def test_cuda_without_a_gpu(small_data, tmp_path):
     # The GPUs hidden from torch (CUDA_VISIBLE_DEVICES=-1), so this runs on a machine with one too.
-    done = subprocess.run([sys.executable, "-m", "softfine", "train", "--dataset", "resume", "--model", "tiny",
-                           "--data-dir", str(small_data), "--device", "cuda", "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "softfine",
+            "train",
+            "--dataset",
+            "resume",
+            "--model",
+            "tiny",
+            "--data-dir",
+            str(small_data),
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "-1"},
+    )
     assert_one_line_error(done.returncode, done.stderr, "--device cuda: torch sees no CUDA device")
     assert not (tmp_path / "out").exists()  # refused before the output folder was made
 
@@ -313,11 +558,32 @@ def test_cuda_without_a_gpu(small_data, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: a damaged one is named with the file that is wrong; nothing is unpickled.
 
+
 @pytest.fixture(scope="module")
 def checkpoint(small_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert call_main("train", "--dataset", "resume", "--model", "tiny", "--tiny-layers", "1", "--tiny-hidden", "64",
-                     "--epochs", "1", "--data-dir", small_data, "--out", out, "--log-every", "0") == 0
+    assert (
+        call_main(
+            "train",
+            "--dataset",
+            "resume",
+            "--model",
+            "tiny",
+            "--tiny-layers",
+            "1",
+            "--tiny-hidden",
+            "64",
+            "--epochs",
+            "1",
+            "--data-dir",
+            small_data,
+            "--out",
+            out,
+            "--log-every",
+            "0",
+        )
+        == 0
+    )
     return out / "best"
 
 
@@ -330,12 +596,13 @@ def damage(name: str, how):
             how(path)
         else:
             path.write_bytes(how if isinstance(how, bytes) else how.encode())
+
     return apply
 
 
 def truncate(path: Path) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def drop_weight(path: Path) -> None:
@@ -349,46 +616,98 @@ def drop_weight(path: Path) -> None:
 def edit_json(**changes):
     def apply(path: Path) -> None:
         path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
     return apply
 
 
 CHECKPOINT_CASES = [
     ("truncated-weights", damage("model.safetensors", truncate), "model.safetensors is missing or damaged"),
     ("garbage-weights", damage("model.safetensors", b"\x00" * 64), "model.safetensors is missing or damaged"),
-    ("pickle-as-weights", damage("model.safetensors", b"\x80\x04\x95" + b"\x00" * 40), "model.safetensors is missing or damaged"),
+    (
+        "pickle-as-weights",
+        damage("model.safetensors", b"\x80\x04\x95" + b"\x00" * 40),
+        "model.safetensors is missing or damaged",
+    ),
     ("no-weights", damage("model.safetensors", None), "not a SoftFiNE checkpoint (no model.safetensors)"),
     ("no-labels", damage("labels.json", None), "labels.json is missing or damaged"),
     ("labels-not-json", damage("labels.json", "{categories"), "labels.json is missing or damaged"),
     ("labels-wrong-shape", damage("labels.json", '{"categories": 5}'), "labels.json is missing or damaged"),
-    ("labels-empty-category", damage("labels.json", '{"categories": [""]}'), "labels.json is missing or damaged"),
-    ("labels-fewer", damage("labels.json", '{"categories": ["NAME"]}'), "labels.json is missing or damaged (5 labels, but"),
-    ("unknown-model-type", damage("config.json", edit_json(model_type="no-such-model")),
-     "config.json is missing or damaged"),
+    (
+        "labels-empty-category",
+        damage("labels.json", '{"categories": [""]}'),
+        "labels.json is missing or damaged",
+    ),
+    (
+        "labels-fewer",
+        damage("labels.json", '{"categories": ["NAME"]}'),
+        "labels.json is missing or damaged (5 labels, but",
+    ),
+    (
+        "unknown-model-type",
+        damage("config.json", edit_json(model_type="no-such-model")),
+        "config.json is missing or damaged",
+    ),
     ("no-config", damage("config.json", None), "config.json is missing or damaged"),
     ("config-not-json", damage("config.json", "{"), "config.json is missing or damaged (JSONDecodeError"),
-    ("config-other-labels", damage("config.json", edit_json(id2label={str(i): "B-X" for i in range(33)})),
-     "labels.json or config.json is missing or damaged (label 0 is 'O' in labels.json but 'B-X'"),
-    ("tokenizer-not-json", damage("tokenizer.json", "{not json"), "the tokenizer files is missing or damaged"),
-    ("tokenizer-wrong-shape", damage("tokenizer.json", '{"model": 5}'), "the tokenizer files is missing or damaged"),
-    ("weights-of-another-model", damage("model.safetensors", lambda path: save_file({"x": torch.zeros(2)}, path)),
-     "model.safetensors is missing or damaged (", "weights missing or of another shape"),
-    ("weights-one-missing", damage("model.safetensors", drop_weight), "model.safetensors is missing or damaged (1 "
-     "weights missing or of another shape, e.g. classifier.bias)"),
+    (
+        "config-other-labels",
+        damage("config.json", edit_json(id2label={str(i): "B-X" for i in range(33)})),
+        "labels.json or config.json is missing or damaged (label 0 is 'O' in labels.json but 'B-X'",
+    ),
+    (
+        "tokenizer-not-json",
+        damage("tokenizer.json", "{not json"),
+        "the tokenizer files is missing or damaged",
+    ),
+    (
+        "tokenizer-wrong-shape",
+        damage("tokenizer.json", '{"model": 5}'),
+        "the tokenizer files is missing or damaged",
+    ),
+    (
+        "weights-of-another-model",
+        damage("model.safetensors", lambda path: save_file({"x": torch.zeros(2)}, path)),
+        "model.safetensors is missing or damaged (",
+        "weights missing or of another shape",
+    ),
+    (
+        "weights-one-missing",
+        damage("model.safetensors", drop_weight),
+        "model.safetensors is missing or damaged (1 "
+        "weights missing or of another shape, e.g. classifier.bias)",
+    ),
     ("no-train-config", damage("train_config.json", None), "train_config.json is missing or damaged"),
     ("train-config-list", damage("train_config.json", "[1, 2]"), "train_config.json is missing or damaged"),
     # every value is checked as a TrainConfig's, as a flag's or a --config file's would be
-    ("train-config-max-length-string", damage("train_config.json", edit_json(max_length="128")),
-     "train_config.json is missing or damaged (key 'max_length': Input should be a valid integer (got '128': str))"),
-    ("train-config-max-length-too-small", damage("train_config.json", edit_json(max_length=4)),
-     "train_config.json is missing or damaged (key 'max_length': Input should be greater than or equal to 8"),
-    ("train-config-soft-string", damage("train_config.json", edit_json(soft="false")),
-     "train_config.json is missing or damaged (key 'soft': Input should be a valid boolean (got 'false': str))"),
-    ("train-config-null-model", damage("train_config.json", edit_json(model=None)),
-     "train_config.json is missing or damaged (key 'model': Input should be a valid string"),
+    (
+        "train-config-max-length-string",
+        damage("train_config.json", edit_json(max_length="128")),
+        "train_config.json is missing or damaged (key 'max_length': Input should be a valid integer "
+        "(got '128': str))",
+    ),
+    (
+        "train-config-max-length-too-small",
+        damage("train_config.json", edit_json(max_length=4)),
+        "train_config.json is missing or damaged (key 'max_length': Input should be greater than or "
+        "equal to 8",
+    ),
+    (
+        "train-config-soft-string",
+        damage("train_config.json", edit_json(soft="false")),
+        "train_config.json is missing or damaged (key 'soft': Input should be a valid boolean (got "
+        "'false': str))",
+    ),
+    (
+        "train-config-null-model",
+        damage("train_config.json", edit_json(model=None)),
+        "train_config.json is missing or damaged (key 'model': Input should be a valid string",
+    ),
 ]
 
 
-@pytest.mark.parametrize("spoil, fragments", [(c[1], c[2:]) for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+@pytest.mark.parametrize(
+    "spoil, fragments", [(c[1], c[2:]) for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES]
+)
 def test_damaged_checkpoint(capsys, checkpoint, small_data, tmp_path, spoil, fragments):
     copy = tmp_path / "best"
     shutil.copytree(checkpoint, copy)
@@ -415,12 +734,15 @@ def test_a_checkpoint_with_options_this_version_does_not_know_predicts(capsys, c
 # A resume (as the search's trainable resumes a trial, train(config, resume_from=DIR)) from a
 # damaged state/: the file and the key named, nothing loaded.
 
+
 def edit_state(**changes):
     """training_state.pt with keys replaced (a value of REMOVE: the key left out)."""
+
     def apply(path: Path) -> None:
         state = torch.load(path, weights_only=True)
         state.update(changes)
         torch.save({k: v for k, v in state.items() if v is not REMOVE}, path)
+
     return apply
 
 
@@ -429,35 +751,84 @@ def edit_optimizer(edit):
         state = torch.load(path, weights_only=True)
         edit(state["optimizer"])
         torch.save(state, path)
+
     return apply
 
 
 REMOVE = object()
 STATE = "state/training_state.pt"
 RESUME_CASES = [
-    ("state-a-list", damage(STATE, lambda path: torch.save([1, 2], path)),
-     "training_state.pt: not a training state to resume from: expected a dict of optimizer, scheduler, step, "
-     "best_f1, best_step, rng (got list)"),
-    ("state-no-step", damage(STATE, edit_state(step=REMOVE)), "training_state.pt: not a training state to resume "
-     "from: key 'step': Field required"),
-    ("state-step-string", damage(STATE, edit_state(step="6")), "key 'step': Input should be a valid integer (got '6': str)"),
-    ("state-step-negative", damage(STATE, edit_state(step=-1)), "key 'step': Input should be greater than or equal to 0"),
-    ("state-best-f1-string", damage(STATE, edit_state(best_f1="0.5")), "key 'best_f1': Input should be a valid number"),
-    ("state-best-step-past-step", damage(STATE, edit_state(best_step=99)), "key 'best_step': 99 is past key 'step'"),
-    ("state-optimizer-list", damage(STATE, edit_state(optimizer=[])), "key 'optimizer': Input should be a valid dictionary"),
-    ("state-scheduler-no-last-epoch", damage(STATE, edit_state(scheduler={"base_lrs": [0.1]})),
-     "key 'scheduler.last_epoch': Field required"),
-    ("state-rng-not-a-generator", damage(STATE, edit_state(rng={"python": (3, (1, 2), None), "torch": torch.zeros(3),
-                                                                "cuda": []})), "key 'rng.python': 2 words"),
-    ("state-parameter-number-string", damage(STATE, edit_optimizer(lambda o: o["state"].update({"0": o["state"].pop(0)}))),
-     "key 'optimizer.state' has the key '0': Input should be a valid integer"),
-    ("state-lr-string", damage(STATE, edit_optimizer(lambda o: o["param_groups"][0].update(lr="0.1"))),
-     "key 'optimizer.param_groups.0.lr': Input should be a valid number (got '0.1': str)"),
-    ("state-moments-of-another-shape", damage(STATE, edit_optimizer(lambda o: o["state"][0].update(
-        exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3)))), "resume: the saved optimizer state holds moments of "
-     "shape [3] for net.bert.embeddings.word_embeddings.weight, whose shape is ["),
-    ("state-train-config-max-length-string", damage("state/train_config.json", edit_json(max_length="128")),
-     "state: train_config.json is missing or damaged (key 'max_length': Input should be a valid integer"),
+    (
+        "state-a-list",
+        damage(STATE, lambda path: torch.save([1, 2], path)),
+        "training_state.pt: not a training state to resume from: expected a dict of optimizer, "
+        "scheduler, step, "
+        "best_f1, best_step, rng (got list)",
+    ),
+    (
+        "state-no-step",
+        damage(STATE, edit_state(step=REMOVE)),
+        "training_state.pt: not a training state to resume from: key 'step': Field required",
+    ),
+    (
+        "state-step-string",
+        damage(STATE, edit_state(step="6")),
+        "key 'step': Input should be a valid integer (got '6': str)",
+    ),
+    (
+        "state-step-negative",
+        damage(STATE, edit_state(step=-1)),
+        "key 'step': Input should be greater than or equal to 0",
+    ),
+    (
+        "state-best-f1-string",
+        damage(STATE, edit_state(best_f1="0.5")),
+        "key 'best_f1': Input should be a valid number",
+    ),
+    (
+        "state-best-step-past-step",
+        damage(STATE, edit_state(best_step=99)),
+        "key 'best_step': 99 is past key 'step'",
+    ),
+    (
+        "state-optimizer-list",
+        damage(STATE, edit_state(optimizer=[])),
+        "key 'optimizer': Input should be a valid dictionary",
+    ),
+    (
+        "state-scheduler-no-last-epoch",
+        damage(STATE, edit_state(scheduler={"base_lrs": [0.1]})),
+        "key 'scheduler.last_epoch': Field required",
+    ),
+    (
+        "state-rng-not-a-generator",
+        damage(STATE, edit_state(rng={"python": (3, (1, 2), None), "torch": torch.zeros(3), "cuda": []})),
+        "key 'rng.python': 2 words",
+    ),
+    (
+        "state-parameter-number-string",
+        damage(STATE, edit_optimizer(lambda o: o["state"].update({"0": o["state"].pop(0)}))),
+        "key 'optimizer.state' has the key '0': Input should be a valid integer",
+    ),
+    (
+        "state-lr-string",
+        damage(STATE, edit_optimizer(lambda o: o["param_groups"][0].update(lr="0.1"))),
+        "key 'optimizer.param_groups.0.lr': Input should be a valid number (got '0.1': str)",
+    ),
+    (
+        "state-moments-of-another-shape",
+        damage(
+            STATE,
+            edit_optimizer(lambda o: o["state"][0].update(exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3))),
+        ),
+        "resume: the saved optimizer state holds moments of "
+        "shape [3] for net.bert.embeddings.word_embeddings.weight, whose shape is [",
+    ),
+    (
+        "state-train-config-max-length-string",
+        damage("state/train_config.json", edit_json(max_length="128")),
+        "state: train_config.json is missing or damaged (key 'max_length': Input should be a valid integer",
+    ),
 ]
 
 
@@ -470,8 +841,18 @@ def test_resume_from_a_damaged_state(checkpoint, small_data, tmp_path, spoil, fr
     copy = tmp_path / "run"
     shutil.copytree(checkpoint.parent, copy)
     spoil(copy)
-    config = make_config(dict(dataset="resume", model="tiny", tiny_layers=1, tiny_hidden=64, epochs=1,
-                              data_dir=str(small_data), out=str(tmp_path / "resumed"), log_every=0))
+    config = make_config(
+        dict(
+            dataset="resume",
+            model="tiny",
+            tiny_layers=1,
+            tiny_hidden=64,
+            epochs=1,
+            data_dir=str(small_data),
+            out=str(tmp_path / "resumed"),
+            log_every=0,
+        )
+    )
     with pytest.raises(ConfigError) as raised:
         train(config, resume_from=copy)
     message = str(raised.value)
@@ -484,13 +865,27 @@ def test_resume_from_an_undamaged_state(checkpoint, small_data, tmp_path):
     from softfine.config import make_config
     from softfine.train import train
 
-    config = make_config(dict(dataset="resume", model="tiny", tiny_layers=1, tiny_hidden=64, epochs=1,
-                              data_dir=str(small_data), out=str(tmp_path / "resumed"), log_every=0))
+    config = make_config(
+        dict(
+            dataset="resume",
+            model="tiny",
+            tiny_layers=1,
+            tiny_hidden=64,
+            epochs=1,
+            data_dir=str(small_data),
+            out=str(tmp_path / "resumed"),
+            log_every=0,
+        )
+    )
     assert train(config, resume_from=checkpoint.parent)["best_dev_f1"] >= 0
 
 
 EVALUATE_CASES = [
-    ("no-checkpoint", ["--checkpoint", "/nonexistent"], "--checkpoint /nonexistent: not a SoftFiNE checkpoint"),
+    (
+        "no-checkpoint",
+        ["--checkpoint", "/nonexistent"],
+        "--checkpoint /nonexistent: not a SoftFiNE checkpoint",
+    ),
     ("other-dataset", ["--dataset", "weibo"], "--dataset weibo: label"),
     ("limit-zero", ["--limit", "0"], "--limit 0: give 1 to 40"),
     ("limit-past-the-split", ["--limit", "1000"], "--limit 1000: give 1 to 40"),
@@ -498,7 +893,9 @@ EVALUATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragment", [c[1:] for c in EVALUATE_CASES], ids=[c[0] for c in EVALUATE_CASES])
+@pytest.mark.parametrize(
+    "args, fragment", [c[1:] for c in EVALUATE_CASES], ids=[c[0] for c in EVALUATE_CASES]
+)
 def test_bad_evaluate(capsys, checkpoint, small_data, args, fragment):
     base = {"--checkpoint": str(checkpoint), "--dataset": "resume"}
     base.update(dict(zip(args[::2], args[1::2])))
@@ -507,14 +904,17 @@ def test_bad_evaluate(capsys, checkpoint, small_data, args, fragment):
 
 
 def test_predict_refuses_text_that_is_not_utf8(checkpoint):
-    done = subprocess.run([sys.executable, "-m", "softfine", "predict", "--checkpoint", str(checkpoint)],
-                          input=b"\xff\xfe bad\n", capture_output=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "softfine", "predict", "--checkpoint", str(checkpoint)],
+        input=b"\xff\xfe bad\n",
+        capture_output=True,
+    )
     err = done.stderr.decode()
     assert_one_line_error(done.returncode, err, "standard input: not UTF-8 text")
 
 
 def test_predict_reads_any_line_ends_on_standard_input(checkpoint, capsys, monkeypatch):
-    """"\r\n" and "\r" end lines as "\n" does: no text keeps a "\r" (which the model would read as
+    """ "\r\n" and "\r" end lines as "\n" does: no text keeps a "\r" (which the model would read as
     one more character, and the output would echo). In this process: standard input is bytes that
     predict reads from sys.stdin.buffer (test_predict_refuses_text_that_is_not_utf8 reads a real pipe)."""
     texts = ["高勇：男，中国国籍，无境外居留权。", "汉族，中共党员，本科学历。", "北京大学工程师。"]
@@ -536,11 +936,15 @@ def test_errors_from_the_console_script_are_one_line(tmp_path):
     """The same path as a user's shell: a subprocess, a bad --config value."""
     config = tmp_path / "run.yaml"
     config.write_text('soft: "false"\n')
-    done = subprocess.run([sys.executable, "-m", "softfine", "train", "--config", str(config)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "softfine", "train", "--config", str(config)], capture_output=True, text=True
+    )
     assert_one_line_error(done.returncode, done.stderr, f"--config {config}: key 'soft'")
-    verbose = subprocess.run([sys.executable, "-m", "softfine", "-v", "train", "--config", str(config)],
-                             capture_output=True, text=True)
+    verbose = subprocess.run(
+        [sys.executable, "-m", "softfine", "-v", "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr  # -v: the traceback for a bug report
 
 
@@ -554,8 +958,24 @@ def test_a_full_disk_while_saving(capsys, small_data, tmp_path):
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], check=True)
     try:
-        code, err = run(capsys, "train", "--dataset", "resume", "--model", "tiny", "--tiny-layers", "1",
-                        "--tiny-hidden", "64", "--epochs", "1", "--data-dir", small_data, "--out", disk / "run")
+        code, err = run(
+            capsys,
+            "train",
+            "--dataset",
+            "resume",
+            "--model",
+            "tiny",
+            "--tiny-layers",
+            "1",
+            "--tiny-hidden",
+            "64",
+            "--epochs",
+            "1",
+            "--data-dir",
+            small_data,
+            "--out",
+            disk / "run",
+        )
     finally:
         subprocess.run(["umount", str(disk)], check=True)
     assert_one_line_error(code, err, f"{disk / 'run'}", "No space left on device")

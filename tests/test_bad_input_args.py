@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_bad_input import assert_one_line_error, checkpoint, run, small_data, truncate  # noqa: F401 (fixtures)
 
 EMPTY_CASES = [
@@ -22,13 +21,38 @@ EMPTY_CASES = [
     ("label-separator", ["train", "--label-separator", ""], "--label-separator '': empty; give a separator"),
     ("config", ["train", "--config", ""], "--config '': empty; give a YAML file or leave the flag out"),
     ("dataset", ["train", "--dataset", ""], "--dataset '': empty"),
-    ("labels-separator", ["labels", "--categories", "A/B", "--label-separator", "", "--beta", "2", "--gamma", "2",
-                          "--gold", "B-A/B"], "--label-separator '': empty"),
-    ("labels-categories", ["labels", "--categories", "", "--beta", "2", "--gamma", "2", "--gold", "B-A"],
-     "--categories '': empty"),
-    ("checkpoint", ["evaluate", "--checkpoint", "", "--dataset", "resume"], "--checkpoint '': empty; give a checkpoint "
-     "directory"),
-    ("predict-text", ["predict", "--checkpoint", "/nonexistent", "高勇", ""], "text 2 '': empty; give a text to tag"),
+    (
+        "labels-separator",
+        [
+            "labels",
+            "--categories",
+            "A/B",
+            "--label-separator",
+            "",
+            "--beta",
+            "2",
+            "--gamma",
+            "2",
+            "--gold",
+            "B-A/B",
+        ],
+        "--label-separator '': empty",
+    ),
+    (
+        "labels-categories",
+        ["labels", "--categories", "", "--beta", "2", "--gamma", "2", "--gold", "B-A"],
+        "--categories '': empty",
+    ),
+    (
+        "checkpoint",
+        ["evaluate", "--checkpoint", "", "--dataset", "resume"],
+        "--checkpoint '': empty; give a checkpoint directory",
+    ),
+    (
+        "predict-text",
+        ["predict", "--checkpoint", "/nonexistent", "高勇", ""],
+        "text 2 '': empty; give a text to tag",
+    ),
     ("stats-dataset", ["data", "stats", ""], "dataset '': empty"),
     ("download-mirror", ["data", "download", "weibo", "--mirror", ""], "--mirror '': empty"),
 ]
@@ -53,16 +77,25 @@ def test_an_empty_data_dir_variable_is_refused(capsys, monkeypatch, tmp_path):
 # The shell's bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape).
 NOT_UTF8 = b"\xff".decode("utf-8", "surrogateescape")
 UTF8_CASES = [
-    ("predict-text", ["predict", "--checkpoint", "/nonexistent", "高勇", f"ab{NOT_UTF8}c"],
-     r"text 2 'ab\xffc': not valid UTF-8 (byte 0xff at character 3)"),
-    ("checkpoint", ["evaluate", "--checkpoint", f"/tmp/{NOT_UTF8}", "--dataset", "resume"],
-     r"--checkpoint '/tmp/\xff': not valid UTF-8"),
+    (
+        "predict-text",
+        ["predict", "--checkpoint", "/nonexistent", "高勇", f"ab{NOT_UTF8}c"],
+        r"text 2 'ab\xffc': not valid UTF-8 (byte 0xff at character 3)",
+    ),
+    (
+        "checkpoint",
+        ["evaluate", "--checkpoint", f"/tmp/{NOT_UTF8}", "--dataset", "resume"],
+        r"--checkpoint '/tmp/\xff': not valid UTF-8",
+    ),
     ("dataset", ["train", "--dataset", NOT_UTF8], r"--dataset '\xff': not valid UTF-8"),
     ("data-dir", ["train", "--data-dir", f"/tmp/{NOT_UTF8}"], r"--data-dir '/tmp/\xff': not valid UTF-8"),
     ("config", ["train", "--config", f"{NOT_UTF8}.yaml"], r"--config '\xff.yaml': not valid UTF-8"),
     ("model", ["train", "--model", NOT_UTF8], r"--model '\xff': not valid UTF-8"),
-    ("gold", ["labels", "--categories", "A", "--beta", "2", "--gamma", "2", "--gold", f"B-{NOT_UTF8}"],
-     r"--gold 'B-\xff': not valid UTF-8"),
+    (
+        "gold",
+        ["labels", "--categories", "A", "--beta", "2", "--gamma", "2", "--gold", f"B-{NOT_UTF8}"],
+        r"--gold 'B-\xff': not valid UTF-8",
+    ),
     ("stats-dataset", ["data", "stats", NOT_UTF8], r"dataset '\xff': not valid UTF-8"),
 ]
 
@@ -75,8 +108,10 @@ def test_command_line_text_that_is_not_utf8(capsys, args, fragment):
 
 def test_command_line_bytes_that_are_not_utf8_from_a_shell(checkpoint):
     """As a shell passes them: `softfine predict --checkpoint DIR $'\\xff'`."""
-    done = subprocess.run([sys.executable, "-m", "softfine", "predict", "--checkpoint", str(checkpoint), b"\xff\xfe"],
-                          capture_output=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "softfine", "predict", "--checkpoint", str(checkpoint), b"\xff\xfe"],
+        capture_output=True,
+    )
     assert_one_line_error(done.returncode, done.stderr.decode(), r"text 1 '\xff\xfe': not valid UTF-8")
     assert not done.stdout
 
@@ -116,23 +151,48 @@ def encoder_folder(folder: Path) -> Path:
     from softfine.model import no_hf_progress_bars
 
     (folder / "vocab.txt").parent.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"高勇男中国籍"]) + "\n")
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"高勇男中国籍"]) + "\n"
+    )
     BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
     with no_hf_progress_bars():
-        BertModel(BertConfig(vocab_size=11, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
-                             intermediate_size=64)).save_pretrained(folder)
+        BertModel(
+            BertConfig(
+                vocab_size=11,
+                hidden_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=1,
+                intermediate_size=64,
+            )
+        ).save_pretrained(folder)
     return folder
 
 
 ENCODER_CASES = [
-    ("pickled-objects-as-weights", lambda d, marker: ((d / "model.safetensors").unlink(),
-                                                      planted_pickle(d / "pytorch_model.bin", marker)),
-     "its pytorch_model.bin holds Python objects besides tensors, and nothing read from disk is unpickled"),
-    ("damaged-safetensors", lambda d, marker: truncate(d / "model.safetensors"), "cannot load this encoder (SafetensorError"),
-    ("garbage-safetensors", lambda d, marker: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{x"),
-     "cannot load this encoder (SafetensorError"),
+    (
+        "pickled-objects-as-weights",
+        lambda d, marker: (
+            (d / "model.safetensors").unlink(),
+            planted_pickle(d / "pytorch_model.bin", marker),
+        ),
+        "its pytorch_model.bin holds Python objects besides tensors, and nothing read from disk is unpickled",
+    ),
+    (
+        "damaged-safetensors",
+        lambda d, marker: truncate(d / "model.safetensors"),
+        "cannot load this encoder (SafetensorError",
+    ),
+    (
+        "garbage-safetensors",
+        lambda d, marker: (d / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{x"),
+        "cannot load this encoder (SafetensorError",
+    ),
     ("config-not-json", lambda d, marker: (d / "config.json").write_text("{"), "cannot load this encoder"),
-    ("tokenizer-not-json", lambda d, marker: (d / "tokenizer.json").write_text("{x"), "cannot load this encoder"),
+    (
+        "tokenizer-not-json",
+        lambda d, marker: (d / "tokenizer.json").write_text("{x"),
+        "cannot load this encoder",
+    ),
 ]
 
 
@@ -140,7 +200,19 @@ ENCODER_CASES = [
 def test_an_encoder_folder_that_cannot_be_loaded(capsys, small_data, tmp_path, spoil, fragment):
     encoder = encoder_folder(tmp_path / "encoder")
     spoil(encoder, tmp_path / "unpickled")
-    code, err = run(capsys, "train", "--dataset", "resume", "--model", encoder, "--data-dir", small_data,
-                    "--epochs", "1", "--out", tmp_path / "out")
+    code, err = run(
+        capsys,
+        "train",
+        "--dataset",
+        "resume",
+        "--model",
+        encoder,
+        "--data-dir",
+        small_data,
+        "--epochs",
+        "1",
+        "--out",
+        tmp_path / "out",
+    )
     assert_one_line_error(code, err, f"--model {encoder}: ", fragment)
     assert not (tmp_path / "unpickled").exists()

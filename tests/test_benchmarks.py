@@ -9,18 +9,40 @@ import subprocess
 import sys
 
 import pytest
-
 from tune_fixtures import REPO, shared_data_dir
 
 
-def benchmark(name: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, env=env)
+def benchmark(
+    name: str, *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
 
 
 def test_train_throughput_times_full_softfine_steps_on_cpu():
-    done = benchmark("train_throughput.py", "--dataset", "resume", "--data-dir", str(shared_data_dir()),
-                     "--shape", "tiny", "--batch-size", "4", "--steps", "3", "--warmup", "1", "--device", "cpu")
+    done = benchmark(
+        "train_throughput.py",
+        "--dataset",
+        "resume",
+        "--data-dir",
+        str(shared_data_dir()),
+        "--shape",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["device"] == "cpu" and figures["augmentation"] is True and figures["steps"] == 3
@@ -28,14 +50,30 @@ def test_train_throughput_times_full_softfine_steps_on_cpu():
 
 
 def test_train_throughput_profiles_the_step():
-    done = benchmark("train_throughput.py", "--dataset", "resume", "--data-dir", str(shared_data_dir()),
-                     "--shape", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                     "--profile", "2")
+    done = benchmark(
+        "train_throughput.py",
+        "--dataset",
+        "resume",
+        "--data-dir",
+        str(shared_data_dir()),
+        "--shape",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--profile",
+        "2",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["profile_step_ms"] > 0 and len(figures["profile_top"]) == 10
     assert "aten::mm" in figures["profile_top"] or "aten::addmm" in figures["profile_top"]
-    table = done.stdout[done.stdout.index("profile of 2 steps"):]
+    table = done.stdout[done.stdout.index("profile of 2 steps") :]
     assert "calls/step" in table and figures["profile_top"][0] in table
 
 
@@ -52,8 +90,23 @@ def test_gpu_check_runs_every_check_in_its_smoke_run():
 def test_train_throughput_model_tiny_measures_the_tiny_encoder():
     # --model tiny is the tiny encoder of softfine train (1.3 M parameters at Resume's vocabulary),
     # not a random encoder of bert-base's shape (about 100 M)
-    done = benchmark("train_throughput.py", "--dataset", "resume", "--data-dir", str(shared_data_dir()),
-                     "--model", "tiny", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--device", "cpu")
+    done = benchmark(
+        "train_throughput.py",
+        "--dataset",
+        "resume",
+        "--data-dir",
+        str(shared_data_dir()),
+        "--model",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["model"] == "tiny" and figures["parameters_M"] < 5
@@ -63,14 +116,37 @@ def test_search_overhead_alternates_its_runs_and_prints_the_medians(tmp_path):
     # A quick check that the benchmark runs end to end (the direct run and a one-trial search on
     # Ray of its own, twice); its figures are not asserted. The smallest runs that take every step
     # of both (training, an evaluation on dev, the checkpoint, the test split, the model logged).
-    done = benchmark("search_overhead.py", "--data-dir", str(shared_data_dir()), "--epochs", "1", "--limit-train", "32",
-                     "--limit-eval", "32", "--ray", "own", "--repeat", "2", "--out", str(tmp_path / "runs"),
-                     timeout=600)  # 75 s alone on 2 cores; the other test worker may double it
+    done = benchmark(
+        "search_overhead.py",
+        "--data-dir",
+        str(shared_data_dir()),
+        "--epochs",
+        "1",
+        "--limit-train",
+        "32",
+        "--limit-eval",
+        "32",
+        "--ray",
+        "own",
+        "--repeat",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+        timeout=600,
+    )  # 75 s alone on 2 cores; the other test worker may double it
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    rows = [(line[:30].strip(), line[30:].split()) for line in done.stdout.splitlines()
-            if line.startswith(("direct", "search"))]
+    rows = [
+        (line[:30].strip(), line[30:].split())
+        for line in done.stdout.splitlines()
+        if line.startswith(("direct", "search"))
+    ]
     direct, own = "direct (softfine train)", "search, Ray started by it"
-    assert [(name, fields[0]) for name, fields in rows] == [(direct, "1"), (own, "1"), (direct, "2"), (own, "2")]
+    assert [(name, fields[0]) for name, fields in rows] == [
+        (direct, "1"),
+        (own, "1"),
+        (direct, "2"),
+        (own, "2"),
+    ]
     assert all(fields[-1] == rows[0][1][-1] for _, fields in rows)  # the same training: the same test F1
     assert all(fields[3] == "%" for name, fields in rows if name == own)  # the overhead, in percent
     medians = [line for line in done.stdout.splitlines() if line.startswith("median of 2:")]
@@ -81,15 +157,17 @@ def test_search_overhead_alternates_its_runs_and_prints_the_medians(tmp_path):
 
 def test_cpu_share_counts_the_training_process_cpu_over_its_window(tmp_path):
     # sample() on a command that keeps one core busy for 8 s (a 1 s window after 1 s: room for a
-    # loaded machine): CPU time in a 1 s window, at most a
-    # core-second, all of it the command's own (cpu_share.py's full runs train the tiny encoder; not run here).
+    # loaded machine): CPU time in a 1 s window, at most a core-second, all of it the command's own
+    # (cpu_share.py's full runs train the tiny encoder; not run here).
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import cpu_share
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     busy = [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 8: pass"]
-    figures = cpu_share.sample(busy, search=False, settle=1.0, window=1.0, env=dict(os.environ), log=tmp_path / "log")
+    figures = cpu_share.sample(
+        busy, search=False, settle=1.0, window=1.0, env=dict(os.environ), log=tmp_path / "log"
+    )
     assert figures["seconds"] >= 0.95  # the window asked for (no upper bound: a busy machine stretches it)
     assert 0 < figures["training"] <= figures["seconds"] + 0.05  # one thread: at most a core
 
@@ -101,48 +179,127 @@ NO_GPU = "--device cuda: torch sees no CUDA device"
 MISSING = f"missing data file(s) for 'resume': {NO_DATA}/resume/train.char.bmes"
 REFUSALS = [
     ("train_throughput.py", "steps-0", ["--steps", "0"], "argument --steps: expected 1 or more (got 0)"),
-    ("train_throughput.py", "batch-size-0", ["--batch-size", "0"], "argument --batch-size: expected 1 or more (got 0)"),
+    (
+        "train_throughput.py",
+        "batch-size-0",
+        ["--batch-size", "0"],
+        "argument --batch-size: expected 1 or more (got 0)",
+    ),
     ("train_throughput.py", "fuse-0", ["--fuse", "0"], "argument --fuse: expected 1 or more (got 0)"),
-    ("train_throughput.py", "pad-multiple-negative", ["--pad-multiple", "-5"],
-     "argument --pad-multiple: expected 0 to 512 (got -5)"),
-    ("train_throughput.py", "warmup-negative", ["--warmup", "-1"], "argument --warmup: expected 0 or more (got -1)"),
-    ("train_throughput.py", "steps-not-a-number", ["--steps", "many"], "argument --steps: expected an integer (got 'many')"),
+    (
+        "train_throughput.py",
+        "pad-multiple-negative",
+        ["--pad-multiple", "-5"],
+        "argument --pad-multiple: expected 0 to 512 (got -5)",
+    ),
+    (
+        "train_throughput.py",
+        "warmup-negative",
+        ["--warmup", "-1"],
+        "argument --warmup: expected 0 or more (got -1)",
+    ),
+    (
+        "train_throughput.py",
+        "steps-not-a-number",
+        ["--steps", "many"],
+        "argument --steps: expected an integer (got 'many')",
+    ),
     ("train_throughput.py", "no-gpu", ["--device", "cuda"], NO_GPU),
-    ("train_throughput.py", "device-foo", ["--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N (got 'foo')"),
+    (
+        "train_throughput.py",
+        "device-foo",
+        ["--device", "foo"],
+        "--device: expected auto, cpu, cuda or cuda:N (got 'foo')",
+    ),
     ("train_throughput.py", "no-data", ["--data-dir", NO_DATA], MISSING),
     ("train_throughput.py", "unknown-dataset", ["--dataset", "nope"], "--dataset: unknown dataset 'nope'"),
     ("fused_grid.py", "fuse-0", ["--fuse", "1", "0"], "argument --fuse: expected 1 or more (got 0)"),
     ("fused_grid.py", "points-37", ["--points", "37"], "argument --points: expected 1 to 36 (got 37)"),
-    ("fused_grid.py", "batch-size-0", ["--batch-size", "0"], "argument --batch-size: expected 1 or more (got 0)"),
+    (
+        "fused_grid.py",
+        "batch-size-0",
+        ["--batch-size", "0"],
+        "argument --batch-size: expected 1 or more (got 0)",
+    ),
     ("fused_grid.py", "no-gpu", ["--device", "cuda"], NO_GPU),
     ("fused_grid.py", "no-data", ["--data-dir", NO_DATA], MISSING),
     ("gpu_check.py", "no-gpu", [], NO_GPU + " (CUDA_VISIBLE_DEVICES='-1'"),
     ("gpu_check.py", "limit-0", ["--limit", "0"], "argument --limit: expected a number above 0 (got 0)"),
-    ("gpu_check.py", "smoke-no-data", ["--smoke", "--data-dir", NO_DATA],
-     f"missing data file(s) for 'weibo': {NO_DATA}/weibo/"),
-    ("gpu_packing.py", "no-gpu", ["--packing", "1", "--steps", "2"], "; CPU figures come from train_throughput.py"),
+    (
+        "gpu_check.py",
+        "smoke-no-data",
+        ["--smoke", "--data-dir", NO_DATA],
+        f"missing data file(s) for 'weibo': {NO_DATA}/weibo/",
+    ),
+    (
+        "gpu_packing.py",
+        "no-gpu",
+        ["--packing", "1", "--steps", "2"],
+        "; CPU figures come from train_throughput.py",
+    ),
     ("gpu_packing.py", "packing-0", ["--packing", "0"], "argument --packing: expected 1 or more (got 0)"),
     ("gpu_packing.py", "steps-0", ["--steps", "0"], "argument --steps: expected 1 or more (got 0)"),
-    ("gpu_packing.py", "cpu-no-data", ["--device", "cpu", "--data-dir", NO_DATA],
-     f"missing data file(s) for 'weibo': {NO_DATA}/weibo/"),
-    ("search_overhead.py", "repeat-0", ["--repeat", "0", "--out", OUT], "argument --repeat: expected 1 or more (got 0)"),
+    (
+        "gpu_packing.py",
+        "cpu-no-data",
+        ["--device", "cpu", "--data-dir", NO_DATA],
+        f"missing data file(s) for 'weibo': {NO_DATA}/weibo/",
+    ),
+    (
+        "search_overhead.py",
+        "repeat-0",
+        ["--repeat", "0", "--out", OUT],
+        "argument --repeat: expected 1 or more (got 0)",
+    ),
     ("search_overhead.py", "seed-negative", ["--seed", "-1", "--out", OUT], "argument --seed: expected 0 to"),
     ("search_overhead.py", "no-data", ["--data-dir", NO_DATA, "--out", OUT], MISSING),
-    ("cpu_share.py", "window-0", ["--window", "0", "--out", OUT], "argument --window: expected a number above 0 (got 0)"),
-    ("cpu_share.py", "settle-nan", ["--settle", "nan", "--out", OUT], "argument --settle: expected a number above 0"),
-    ("cpu_share.py", "epochs-0", ["--epochs", "0", "--out", OUT], "argument --epochs: expected 1 or more (got 0)"),
+    (
+        "cpu_share.py",
+        "window-0",
+        ["--window", "0", "--out", OUT],
+        "argument --window: expected a number above 0 (got 0)",
+    ),
+    (
+        "cpu_share.py",
+        "settle-nan",
+        ["--settle", "nan", "--out", OUT],
+        "argument --settle: expected a number above 0",
+    ),
+    (
+        "cpu_share.py",
+        "epochs-0",
+        ["--epochs", "0", "--out", OUT],
+        "argument --epochs: expected 1 or more (got 0)",
+    ),
     ("cpu_share.py", "no-data", ["--data-dir", NO_DATA, "--out", OUT], MISSING),
-    ("budgeted_search.py", "budget-0", ["--budget", "0", "--out", OUT], "argument --budget: expected 1 or more (got 0)"),
-    ("budgeted_search.py", "tolerance-negative", ["--tolerance", "-1", "--out", OUT],
-     "argument --tolerance: expected a number of 0 or more (got -1)"),
+    (
+        "budgeted_search.py",
+        "budget-0",
+        ["--budget", "0", "--out", OUT],
+        "argument --budget: expected 1 or more (got 0)",
+    ),
+    (
+        "budgeted_search.py",
+        "tolerance-negative",
+        ["--tolerance", "-1", "--out", OUT],
+        "argument --tolerance: expected a number of 0 or more (got -1)",
+    ),
     ("budgeted_search.py", "no-data", ["--data-dir", NO_DATA, "--out", OUT], MISSING),
-    ("tiny_resume.py", "seed-negative", ["--seed", "-1"], "argument --seed: expected 0 to 4294967295 (got -1)"),
+    (
+        "tiny_resume.py",
+        "seed-negative",
+        ["--seed", "-1"],
+        "argument --seed: expected 0 to 4294967295 (got -1)",
+    ),
     ("tiny_resume.py", "no-data", ["--data-dir", NO_DATA], MISSING),
 ]
 
 
-@pytest.mark.parametrize("script, args, fragment", [(c[0], c[2], c[3]) for c in REFUSALS],
-                         ids=[f"{c[0][:-3]}-{c[1]}" for c in REFUSALS])
+@pytest.mark.parametrize(
+    "script, args, fragment",
+    [(c[0], c[2], c[3]) for c in REFUSALS],
+    ids=[f"{c[0][:-3]}-{c[1]}" for c in REFUSALS],
+)
 def test_a_benchmark_refuses_bad_input_in_one_line(script, args, fragment, tmp_path):
     out = tmp_path / "runs"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1"}  # no GPU for torch, on a machine with one too

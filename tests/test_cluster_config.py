@@ -28,15 +28,19 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CONFIGS = {"a100": CLUSTER / "a100.yaml", "a100-nfs": CLUSTER / "a100-nfs.yaml", "local": CLUSTER / "local.yaml"}
+CONFIGS = {
+    "a100": CLUSTER / "a100.yaml",
+    "a100-nfs": CLUSTER / "a100-nfs.yaml",
+    "local": CLUSTER / "local.yaml",
+}
 AWS_CONFIGS = ("a100", "a100-nfs")
 
 # GPUs, accelerator and vCPUs of the A100 instance types a config may use (AWS and GCP public
 # specifications). Used to check the declared resources offline; the moto test below checks the
 # AWS ones against Ray's own autodetection as well.
 A100_INSTANCES = {
-    "p4d.24xlarge": (8, "A100", 96),    # 8x A100 40GB
-    "p4de.24xlarge": (8, "A100", 96),   # 8x A100 80GB
+    "p4d.24xlarge": (8, "A100", 96),  # 8x A100 40GB
+    "p4de.24xlarge": (8, "A100", 96),  # 8x A100 80GB
     "a2-highgpu-1g": (1, "A100", 12),
     "a2-highgpu-2g": (2, "A100", 24),
     "a2-highgpu-4g": (4, "A100", 48),
@@ -82,8 +86,14 @@ def worker_types(config: dict) -> dict:
 
 
 def all_commands(config: dict) -> list[str]:
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     commands = [c for k in keys for c in config.get(k, [])]
     for node_type in node_types(config).values():
         commands += [c for k in keys for c in node_type.get(k, [])]
@@ -92,6 +102,7 @@ def all_commands(config: dict) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Ray's launcher accepts both configs.
+
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_passes_ray_launcher_validation(name):
@@ -113,23 +124,44 @@ def simulated_aws(tmp_path, monkeypatch):
     """moto's EC2/IAM in this process; HOME in tmp_path (Ray writes the key pair's .pem there)."""
     moto = needed("moto")
     boto3 = needed("boto3")
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-west-2",
-                       "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "HOME": str(tmp_path)}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-west-2",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        "HOME": str(tmp_path),
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     with moto.mock_aws():
         # The instance profile and role that Ray creates on an account's first `ray up` (creating
         # them, Ray sleeps 30 s "for propagation"; moto also lacks AWS's managed policies).
         iam = boto3.client("iam", region_name="us-west-2")
-        iam.create_role(RoleName="ray-autoscaler-v1", AssumeRolePolicyDocument=json.dumps({"Statement": [
-            {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}))
+        iam.create_role(
+            RoleName="ray-autoscaler-v1",
+            AssumeRolePolicyDocument=json.dumps(
+                {
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": "ec2.amazonaws.com"},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ]
+                }
+            ),
+        )
         iam.create_instance_profile(InstanceProfileName="ray-autoscaler-v1")
-        iam.add_role_to_instance_profile(InstanceProfileName="ray-autoscaler-v1", RoleName="ray-autoscaler-v1")
+        iam.add_role_to_instance_profile(
+            InstanceProfileName="ray-autoscaler-v1", RoleName="ray-autoscaler-v1"
+        )
         # a100.yaml's own profiles, as cluster/README.md creates them (role and profile of one name).
         for name in ("softfine-ray-head", "softfine-ray-worker"):
-            iam.create_role(RoleName=name, AssumeRolePolicyDocument=(CLUSTER / "iam" / "ec2-trust.json").read_text())
+            iam.create_role(
+                RoleName=name, AssumeRolePolicyDocument=(CLUSTER / "iam" / "ec2-trust.json").read_text()
+            )
             iam.create_instance_profile(InstanceProfileName=name)
             iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
         yield boto3
@@ -142,11 +174,15 @@ def test_a100_config_bootstraps_and_launches_on_simulated_aws(simulated_aws, nam
     ec2 = simulated_aws.client("ec2", region_name=config["provider"]["region"])
 
     # The security group Ray created for the cluster: SSH is the only rule open to any address.
-    group_ids = {g for t in resolved["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]}
+    group_ids = {
+        g for t in resolved["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]
+    }
     (group,) = ec2.describe_security_groups(GroupIds=sorted(group_ids))["SecurityGroups"]
     assert group["GroupName"] == config["provider"]["security_group"]["GroupName"]
     for rule in group["IpPermissions"]:
-        cidrs = [r["CidrIp"] for r in rule.get("IpRanges", [])] + [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])]
+        cidrs = [r["CidrIp"] for r in rule.get("IpRanges", [])] + [
+            r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])
+        ]
         if cidrs:
             assert (rule["IpProtocol"], rule.get("FromPort"), rule.get("ToPort")) == ("tcp", 22, 22), rule
         else:  # the intra-cluster rule: members of the group only
@@ -166,8 +202,11 @@ def test_a100_config_bootstraps_and_launches_on_simulated_aws(simulated_aws, nam
             continue
         assert declared["GPU"] == auto["GPU"], (type_name, declared, auto)
         assert declared["CPU"] == auto["CPU"], (type_name, declared, auto)
-        assert {k for k in declared if k.startswith("accelerator_type:")} == \
-            {k for k in auto if k.startswith("accelerator_type:")} == {"accelerator_type:A100"}
+        assert (
+            {k for k in declared if k.startswith("accelerator_type:")}
+            == {k for k in auto if k.startswith("accelerator_type:")}
+            == {"accelerator_type:A100"}
+        )
 
     launch_every_node_type(simulated_aws, name, config, resolved)
 
@@ -196,8 +235,11 @@ def launch_every_node_type(boto3, name: str, config: dict, resolved: dict) -> No
         profile = instance.get("IamInstanceProfile", {}).get("Arn", "")
         if type_name == head_type:
             assert instance.get("InstanceLifecycle") is None, instance  # on demand
-            expected = config["available_node_types"][head_type]["node_config"].get("IamInstanceProfile", {}).get(
-                "Name", "ray-autoscaler-v1")  # else Ray's default profile for the head
+            expected = (
+                config["available_node_types"][head_type]["node_config"]
+                .get("IamInstanceProfile", {})
+                .get("Name", "ray-autoscaler-v1")
+            )  # else Ray's default profile for the head
             assert profile.endswith(f":instance-profile/{expected}"), profile
         else:
             assert instance["InstanceLifecycle"] == "spot", instance
@@ -209,6 +251,7 @@ def launch_every_node_type(boto3, name: str, config: dict, resolved: dict) -> No
 # ---------------------------------------------------------------------------------------------
 # Ray's launcher refuses broken configs.
 
+
 def _drop_provider(c):
     del c["provider"]
 
@@ -218,20 +261,41 @@ def _worker(c):
 
 
 BROKEN_A100 = {
-    "worker type without node_config": (lambda c: _worker(c).pop("node_config"), jsonschema.ValidationError,
-                                        "'node_config' is a required property"),
-    "worker type without resources": (lambda c: _worker(c).pop("resources"), jsonschema.ValidationError,
-                                      "'resources' is a required property"),
-    "GPU count not an integer": (lambda c: _worker(c)["resources"].update(GPU="eight"), jsonschema.ValidationError,
-                                 "is not of type 'integer'"),
-    "unknown node-type field": (lambda c: _worker(c).update(min_worker=1), jsonschema.ValidationError,
-                                "Additional properties are not allowed"),
-    "head_node_type names an unknown type": (lambda c: c.update(head_node_type="gpu_head"), ValueError,
-                                             "`head_node_type` must be one of `available_node_types`"),
-    "misspelt top-level key": (lambda c: c.update(setup_command=["true"]), jsonschema.ValidationError,
-                               "Additional properties are not allowed"),
-    "min_workers above max_workers": (lambda c: c.update(max_workers=0), ValueError,
-                                      "max_workers` is smaller than the sum of `min_workers"),
+    "worker type without node_config": (
+        lambda c: _worker(c).pop("node_config"),
+        jsonschema.ValidationError,
+        "'node_config' is a required property",
+    ),
+    "worker type without resources": (
+        lambda c: _worker(c).pop("resources"),
+        jsonschema.ValidationError,
+        "'resources' is a required property",
+    ),
+    "GPU count not an integer": (
+        lambda c: _worker(c)["resources"].update(GPU="eight"),
+        jsonschema.ValidationError,
+        "is not of type 'integer'",
+    ),
+    "unknown node-type field": (
+        lambda c: _worker(c).update(min_worker=1),
+        jsonschema.ValidationError,
+        "Additional properties are not allowed",
+    ),
+    "head_node_type names an unknown type": (
+        lambda c: c.update(head_node_type="gpu_head"),
+        ValueError,
+        "`head_node_type` must be one of `available_node_types`",
+    ),
+    "misspelt top-level key": (
+        lambda c: c.update(setup_command=["true"]),
+        jsonschema.ValidationError,
+        "Additional properties are not allowed",
+    ),
+    "min_workers above max_workers": (
+        lambda c: c.update(max_workers=0),
+        ValueError,
+        "max_workers` is smaller than the sum of `min_workers",
+    ),
 }
 
 
@@ -256,12 +320,26 @@ def test_config_without_provider_fails(name):
         validate_config(prepared)
 
 
-@pytest.mark.parametrize("case,mutate,message", [
-    ("no head_ip", lambda c: c["provider"].pop("head_ip"), "Please supply a `head_ip` and list of `worker_ips`"),
-    ("no worker_ips", lambda c: c["provider"].pop("worker_ips"), "Please supply a `head_ip` and list of `worker_ips`"),
-    ("node types", lambda c: c.update(available_node_types={"gpu": {"node_config": {}, "resources": {"GPU": 1}}}),
-     "available_node_types"),
-])
+@pytest.mark.parametrize(
+    "case,mutate,message",
+    [
+        (
+            "no head_ip",
+            lambda c: c["provider"].pop("head_ip"),
+            "Please supply a `head_ip` and list of `worker_ips`",
+        ),
+        (
+            "no worker_ips",
+            lambda c: c["provider"].pop("worker_ips"),
+            "Please supply a `head_ip` and list of `worker_ips`",
+        ),
+        (
+            "node types",
+            lambda c: c.update(available_node_types={"gpu": {"node_config": {}, "resources": {"GPU": 1}}}),
+            "available_node_types",
+        ),
+    ],
+)
 def test_broken_local_config_fails_launcher_validation(case, mutate, message):
     config = load("local")
     mutate(config)
@@ -272,6 +350,7 @@ def test_broken_local_config_fails_launcher_validation(case, mutate, message):
 
 # ---------------------------------------------------------------------------------------------
 # GPUs, image, ports, files: what the YAML says.
+
 
 @pytest.mark.parametrize("name", AWS_CONFIGS)
 def test_a100_workers_declare_the_gpus_of_their_instance_type(name):
@@ -309,23 +388,33 @@ def test_no_config_opens_the_dashboard_or_mlflow_publicly(name):
     config = load(name)
     # Cloud firewall rules that the config adds: none may open anything but SSH to the internet.
     for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
-        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        cidrs = [r.get("CidrIp") for r in rule.get("IpRanges", [])] + [
+            r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])
+        ]
         if any(c in PUBLIC_CIDRS for c in cidrs):
             assert (rule.get("FromPort"), rule.get("ToPort")) == (22, 22), rule
     # No container port is published (Ray runs the container with --net=host anyway).
     docker = config.get("docker") or {}
-    options = [o for k in ("run_options", "head_run_options", "worker_run_options") for o in docker.get(k, [])]
-    assert not [o for o in options if o.split("=")[0].split()[0] in ("-p", "--publish", "-P", "--publish-all")]
+    options = [
+        o for k in ("run_options", "head_run_options", "worker_run_options") for o in docker.get(k, [])
+    ]
+    assert not [
+        o for o in options if o.split("=")[0].split()[0] in ("-p", "--publish", "-P", "--publish-all")
+    ]
     # Nothing binds to all interfaces: the dashboard and MLflow on 127.0.0.1 (only the driver, on
     # the head, talks to MLflow).
     commands = all_commands(config)
-    assert not [c for c in commands if re.search(r"(?<![\d.])0\.0\.0\.0(?![\d])|--host :: |\[::\]", c)], commands
+    assert not [c for c in commands if re.search(r"(?<![\d.])0\.0\.0\.0(?![\d])|--host :: |\[::\]", c)], (
+        commands
+    )
     head_start = config["head_start_ray_commands"]
     (ray_start,) = [c for c in head_start if "ray start --head" in c]
     assert "--dashboard-host=127.0.0.1" in ray_start
     (mlflow_start,) = [c for c in head_start if "mlflow/server.sh" in c]
     assert "--host 127.0.0.1" in mlflow_start and "--port 5000" in mlflow_start
-    assert not [c for c in commands if "5000" in c and c not in head_start]  # no MLflow route from the workers
+    assert not [
+        c for c in commands if "5000" in c and c not in head_start
+    ]  # no MLflow route from the workers
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -345,7 +434,9 @@ def test_config_ships_this_repo_and_uses_its_scripts(name):
 
 S3_URI = re.compile(r"s3://([a-zA-Z0-9.\-]+)/([^\s'\"]+)")
 KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b")  # the form of AWS access key ids
-KEY_VALUE = re.compile(r"(?i)\baws_(?:access_key_id|secret_access_key|session_token)\b['\"]?\s*[=:]\s*['\"]?[A-Za-z0-9/+]")
+KEY_VALUE = re.compile(
+    r"(?i)\baws_(?:access_key_id|secret_access_key|session_token)\b['\"]?\s*[=:]\s*['\"]?[A-Za-z0-9/+]"
+)
 KEY_NAME = re.compile(r"(?i)\baws_(?:access_key_id|secret_access_key|session_token)\b")
 
 
@@ -361,8 +452,9 @@ def test_credential_check_finds_keys():
     assert credential_leaks("aws_access_key_id = AKIAIOSFODNN7EXAMPLE\n", strict=False)
     assert credential_leaks("export AWS_SESSION_TOKEN=abc", strict=False)
     assert credential_leaks("- echo $AWS_SECRET_ACCESS_KEY", strict=True)
-    assert not credential_leaks("aws configure   # or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE",
-                                strict=False)
+    assert not credential_leaks(
+        "aws configure   # or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE", strict=False
+    )
 
 
 def test_no_aws_key_in_any_cluster_file():
@@ -386,8 +478,13 @@ def test_a100_workers_are_spot_and_the_head_on_demand(name):
     assert market["MarketType"] == "spot"
     # One-time requests that end with the instance: a persistent request would relaunch a node
     # the autoscaler already replaced.
-    assert market["SpotOptions"] == {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
-    assert "InstanceMarketOptions" not in head["node_config"]  # on demand: the driver, GCS and MLflow live there
+    assert market["SpotOptions"] == {
+        "SpotInstanceType": "one-time",
+        "InstanceInterruptionBehavior": "terminate",
+    }
+    assert (
+        "InstanceMarketOptions" not in head["node_config"]
+    )  # on demand: the driver, GCS and MLflow live there
     # Sizes and limits as before the move to the cloud's storage.
     assert (config["max_workers"], config["idle_timeout_minutes"]) == (4, 15)
     assert (worker["min_workers"], worker["max_workers"]) == (1, 4)
@@ -414,8 +511,9 @@ def test_a100_keeps_the_search_state_in_s3():
     assert f"s3://{bucket}/{prefix}" in storage_paths_in_readme()
     # Nothing shared between the nodes but the network: no NFS, no /mnt/shared.
     docker = config["docker"]
-    texts = all_commands(config) + [o for k in ("run_options", "head_run_options", "worker_run_options")
-                                    for o in docker.get(k, [])]
+    texts = all_commands(config) + [
+        o for k in ("run_options", "head_run_options", "worker_run_options") for o in docker.get(k, [])
+    ]
     assert not [t for t in texts if "/mnt/shared" in t or "nfs" in t.lower()], texts
     # The bucket's prefix is what the instance profiles may touch (cluster/iam/s3-softfine.json).
     policy = json.loads((CLUSTER / "iam" / "s3-softfine.json").read_text())
@@ -432,26 +530,45 @@ def test_a100_nodes_take_credentials_from_instance_profiles():
     # The head launches the workers with theirs: it may pass that role, and no other.
     passing = json.loads((CLUSTER / "iam" / "head-pass-worker-role.json").read_text())
     (statement,) = passing["Statement"]
-    assert (statement["Action"], statement["Resource"]) == ("iam:PassRole", "arn:aws:iam::*:role/softfine-ray-worker")
+    assert (statement["Action"], statement["Resource"]) == (
+        "iam:PassRole",
+        "arn:aws:iam::*:role/softfine-ray-worker",
+    )
     trust = json.loads((CLUSTER / "iam" / "ec2-trust.json").read_text())
     assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
     # Every profile and policy file the config relies on is created by the README's set-up.
     readme = (CLUSTER / "README.md").read_text()
-    for needed_text in ("softfine-ray-$node", "file://cluster/iam/ec2-trust.json", "cluster/iam/s3-softfine.json",
-                        "file://cluster/iam/head-pass-worker-role.json", "AmazonEC2FullAccess"):
+    for needed_text in (
+        "softfine-ray-$node",
+        "file://cluster/iam/ec2-trust.json",
+        "cluster/iam/s3-softfine.json",
+        "file://cluster/iam/head-pass-worker-role.json",
+        "AmazonEC2FullAccess",
+    ):
         assert needed_text in readme, needed_text
 
 
 def test_nfs_alternative_is_the_same_cluster_with_shared_disk_storage():
     s3, nfs = load("a100"), load("a100-nfs")
-    for key in ("max_workers", "upscaling_speed", "idle_timeout_minutes", "head_node_type", "file_mounts",
-                "rsync_filter", "rsync_exclude", "setup_commands", "worker_start_ray_commands", "auth"):
+    for key in (
+        "max_workers",
+        "upscaling_speed",
+        "idle_timeout_minutes",
+        "head_node_type",
+        "file_mounts",
+        "rsync_filter",
+        "rsync_exclude",
+        "setup_commands",
+        "worker_start_ray_commands",
+        "auth",
+    ):
         assert s3[key] == nfs[key], key
     assert s3["docker"]["image"] == nfs["docker"]["image"]
-    assert {k: v for k, v in s3["provider"].items() if k != "security_group"} == \
-        {k: v for k, v in nfs["provider"].items() if k != "security_group"}
+    assert {k: v for k, v in s3["provider"].items() if k != "security_group"} == {
+        k: v for k, v in nfs["provider"].items() if k != "security_group"
+    }
     assert s3["cluster_name"] != nfs["cluster_name"]  # both may run at once
-    for (s3_node, nfs_node) in zip(worker_and_head(s3), worker_and_head(nfs)):
+    for s3_node, nfs_node in zip(worker_and_head(s3), worker_and_head(nfs)):
         for key in ("resources", "min_workers", "max_workers"):
             assert s3_node.get(key) == nfs_node.get(key), key
         for key in ("InstanceType", "ImageId", "InstanceMarketOptions"):

@@ -45,30 +45,53 @@ def test_a_line_per_point_and_a_status_only_when_due_and_changed(capsys):
     alone = trial("a", P1, "RUNNING", {"step": 6, "epoch": 1, "best_dev_f1": 0.3})
     group = trial("g", {"group": {"name": "0.01,0.01,2,2 +1", "points": [P2, P3]}}, "PENDING")
     (status,) = report(reporter, [alone, group], capsys)
-    assert status == ("  search: 0/3 points finished, 1 trial running; best dev F1 0.3000 (0.1,0.1,2,2); "
-                      "1m40s elapsed, time left: after the first evaluation")
+    assert status == (
+        "  search: 0/3 points finished, 1 trial running; best dev F1 0.3000 (0.1,0.1,2,2); "
+        "1m40s elapsed, time left: after the first evaluation"
+    )
     time.sleep(0.35)
     assert report(reporter, [alone, group], capsys) == []  # due, but nothing changed
 
     alone.update_last_result({"best_dev_f1": 0.4, "test_f1": 0.35, "final": 1, "time_total_s": 42})
     alone.set_status("TERMINATED")
     group.set_status("RUNNING")
-    group.update_last_result({"members": [{"step": 6, "epoch": 1, "best_dev_f1": 0.2},
-                                          {"step": 6, "epoch": 1, "best_dev_f1": 0.5}], "best_dev_f1": 0.5})
+    group.update_last_result(
+        {
+            "members": [
+                {"step": 6, "epoch": 1, "best_dev_f1": 0.2},
+                {"step": 6, "epoch": 1, "best_dev_f1": 0.5},
+            ],
+            "best_dev_f1": 0.5,
+        }
+    )
     lines = report(reporter, [alone, group], capsys)
     assert lines[0] == "  [1/3] 0.1,0.1,2,2: dev F1 0.4000, test F1 0.3500 (42 s)"
     # The group's best member is named, not its first; its two points run in one trial.
-    assert re.fullmatch(r"  search: 1/3 points finished, 1 trial running \(2 points\); best dev F1 0\.5000 "
-                        r"\(0\.01,0\.005,2,2\); 1m4\ds elapsed, about \d+m\d\ds left", lines[1]), lines[1]
-    group.update_last_result({"members": [{"best_dev_f1": 0.2, "test_f1": 0.1, "final": 1},
-                                          {"best_dev_f1": 0.5, "test_f1": 0.45, "final": 1}],
-                              "best_dev_f1": 0.5, "final": 1, "time_total_s": 61})
+    assert re.fullmatch(
+        r"  search: 1/3 points finished, 1 trial running \(2 points\); best dev F1 0\.5000 "
+        r"\(0\.01,0\.005,2,2\); 1m4\ds elapsed, about \d+m\d\ds left",
+        lines[1],
+    ), lines[1]
+    group.update_last_result(
+        {
+            "members": [
+                {"best_dev_f1": 0.2, "test_f1": 0.1, "final": 1},
+                {"best_dev_f1": 0.5, "test_f1": 0.45, "final": 1},
+            ],
+            "best_dev_f1": 0.5,
+            "final": 1,
+            "time_total_s": 61,
+        }
+    )
     group.set_status("TERMINATED")
     assert report(reporter, [alone, group], capsys) == [  # at once, though no status is due yet
         "  [2/3] 0.01,0.01,2,2: dev F1 0.2000, test F1 0.1000 (1m01s)",
-        "  [3/3] 0.01,0.005,2,2: dev F1 0.5000, test F1 0.4500 (1m01s)"]
+        "  [3/3] 0.01,0.005,2,2: dev F1 0.5000, test F1 0.4500 (1m01s)",
+    ]
     (final,) = report(reporter, [alone, group], capsys, done=True)
-    assert re.fullmatch(r"  search: 3/3 points finished in 1m4\ds; best dev F1 0\.5000 \(0\.01,0\.005,2,2\)", final)
+    assert re.fullmatch(
+        r"  search: 3/3 points finished in 1m4\ds; best dev F1 0\.5000 \(0\.01,0\.005,2,2\)", final
+    )
 
 
 def test_a_resumed_phase_counts_what_ended_before_without_printing_it_again(capsys):
@@ -81,7 +104,9 @@ def test_a_resumed_phase_counts_what_ended_before_without_printing_it_again(caps
     assert report(reporter, [before, later], capsys) == ["  search: 1/2 points had ended before"]
     later.update_last_result({"best_dev_f1": 0.2, "test_f1": 0.1, "final": 1})
     later.set_status("TERMINATED")
-    assert report(reporter, [before, later], capsys) == ["  [2/2] 0.01,0.01,2,2: dev F1 0.2000, test F1 0.1000"]
+    assert report(reporter, [before, later], capsys) == [
+        "  [2/2] 0.01,0.01,2,2: dev F1 0.2000, test F1 0.1000"
+    ]
 
 
 def test_the_readme_search_prints_its_points_and_a_few_lines_more(tmp_path):
@@ -90,16 +115,41 @@ def test_the_readme_search_prints_its_points_and_a_few_lines_more(tmp_path):
     grid = ["--alphas", "0.1,0.1", "0.01,0.005", "--beta", "2", "3", "--gamma", "2"]
     started = time.time()
     done = subprocess.run(
-        [sys.executable, str(SEARCH_SCRIPT), *small_search_flags(shared_data_dir()), *grid, "--cpus-per-trial", "0.5",
-         "--address", "local", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--storage-path", str(tmp_path / "ray"), "--name", "console"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env={**_environment(), "RAY_USAGE_STATS_ENABLED": "0"})
+        [
+            sys.executable,
+            str(SEARCH_SCRIPT),
+            *small_search_flags(shared_data_dir()),
+            *grid,
+            "--cpus-per-trial",
+            "0.5",
+            "--address",
+            "local",
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--storage-path",
+            str(tmp_path / "ray"),
+            "--name",
+            "console",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**_environment(), "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     seconds = time.time() - started
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 0, "\n".join(lines[-60:])
     ended = [m for m in map(ENDED.fullmatch, lines) if m]
-    assert sorted(m.group(3) for m in ended) == ["0.01,0.005,2,2", "0.01,0.005,3,2", "0.1,0.1,2,2", "0.1,0.1,3,2"]
-    assert [int(m.group(1)) for m in ended] == [1, 2, 3, 4] and all(m.group(4).startswith("dev F1 ") for m in ended)
+    assert sorted(m.group(3) for m in ended) == [
+        "0.01,0.005,2,2",
+        "0.01,0.005,3,2",
+        "0.1,0.1,2,2",
+        "0.1,0.1,3,2",
+    ]
+    assert [int(m.group(1)) for m in ended] == [1, 2, 3, 4] and all(
+        m.group(4).startswith("dev F1 ") for m in ended
+    )
     statuses = [line for line in lines if line.startswith("  search: ")]
     assert statuses[-1].startswith("  search: 4/4 points finished in ")
     assert len(statuses) <= 2 + seconds / 30  # the last, and at most one every 30 s before it

@@ -11,9 +11,21 @@ def test_table1_figures(data_dir):
     weibo = stats(read_split("weibo", "train", data_dir))
     resume = stats(read_split("resume", "train", data_dir))
     fine = stats(read_split("fine", "dev", data_dir))
-    assert (weibo["sentences"], round(weibo["avg_chars"], 1), round(weibo["avg_entities"], 1)) == (1350, 54.7, 1.4)
-    assert (resume["sentences"], round(resume["avg_chars"], 1), round(resume["avg_entities"], 1)) == (3821, 32.5, 3.5)
-    assert (fine["sentences"], round(fine["avg_chars"], 1), round(fine["avg_entities"], 1)) == (3000, 41.6, 2.5)
+    assert (weibo["sentences"], round(weibo["avg_chars"], 1), round(weibo["avg_entities"], 1)) == (
+        1350,
+        54.7,
+        1.4,
+    )
+    assert (resume["sentences"], round(resume["avg_chars"], 1), round(resume["avg_entities"], 1)) == (
+        3821,
+        32.5,
+        3.5,
+    )
+    assert (fine["sentences"], round(fine["avg_chars"], 1), round(fine["avg_entities"], 1)) == (
+        3000,
+        41.6,
+        2.5,
+    )
     assert fine["categories"] == 54
 
 
@@ -36,14 +48,24 @@ def test_fine_spans_and_hierarchical_categories(data_dir):
     first = read_fine(data_dir / "fine" / "dev.json")[0]
     text = "".join(first.chars)
     start = text.index("雷诺")
-    assert first.tags[start:start + 2] == ("B-/organization/company/vehicle_brand", "E-/organization/company/vehicle_brand")
+    assert first.tags[start : start + 2] == (
+        "B-/organization/company/vehicle_brand",
+        "E-/organization/company/vehicle_brand",
+    )
 
 
-@pytest.mark.parametrize("dataset, split, sentences, entities", [
-    ("weibo", "train", 1350, 1895), ("weibo", "dev", 270, 389), ("weibo", "test", 270, 418),
-    ("resume", "train", 3821, 13440), ("resume", "dev", 463, 1497), ("resume", "test", 477, 1630),
-    ("fine", "dev", 3000, 7619),
-])
+@pytest.mark.parametrize(
+    "dataset, split, sentences, entities",
+    [
+        ("weibo", "train", 1350, 1895),
+        ("weibo", "dev", 270, 389),
+        ("weibo", "test", 270, 418),
+        ("resume", "train", 3821, 13440),
+        ("resume", "dev", 463, 1497),
+        ("resume", "test", 477, 1630),
+        ("fine", "dev", 3000, 7619),
+    ],
+)
 def test_every_sentence_of_every_split_is_read(data_dir, dataset, split, sentences, entities):
     read = read_split(dataset, split, data_dir)
     assert len(read) == sentences
@@ -76,14 +98,19 @@ def test_fine_missing_splits_are_named_and_present_ones_work(data_dir):
         dataset_files("fine", data_dir)
 
 
-@pytest.mark.parametrize("content, message, line", [
-    ("中 B-PER\n人\n国 E-PER\n", "malformed line '人'", 2),
-    ("中 B-PER\n国 X-PER\n", "unknown tag prefix", 2),
-    ("中 B-PER\n国 I-PER\n人 E-PER\n", "unknown tag prefix", 2),
-    ("高 XX B-NAME\n", "malformed line '高 XX B-NAME'", 1),
-    ("中 B-\n", "empty category", 1),
-])
-def test_unreadable_sentences_are_skipped_in_train_and_errors_in_evaluation(tmp_path, caplog, content, message, line):
+@pytest.mark.parametrize(
+    "content, message, line",
+    [
+        ("中 B-PER\n人\n国 E-PER\n", "malformed line '人'", 2),
+        ("中 B-PER\n国 X-PER\n", "unknown tag prefix", 2),
+        ("中 B-PER\n国 I-PER\n人 E-PER\n", "unknown tag prefix", 2),
+        ("高 XX B-NAME\n", "malformed line '高 XX B-NAME'", 1),
+        ("中 B-\n", "empty category", 1),
+    ],
+)
+def test_unreadable_sentences_are_skipped_in_train_and_errors_in_evaluation(
+    tmp_path, caplog, content, message, line
+):
     good = "好 S-LOC\n\n"
     path = tmp_path / "bad.char.bmes"
     path.write_text(good + content, encoding="utf-8")
@@ -97,13 +124,16 @@ def test_unreadable_sentences_are_skipped_in_train_and_errors_in_evaluation(tmp_
             read_bmes(path, on_problem=policy)
 
 
-@pytest.mark.parametrize("content, tags, line", [
-    ("中 O\n国 M-PER\n人 E-PER\n", ("O", "B-PER", "E-PER"), 2),
-    ("中 O\n国 E-PER\n", ("O", "S-PER"), 2),
-    ("中 B-PER\n国 O\n", ("S-PER", "O"), 1),
-    ("中 B-PER\n国 M-PER\n", ("B-PER", "E-PER"), 2),
-    ("中 B-PER\n国 M-LOC\n人 E-LOC\n", ("S-PER", "B-LOC", "E-LOC"), 1),
-])
+@pytest.mark.parametrize(
+    "content, tags, line",
+    [
+        ("中 O\n国 M-PER\n人 E-PER\n", ("O", "B-PER", "E-PER"), 2),
+        ("中 O\n国 E-PER\n", ("O", "S-PER"), 2),
+        ("中 B-PER\n国 O\n", ("S-PER", "O"), 1),
+        ("中 B-PER\n国 M-PER\n", ("B-PER", "E-PER"), 2),
+        ("中 B-PER\n国 M-LOC\n人 E-LOC\n", ("S-PER", "B-LOC", "E-LOC"), 1),
+    ],
+)
 def test_invalid_tags_are_read_as_conlleval_reads_them(tmp_path, caplog, content, tags, line):
     path = tmp_path / "bad.char.bmes"
     path.write_text("好 S-LOC\n\n" + content, encoding="utf-8")
@@ -124,20 +154,29 @@ def test_line_numbers_count_newlines_only(tmp_path, caplog):
     assert "sep.char.bmes:4: " in caplog.text
 
 
-@pytest.mark.parametrize("record, message", [
-    ('{"id": 1, "text": "北京欢迎你", "label": {"/location": {"上海": [[0, 1]]}}}', "reads '北京', not its mention '上海'"),
-    ('{"id": 2, "text": "北京欢迎你", "label": {"/location": {"北京": [[0, 9]]}}}', "outside the text"),
-    ('{"id": 3, "text": "北京欢迎你", "label": {"/location": {"北京": [[0, 1]], "京欢": [[1, 2]]}}}', "overlaps"),
-    ('{"id": 4, "text": "北京", "label": {"/location": ["北京"]}}', "malformed \"label\""),
-    ('{"id": 5, "text": "北京"', "not valid JSON"),
-    ('{"id": 6, "text": "北京"}', 'no "label"'),
-    ('{"id": 7, "text": "北京", "label": null}', '"label" null'),
-    ('{"id": 8, "text": "北京", "label": []}', '"label" []'),
-    ('{"id": 9, "text": "北京", "label": {"": {"北京": [[0, 1]]}}}', "empty category ''"),
-    ('{"id": 10, "text": "北京", "label": {"/": {"北京": [[0, 1]]}}}', "empty category '/'"),
-    ('{"id": 11, "text": "", "label": {}}', 'non-empty "text"'),
-    ('{"id": 12, "text": "北京", "label": {"/location": {"北京": [[0.0, 1]]}}}', "malformed \"label\""),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        (
+            '{"id": 1, "text": "北京欢迎你", "label": {"/location": {"上海": [[0, 1]]}}}',
+            "reads '北京', not its mention '上海'",
+        ),
+        ('{"id": 2, "text": "北京欢迎你", "label": {"/location": {"北京": [[0, 9]]}}}', "outside the text"),
+        (
+            '{"id": 3, "text": "北京欢迎你", "label": {"/location": {"北京": [[0, 1]], "京欢": [[1, 2]]}}}',
+            "overlaps",
+        ),
+        ('{"id": 4, "text": "北京", "label": {"/location": ["北京"]}}', 'malformed "label"'),
+        ('{"id": 5, "text": "北京"', "not valid JSON"),
+        ('{"id": 6, "text": "北京"}', 'no "label"'),
+        ('{"id": 7, "text": "北京", "label": null}', '"label" null'),
+        ('{"id": 8, "text": "北京", "label": []}', '"label" []'),
+        ('{"id": 9, "text": "北京", "label": {"": {"北京": [[0, 1]]}}}', "empty category ''"),
+        ('{"id": 10, "text": "北京", "label": {"/": {"北京": [[0, 1]]}}}', "empty category '/'"),
+        ('{"id": 11, "text": "", "label": {}}', 'non-empty "text"'),
+        ('{"id": 12, "text": "北京", "label": {"/location": {"北京": [[0.0, 1]]}}}', 'malformed "label"'),
+    ],
+)
 def test_bad_fine_records(tmp_path, caplog, record, message):
     path = tmp_path / "dev.json"
     path.write_text('{"id": 0, "text": "你好", "label": {}}\n' + record + "\n", encoding="utf-8")
@@ -170,8 +209,10 @@ def test_generic_column_reader_bio_and_bioes(tmp_path):
 
 
 def test_bio_conversion():
-    assert to_bioes(["B-X", "I-X", "I-X", "O", "B-Y", "B-Y", "I-Y"], "bio") == \
-        (["B-X", "I-X", "E-X", "O", "S-Y", "B-Y", "E-Y"], None)
+    assert to_bioes(["B-X", "I-X", "I-X", "O", "B-Y", "B-Y", "I-Y"], "bio") == (
+        ["B-X", "I-X", "E-X", "O", "S-Y", "B-Y", "E-Y"],
+        None,
+    )
     assert to_bioes(["B-X", "M-X", "E-X", "S-Y"], "bmes") == (["B-X", "I-X", "E-X", "S-Y"], None)
     tags, note = to_bioes(["O", "I-X", "I-X", "B-Y", "I-X"], "bio")
     assert tags == ["O", "B-X", "E-X", "S-Y", "S-X"] and note.index == 1

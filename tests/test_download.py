@@ -31,8 +31,11 @@ def serve():
 
 
 def download(*args):
-    return subprocess.run([sys.executable, "-m", "softfine", "data", "download", *map(str, args)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "softfine", "data", "download", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_download_checks_checksums(data_dir, tmp_path, serve):
@@ -61,6 +64,8 @@ def test_tampered_file_is_refused_and_nothing_is_written(data_dir, tmp_path, ser
 
 
 def test_missing_file_on_the_server_is_a_clear_error(tmp_path, serve):
-    done = download("resume", "--mirror", serve(tmp_path), "--data-dir", tmp_path / "data", "--split", "train")
+    done = download(
+        "resume", "--mirror", serve(tmp_path), "--data-dir", tmp_path / "data", "--split", "train"
+    )
     assert done.returncode == 2
     assert "train.char.bmes: download failed (HTTP Error 404" in done.stderr.strip().splitlines()[-1]

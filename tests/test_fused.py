@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_step import forward_loss
 from transformers import set_seed
 
 from softfine.batches import Split, encode, train_loader
@@ -20,17 +21,33 @@ from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, load_checkpoint, random_model
 from softfine.optim import TRAINING_STATE, build_optimizer, make_scheduler
 from softfine.train import LOSS_PARTS, train, train_group, train_step
-from test_step import forward_loss
 
 # Three points of the paper's grid: every searched value differs somewhere.
-POINTS = [dict(alpha_aug=0.1, alpha_fea=0.1, beta=2.0, gamma=1.5), dict(alpha_aug=0.01, alpha_fea=0.005, beta=3.0,
-          gamma=2.0), dict(alpha_aug=0.1, alpha_fea=0.05, beta=4.0, gamma=2.5, soft_scope="related")]
+POINTS = [
+    dict(alpha_aug=0.1, alpha_fea=0.1, beta=2.0, gamma=1.5),
+    dict(alpha_aug=0.01, alpha_fea=0.005, beta=3.0, gamma=2.0),
+    dict(alpha_aug=0.1, alpha_fea=0.05, beta=4.0, gamma=2.5, soft_scope="related"),
+]
 
 
 def tiny_config(data_dir, out, **overrides):
     # as tests/test_train.py's: 48 sentences at batch 8, 6 steps an epoch; dropout 0.1 in BERT and the head
-    values = dict(dataset="resume", data_dir=str(data_dir), model="tiny", tiny_layers=1, tiny_hidden=64, epochs=2,
-                  batch_size=8, lr=1e-3, limit_train=48, limit_eval=24, out=str(out), seed=7, dropout=0.1, log_every=0)
+    values = dict(
+        dataset="resume",
+        data_dir=str(data_dir),
+        model="tiny",
+        tiny_layers=1,
+        tiny_hidden=64,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        limit_train=48,
+        limit_eval=24,
+        out=str(out),
+        seed=7,
+        dropout=0.1,
+        log_every=0,
+    )
     values.update(overrides)
     return make_config(values)
 
@@ -58,17 +75,27 @@ def test_each_member_of_a_group_trains_as_it_would_alone(data_dir, tmp_path):
     worst = 0.0
     for k, point in enumerate(POINTS):
         alone_reports = []
-        alone = train(tiny_config(data_dir, tmp_path / f"alone{k}", eval_every=1, **point),
-                      on_evaluate=lambda metrics, out: alone_reports.append(metrics))
-        assert [m["step"] for m in fused_reports[k]] == [m["step"] for m in alone_reports] == list(range(1, 13))
+        alone = train(
+            tiny_config(data_dir, tmp_path / f"alone{k}", eval_every=1, **point),
+            on_evaluate=lambda metrics, out, reports=alone_reports: reports.append(metrics),
+        )
+        assert (
+            [m["step"] for m in fused_reports[k]] == [m["step"] for m in alone_reports] == list(range(1, 13))
+        )
         for f, a in zip(fused_reports[k], alone_reports):
             for key in LOSS_PARTS:
                 worst = max(worst, relative(f[f"train_{key}"], a[f"train_{key}"]))
                 assert f[f"train_{key}"] == pytest.approx(a[f"train_{key}"], rel=1e-5), (k, f["step"], key)
             assert (f["dev_f1"], f["dev_sentences"], f["dev_gold_entities"]) == (
-                a["dev_f1"], a["dev_sentences"], a["dev_gold_entities"]), (k, f["step"])
+                a["dev_f1"],
+                a["dev_sentences"],
+                a["dev_gold_entities"],
+            ), (k, f["step"])
         assert fused[k]["best_step"] == alone["best_step"] and fused[k]["best_dev_f1"] == alone["best_dev_f1"]
-        assert fused[k]["test_f1"] == alone["test_f1"] and fused[k]["test_gold_entities"] == alone["test_gold_entities"]
+        assert (
+            fused[k]["test_f1"] == alone["test_f1"]
+            and fused[k]["test_gold_entities"] == alone["test_gold_entities"]
+        )
         assert files_of(tmp_path / f"fused{k}") == files_of(tmp_path / f"alone{k}")
         tags = dev_tags(data_dir, tmp_path / f"fused{k}" / "best")
         assert tags == dev_tags(data_dir, tmp_path / f"alone{k}" / "best")
@@ -88,14 +115,21 @@ def test_a_group_of_one_steps_as_the_plain_model_does(data_dir, tmp_path):
     sentences = load_corpus(config, ["train", "dev", "test"]).splits
     labels = LabelSpace.infer([c for s in sentences.values() for c in categories(s)], config.label_separator)
     table = labels.soft_targets(config.beta, config.gamma, config.soft_scope)
-    tokenizer, model = build_model(config.model, labels, config.dropout,
-                                   (c for s in sentences["train"] for c in s.chars), config.tiny_shape())
+    tokenizer, model = build_model(
+        config.model,
+        labels,
+        config.dropout,
+        (c for s in sentences["train"] for c in s.chars),
+        config.tiny_shape(),
+    )
     model.train()
     examples = encode(sentences["train"], CharIds(tokenizer), labels, config.max_length)
     optimizer = build_optimizer(model, config)
     scheduler = make_scheduler(config, optimizer, 6)
     loss = forward_loss(model, table, config)
-    for batch, report in zip(train_loader(examples, config.batch_size, config.seed, 0, False, 0), reports, strict=True):
+    for batch, report in zip(
+        train_loader(examples, config.batch_size, config.seed, 0, False, 0), reports, strict=True
+    ):
         parts = train_step(loss, batch, torch.device("cpu"))
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
@@ -111,10 +145,15 @@ def test_a_group_resumes_exactly(data_dir, tmp_path):
         if metrics["epoch"] == 1:
             shutil.copytree(out, snapshots[k])
 
-    full = train_group([tiny_config(data_dir, tmp_path / f"full{k}", **p) for k, p in enumerate(points)], keep_first)
+    full = train_group(
+        [tiny_config(data_dir, tmp_path / f"full{k}", **p) for k, p in enumerate(points)], keep_first
+    )
     reports = []
-    resumed = train_group([tiny_config(data_dir, tmp_path / f"resumed{k}", **p) for k, p in enumerate(points)],
-                          lambda k, metrics, out: reports.append((k, metrics["step"])), resume_from=snapshots)
+    resumed = train_group(
+        [tiny_config(data_dir, tmp_path / f"resumed{k}", **p) for k, p in enumerate(points)],
+        lambda k, metrics, out: reports.append((k, metrics["step"])),
+        resume_from=snapshots,
+    )
     assert reports == [(0, 12), (1, 12)]  # only the second epoch ran
     for k in range(len(points)):
         a, *_ = load_checkpoint(tmp_path / f"full{k}" / "state")
@@ -129,8 +168,11 @@ def test_a_group_resumes_exactly(data_dir, tmp_path):
 
 def test_a_group_of_configs_that_differ_in_more_than_the_loss_is_refused(data_dir, tmp_path):
     base = tiny_config(data_dir, tmp_path / "a")
-    with pytest.raises(ConfigError, match=r"^fused group: member 1 has lr=0.002 but member 0 has 0.001; members may "
-                                          r"differ only in alpha_aug, alpha_fea, beta, gamma, soft_scope, soft and out$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^fused group: member 1 has lr=0.002 but member 0 has 0.001; members may "
+        r"differ only in alpha_aug, alpha_fea, beta, gamma, soft_scope, soft and out$",
+    ):
         train_group([base, tiny_config(data_dir, tmp_path / "b", beta=4.0, lr=2e-3)])
     with pytest.raises(ConfigError, match="two members write to"):
         train_group([base, tiny_config(data_dir, tmp_path / "a", beta=4.0)])
@@ -151,7 +193,9 @@ def test_each_member_clips_its_own_gradients():
         stacked.grad = torch.stack([dict(m.named_parameters())[name].grad for m in models])
     norms = fused.clip_grad_norms(1.0)
     for k, model in enumerate(models):
-        assert float(norms[k]) == pytest.approx(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)), rel=1e-5)
+        assert float(norms[k]) == pytest.approx(
+            float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)), rel=1e-5
+        )
         for name, p in model.named_parameters():
             assert torch.allclose(fused.params[name].grad[k], p.grad, rtol=1e-5, atol=1e-8), (k, name)
 
@@ -169,8 +213,14 @@ def test_a_members_training_state_holds_its_own_moments_only(data_dir, tmp_path)
         assert member == pytest.approx(alone, rel=0.05), (k, member, alone)
     # what the member's own AdamW would hold: moments of its parameters' shapes, in AdamW's order
     model, *_ = load_checkpoint(tmp_path / "fused1" / "state")
-    params = [p for group in build_optimizer(model, tiny_config(data_dir, tmp_path)).param_groups for p in group["params"]]
-    saved = torch.load(tmp_path / "fused1" / "state" / TRAINING_STATE, weights_only=True)["optimizer"]["state"]
+    params = [
+        p
+        for group in build_optimizer(model, tiny_config(data_dir, tmp_path)).param_groups
+        for p in group["params"]
+    ]
+    saved = torch.load(tmp_path / "fused1" / "state" / TRAINING_STATE, weights_only=True)["optimizer"][
+        "state"
+    ]
     assert saved.keys() == set(range(len(params)))
     for i, moments in saved.items():
         assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == params[i].shape, i

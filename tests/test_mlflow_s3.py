@@ -14,20 +14,19 @@ cannot list, in one line that holds no secret.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
-
 from test_mlflow_server import SERVER, Server, free_port, processes_mentioning, server_env
+
+from mlflow import MlflowClient
 
 # The client's part, run in its own process: a run with a param, an artifact and a pyfunc model,
 # then both read back through the server. It prints what the test checks.
-CLIENT = r'''
+CLIENT = r"""
 import json, os, sys
 from pathlib import Path
 
@@ -63,7 +62,7 @@ print(json.dumps({
     "notes_back": Path(back).read_text(encoding="utf-8"),
     "prediction": list(loaded.predict(["高勇"])),
 }))
-'''
+"""
 
 
 def without_aws(env: dict) -> dict:
@@ -91,8 +90,14 @@ def test_client_without_aws_credentials_logs_artifacts_and_a_model_into_s3(s3_tr
     home = tmp_path / "home"
     home.mkdir()
     env = {**without_aws(server_env()), "HOME": str(home), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-    client = subprocess.run([sys.executable, "-c", CLIENT, server.uri, str(tmp_path)], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=180)
+    client = subprocess.run(
+        [sys.executable, "-c", CLIENT, server.uri, str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert client.returncode == 0, client.stderr[-3000:]
     result = json.loads(client.stdout.strip().splitlines()[-1])
     assert result["notes_back"] == "soft labels: 1 / beta^(miss + gamma * wrong)\n"
@@ -105,9 +110,12 @@ def test_client_without_aws_credentials_logs_artifacts_and_a_model_into_s3(s3_tr
     from pyarrow.fs import FileSelector, FileType
 
     fs = s3_server.fs()
-    root = destination[len("s3://"):]
-    keys = {info.path[len(root) + 1:] for info in fs.get_file_info(FileSelector(root, recursive=True))
-            if info.type == FileType.File}
+    root = destination[len("s3://") :]
+    keys = {
+        info.path[len(root) + 1 :]
+        for info in fs.get_file_info(FileSelector(root, recursive=True))
+        if info.type == FileType.File
+    }
     notes_key = f"{result['experiment_id']}/{result['run_id']}/artifacts/reports/notes.txt"
     assert notes_key in keys, sorted(keys)
     with fs.open_input_stream(f"{root}/{notes_key}") as stream:
@@ -123,8 +131,14 @@ def test_client_without_aws_credentials_logs_artifacts_and_a_model_into_s3(s3_tr
     run = tracking.get_run(result["run_id"])
     experiment = tracking.get_experiment(result["experiment_id"])
     model = tracking.get_logged_model(result["model_id"])
-    recorded = [run.data.params, run.data.tags, experiment.tags, model.params, model.tags,
-                {"artifact_uri": run.info.artifact_uri, "location": experiment.artifact_location}]
+    recorded = [
+        run.data.params,
+        run.data.tags,
+        experiment.tags,
+        model.params,
+        model.tags,
+        {"artifact_uri": run.info.artifact_uri, "location": experiment.artifact_location},
+    ]
     assert run.data.params == {"alpha_aug": "0.01"}
     for mapping in recorded:
         for key, value in mapping.items():
@@ -146,11 +160,15 @@ def test_client_without_aws_credentials_logs_artifacts_and_a_model_into_s3(s3_tr
 
 BAD_S3 = {
     # no keys, no profile, no ~/.aws, no instance role (the metadata service is not asked)
-    "no-credentials": ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_EC2_METADATA_DISABLED": "true"},
-                       "no AWS credentials for this server"),
+    "no-credentials": (
+        {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_EC2_METADATA_DISABLED": "true"},
+        "no AWS credentials for this server",
+    ),
     # keys the S3 server does not accept: refused when listing, and the secret is not repeated
-    "wrong-secret": ({"AWS_SECRET_ACCESS_KEY": "not-the-secret-4f1c"},
-                     "S3 refused to list it (SignatureDoesNotMatch"),
+    "wrong-secret": (
+        {"AWS_SECRET_ACCESS_KEY": "not-the-secret-4f1c"},
+        "S3 refused to list it (SignatureDoesNotMatch",
+    ),
 }
 
 
@@ -161,13 +179,28 @@ def test_s3_destination_it_cannot_list_is_refused_in_one_line(case, s3_server, t
     for key, value in changes.items():
         env.pop(key) if value is None else env.update({key: value})
     store, destination = tmp_path / "store", s3_server.uri("refused")
-    result = subprocess.run([str(SERVER), "--store", str(store), "--daemon", "--port", str(free_port()),
-                             "--artifacts-destination", destination], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(SERVER),
+            "--store",
+            str(store),
+            "--daemon",
+            "--port",
+            str(free_port()),
+            "--artifacts-destination",
+            destination,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = result.stderr.splitlines()
     assert result.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith(f"mlflow/server.sh: --artifacts-destination {destination}: "), \
-        result.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"mlflow/server.sh: --artifacts-destination {destination}: "
+    ), result.stderr
     assert message in lines[0], lines[0]
     for secret in ("not-the-secret-4f1c", s3_server.env["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in result.stdout + result.stderr

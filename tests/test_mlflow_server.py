@@ -22,8 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
-import mlflow
 import pytest
+
+import mlflow
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,12 +41,16 @@ def free_port() -> int:
 
 
 def server_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "SOFTFINE_MLFLOW_STORE"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "SOFTFINE_MLFLOW_STORE"
+    }
     return {**env, "PYTHON": sys.executable, **extra}
 
 
 def auth_env(**extra: str) -> dict:
-    return server_env(MLFLOW_FLASK_SERVER_SECRET_KEY=SECRET_KEY, MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, **extra)
+    return server_env(
+        MLFLOW_FLASK_SERVER_SECRET_KEY=SECRET_KEY, MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, **extra
+    )
 
 
 def wait_health(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
@@ -91,8 +96,11 @@ def assert_port_free(port: int) -> None:
 def assert_private(store: Path) -> None:
     """The store folder 0700, nothing below it readable or writable by group or others."""
     assert store.stat().st_mode & 0o777 == 0o700, oct(store.stat().st_mode)
-    loose = {str(p.relative_to(store)): oct(p.stat().st_mode & 0o777) for p in store.rglob("*")
-             if p.stat().st_mode & 0o077}
+    loose = {
+        str(p.relative_to(store)): oct(p.stat().st_mode & 0o777)
+        for p in store.rglob("*")
+        if p.stat().st_mode & 0o077
+    }
     assert not loose, loose
 
 
@@ -126,8 +134,10 @@ def live_group_members(pgid: int) -> list[int]:
 def sleeper():
     """An unrelated process that stale pid files will name. It blocks the signals a stop sends
     first (TERM, INT, HUP), so that one sent to it stays pending, where a test sees it at once."""
-    code = ("import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, "
-            "signal.SIGHUP}); print('ready', flush=True); time.sleep(300)")
+    code = (
+        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, "
+        "signal.SIGHUP}); print('ready', flush=True); time.sleep(300)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\n"
     yield proc
@@ -152,6 +162,7 @@ def quick_http(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # A foreground server.
 
+
 class Server:
     """`mlflow/server.sh --port PORT --store DIR ARGS` in the foreground, in its own process group,
     started from an unrelated working directory."""
@@ -161,14 +172,19 @@ class Server:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = store.parent / f"{store.name}.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([str(SERVER), "--port", str(self.port), "--store", str(store), *args],
-                                         cwd=cwd, env=env or server_env(), stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [str(SERVER), "--port", str(self.port), "--store", str(store), *args],
+                cwd=cwd,
+                env=env or server_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             wait_health(self.uri, self.proc)
         except AssertionError:
             self.stop()
-            raise AssertionError(self.log.read_text()[-3000:])
+            raise AssertionError(self.log.read_text()[-3000:]) from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -191,8 +207,13 @@ def server(tmp_path_factory):
     # --x-frame-options is an mlflow server option that server.sh does not know: passed through.
     # MLflow's GenAI job runners (seven more processes, each importing mlflow) are of no use here
     # and slow a 2-core machine down; the daemon below keeps them.
-    srv = Server(store, elsewhere, "--x-frame-options", "DENY",
-                 env=server_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    srv = Server(
+        store,
+        elsewhere,
+        "--x-frame-options",
+        "DENY",
+        env=server_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+    )
     yield srv
     srv.stop()
     assert srv.proc.returncode is not None
@@ -248,11 +269,19 @@ class TestForegroundServer:
             assert r.headers["X-Frame-Options"] == "DENY"  # MLflow's default is SAMEORIGIN
 
     def test_second_start_on_a_busy_port_fails_clearly(self, server, tmp_path):
-        result = subprocess.run([str(SERVER), "--port", str(server.port), "--store", str(tmp_path / "other")],
-                                cwd=tmp_path, env=server_env(), capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [str(SERVER), "--port", str(server.port), "--store", str(tmp_path / "other")],
+            cwd=tmp_path,
+            env=server_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode != 0
-        assert result.stderr.strip() == (f"mlflow/server.sh: port {server.port} on 127.0.0.1 is already in use "
-                                         "(another server? choose one with --port)")
+        assert result.stderr.strip() == (
+            f"mlflow/server.sh: port {server.port} on 127.0.0.1 is already in use "
+            "(another server? choose one with --port)"
+        )
         # Refused before starting MLflow: no server of that store, and no store database, which
         # MLflow creates as it starts.
         assert not processes_mentioning(str(tmp_path / "other"))
@@ -261,17 +290,30 @@ class TestForegroundServer:
 
 
 def test_help_lists_the_scripts_own_options(tmp_path):
-    shown = subprocess.run([str(SERVER), "--help"], cwd=tmp_path, env=server_env(), capture_output=True, text=True,
-                           timeout=30)
+    shown = subprocess.run(
+        [str(SERVER), "--help"], cwd=tmp_path, env=server_env(), capture_output=True, text=True, timeout=30
+    )
     assert shown.returncode == 0 and not shown.stderr
-    for option in ("--store", "--prod", "--auth", "--daemon", "--stop", "--timeout", "MLFLOW_BACKEND_STORE_URI",
-                   "MLFLOW_FLASK_SERVER_SECRET_KEY", "mlflow server --help", "MLFLOW_ARTIFACTS_DESTINATION",
-                   "--artifacts-destination s3://", "AWS_ENDPOINT_URL"):
+    for option in (
+        "--store",
+        "--prod",
+        "--auth",
+        "--daemon",
+        "--stop",
+        "--timeout",
+        "MLFLOW_BACKEND_STORE_URI",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+        "mlflow server --help",
+        "MLFLOW_ARTIFACTS_DESTINATION",
+        "--artifacts-destination s3://",
+        "AWS_ENDPOINT_URL",
+    ):
         assert option in shown.stdout, option
 
 
 # ---------------------------------------------------------------------------------------------
 # A daemon with basic authentication.
+
 
 class Daemon(NamedTuple):
     store: Path
@@ -290,8 +332,14 @@ def auth_daemon(tmp_path_factory):
     # --daemon must neither kill nor keep it.
     sleeper = subprocess.Popen(["sleep", "300"])
     (store / "server.pid").write_text(f"{sleeper.pid}\n")
-    started = subprocess.run([str(SERVER), "--daemon", "--auth", "--port", str(port), "--store", str(store)],
-                             cwd=base, env=auth_env(), capture_output=True, text=True, timeout=200)
+    started = subprocess.run(
+        [str(SERVER), "--daemon", "--auth", "--port", str(port), "--store", str(store)],
+        cwd=base,
+        env=auth_env(),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     try:
         assert started.returncode == 0, started.stderr
         yield Daemon(store, port, f"http://127.0.0.1:{port}", started, sleeper)
@@ -327,10 +375,18 @@ class TestAuthDaemon:
     def test_stop_stops_the_daemon_it_started(self, auth_daemon):
         """The last test of the class: the daemon is gone afterwards."""
         pid = int((auth_daemon.store / "server.pid").read_text().split("\n")[0])
-        stopped = subprocess.run([str(SERVER), "--stop", "--store", str(auth_daemon.store)], env=server_env(),
-                                 capture_output=True, text=True, timeout=60)
+        stopped = subprocess.run(
+            [str(SERVER), "--stop", "--store", str(auth_daemon.store)],
+            env=server_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert stopped.returncode == 0, stopped.stderr
-        assert stopped.stdout.strip() == f"mlflow/server.sh: stopped the server of {auth_daemon.store} (pid {pid})"
+        assert (
+            stopped.stdout.strip()
+            == f"mlflow/server.sh: stopped the server of {auth_daemon.store} (pid {pid})"
+        )
         assert not (auth_daemon.store / "server.pid").exists()
         assert not live_group_members(pid)  # its whole process group (uvicorn, MLflow's job runners) is gone
         assert_port_free(auth_daemon.port)
@@ -351,8 +407,13 @@ STALE_PID_FILES = {
 def test_stop_spares_the_process_a_stale_pid_file_names(kind, sleeper, tmp_path):
     pidfile = tmp_path / "server.pid"
     pidfile.write_text(STALE_PID_FILES[kind](sleeper.pid, *proc_identity(sleeper.pid)))
-    result = subprocess.run([str(SERVER), "--stop", "--store", str(tmp_path)], env=server_env(),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [str(SERVER), "--stop", "--store", str(tmp_path)],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith(f"mlflow/server.sh: --stop: {pidfile} is stale (")
     assert result.stderr.strip().endswith("removed it, stopped nothing") and result.stderr.count("\n") == 1
@@ -362,6 +423,7 @@ def test_stop_spares_the_process_a_stale_pid_file_names(kind, sleeper, tmp_path)
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line on stderr, naming the flag or file, and a non-zero exit.
+
 
 class Bad(NamedTuple):
     args: list[str]
@@ -382,14 +444,25 @@ BAD_INPUT = {
     "stop-with-a-server-option": Bad(["--stop", "--port", "5000"], ["--stop takes only --store", "--port"]),
     # the environment of --prod and --auth
     "prod-without-backend-uri": Bad(["--prod"], ["--prod", "MLFLOW_BACKEND_STORE_URI"]),
-    "prod-with-sqlite-uri": Bad(["--prod"], ["--prod", "MLFLOW_BACKEND_STORE_URI must be a postgresql://"],
-                                env={"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"}),
+    "prod-with-sqlite-uri": Bad(
+        ["--prod"],
+        ["--prod", "MLFLOW_BACKEND_STORE_URI must be a postgresql://"],
+        env={"MLFLOW_BACKEND_STORE_URI": "sqlite:///x.db"},
+    ),
     "auth-without-secret-key": Bad(["--auth"], ["--auth", "MLFLOW_FLASK_SERVER_SECRET_KEY"]),
-    "auth-first-start-without-admin-password": Bad(["--auth"], ["--auth", "MLFLOW_AUTH_ADMIN_PASSWORD"],
-                                                   env={"MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY}),
-    "auth-config-path-missing": Bad(["--auth"], ["--auth", "MLFLOW_AUTH_CONFIG_PATH", "/nonexistent/auth.ini"],
-                                    env={"MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY,
-                                         "MLFLOW_AUTH_CONFIG_PATH": "/nonexistent/auth.ini"}),
+    "auth-first-start-without-admin-password": Bad(
+        ["--auth"],
+        ["--auth", "MLFLOW_AUTH_ADMIN_PASSWORD"],
+        env={"MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY},
+    ),
+    "auth-config-path-missing": Bad(
+        ["--auth"],
+        ["--auth", "MLFLOW_AUTH_CONFIG_PATH", "/nonexistent/auth.ini"],
+        env={
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": SECRET_KEY,
+            "MLFLOW_AUTH_CONFIG_PATH": "/nonexistent/auth.ini",
+        },
+    ),
     "python-missing": Bad([], ["/nonexistent/python3", "$PYTHON"], env={"PYTHON": "/nonexistent/python3"}),
     "python-without-mlflow": Bad([], ["mlflow is not installed", "$PYTHON"], setup="python-without-mlflow"),
     # mlflow server's own options, checked by mlflow server's parser, the address by this script
@@ -397,10 +470,12 @@ BAD_INPUT = {
     "port-missing-value": Bad(["--port"], ["--port", "requires an argument"]),
     "port-out-of-range": Bad(["--port", "99999"], ["--port must be 1..65535, got '99999'"]),
     "unknown-option": Bad(["--frobnicate"], ["--frobnicate"]),
-    "daemon-port-in-use": Bad(["--daemon", "--port", "{port}"], ["port {port}", "already in use", "--port"],
-                              setup="busy-port"),
-    "daemon-health-timeout": Bad(["--daemon", "--timeout", "1", "--port", "{port}"],
-                                 ["--timeout 1", "/health", "{store}/server.log"]),
+    "daemon-port-in-use": Bad(
+        ["--daemon", "--port", "{port}"], ["port {port}", "already in use", "--port"], setup="busy-port"
+    ),
+    "daemon-health-timeout": Bad(
+        ["--daemon", "--timeout", "1", "--port", "{port}"], ["--timeout 1", "/health", "{store}/server.log"]
+    ),
 }
 
 
@@ -426,8 +501,14 @@ def test_bad_input_is_refused_in_one_line(case, tmp_path, sleeper):
     fill = {"store": store, "port": port}
     args = [a.format(**fill) for a in case.args]
     try:
-        result = subprocess.run([str(SERVER), "--store", str(store), *args], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [str(SERVER), "--store", str(store), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         if busy is not None:
             busy.close()
@@ -447,8 +528,18 @@ def test_mlflow_folder_never_shadows_the_library():
     assert not list((REPO / "mlflow").rglob("__init__.py"))
     assert Path(mlflow.__file__).resolve().parent != (REPO / "mlflow").resolve()
     # From the repo root, where ./mlflow is on sys.path first, the library still wins.
-    probe = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.__file__); print(mlflow.__version__); "
-                            "from mlflow import MlflowClient"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlflow; print(mlflow.__file__); print(mlflow.__version__); "
+            "from mlflow import MlflowClient",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr
     path, version = probe.stdout.split()
     assert not Path(path).resolve().is_relative_to(REPO / "mlflow") and version == mlflow.__version__

@@ -41,10 +41,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-
-from tune_fixtures import REPO, SEARCH_SCRIPT, children, free_port, parents, shared_data_dir, small_search_flags
-from ui_browser import (ASSISTANT_AUTO_OPENED_KEY, FIRST_SCREEN, WORKFLOW_KEY, assistant_opens, browser_missing,
-                        chromium, close_assistant, open_page, run_page_url, runs_page_url)
+from tune_fixtures import (
+    REPO,
+    SEARCH_SCRIPT,
+    children,
+    free_port,
+    parents,
+    shared_data_dir,
+    small_search_flags,
+)
+from ui_browser import (
+    ASSISTANT_AUTO_OPENED_KEY,
+    FIRST_SCREEN,
+    WORKFLOW_KEY,
+    assistant_opens,
+    browser_missing,
+    chromium,
+    close_assistant,
+    open_page,
+    run_page_url,
+    runs_page_url,
+)
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
@@ -53,7 +70,8 @@ with contextlib.suppress(ImportError):  # without Playwright the browser tests s
 
 needs_chromium = pytest.mark.skipif(
     browser_missing() is not None and not os.environ.get("CI"),
-    reason=f"{browser_missing()}; these tests run in CI")
+    reason=f"{browser_missing()}; these tests run in CI",
+)
 
 EXPERIMENT = "softfine-ui"
 SEARCH_NAME = "ui-search"
@@ -68,8 +86,13 @@ def mlflow_server(store: Path) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHON"] = sys.executable
     script, port = str(REPO / "mlflow" / "server.sh"), free_port()
-    started = subprocess.run([script, "--daemon", "--port", str(port), "--store", str(store)], env=env,
-                             capture_output=True, text=True, timeout=180)
+    started = subprocess.run(
+        [script, "--daemon", "--port", str(port), "--store", str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert started.returncode == 0, f"mlflow/server.sh failed: {started.stderr[-2000:]}"
     try:
         yield f"http://127.0.0.1:{port}"
@@ -85,18 +108,49 @@ def search(tmp_path_factory) -> Iterator[dict]:
     with mlflow_server(folder / "store") as uri:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
         alphas = [f"{aug:g},{fea:g}" for aug, fea in GRID]
-        command = [sys.executable, str(SEARCH_SCRIPT), *small_search_flags(data),
-                   "--alphas", *alphas, "--beta", "2", "--gamma", "2",
-                   "--cpus-per-trial", "0.5", "--address", "local", "--mlflow-uri", uri,
-                   "--experiment-name", EXPERIMENT, "--storage-path", str(folder / "ray"), "--name", SEARCH_NAME]
-        done = subprocess.run(command, env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, cwd=REPO,
-                              capture_output=True, text=True, timeout=900)
+        command = [
+            sys.executable,
+            str(SEARCH_SCRIPT),
+            *small_search_flags(data),
+            "--alphas",
+            *alphas,
+            "--beta",
+            "2",
+            "--gamma",
+            "2",
+            "--cpus-per-trial",
+            "0.5",
+            "--address",
+            "local",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            EXPERIMENT,
+            "--storage-path",
+            str(folder / "ray"),
+            "--name",
+            SEARCH_NAME,
+        ]
+        done = subprocess.run(
+            command,
+            env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
         (parent,) = parents(uri, EXPERIMENT)
         kids = children(uri, EXPERIMENT, parent.info.run_id)
         assert len(kids) == 3
-        yield {"uri": uri, "experiment_id": parent.info.experiment_id, "parent": parent, "kids": kids,
-               "children": {k.info.run_name: k.info.run_id for k in kids}, "output": done.stdout}
+        yield {
+            "uri": uri,
+            "experiment_id": parent.info.experiment_id,
+            "parent": parent,
+            "kids": kids,
+            "children": {k.info.run_name: k.info.run_id for k in kids},
+            "output": done.stdout,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +166,7 @@ def test_search_prints_where_to_open_the_ui(search):
 
 # --- The experiment page: the runs table. ------------------------------------------------------------
 
+
 def run_link(page: Page, name: str) -> Locator:
     """A run's name in the runs table, a link to its page."""
     return page.get_by_role("link", name=name, exact=True)
@@ -119,7 +174,9 @@ def run_link(page: Page, name: str) -> Locator:
 
 def expand(page: Page, run_id: str) -> None:
     """Opens a parent run's row: MLflow shows nested runs collapsed under their parent."""
-    page.locator(f'[role=row][row-id="{run_id}"] [col-id="attributes.`Run Name`"]').get_by_role("button").click()
+    page.locator(f'[role=row][row-id="{run_id}"] [col-id="attributes.`Run Name`"]').get_by_role(
+        "button"
+    ).click()
 
 
 def left(link: Locator) -> float:
@@ -133,7 +190,9 @@ def test_experiment_page_nests_the_trials_under_the_parent_run(search, browser):
     uri, experiment_id, parent = search["uri"], search["experiment_id"], search["parent"]
     with open_page(browser, runs_page_url(uri, experiment_id), "experiment") as page:
         parent_link = run_link(page, parent.info.run_name)
-        expect(parent_link).to_have_attribute("href", f"#/experiments/{experiment_id}/runs/{parent.info.run_id}")
+        expect(parent_link).to_have_attribute(
+            "href", f"#/experiments/{experiment_id}/runs/{parent.info.run_id}"
+        )
         for name in search["children"]:  # collapsed: the trials are not rows of their own yet
             expect(run_link(page, name)).to_have_count(0)
 
@@ -148,7 +207,7 @@ def test_experiment_page_nests_the_trials_under_the_parent_run(search, browser):
 def cut_off(link: Locator) -> float:
     """How many pixels of a link's text its cell hides (the runs table clips a long name)."""
     return link.evaluate("""e => { const text = document.createRange(); text.selectNodeContents(e);
-                                  return text.getBoundingClientRect().right - e.getBoundingClientRect().right; }""")
+        return text.getBoundingClientRect().right - e.getBoundingClientRect().right; }""")
 
 
 @needs_chromium
@@ -173,7 +232,9 @@ def test_the_experiment_opens_in_its_runs_table(search, browser):
     uri, experiment_id, parent = search["uri"], search["experiment_id"], search["parent"]
     tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
     assert tags.get("mlflow.experimentKind") == "custom_model_development"
-    with open_page(browser, f"{uri}/#/experiments", "experiment-opens-in-runs", viewport=FIRST_SCREEN) as page:
+    with open_page(
+        browser, f"{uri}/#/experiments", "experiment-opens-in-runs", viewport=FIRST_SCREEN
+    ) as page:
         page.get_by_text("Model training", exact=True).click()  # the sidebar's switch, top left
         page.get_by_role("link", name=EXPERIMENT, exact=True).click()
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
@@ -184,10 +245,12 @@ def test_the_experiment_opens_in_its_runs_table(search, browser):
         expect(run_link(page, parent.info.run_name)).to_be_visible()
 
 
-GENAI_FIRST = ("MLflow 3.17.2 opens an experiment in GenAI mode on a browser's first visit whatever its "
-               "mlflow.experimentKind tag: useExperimentKind follows the address's or the browser's workflowType "
-               "(default genai) as shouldEnableWorkflowBasedNavigation() returns true, and no server setting "
-               "changes that (mlflow/mlflow#24498; tests/ui_browser.py)")
+GENAI_FIRST = (
+    "MLflow 3.17.2 opens an experiment in GenAI mode on a browser's first visit whatever its "
+    "mlflow.experimentKind tag: useExperimentKind follows the address's or the browser's workflowType "
+    "(default genai) as shouldEnableWorkflowBasedNavigation() returns true, and no server setting "
+    "changes that (mlflow/mlflow#24498; tests/ui_browser.py)"
+)
 
 
 @needs_chromium
@@ -205,14 +268,17 @@ def test_a_first_visit_opens_the_experiment_in_its_runs_table(search, browser):
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/\w+"))  # the tab it lands on
         landed = page.url.split("#", 1)[1]
         remembered = page.evaluate(f"localStorage.getItem('{WORKFLOW_KEY}')")
-        if re.match(rf"/experiments/{experiment_id}/(overview|traces)\b.*workflowType=genai", landed) and \
-                remembered is None:
+        if (
+            re.match(rf"/experiments/{experiment_id}/(overview|traces)\b.*workflowType=genai", landed)
+            and remembered is None
+        ):
             pytest.xfail(f"{GENAI_FIRST}: it landed on {landed}")
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
         expect(run_link(page, parent.info.run_name)).to_be_visible()
 
 
 # --- The parent run's page. -------------------------------------------------------------------------
+
 
 def selected_child(search: dict):
     (kid,) = [k for k in search["kids"] if k.info.run_id == search["parent"].data.params["selected_run_id"]]
@@ -237,9 +303,11 @@ def expect_selection_on_screen(page: Page, search: dict) -> None:
     viewport; the link opens the selected child run."""
     parent, experiment_id, kid = search["parent"], search["experiment_id"], selected_child(search)
     m = parent.data.metrics
-    counted = (f"dev F1 {m['best_dev_f1']:.4f} on {m['best_dev_sentences']:g} sentences, "
-               f"{m['best_dev_gold_entities']:g} gold entities; test F1 {m['best_test_f1']:.4f} on "
-               f"{m['best_test_sentences']:g} sentences, {m['best_test_gold_entities']:g} gold entities")
+    counted = (
+        f"dev F1 {m['best_dev_f1']:.4f} on {m['best_dev_sentences']:g} sentences, "
+        f"{m['best_dev_gold_entities']:g} gold entities; test F1 {m['best_test_f1']:.4f} on "
+        f"{m['best_test_sentences']:g} sentences, {m['best_test_gold_entities']:g} gold entities"
+    )
     description = page.get_by_test_id("note-editor-preview-content")
     expect(description.get_by_text(selection_text(search))).to_be_in_viewport(ratio=1)
     paragraph = description.locator("p").filter(has_text=selection_text(search))
@@ -262,10 +330,12 @@ def test_parent_run_first_screen_shows_the_selection_and_links_its_run(search, b
         expect_selection_on_screen(page, search)
 
 
-ASSISTANT_FIRST = ("MLflow 3.17.2 opens its Assistant panel on a browser's first visit to a server on localhost, "
-                   "127.0.0.1 or ::1, with no server-side switch; it narrows the run page below two columns, and "
-                   "the stacked page puts About this run, Datasets, Tags and Registered models above the "
-                   "description (tests/ui_browser.py)")
+ASSISTANT_FIRST = (
+    "MLflow 3.17.2 opens its Assistant panel on a browser's first visit to a server on localhost, "
+    "127.0.0.1 or ::1, with no server-side switch; it narrows the run page below two columns, and "
+    "the stacked page puts About this run, Datasets, Tags and Registered models above the "
+    "description (tests/ui_browser.py)"
+)
 
 
 @needs_chromium
@@ -286,8 +356,10 @@ def test_a_first_visit_to_the_parent_run_shows_the_selection_on_the_first_screen
             auto_opened = page.evaluate(f"localStorage.getItem('{ASSISTANT_AUTO_OPENED_KEY}')") == "true"
             if opened and auto_opened:
                 box = link.bounding_box() or {}
-                pytest.xfail(f"{ASSISTANT_FIRST}: the link to the selected run is at y={box.get('y', 0):.0f} "
-                             f"in a {FIRST_SCREEN['height']} px high window")
+                pytest.xfail(
+                    f"{ASSISTANT_FIRST}: the link to the selected run is at y={box.get('y', 0):.0f} "
+                    f"in a {FIRST_SCREEN['height']} px high window"
+                )
             raise
         expect_selection_on_screen(page, search)
 
@@ -297,14 +369,24 @@ def test_the_selection_is_marked_on_its_run_and_model_version(search):
 
     client, parent = MlflowClient(tracking_uri=search["uri"]), search["parent"]
     kid = selected_child(search)
-    assert [k.info.run_name for k in search["kids"] if k.data.tags.get("softfine.selected") == "true"] == \
-        [kid.info.run_name]
+    assert [k.info.run_name for k in search["kids"] if k.data.tags.get("softfine.selected") == "true"] == [
+        kid.info.run_name
+    ]
     version = client.get_model_version_by_alias("softfine-resume", "champion")
-    assert {k: float(version.tags[k]) for k in SELECTED} == {k: float(parent.data.params[f"selected_{k}"])
-                                                             for k in SELECTED}
-    assert version.tags["dataset"] == "resume" and version.tags["softfine.search_run_id"] == parent.info.run_id
-    assert version.tags["softfine.selected_run_id"] == kid.info.run_id and version.run_id == parent.info.run_id
-    assert "\n" not in version.description and f"dev F1 {parent.data.metrics['best_dev_f1']:.4f}" in version.description
+    assert {k: float(version.tags[k]) for k in SELECTED} == {
+        k: float(parent.data.params[f"selected_{k}"]) for k in SELECTED
+    }
+    assert (
+        version.tags["dataset"] == "resume" and version.tags["softfine.search_run_id"] == parent.info.run_id
+    )
+    assert (
+        version.tags["softfine.selected_run_id"] == kid.info.run_id and version.run_id == parent.info.run_id
+    )
+    assert (
+        "\n" not in version.description
+        and f"dev F1 {parent.data.metrics['best_dev_f1']:.4f}" in version.description
+    )
+
 
 @needs_chromium
 def test_parent_run_page_shows_the_selected_hyperparameters(search, browser):
@@ -329,7 +411,9 @@ def expect_folder_lists(page: Page, folder: str, files: tuple[str, ...]) -> None
     for name in files:
         # In the viewport, not only visible: the tree slides a folder open, and an entry still clipped
         # by that animation is in the page but not yet on screen (nor in the screenshot).
-        expect(page.get_by_text(name, exact=True), f"{folder}/{name} in the run's artifacts").to_be_in_viewport()
+        expect(
+            page.get_by_text(name, exact=True), f"{folder}/{name} in the run's artifacts"
+        ).to_be_in_viewport()
 
 
 @needs_chromium
@@ -343,6 +427,7 @@ def test_parent_run_artifacts_list_the_plots(search, browser):
 
 # --- The selected model, served. ----------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def model_server(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[str]:
     """`mlflow models serve` in this environment (--env-manager local) on a free loopback port."""
@@ -350,18 +435,39 @@ def model_server(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         try:
             deadline = time.time() + 180
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(f"mlflow models serve exited: {log_path.read_text()[-3000:]}")
-                with contextlib.suppress(OSError):
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
-                        if answer.status == 200:
-                            break
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer,
+                ):
+                    if answer.status == 200:
+                        break
                 if time.time() > deadline:
                     raise RuntimeError(f"mlflow models serve did not answer: {log_path.read_text()[-3000:]}")
                 time.sleep(1)
@@ -374,7 +480,6 @@ def model_server(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[
 
 def test_selected_model_is_served_over_http(search, tmp_path):
     import mlflow
-
     from softfine.datasets import read_split
 
     parent = search["parent"]
@@ -383,8 +488,11 @@ def test_selected_model_is_served_over_http(search, tmp_path):
     texts = ["".join(s.chars) for s in read_split("resume", "dev", shared_data_dir())[:24]]
     model_uri = f"runs:/{parent.info.run_id}/model"
     with model_server(model_uri, search["uri"], tmp_path / "serve.log") as url:
-        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": texts}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps({"inputs": texts}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=120) as answer:
             served = json.loads(answer.read())["predictions"]
 
@@ -393,6 +501,6 @@ def test_selected_model_is_served_over_http(search, tmp_path):
     for text, found in zip(texts, served):
         for entity in found:
             assert set(entity) == {"text", "category", "levels", "start", "end"}
-            assert text[entity["start"]:entity["end"] + 1] == entity["text"]
+            assert text[entity["start"] : entity["end"] + 1] == entity["text"]
     mlflow.set_tracking_uri(search["uri"])
     assert served == mlflow.pyfunc.load_model(model_uri).predict(texts)  # what the model says in-process

@@ -6,8 +6,9 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 # Import names that differ from the distribution's name.
@@ -33,7 +34,10 @@ def test_every_import_of_softfine_is_a_declared_dependency():
     declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
     imported = imported_modules(REPO / "softfine")
     assert {"torch", "pydantic", "yaml"} <= imported  # the scan sees the imports inside functions too
-    missing = sorted(name for name in imported
-                     if DISTRIBUTION.get(name, name) not in declared and PROVIDED_BY.get(name) not in declared)
+    missing = sorted(
+        name
+        for name in imported
+        if DISTRIBUTION.get(name, name) not in declared and PROVIDED_BY.get(name) not in declared
+    )
     assert not missing, f"imported by softfine/ but not in [project] dependencies: {missing}"
     assert "ray" not in imported  # softfine/ never imports Ray (tune/ does)

@@ -35,9 +35,24 @@ REPO = Path(__file__).resolve().parents[1]
 def checkpoint(data_dir, tmp_path_factory) -> Path:
     """A tiny encoder trained on 400 Resume sentences (test F1 about 0.4): enough to tag entities."""
     out = tmp_path_factory.mktemp("run")
-    config = make_config(dict(dataset="resume", data_dir=str(data_dir), model="tiny", tiny_layers=1, tiny_hidden=128,
-                              epochs=4, batch_size=16, lr=5e-3, limit_train=400, limit_eval=24, out=str(out), seed=7,
-                              dropout=0.1, log_every=0))
+    config = make_config(
+        dict(
+            dataset="resume",
+            data_dir=str(data_dir),
+            model="tiny",
+            tiny_layers=1,
+            tiny_hidden=128,
+            epochs=4,
+            batch_size=16,
+            lr=5e-3,
+            limit_train=400,
+            limit_eval=24,
+            out=str(out),
+            seed=7,
+            dropout=0.1,
+            log_every=0,
+        )
+    )
     return Path(train(config)["best_checkpoint"])
 
 
@@ -72,19 +87,28 @@ def tags(checkpoint, texts) -> list[list[str]]:
 
 def well_formed(tags: list[str]) -> bool:
     """The tags are valid BIOES: the strict reading and conlleval's lenient one find the same chunks."""
-    return ([(e.tag, e.start, e.end - 1) for e in Entities([tags], IOBES).entities[0]]
-            == [(c, s, e) for c, s, e in get_entities(tags)])
+    return [(e.tag, e.start, e.end - 1) for e in Entities([tags], IOBES).entities[0]] == [
+        (c, s, e) for c, s, e in get_entities(tags)
+    ]
 
 
 def test_the_exported_config_names_labels_the_pipeline_reads(checkpoint):
     config = json.loads((checkpoint / "config.json").read_text())
     labels = load_checkpoint(checkpoint)[2].labels
     assert labels[0] == "O" and any(label.startswith(("S-", "E-")) for label in labels)  # labels.json: BIOES
-    assert [config["id2label"][str(i)] for i in range(len(labels))] == [pipeline_label(label) for label in labels]
+    assert [config["id2label"][str(i)] for i in range(len(labels))] == [
+        pipeline_label(label) for label in labels
+    ]
     assert {config["id2label"][str(i)][:2] for i in range(1, len(labels))} == {"B-", "I-"}
     assert config["label2id"] == {label: i for i, label in enumerate(labels)}
     assert [pipeline_label(t) for t in ("O", "B-NAME", "I-NAME", "E-NAME", "S-NAME", "S-/a/b")] == [
-        "O", "B-NAME", "I-NAME", "I-NAME", "B-NAME", "B-/a/b"]
+        "O",
+        "B-NAME",
+        "I-NAME",
+        "I-NAME",
+        "B-NAME",
+        "B-/a/b",
+    ]
 
 
 def test_the_pipeline_sees_one_token_per_character_as_the_model_does(checkpoint, texts, tags):
@@ -108,7 +132,8 @@ def test_the_pipeline_finds_the_entities_predict_finds(checkpoint, texts, tags, 
     assert sum(1 for _, e, _ in found if len(e) > 1) >= 5
     for text, entities, piped in found:
         assert [(e["start"], e["end"] + 1, e["category"], e["text"]) for e in entities] == [
-            (p["start"], p["end"], p["entity_group"], text[p["start"]:p["end"]]) for p in piped], text
+            (p["start"], p["end"], p["entity_group"], text[p["start"] : p["end"]]) for p in piped
+        ], text
 
 
 def random_tags(rng: random.Random, length: int) -> list[str]:
@@ -121,8 +146,11 @@ def random_tags(rng: random.Random, length: int) -> list[str]:
             i += 1
             continue
         category = rng.choice(["NAME", "ORG", "/a/b"])
-        tags[i:i + size] = ([f"S-{category}"] if size == 1 else
-                            [f"B-{category}"] + [f"I-{category}"] * (size - 2) + [f"E-{category}"])
+        tags[i : i + size] = (
+            [f"S-{category}"]
+            if size == 1
+            else [f"B-{category}"] + [f"I-{category}"] * (size - 2) + [f"E-{category}"]
+        )
         i += size
     return tags
 
@@ -132,25 +160,48 @@ def test_the_pipelines_grouping_reads_every_valid_bioes_sequence_right(checkpoin
     names of valid BIOES tags: S-X S-X, E-X B-X, S-X B-X E-X, ... are the strict reading's entities."""
     tagger = pipeline_of(checkpoint, aggregation_strategy="simple")
     rng = random.Random(0)
-    cases = [["S-NAME", "S-NAME"], ["B-NAME", "E-NAME", "B-NAME", "E-NAME"], ["S-NAME", "B-NAME", "E-NAME"],
-             ["B-NAME", "E-NAME", "S-NAME"], ["B-NAME", "I-NAME", "E-NAME", "S-ORG"], ["S-ORG", "S-NAME"]]
+    cases = [
+        ["S-NAME", "S-NAME"],
+        ["B-NAME", "E-NAME", "B-NAME", "E-NAME"],
+        ["S-NAME", "B-NAME", "E-NAME"],
+        ["B-NAME", "E-NAME", "S-NAME"],
+        ["B-NAME", "I-NAME", "E-NAME", "S-ORG"],
+        ["S-ORG", "S-NAME"],
+    ]
     cases += [random_tags(rng, rng.randint(1, 12)) for _ in range(300)]
     for tags in cases:
-        tokens = [{"entity": pipeline_label(tag), "score": 1.0, "index": i + 1, "word": "字", "start": i,
-                   "end": i + 1} for i, tag in enumerate(tags)]
+        tokens = [
+            {
+                "entity": pipeline_label(tag),
+                "score": 1.0,
+                "index": i + 1,
+                "word": "字",
+                "start": i,
+                "end": i + 1,
+            }
+            for i, tag in enumerate(tags)
+        ]
         groups = [g for g in tagger.group_entities(tokens) if g["entity_group"] != "O"]
         strict = Entities([tags], IOBES).entities[0]
         assert [(g["entity_group"], g["start"], g["end"]) for g in groups] == [
-            (e.tag, e.start, e.end) for e in strict], tags
+            (e.tag, e.start, e.end) for e in strict
+        ], tags
 
 
 def test_the_mlflow_model_still_predicts_what_predict_does(checkpoint, tmp_path):
     import mlflow
 
-    texts = ["高勇：男，中国国籍，无境外居留权。", "1963年出生，工科学士，高级工程师，北京物资学院客座副教授。"]
+    texts = [
+        "高勇：男，中国国籍，无境外居留权。",
+        "1963年出生，工科学士，高级工程师，北京物资学院客座副教授。",
+    ]
     path = tmp_path / "model"
-    mlflow.pyfunc.save_model(str(path), python_model=str(REPO / "tune" / "pyfunc.py"),
-                             artifacts={"checkpoint": str(checkpoint)}, code_paths=[str(REPO / "softfine")])
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=str(REPO / "tune" / "pyfunc.py"),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(REPO / "softfine")],
+    )
     loaded = mlflow.pyfunc.load_model(str(path))
     assert loaded.predict(texts) == Predictor.from_checkpoint(checkpoint, "cpu").predict(texts)
 

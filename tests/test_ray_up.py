@@ -99,8 +99,13 @@ def processes_below(pid: int) -> dict[int, str]:
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError, IndexError, ValueError):  # a process may end while read
             parent_of[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
-            cmdline[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace").strip()
+            cmdline[int(entry)] = (
+                Path(f"/proc/{entry}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+                .strip()
+            )
     found: dict[int, str] = {}
     below = [pid]
     while below:
@@ -114,18 +119,25 @@ def processes_below(pid: int) -> dict[int, str]:
 def needed_tools() -> None:
     """sshd, rsync, Ray's full dashboard, and namespaces for the nodes (root and util-linux's
     unshare): skipped where absent, but a failure in CI (.ci/run installs them, as root)."""
-    tools = (("sshd", SSHD, "apt-get install -y openssh-server"),
-             ("rsync", shutil.which("rsync"), "apt-get install -y rsync"),
-             ("unshare", UNSHARE, "apt-get install -y util-linux"))
-    missing = [f"{name} is not installed ({how})" for name, path, how in tools
-               if not path or not os.access(path, os.X_OK)]
+    tools = (
+        ("sshd", SSHD, "apt-get install -y openssh-server"),
+        ("rsync", shutil.which("rsync"), "apt-get install -y rsync"),
+        ("unshare", UNSHARE, "apt-get install -y util-linux"),
+    )
+    missing = [
+        f"{name} is not installed ({how})"
+        for name, path, how in tools
+        if not path or not os.access(path, os.X_OK)
+    ]
     if os.geteuid() != 0:  # a PID and mount namespace per node (Sshd) takes CAP_SYS_ADMIN
         missing.append("the nodes' namespaces (unshare --pid --mount) need root")
     try:  # what `ray job submit` talks to: the dashboard's Jobs API, absent from the minimal dashboard
         import ray.dashboard.optional_deps  # noqa: F401
     except ImportError as err:
-        missing.append(f"Ray's full dashboard is not installed ({err}; pip install 'ray[default]', as "
-                       "cluster/local.yaml does on the head)")
+        missing.append(
+            f"Ray's full dashboard is not installed ({err}; pip install 'ray[default]', as "
+            "cluster/local.yaml does on the head)"
+        )
     if missing:
         if os.environ.get("CI"):
             pytest.fail(f"{'; '.join(missing)}: .ci/run installs them")
@@ -173,8 +185,15 @@ class Sshd:
     worker's sshd port). Stopping it ends every process started in it: the kernel kills a PID
     namespace's processes when its first one exits."""
 
-    def __init__(self, folder: Path, home: Path, port: int, address: str = "127.0.0.1", key: Path | None = None,
-                 ssh_config: str | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        home: Path,
+        port: int,
+        address: str = "127.0.0.1",
+        key: Path | None = None,
+        ssh_config: str | None = None,
+    ):
         self.folder, self.home, self.port, self.address = folder, home, port, address
         self.user = pwd.getpwuid(os.getuid()).pw_name
         self.key = key or folder / "client_key"
@@ -189,37 +208,57 @@ class Sshd:
         self.home.mkdir(parents=True)
         self.tmp_ray.mkdir()
         for key in ("host_key", "client_key") if self.key == self.folder / "client_key" else ("host_key",):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"softfine-test-{key}",
-                            "-f", str(self.folder / key)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"softfine-test-{key}",
+                    "-f",
+                    str(self.folder / key),
+                ],
+                check=True,
+                capture_output=True,
+            )
         authorized = self.folder / "authorized_keys"
         authorized.write_text(self.key.with_suffix(".pub").read_text())
         authorized.chmod(0o600)
         self.proxy.write_text(PROXY)
         if re.search(r"[\s'\"\\]", f"{sys.executable}{self.proxy}"):
-            pytest.fail(f"the ProxyCommand must be plain words for rsync's --rsh (no spaces, quotes or backslashes): "
-                        f"{self.proxy_command()}")
+            pytest.fail(
+                f"the ProxyCommand must be plain words for rsync's --rsh (no spaces, quotes or backslashes): "
+                f"{self.proxy_command()}"
+            )
         config = self.folder / "sshd_config"
-        config.write_text("\n".join([
-            f"ListenAddress {self.address}:{self.port}",
-            f"HostKey {self.folder / 'host_key'}",
-            f"PidFile {self.folder / 'sshd.pid'}",
-            f"AuthorizedKeysFile {authorized}",
-            f"AllowUsers {self.user}",
-            "StrictModes no",  # the temporary folders are not checked like a home's ~/.ssh
-            "UsePAM no",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",  # keys only, where the current user is root
-            "X11Forwarding no",
-            "PrintMotd no",
-            "MaxStartups 50",
-            "MaxSessions 50",
-            "LogLevel VERBOSE",
-            # The head's home: a temporary folder, not the user's. SetEnv overrides sshd's HOME.
-            f"SetEnv HOME={self.home} RAY_USAGE_STATS_ENABLED=0",
-            "",
-        ]))
+        config.write_text(
+            "\n".join(
+                [
+                    f"ListenAddress {self.address}:{self.port}",
+                    f"HostKey {self.folder / 'host_key'}",
+                    f"PidFile {self.folder / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {authorized}",
+                    f"AllowUsers {self.user}",
+                    "StrictModes no",  # the temporary folders are not checked like a home's ~/.ssh
+                    "UsePAM no",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "PermitRootLogin prohibit-password",  # keys only, where the current user is root
+                    "X11Forwarding no",
+                    "PrintMotd no",
+                    "MaxStartups 50",
+                    "MaxSessions 50",
+                    "LogLevel VERBOSE",
+                    # The head's home: a temporary folder, not the user's. SetEnv overrides sshd's HOME.
+                    f"SetEnv HOME={self.home} RAY_USAGE_STATS_ENABLED=0",
+                    "",
+                ]
+            )
+        )
         if os.geteuid() == 0 and not Path("/run/sshd").is_dir():
             # sshd started as root wants its privilege separation folder, which Debian's ssh
             # service creates when it starts (and apt-get install, in a container, does not).
@@ -231,13 +270,34 @@ class Sshd:
         if self.ssh_config is not None:
             ssh_config = str(self.folder / "ssh_config")
             Path(ssh_config).write_text(self.ssh_config)
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - sshd writes to it until stop() closes it
         # An absolute path: sshd re-executes itself for every connection. --kill-child: the
         # namespace (sshd first) goes with unshare; the mounts stay inside it (private propagation).
         self.process = subprocess.Popen(
-            [UNSHARE, "--pid", "--fork", "--kill-child", "--mount-proc", "--", "sh", "-c", NODE_SCRIPT, "node",
-             str(self.tmp_ray), ssh_config, SSHD, "-D", "-e", "-f", str(config)],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                UNSHARE,
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+                "--",
+                "sh",
+                "-c",
+                NODE_SCRIPT,
+                "node",
+                str(self.tmp_ray),
+                ssh_config,
+                SSHD,
+                "-D",
+                "-e",
+                "-f",
+                str(config),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         listening = f"Server listening on {self.address} port {self.port}"
         deadline = time.time() + timeout
         while listening not in self.log_path.read_text(errors="replace"):
@@ -249,17 +309,32 @@ class Sshd:
         # In, with the client key, the way Ray connects; the session's HOME is the test's, and it
         # sees only the node's processes (sshd, the session's shell and ps: never 4 or more).
         try:
-            login = subprocess.run(["ssh", *self.options(), "-o", "ConnectTimeout=30", f"{self.user}@{self.address}",
-                                    "echo $HOME; ps -e -o pid= | wc -l"], check=False, capture_output=True, text=True,
-                                   timeout=60)
+            login = subprocess.run(
+                [
+                    "ssh",
+                    *self.options(),
+                    "-o",
+                    "ConnectTimeout=30",
+                    f"{self.user}@{self.address}",
+                    "echo $HOME; ps -e -o pid= | wc -l",
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
         except subprocess.TimeoutExpired:
             self.fail("ssh to the test's sshd did not finish within 60 s")
         home, _, processes = login.stdout.strip().partition("\n")
         if login.returncode != 0 or home != str(self.home):
-            self.fail(f"ssh to the test's sshd failed (status {login.returncode}, printed {login.stdout!r}): "
-                      f"{login.stderr.strip()}")
+            self.fail(
+                f"ssh to the test's sshd failed (status {login.returncode}, printed {login.stdout!r}): "
+                f"{login.stderr.strip()}"
+            )
         if not processes.strip().isdigit() or int(processes) > 8:
-            self.fail(f"the node's sessions see {processes.strip()!r} processes: not a PID namespace of its own")
+            self.fail(
+                f"the node's sessions see {processes.strip()!r} processes: not a PID namespace of its own"
+            )
         return self
 
     def processes(self) -> dict[int, str]:
@@ -270,9 +345,20 @@ class Sshd:
         return f"{sys.executable} {self.proxy} %h {self.port}"
 
     def options(self) -> list[str]:
-        return ["-i", str(self.key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={os.devnull}",
-                "-o", f"ProxyCommand={self.proxy_command()}"]
+        return [
+            "-i",
+            str(self.key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            f"UserKnownHostsFile={os.devnull}",
+            "-o",
+            f"ProxyCommand={self.proxy_command()}",
+        ]
 
     def fail(self, message: str) -> None:
         self.stop()
@@ -306,23 +392,33 @@ def head_only_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], name: st
     config["cluster_name"] = name
     config["provider"].update(head_ip="127.0.0.1", worker_ips=[])
     config["min_workers"] = config["max_workers"] = 0
-    config["auth"] = {"ssh_user": sshd.user, "ssh_private_key": str(sshd.key),
-                      "ssh_proxy_command": sshd.proxy_command()}
+    config["auth"] = {
+        "ssh_user": sshd.user,
+        "ssh_private_key": str(sshd.key),
+        "ssh_proxy_command": sshd.proxy_command(),
+    }
 
     pip = [c for c in config["setup_commands"] if "pip install" in c]
     assert pip, "cluster/local.yaml no longer pip-installs in setup_commands: update head_only_variant"
-    config["setup_commands"] = [f"ln -sfn {shlex.quote(str(VENV))} ~/softfine-venv"] + \
-        [c for c in config["setup_commands"] if "pip install" not in c]
+    config["setup_commands"] = [f"ln -sfn {shlex.quote(str(VENV))} ~/softfine-venv"] + [
+        c for c in config["setup_commands"] if "pip install" not in c
+    ]
 
     def relocate(command: str) -> str:
-        for old, new in ((r"--port=6379\b", f"--port={ports['gcs']}"),
-                         (r"\$RAY_HEAD_IP:6379\b", f"$RAY_HEAD_IP:{ports['gcs']}"),
-                         (r"--port 5000\b", f"--port {ports['mlflow']}")):
+        for old, new in (
+            (r"--port=6379\b", f"--port={ports['gcs']}"),
+            (r"\$RAY_HEAD_IP:6379\b", f"$RAY_HEAD_IP:{ports['gcs']}"),
+            (r"--port 5000\b", f"--port {ports['mlflow']}"),
+        ):
             command = re.sub(old, new, command)
         if "ray start --head" in command:
-            command += (f" --node-ip-address=127.0.0.1 --dashboard-port={ports['dashboard']}"
-                        f" --dashboard-agent-listen-port={ports['agent']}")
-            if ray_client_installed():  # `ray start` refuses the port without ray[client] (and then starts none)
+            command += (
+                f" --node-ip-address=127.0.0.1 --dashboard-port={ports['dashboard']}"
+                f" --dashboard-agent-listen-port={ports['agent']}"
+            )
+            if (
+                ray_client_installed()
+            ):  # `ray start` refuses the port without ray[client] (and then starts none)
                 command += f" --ray-client-server-port={ports['client']}"
         return command
 
@@ -331,8 +427,11 @@ def head_only_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], name: st
     head = config["head_start_ray_commands"]
     assert len([c for c in head if "ray start --head" in c and f"--port={ports['gcs']}" in c]) == 1, head
     assert len([c for c in head if "mlflow/server.sh" in c and f"--port {ports['mlflow']}" in c]) == 1, head
-    commands = [c for k in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
-                for c in config[k]]
+    commands = [
+        c
+        for k in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+        for c in config[k]
+    ]
     left = [c for c in commands for p in DEFAULT_PORTS if re.search(rf"(?<![\d]){p}(?![\d])", c)]
     assert not left, f"a default port left in the variant (update head_only_variant): {left}"
     return config
@@ -352,11 +451,24 @@ def run(command: list[str], *, timeout: float, log: Path, cwd: Path = REPO) -> s
     env = ray_cli_env()
     started = time.time()
     try:
-        done = subprocess.run(command, check=False, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True, timeout=timeout)
+        done = subprocess.run(
+            command,
+            check=False,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired as err:
-        log.write_text(err.output.decode(errors="replace") if isinstance(err.output, bytes) else err.output or "")
-        pytest.fail(f"`{' '.join(command[:3])} ...` did not finish within {timeout:g} s: {tail(log.read_text())}")
+        log.write_text(
+            err.output.decode(errors="replace") if isinstance(err.output, bytes) else err.output or ""
+        )
+        pytest.fail(
+            f"`{' '.join(command[:3])} ...` did not finish within {timeout:g} s: {tail(log.read_text())}"
+        )
     log.write_text(done.stdout)
     print(f"{' '.join(command[:3])}: status {done.returncode} in {time.time() - started:.0f} s (log: {log})")
     return done
@@ -366,8 +478,10 @@ def ssh_control_dir(cluster_name: str) -> Path:
     """Where Ray's SSH command runner keeps the ControlMaster sockets of a cluster."""
     from ray.autoscaler._private.command_runner import HASH_MAX_LENGTH
 
-    user, cluster = (hashlib.sha256(text.encode()).hexdigest()[:HASH_MAX_LENGTH]
-                     for text in (getpass.getuser(), cluster_name))
+    user, cluster = (
+        hashlib.sha256(text.encode()).hexdigest()[:HASH_MAX_LENGTH]
+        for text in (getpass.getuser(), cluster_name)
+    )
     return Path(f"/tmp/ray_ssh_{user}/{cluster}")
 
 
@@ -375,8 +489,10 @@ def jobs_api_answers(port: int, timeout: float = 60) -> bool:
     """Waits for the dashboard's Jobs API (`ray start` returns before the dashboard serves)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version",
-                                                                  timeout=5) as r:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r,
+        ):
             if r.status == 200:
                 return True
         time.sleep(1)
@@ -384,7 +500,10 @@ def jobs_api_answers(port: int, timeout: float = 60) -> bool:
 
 
 def mlflow_health(port: int) -> bool:
-    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+    with (
+        contextlib.suppress(OSError),
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r,
+    ):
         return r.status == 200
     return False
 
@@ -418,21 +537,40 @@ def test_head_only_variant_differs_from_local_yaml_only_where_it_says(tmp_path):
     sshd = Sshd(tmp_path / "sshd", tmp_path / "home", free_ports(1)[0])
     variant = head_only_variant(base, sshd=sshd, ports=ports, name="softfine-local-test-check")
     changed = {k for k in set(base) | set(variant) if base.get(k) != variant.get(k)}
-    assert changed == {"cluster_name", "provider", "auth", "min_workers", "max_workers", "setup_commands",
-                       "head_start_ray_commands", "worker_start_ray_commands"}
+    assert changed == {
+        "cluster_name",
+        "provider",
+        "auth",
+        "min_workers",
+        "max_workers",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    }
     assert variant["provider"] == {"type": "local", "head_ip": "127.0.0.1", "worker_ips": []}
     assert variant["file_mounts"] == {"~/softfine-tune": "."} and variant["rsync_filter"] == [".gitignore"]
     assert not [c for c in variant["setup_commands"] if "pip" in c]
+
     # The head commands are local.yaml's, word for word, apart from ports and addresses.
     def words(commands):
         return [re.sub(r"\d+", "N", c).split() for c in commands]
+
     head, variant_head = words(base["head_start_ray_commands"]), words(variant["head_start_ray_commands"])
     assert len(head) == len(variant_head)
     for original, changed_command in zip(head, variant_head):
-        added = changed_command[len(original):]
-        assert changed_command[:len(original)] == original
-        assert all(w.startswith(("--node-ip-address=", "--dashboard-port=", "--ray-client-server-port=",
-                                 "--dashboard-agent-listen-port=")) for w in added), added
+        added = changed_command[len(original) :]
+        assert changed_command[: len(original)] == original
+        assert all(
+            w.startswith(
+                (
+                    "--node-ip-address=",
+                    "--dashboard-port=",
+                    "--ray-client-server-port=",
+                    "--dashboard-agent-listen-port=",
+                )
+            )
+            for w in added
+        ), added
     resolved = _bootstrap_config(copy.deepcopy(variant), no_config_cache=True)
     (node_type,) = resolved["available_node_types"].values()
     assert node_type["min_workers"] == node_type["max_workers"] == 0

@@ -27,17 +27,40 @@ def forward_loss(model: SoftFiNEModel, soft_table: torch.Tensor, config: TrainCo
     use_aug = uses_augmentation(config)
 
     def loss(input_ids, aug_ids, attention_mask, label_ids) -> dict[str, torch.Tensor]:
-        return member_loss(model, soft_table, use_aug, config.alpha_aug, config.alpha_fea,
-                           input_ids, aug_ids, attention_mask, label_ids)
+        return member_loss(
+            model,
+            soft_table,
+            use_aug,
+            config.alpha_aug,
+            config.alpha_fea,
+            input_ids,
+            aug_ids,
+            attention_mask,
+            label_ids,
+        )
 
     return loss
 
 
 def tiny_config(data_dir, out, **overrides) -> TrainConfig:
     # 45 sentences at batch 8: the last batch of an epoch is short, so padding rows are exercised
-    values = dict(dataset="resume", data_dir=str(data_dir), model="tiny", tiny_layers=1, tiny_hidden=64, epochs=2,
-                  batch_size=8, lr=1e-3, limit_train=45, limit_eval=40, out=str(out), seed=7, dropout=0.0,
-                  log_every=0, eval_every=3)
+    values = dict(
+        dataset="resume",
+        data_dir=str(data_dir),
+        model="tiny",
+        tiny_layers=1,
+        tiny_hidden=64,
+        epochs=2,
+        batch_size=8,
+        lr=1e-3,
+        limit_train=45,
+        limit_eval=40,
+        out=str(out),
+        seed=7,
+        dropout=0.0,
+        log_every=0,
+        eval_every=3,
+    )
     values.update(overrides)
     return make_config(values)
 
@@ -71,7 +94,9 @@ def test_weibo_batches_take_a_few_lengths_and_full_rows(data_dir):
     examples = encode(sentences, CharIds(tokenizer), labels, config.max_length)
 
     def shapes(multiple: int) -> set[tuple[int, int]]:
-        return {tuple(b["input_ids"].shape) for b in train_loader(examples, 16, config.seed, 0, False, multiple)}
+        return {
+            tuple(b["input_ids"].shape) for b in train_loader(examples, 16, config.seed, 0, False, multiple)
+        }
 
     bucketed, dynamic = shapes(pad_multiple(None, torch.device("cuda"))), shapes(0)
     assert len({length for _, length in bucketed}) <= 8 and {rows for rows, _ in bucketed} == {16}
@@ -111,7 +136,10 @@ def test_padding_changes_no_prediction(data_dir, tmp_path):
     model, tokenizer, labels, settings = load_checkpoint(tmp_path / "run" / "best")
     sentences = load_corpus(tiny_config(data_dir, tmp_path), ["dev"]).splits["dev"]
     split = Split(sentences, encode(sentences, CharIds(tokenizer), labels, settings["max_length"]))
-    tags = {m: predict_tags(model, split, labels, torch.device("cpu"), batch_size=16, multiple=m) for m in (0, 32, 64)}
+    tags = {
+        m: predict_tags(model, split, labels, torch.device("cpu"), batch_size=16, multiple=m)
+        for m in (0, 32, 64)
+    }
     assert sum(t != "O" for s in tags[0] for t in s) > 0  # an entity predicted: something to compare
     assert len(tags[0]) == 40 and tags[0] == tags[32] == tags[64]
 

@@ -12,10 +12,17 @@ import json
 from collections import defaultdict
 
 import pytest
-
 from mlflow.tracking import MlflowClient
-from tune_fixtures import (MlflowServer, children, parents, read_trials, run_search, shared_data_dir, slot_seconds,
-                           small_search_flags)
+from tune_fixtures import (
+    MlflowServer,
+    children,
+    parents,
+    read_trials,
+    run_search,
+    shared_data_dir,
+    slot_seconds,
+    small_search_flags,
+)
 
 from softfine_tune.cluster import choose_device
 from softfine_tune.results import max_overlap
@@ -29,9 +36,13 @@ def gpu_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"CUDA_VISIBLE_DEVICES": HIDDEN_GPU})
-             for _ in range(WORKERS)]
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False}
+    )
+    nodes = [
+        cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"CUDA_VISIBLE_DEVICES": HIDDEN_GPU})
+        for _ in range(WORKERS)
+    ]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     yield [node.node_id for node in nodes]
@@ -48,10 +59,33 @@ def mlflow_server(tmp_path_factory):
 
 def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlflow_server, tmp_path):
     # 6 points on 3 nodes with one GPU each: trials land on every node, one at a time per node.
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "4", "--gamma", "2",
-        "--gpus-per-trial", "1", "--cpus-per-trial", "1", "--allow-cpu-fallback", "--mlflow-uri", mlflow_server.uri,
-        "--experiment-name", "cluster", "--storage-path", tmp_path, "--name", "cluster"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--alphas",
+            "0.1,0.1",
+            "0.01,0.01",
+            "--beta",
+            "2",
+            "3",
+            "4",
+            "--gamma",
+            "2",
+            "--gpus-per-trial",
+            "1",
+            "--cpus-per-trial",
+            "1",
+            "--allow-cpu-fallback",
+            "--mlflow-uri",
+            mlflow_server.uri,
+            "--experiment-name",
+            "cluster",
+            "--storage-path",
+            tmp_path,
+            "--name",
+            "cluster",
+        )
+    )
     assert code == 0
     rows = read_trials(tmp_path / "cluster")
     assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
@@ -63,23 +97,32 @@ def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlf
         assert max_overlap(node_rows) <= 1, node  # never more trials at once than the node's 1 GPU
     assert max_overlap(rows) >= 2  # nodes ran trials at the same time
     (parent,) = parents(mlflow_server.uri, "cluster")
-    assert parent.data.params["cluster_nodes"] == str(WORKERS + 1) and parent.data.params["cluster_gpus"] == "3.0"
+    assert (
+        parent.data.params["cluster_nodes"] == str(WORKERS + 1)
+        and parent.data.params["cluster_gpus"] == "3.0"
+    )
     kids = children(mlflow_server.uri, "cluster", parent.info.run_id)
     assert len(kids) == 6
     for kid in kids:  # every trial logged over HTTP from its node, and says where it ran and on what
         assert kid.data.tags["softfine.node_id"] in gpu_cluster
         assert kid.data.tags["softfine.gpu_ids"] == HIDDEN_GPU and kid.data.tags["softfine.device"] == "cpu"
-        assert "torch" in kid.data.tags["softfine.device_note"] and "sees no CUDA device" in kid.data.tags[
-            "softfine.device_note"]
+        assert (
+            "torch" in kid.data.tags["softfine.device_note"]
+            and "sees no CUDA device" in kid.data.tags["softfine.device_note"]
+        )
     # Occupancy: computed from where the trials really ran, logged as a figure and a metric.
     summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
     held, span = slot_seconds(rows, lambda r: 1)  # one whole GPU each
-    assert summary["trial_slots"] == "gpu" and "cpu_busy_fraction" not in summary  # a GPU search's slots: GPUs
+    assert (
+        summary["trial_slots"] == "gpu" and "cpu_busy_fraction" not in summary
+    )  # a GPU search's slots: GPUs
     assert summary["gpu_busy_fraction"] == pytest.approx(held / (WORKERS * span))
     assert 0 < summary["gpu_busy_fraction"] <= 1
     assert parent.data.metrics["gpu_busy_fraction"] == pytest.approx(summary["gpu_busy_fraction"])
     assert f"the GPUs were busy {summary['gpu_busy_fraction']:.0%} of the time" in output
-    artifacts = {a.path for a in MlflowClient(tracking_uri=mlflow_server.uri).list_artifacts(parent.info.run_id)}
+    artifacts = {
+        a.path for a in MlflowClient(tracking_uri=mlflow_server.uri).list_artifacts(parent.info.run_id)
+    }
     assert "occupancy_timeline.png" in artifacts
 
 
@@ -87,10 +130,35 @@ def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlf
     # 6 points, half a GPU each, on 3 nodes with one GPU: two trials share each GPU, never three.
     # 8 epochs: trials long enough to overlap on a loaded machine, where their workers start seconds apart
     # (seen: 2-epoch trials that never met in a CI-like run).
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "4", "--gamma", "2", "--epochs", "8",
-        "--gpus-per-trial", "0.5", "--cpus-per-trial", "0.5", "--allow-cpu-fallback", "--mlflow-uri",
-        mlflow_server.uri, "--experiment-name", "packed", "--storage-path", tmp_path, "--name", "packed"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--alphas",
+            "0.1,0.1",
+            "0.01,0.01",
+            "--beta",
+            "2",
+            "3",
+            "4",
+            "--gamma",
+            "2",
+            "--epochs",
+            "8",
+            "--gpus-per-trial",
+            "0.5",
+            "--cpus-per-trial",
+            "0.5",
+            "--allow-cpu-fallback",
+            "--mlflow-uri",
+            mlflow_server.uri,
+            "--experiment-name",
+            "packed",
+            "--storage-path",
+            tmp_path,
+            "--name",
+            "packed",
+        )
+    )
     assert code == 0
     rows = read_trials(tmp_path / "packed")
     assert len(rows) == 6 and all(r["status"] == "TERMINATED" for r in rows)
@@ -101,15 +169,27 @@ def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlf
     assert max(max_overlap(lane) for lane in by_gpu.values()) == 2  # trials shared a GPU ...
     assert all(max_overlap(lane) <= 2 for lane in by_gpu.values())  # ... never more than 1 / 0.5 of them
     (parent,) = parents(mlflow_server.uri, "packed")
-    for kid in children(mlflow_server.uri, "packed", parent.info.run_id):  # the device is the GPU Ray assigned
-        assert kid.data.tags["softfine.cuda_visible_devices"] == kid.data.tags["softfine.gpu_ids"] == HIDDEN_GPU
+    for kid in children(
+        mlflow_server.uri, "packed", parent.info.run_id
+    ):  # the device is the GPU Ray assigned
+        assert (
+            kid.data.tags["softfine.cuda_visible_devices"] == kid.data.tags["softfine.gpu_ids"] == HIDDEN_GPU
+        )
         assert kid.data.tags["softfine.gpu_share"] == "0.5"
 
 
 def test_refuses_gpus_that_torch_cannot_see(gpu_cluster, tmp_path):
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--gpus-per-trial", "1", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
-        "--storage-path", tmp_path / "ray"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--gpus-per-trial",
+            "1",
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--storage-path",
+            tmp_path / "ray",
+        )
+    )
     assert code == 2
     assert f"Ray gives trials GPUs that torch cannot see on {WORKERS} node(s)" in output
     assert "--gpus-per-trial 0" in output and "--allow-cpu-fallback" in output
@@ -117,11 +197,21 @@ def test_refuses_gpus_that_torch_cannot_see(gpu_cluster, tmp_path):
 
 
 def test_refuses_more_gpus_per_trial_than_a_node_has(gpu_cluster, tmp_path):
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--gpus-per-trial", "2", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
-        "--storage-path", tmp_path / "ray"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--gpus-per-trial",
+            "2",
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--storage-path",
+            tmp_path / "ray",
+        )
+    )
     assert code == 2
-    assert "--gpus-per-trial 2: no node of the Ray cluster has that many GPUs (the most on one node: 1" in output
+    assert (
+        "--gpus-per-trial 2: no node of the Ray cluster has that many GPUs (the most on one node: 1" in output
+    )
 
 
 def test_a_trial_given_a_gpu_torch_cannot_see_says_so(gpu_cluster):

@@ -75,8 +75,9 @@ def chromium() -> Iterator[Browser]:
     # machine that takes far longer than Playwright's 5 s default.
     expect.set_options(timeout=60_000)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium_path(), headless=True,
-                                             args=["--disable-dev-shm-usage", "--disable-gpu"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium_path(), headless=True, args=["--disable-dev-shm-usage", "--disable-gpu"]
+        )
         try:
             yield browser
         finally:
@@ -84,8 +85,13 @@ def chromium() -> Iterator[Browser]:
 
 
 @contextlib.contextmanager
-def open_page(browser: Browser, url: str, screenshot: str, height: int = VIEWPORT["height"],
-              viewport: dict | None = None) -> Iterator[Page]:
+def open_page(
+    browser: Browser,
+    url: str,
+    screenshot: str,
+    height: int = VIEWPORT["height"],
+    viewport: dict | None = None,
+) -> Iterator[Page]:
     """`url` in a new context; on exit, pass or fail, a full-page PNG SCREENSHOTS/`screenshot`.png.
 
     MLflow's layout scrolls inside its own panes, so a "full page" is the viewport: tall pages
@@ -104,7 +110,9 @@ def open_page(browser: Browser, url: str, screenshot: str, height: int = VIEWPOR
 
 
 def assistant_panel(page: Page) -> Locator:
-    return page.get_by_role("button", name="New Chat")  # the panel's own (its title is "MLflow Assistant Beta")
+    return page.get_by_role(
+        "button", name="New Chat"
+    )  # the panel's own (its title is "MLflow Assistant Beta")
 
 
 def assistant_opens(page: Page) -> bool:
