@@ -90,16 +90,23 @@ def lose_the_named_checkpoint(s3_server, trial) -> int | None:
     """The worst moment to be killed at, every time (test_tune_search.py does it on a folder): Ray
     had deleted the checkpoint its last snapshot names (num_to_keep=1) on registering the next one,
     and the driver died before the snapshot that names the next one. The named one's files become
-    the next one's (a next one already there may be half-written: the trial was uploading it).
-    Returns the step the trial goes on from (None: the named checkpoint is its final one)."""
+    the next one's (a next one already there may be half-written: the trial was uploading it),
+    unless the driver died at that moment by itself. Returns the step the trial goes on from: the
+    step of the checkpoint that takes the named one's place (None: a final one)."""
+    from pyarrow.fs import FileSelector
+
     fs, named = s3_server.fs(), trial.checkpoint.path
-    if fs.get_file_info(f"{named}/final.json").is_file:
-        step = None
-    else:
-        with fs.open_input_stream(f"{named}/metrics.jsonl") as stream:
-            step = json.loads(stream.readall().decode().splitlines()[-1])["step"]
-    index = int(named.rpartition("_")[2])
-    following = f"{named.rpartition('_')[0]}_{index + 1:06d}"
+    following = f"{named.rpartition('_')[0]}_{int(named.rpartition('_')[2]) + 1:06d}"
+
+    def step_of(checkpoint: str) -> int | None:
+        if fs.get_file_info(f"{checkpoint}/final.json").is_file:
+            return None
+        with fs.open_input_stream(f"{checkpoint}/metrics.jsonl") as stream:
+            return json.loads(stream.readall().decode().splitlines()[-1])["step"]
+
+    if not any(i.is_file for i in fs.get_file_info(FileSelector(named, recursive=True, allow_not_found=True))):
+        return step_of(following)  # Ray deleted it itself: the next one takes its place
+    step = step_of(named)
     fs.delete_dir_contents(following, missing_dir_ok=True)
     pyarrow_copy(fs, named, following)
     fs.delete_dir(named)
