@@ -39,10 +39,10 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from softfine_tune.space import point_name, trial_config
-from softfine_tune.storage import read_uri, uri_of
-from softfine_tune.trial import member_dirs, member_results, members_of
-from softfine_tune.tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
+from .space import point_name, trial_config
+from .storage import read_uri, uri_of
+from .trial import member_dirs, member_results, members_of
+from .tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
 
 log = logging.getLogger("softfine.tune")
 

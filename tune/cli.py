@@ -7,8 +7,8 @@ import argparse
 import logging
 import textwrap
 
-from softfine_tune.space import SCOPES, SearchError
-from softfine_tune.tracking import REPO
+from .space import SCOPES, SearchError
+from .tracking import REPO
 
 log = logging.getLogger("softfine.tune")
 

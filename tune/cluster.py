@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from softfine_tune.space import SearchError
+from .space import SearchError
 
 log = logging.getLogger("softfine.tune")
 

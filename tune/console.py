@@ -15,9 +15,9 @@ import time
 
 from ray.tune import ProgressReporter
 
-from softfine_tune.callback import trial_error
-from softfine_tune.space import point_name
-from softfine_tune.trial import member_results, members_of
+from .callback import trial_error
+from .space import point_name
+from .trial import member_results, members_of
 
 ENDED = ("TERMINATED", "ERROR")
 

@@ -27,7 +27,7 @@ import optuna
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
-from softfine_tune.storage import open_path
+from .storage import open_path
 
 
 @contextlib.contextmanager

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from softfine.config import TrainConfig
 from softfine.datasets import Corpus
-from softfine_tune.cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
-from softfine_tune.space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
-from softfine_tune.storage import Storage
-from softfine_tune.tracking import TrackingStore, mask_argv, tracking_store
+from .cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
+from .space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
+from .storage import Storage
+from .tracking import TrackingStore, mask_argv, tracking_store
 
 log = logging.getLogger("softfine.tune")
 

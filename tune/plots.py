@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from softfine_tune.space import SEARCHED, SYMBOLS
+from .space import SEARCHED, SYMBOLS
 
 log = logging.getLogger("softfine.tune")
 

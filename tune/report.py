@@ -12,11 +12,11 @@ from pathlib import Path
 
 from typing import Sequence
 
-from softfine_tune.cli import PROG
-from softfine_tune.plan import Plan
-from softfine_tune.results import busy_fraction, by_trial, max_overlap, seed_stats, slot_resource, write_table
-from softfine_tune.space import SYMBOLS, point_name, point_of
-from softfine_tune.tracking import COUNT_KEYS, REPO, RUNS_VIEW, SELECTED_TAG, write_json
+from .cli import PROG
+from .plan import Plan
+from .results import busy_fraction, by_trial, max_overlap, seed_stats, slot_resource, write_table
+from .space import SYMBOLS, point_name, point_of
+from .tracking import COUNT_KEYS, REPO, RUNS_VIEW, SELECTED_TAG, write_json
 
 log = logging.getLogger("softfine.tune")
 
@@ -28,7 +28,7 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     results (in `folder`, the search's folder or its working copy; `location`: where the search's
     files are kept, as shown); the summary on the console, with an account of what MLflow did not
     get (`unlogged`: the child runs' updates that the callbacks could not send)."""
-    from softfine_tune.plots import plot_dev_f1, plot_timeline
+    from .plots import plot_dev_f1, plot_timeline
 
     args = plan.args
     all_rows = rows + seed_rows
@@ -113,7 +113,7 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
 def mark_retries(rows: list[dict], folder: Path) -> list[dict]:
     """The phases' retries (--max-failures), each with its trial's point; on the rows, the
     `retried_after` column: where and when each failed attempt ended, and why."""
-    from softfine_tune.callback import describe_retry, read_retries
+    from .callback import describe_retry, read_retries
 
     retries = [{**retry, "phase": phase} for phase in ("search", "seeds") for retry in read_retries(folder, phase)]
     for row in rows:
@@ -139,8 +139,8 @@ def log_study(tracker, parent_run_id: str, folder: Path) -> None:
     """Optuna's plots of the search's study and its trials table, on the parent run (optuna/)."""
     import optuna
 
-    from softfine_tune.plots import optuna_figures
-    from softfine_tune.tuner import OPTUNA_DB
+    from .plots import optuna_figures
+    from .tuner import OPTUNA_DB
 
     storage = f"sqlite:///{folder / OPTUNA_DB}"
     figures = optuna_figures(storage, folder.name)
@@ -196,7 +196,7 @@ def describe_search(plan: Plan, points: int, ray_trials: int) -> str:
 
 def planned_ray_trials(plan: Plan) -> int:
     """The Ray trials of the search's first phase: a fused grid's groups, else one per point."""
-    from softfine_tune.space import fused_groups
+    from .space import fused_groups
 
     if plan.mode == "search" and plan.fuse != 1:
         return len(fused_groups(plan.grid.points(), plan.fuse, plan.base))
@@ -269,7 +269,7 @@ def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) ->
     never logged, registered or served."""
     from ray.tune import Checkpoint
 
-    from softfine_tune.tracking import check_model, log_model
+    from .tracking import check_model, log_model
 
     with tempfile.TemporaryDirectory(prefix="softfine-selected-") as tmp:
         local = Path(Checkpoint(checkpoint).to_directory(tmp)) / "best"
@@ -283,7 +283,7 @@ def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) ->
 
 
 def ui_hint(store, experiment_id: str, run_id: str) -> str:
-    from softfine_tune.tracking import default_tracking_uri, is_remote
+    from .tracking import default_tracking_uri, is_remote
 
     # MLflow 3.17's pages open in GenAI mode unless the address (or the browser) says Model training.
     page = f"#/experiments/{experiment_id}/runs/{run_id}?{RUNS_VIEW}"

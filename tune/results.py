@@ -8,9 +8,9 @@ import math
 import statistics
 from pathlib import Path
 
-from softfine_tune.space import SEARCHED, point_values
-from softfine_tune.storage import uri_of
-from softfine_tune.tracking import COUNT_KEYS
+from .space import SEARCHED, point_values
+from .storage import uri_of
+from .tracking import COUNT_KEYS
 
 
 def hyperparameters(point: dict, base) -> dict:
@@ -23,8 +23,8 @@ def hyperparameters(point: dict, base) -> dict:
 def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[dict]:
     """One row per grid point of a Ray ResultGrid (a fused trial's points each get one, with the
     trial's status, placement and times), with its MLflow child run."""
-    from softfine_tune.callback import run_key
-    from softfine_tune.trial import member_dirs, member_results, members_of
+    from .callback import run_key
+    from .trial import member_dirs, member_results, members_of
 
     rows = []
     for result in results:

@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from softfine_tune.cli import DEFAULT_STORAGE, RECORD, RESUME_OVERRIDES, Parser
-from softfine_tune.space import SearchError
-from softfine_tune.storage import Storage, is_remote
-from softfine_tune.tracking import mask_credentials, without_credentials
+from .cli import DEFAULT_STORAGE, RECORD, RESUME_OVERRIDES, Parser
+from .space import SearchError
+from .storage import Storage, is_remote
+from .tracking import mask_credentials, without_credentials
 
 
 def find_search(storage: Storage, which: str) -> tuple[Storage, str]:

@@ -15,6 +15,11 @@ Once the search's MLflow parent run exists, a failure ends it as FAILED.
 
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # `python tune/search.py`: the installed package's driver
+    from softfine_tune.search import run
+
+    run()
+
 import argparse
 import contextlib
 import dataclasses
@@ -26,17 +31,17 @@ import tempfile
 import time
 from typing import Sequence
 
-from softfine_tune.callback import MLflowChildRuns, read_account
-from softfine_tune.cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
-from softfine_tune.cluster import (check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit,
+from .callback import MLflowChildRuns, read_account
+from .cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
+from .cluster import (check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit,
                                    probe_gpus)
-from softfine_tune.plan import Plan, make_plan
-from softfine_tune.report import describe_search, finish, planned_ray_trials, short
-from softfine_tune.results import finished, select, trial_rows
-from softfine_tune.resume import resume_args
-from softfine_tune.space import SearchError, fused_groups, point_name, point_of, record_points
-from softfine_tune.storage import LOCK, RemoteLock, SearchFiles
-from softfine_tune.tracking import (
+from .plan import Plan, make_plan
+from .report import describe_search, finish, planned_ray_trials, short
+from .results import finished, select, trial_rows
+from .resume import resume_args
+from .space import SearchError, fused_groups, point_name, point_of, record_points
+from .storage import LOCK, RemoteLock, SearchFiles
+from .tracking import (
     Tracker,
     check_tracking,
     credentials,
@@ -47,8 +52,8 @@ from softfine_tune.tracking import (
     versions,
     write_json,
 )
-from softfine_tune.trial import fused_config, softfine_trial
-from softfine_tune.tuner import OPTUNA_DB, check_study, make_tuner
+from .trial import fused_config, softfine_trial
+from .tuner import OPTUNA_DB, check_study, make_tuner
 
 log = logging.getLogger("softfine.tune")
 

@@ -265,7 +265,7 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage
     storage URL). Grid: every point enqueued once; TPE: sampled from the same values."""
     import optuna
 
-    from softfine_tune.in_place import StudyInPlace
+    from .in_place import StudyInPlace
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     points = None

@@ -27,7 +27,7 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
-from softfine_tune.space import SearchError
+from .space import SearchError
 
 # The search's own files in its folder (Ray's are its experiment_state-*.json, searcher-state-*,
 # callback-states-*, tuner.pkl and the trial folders). The Optuna study during a search phase

@@ -26,7 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from softfine_tune.space import SearchError
+from .space import SearchError
 
 log = logging.getLogger("softfine.tune")
 

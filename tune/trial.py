@@ -28,8 +28,8 @@ from pathlib import Path
 from softfine.config import TrainConfig
 from softfine.errors import SoftFiNEError
 from softfine.datasets import Corpus
-from softfine_tune.cluster import placement
-from softfine_tune.space import point_name, trial_config
+from .cluster import placement
+from .space import point_name, trial_config
 
 FINAL = "final.json"  # a checkpoint holding it is a finished trial
 

@@ -8,10 +8,10 @@ import os
 import posixpath
 from pathlib import Path
 
-from softfine_tune.cli import PROG
-from softfine_tune.plan import Plan
-from softfine_tune.space import METRIC, MODE, SearchError, make_searcher
-from softfine_tune.storage import is_remote, open_path
+from .cli import PROG
+from .plan import Plan
+from .space import METRIC, MODE, SearchError, make_searcher
+from .storage import is_remote, open_path
 
 log = logging.getLogger("softfine.tune")
 
@@ -174,7 +174,7 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
     snapshot slower than Ray expects, which every checkpointing evaluation of a small model is)."""
     from ray.tune import CLIReporter
 
-    from softfine_tune.console import PointsReporter
+    from .console import PointsReporter
 
     if not plan.args.verbose:
         for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
@@ -197,7 +197,7 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
 
     args = plan.args
     path = f"{plan.storage_path.rstrip('/')}/{name}"  # a folder, or a URI (storage.py)
-    from softfine_tune.in_place import StudyInPlace, TrialsInPlace, storage_opened_at
+    from .in_place import StudyInPlace, TrialsInPlace, storage_opened_at
 
     # On a remote storage, every experiment snapshot of Ray's holds a copy of the study, consistent
     # with the searcher state beside it (StudyInPlace.save_to_dir).
