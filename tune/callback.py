@@ -39,16 +39,16 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from .space import point_name, trial_config
+from .space import METRIC, point_name, trial_config
 from .storage import read_uri, uri_of
-from .trial import member_dirs, member_results, members_of
 from .tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
+from .trial import member_dirs, member_results, members_of
 
 log = logging.getLogger("softfine.tune")
 
 ATTEMPT_TAG = "softfine.attempt"  # 2 and more: retried (--max-failures) or resumed (--resume)
 MEMBER_TAG = "softfine.fused_member"  # a fused trial's runs: the member's number in its group
-FINAL_KEYS = ("best_dev_f1", "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
+FINAL_KEYS = (METRIC, "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
 PLACEMENT = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device",
              "device_note", "resumed_from_step")
 
@@ -107,7 +107,7 @@ class MLflowChildRuns(Callback):
         final = bool(result.get("final"))
         for (member, _), part in zip(members(trial), member_results(result)):
             keys = ([k for k in part if k.startswith("test_")] + list(FINAL_KEYS) if final
-                    else [k for k in part if k.startswith(("dev_", "train_"))] + ["epoch", "best_dev_f1"])
+                    else [k for k in part if k.startswith(("dev_", "train_"))] + ["epoch", METRIC])
             tags = {f"softfine.{k}": part[k] for k in PLACEMENT + ("data_sha256",) if part.get(k) not in (None, "")}
             self.submit({"op": "result", "trial_id": trial.trial_id, "member": member, "evaluation": not final,
                          "step": int(part.get("best_step" if final else "step") or 0),

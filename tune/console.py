@@ -16,7 +16,7 @@ import time
 from ray.tune import ProgressReporter
 
 from .callback import trial_error
-from .space import point_name
+from .space import METRIC, point_name
 from .trial import member_results, members_of
 
 ENDED = ("TERMINATED", "ERROR")
@@ -115,7 +115,7 @@ class PointsReporter(ProgressReporter):
     def outcome(self, trial, part: dict) -> str:
         """How a point ended: its dev and test F1 (or where it stopped, or why it failed), its time."""
         took = f" ({duration(part['time_total_s'])})" if _score(part, "time_total_s") is not None else ""
-        dev = _f1(_score(part, "best_dev_f1"))
+        dev = _f1(_score(part, METRIC))
         if trial.status == "ERROR":
             try:
                 return f"failed: {trial_error(trial)[:200]}"
@@ -151,7 +151,7 @@ class PointsReporter(ProgressReporter):
 
     def best(self, trials: list) -> tuple[float, str] | None:
         """The best dev F1 any point has reported so far, and the point's name."""
-        scored = [(_score(part, "best_dev_f1"), point_name(point)) for t in trials for point, part in trial_points(t)]
+        scored = [(_score(part, METRIC), point_name(point)) for t in trials for point, part in trial_points(t)]
         scored = [s for s in scored if s[0] is not None]
         return max(scored, key=lambda s: s[0]) if scored else None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from softfine.config import TrainConfig
 from softfine.datasets import Corpus
+
 from .cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
 from .space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
 from .storage import Storage

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .space import SEARCHED, SYMBOLS
+from .space import METRIC, SEARCHED, SYMBOLS
 
 log = logging.getLogger("softfine.tune")
 
@@ -33,7 +33,7 @@ def plot_dev_f1(rows: list[dict], path: Path, title: str, keys: Sequence[str] = 
     soft_scope when searched), one panel each, two panels a row: the points, the mean per value and
     the selected point (a star). Sized to be read in MLflow's artifact view, about 900 pixels wide."""
     plt = _pyplot()
-    scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))]
+    scored = [r for r in rows if isinstance(r.get(METRIC), (int, float))]
     columns, lines = 2, math.ceil(len(keys) / 2)
     figure, axes = plt.subplots(lines, columns, figsize=(9, 0.6 + 3.2 * lines), sharey=True, squeeze=False)
     star = None if selected is None else f"selected: {', '.join(_tick(selected[k]) for k in keys)} " \
@@ -64,12 +64,12 @@ def _dev_f1_panel(ax, scored: list[dict], key: str, selected: dict | None, star:
     values = sorted({r[key] for r in scored})
     positions = {v: i for i, v in enumerate(values)}
     offset = [0.08 * ((n % 5) - 2) for n in range(len(scored))]
-    ax.scatter([positions[r[key]] + d for r, d in zip(scored, offset)], [r["best_dev_f1"] for r in scored],
+    ax.scatter([positions[r[key]] + d for r, d in zip(scored, offset)], [r[METRIC] for r in scored],
                s=30, alpha=0.55, label="a point")
-    means = [sum(r["best_dev_f1"] for r in scored if r[key] == v) / max(1, sum(r[key] == v for r in scored))
+    means = [sum(r[METRIC] for r in scored if r[key] == v) / max(1, sum(r[key] == v for r in scored))
              for v in values]
     ax.plot(range(len(values)), means, color="black", marker="D", label="mean per value")
-    chosen = [(positions[r[key]] + d, r["best_dev_f1"]) for r, d in zip(scored, offset)
+    chosen = [(positions[r[key]] + d, r[METRIC]) for r, d in zip(scored, offset)
               if selected is not None and r.get("trial") == selected.get("trial")]
     if chosen:
         ax.scatter(*zip(*chosen), marker="*", s=320, color="tab:red", edgecolor="black", zorder=5, label=star)

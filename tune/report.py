@@ -9,13 +9,12 @@ import math
 import tempfile
 import time
 from pathlib import Path
-
 from typing import Sequence
 
 from .cli import PROG
 from .plan import Plan
 from .results import busy_fraction, by_trial, max_overlap, seed_stats, slot_resource, write_table
-from .space import SYMBOLS, point_name, point_of
+from .space import METRIC, SYMBOLS, point_name, point_of
 from .tracking import COUNT_KEYS, REPO, RUNS_VIEW, SELECTED_TAG, write_json
 
 log = logging.getLogger("softfine.tune")
@@ -65,7 +64,7 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
         summary["selected"] = {k: selected[k] for k in plan.keys}
         params.update({f"selected_{k}": selected[k] for k in plan.keys})
         if plan.mode == "search":
-            best = {"best_dev_f1": selected["best_dev_f1"], "best_test_f1": selected.get("test_f1"),
+            best = {METRIC: selected[METRIC], "best_test_f1": selected.get("test_f1"),
                     **{f"best_{key}": selected.get(key) for key in COUNT_KEYS}}
             summary.update(best, selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
             params.update(selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
@@ -163,7 +162,7 @@ def register(client, model_uri: str, plan: Plan, parent_run_id: str, selected: d
 
     name = f"softfine-{plan.dataset}"
     tags = {**{k: _value(selected[k]) for k in plan.keys}, "dataset": plan.dataset,
-            "best_dev_f1": str(selected["best_dev_f1"]), "test_f1": str(selected.get("test_f1")),
+            METRIC: str(selected[METRIC]), "test_f1": str(selected.get("test_f1")),
             "softfine.search": plan.name, "softfine.search_run_id": parent_run_id,
             "softfine.selected_run_id": selected["mlflow_run_id"]}
     description = (f"SoftFiNE on {plan.dataset}, {point_text(selected, plan.keys)}: dev F1 "
@@ -340,8 +339,8 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
                f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
                + _busy(summary))
     if plan.mode == "search":
-        ranked = sorted([r for r in rows if isinstance(r.get("best_dev_f1"), (int, float))],
-                        key=lambda r: (-r["best_dev_f1"], r["trial"]))
+        ranked = sorted([r for r in rows if isinstance(r.get(METRIC), (int, float))],
+                        key=lambda r: (-r[METRIC], r["trial"]))
         out.append(f"Best configurations by dev F1 (the first {min(5, len(ranked))} of {len(ranked)}; all in "
                    "trials.csv):")
         out.append(f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  " + ("scope    " if scope else "")

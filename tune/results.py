@@ -8,7 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .space import SEARCHED, point_values
+from .space import METRIC, SEARCHED, point_values
 from .storage import uri_of
 from .tracking import COUNT_KEYS
 
@@ -47,7 +47,7 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
                    "mlflow_run_id": runs.get(run_key(trial_id, number if fused else None), ""),
                    **hyperparameters(point, base), "seed": point.get("seed", base.seed),
                    "fused_group_size": len(points)}
-            for key in ("best_dev_f1", "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
+            for key in (METRIC, "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
                 row[key] = part.get(key)
             row.update({k: v for k, v in part.items() if k.startswith("test_f1_level")})
             row.update(node_id=metrics.get("node_id", ""), node_ip=metrics.get("node_ip", ""),
@@ -77,11 +77,11 @@ def by_trial(rows: list[dict]) -> list[dict]:
 
 def select(rows: list[dict]) -> dict | None:
     """The trial with the best dev F1 (the earliest one on a tie); test F1 plays no part."""
-    scored = [r for r in rows if isinstance(r.get("best_dev_f1"), (int, float)) and not math.isnan(r["best_dev_f1"])]
+    scored = [r for r in rows if isinstance(r.get(METRIC), (int, float)) and not math.isnan(r[METRIC])]
     if not scored:
         return None
-    best = max(r["best_dev_f1"] for r in scored)
-    return min((r for r in scored if r["best_dev_f1"] == best), key=lambda r: r["trial"])
+    best = max(r[METRIC] for r in scored)
+    return min((r for r in scored if r[METRIC] == best), key=lambda r: r["trial"])
 
 
 def write_table(rows: list[dict], path: Path) -> Path:
@@ -132,7 +132,7 @@ def seed_stats(rows: list[dict]) -> dict:
     that failed or stopped has no final result), and what the F1s were computed on (the same dev
     and test sentences for every seed)."""
     done = finished(rows)
-    dev_mean, dev_std = _mean_std([r["best_dev_f1"] for r in done])
+    dev_mean, dev_std = _mean_std([r[METRIC] for r in done])
     test_mean, test_std = _mean_std([r.get("test_f1") for r in done])
     return {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done),
             "seeds_dev_f1_mean": dev_mean, "seeds_dev_f1_std": dev_std,

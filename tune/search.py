@@ -33,8 +33,7 @@ from typing import Sequence
 
 from .callback import MLflowChildRuns, read_account
 from .cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
-from .cluster import (check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit,
-                                   probe_gpus)
+from .cluster import check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit, probe_gpus
 from .plan import Plan, make_plan
 from .report import describe_search, finish, planned_ray_trials, short
 from .results import finished, select, trial_rows

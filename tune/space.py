@@ -327,7 +327,7 @@ def record_points(storage: str, study_name: str, grid: Grid, rows: list[dict]) -
         params = point_of(row, grid.keys())
         if key(params) in held:
             continue
-        value = row.get("best_dev_f1")
+        value = row.get(METRIC)
         scored = isinstance(value, (int, float)) and not math.isnan(value)
         study.add_trial(optuna.trial.create_trial(
             params=params, distributions=distributions, value=float(value) if scored else None,

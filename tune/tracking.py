@@ -350,8 +350,9 @@ def preload_model_code() -> None:
     The driver is idle during the trials; log_model waits for the imports to finish."""
     def load() -> None:
         try:
-            import softfine.predict  # noqa: F401
             import transformers.models.bert.modeling_bert  # noqa: F401 - from_pretrained imports it lazily
+
+            import softfine.predict  # noqa: F401
         except Exception:  # noqa: BLE001 - log_model imports them again, and reports what fails there
             pass
 

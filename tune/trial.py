@@ -26,10 +26,11 @@ import time
 from pathlib import Path
 
 from softfine.config import TrainConfig
-from softfine.errors import SoftFiNEError
 from softfine.datasets import Corpus
+from softfine.errors import SoftFiNEError
+
 from .cluster import placement
-from .space import point_name, trial_config
+from .space import METRIC, point_name, trial_config
 
 FINAL = "final.json"  # a checkpoint holding it is a finished trial
 
@@ -55,7 +56,7 @@ def member_results(result: dict) -> list[dict]:
     """Each member's results in a trial's report (with the trial's own keys: placement, times)."""
     if "members" not in result:
         return [result]
-    shared = {k: v for k, v in result.items() if k not in ("members", "best_dev_f1", "dev_f1")}
+    shared = {k: v for k, v in result.items() if k not in ("members", METRIC, "dev_f1")}
     return [{**shared, **member} for member in result["members"]]
 
 
@@ -64,8 +65,8 @@ def group_report(reports: list[dict], config: dict) -> dict:
     the best member's dev F1 at the top (Tune's metric, and its table)."""
     if "group" not in config:
         return dict(reports[0])
-    return {"members": reports, "best_dev_f1": max(r["best_dev_f1"] for r in reports),
-            "dev_f1": max(r.get("dev_f1", r["best_dev_f1"]) for r in reports), "step": reports[0].get("step")}
+    return {"members": reports, METRIC: max(r[METRIC] for r in reports),
+            "dev_f1": max(r.get("dev_f1", r[METRIC]) for r in reports), "step": reports[0].get("step")}
 
 
 def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None, allow_cpu_fallback: bool = False,

@@ -180,7 +180,7 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
         for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
             logging.getLogger(name).setLevel(logging.ERROR)
         return PointsReporter(phase, phase_points(plan, phase, param_space), plan.base.epochs)
-    metrics = {"step": "step", "dev_f1": "dev F1", "best_dev_f1": "best dev F1", "test_f1": "test F1"}
+    metrics = {"step": "step", "dev_f1": "dev F1", METRIC: "best dev F1", "test_f1": "test F1"}
     return CLIReporter(parameter_columns=progress_columns(plan.grid, phase, "group" in param_space),
                        metric_columns=metrics, max_report_frequency=30, sort_by_metric=True, max_progress_rows=40)
 
