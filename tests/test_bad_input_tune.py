@@ -294,9 +294,9 @@ CASES = [
         "--storage-path /sys/softfine-search: cannot write in /sys",
     ),
     case(
-        "storage-a-url",
-        ["--storage-path", "s3://bucket/ray"],
-        "--storage-path s3://bucket/ray: give a folder",
+        "storage-url-with-keys",
+        ["--storage-path", "s3://AKIAEXAMPLE:s3cret@bucket/ray"],
+        "--storage-path s3://...@bucket/ray: no credentials in the URI",
     ),
     # --- the Ray address -------------------------------------------------------------------------
     case(
