@@ -21,10 +21,17 @@ def shared_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = shared_data_dir()
-    needed = [path / "weibo" / "weiboNER_2nd_conll.train", path / "resume" / "train.char.bmes", path / "fine" / "dev.json"]
+    needed = [
+        path / "weibo" / "weiboNER_2nd_conll.train",
+        path / "resume" / "train.char.bmes",
+        path / "fine" / "dev.json",
+    ]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
-        pytest.fail(f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put ../shared/data beside the repo)")
+        pytest.fail(
+            f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put ../shared/data "
+            "beside the repo)"
+        )
     return path
 
 
@@ -47,7 +54,6 @@ def s3_server(tmp_path_factory):
     server = S3Server(tmp_path_factory.mktemp("s3")).start()
     yield server
     server.stop()
-
 
 
 # pytest -n 2 (pyproject.toml): a file's tests run in one worker, so that its module fixtures (a

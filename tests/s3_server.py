@@ -59,8 +59,10 @@ class S3Server:
         self.folder.mkdir(parents=True, exist_ok=True)
         # 0: the S3 server's Iceberg and Lance listeners, on fixed ports otherwise, are off (two servers
         # run at once under pytest -n 2)
-        flags = [f"-{name}.port={port}" for name, port in self.ports.items()] + ["-s3.port.iceberg=0",
-                                                                                 "-s3.port.lance=0"]
+        flags = [f"-{name}.port={port}" for name, port in self.ports.items()] + [
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
         self.log = open(self.folder / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [weed, "mini", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *flags],

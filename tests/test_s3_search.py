@@ -27,8 +27,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tune_fixtures import children, kill_the_driver_when, parents, run_search, shared_data_dir, small_search_flags
+from tune_fixtures import (
+    children,
+    kill_the_driver_when,
+    parents,
+    run_search,
+    shared_data_dir,
+    small_search_flags,
+)
 
 from softfine_tune.cli import RECORD
 
@@ -54,8 +60,14 @@ def start_ray() -> tuple[str, Path]:
     import ray
 
     temp = Path(tempfile.mkdtemp(prefix="sf-ray-"))  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING",
-             _temp_dir=str(temp))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        logging_level="WARNING",
+        _temp_dir=str(temp),
+    )
     return ray.get_runtime_context().gcs_address, temp
 
 
@@ -63,12 +75,12 @@ def stored_objects(s3_server, prefix: str) -> dict[str, bytes]:
     """Every object under s3://BUCKET/PREFIX, by key relative to it."""
     from pyarrow.fs import FileSelector
 
-    fs, root = s3_server.fs(), s3_server.uri(prefix)[len("s3://"):]
+    fs, root = s3_server.fs(), s3_server.uri(prefix)[len("s3://") :]
     found = {}
     for info in fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True)):
         if info.is_file:
             with fs.open_input_stream(info.path) as stream:
-                found[info.path[len(root) + 1:]] = stream.readall()
+                found[info.path[len(root) + 1 :]] = stream.readall()
     return found
 
 
@@ -104,7 +116,9 @@ def lose_the_named_checkpoint(s3_server, trial) -> int | None:
         with fs.open_input_stream(f"{checkpoint}/metrics.jsonl") as stream:
             return json.loads(stream.readall().decode().splitlines()[-1])["step"]
 
-    if not any(i.is_file for i in fs.get_file_info(FileSelector(named, recursive=True, allow_not_found=True))):
+    if not any(
+        i.is_file for i in fs.get_file_info(FileSelector(named, recursive=True, allow_not_found=True))
+    ):
         return step_of(following)  # Ray deleted it itself: the next one takes its place
     step = step_of(named)
     fs.delete_dir_contents(following, missing_dir_ok=True)
@@ -133,7 +147,13 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
     uri = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"  # the tracking server: it outlives the head
     (tmp_path / "tracking").mkdir()
     client = MlflowClient(tracking_uri=uri)
-    flags = [*small_search_flags(shared_data_dir(), *GRID, *TRAINING), "--mlflow-uri", uri, "--storage-path", storage]
+    flags = [
+        *small_search_flags(shared_data_dir(), *GRID, *TRAINING),
+        "--mlflow-uri",
+        uri,
+        "--storage-path",
+        storage,
+    ]
     address, head_disk = start_ray()
     try:
         # 1. An uninterrupted search: everything it keeps is on S3.
@@ -141,7 +161,14 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         assert code == 0, output[-3000:]
         stored = stored_objects(s3, prefix)
         names = set(stored)
-        for name in (RECORD, "optuna.db", "summary.json", "trials.csv", "mlflow_runs.search.json", "tuner.pkl"):
+        for name in (
+            RECORD,
+            "optuna.db",
+            "summary.json",
+            "trials.csv",
+            "mlflow_runs.search.json",
+            "tuner.pkl",
+        ):
             assert f"whole/{name}" in names, sorted(names)
         assert any(n.startswith("whole/experiment_state-") for n in names)
         record = json.loads(stored[f"whole/{RECORD}"])
@@ -155,7 +182,7 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         for kid in kids:  # each trial's final checkpoint is on S3, and its run says where
             checkpoint = kid.data.tags["softfine.checkpoint"]
             assert checkpoint.startswith(f"{storage}/whole/trial_"), checkpoint
-            assert f"{checkpoint[len(storage) + 1:]}/best/model.safetensors" in names
+            assert f"{checkpoint[len(storage) + 1 :]}/best/model.safetensors" in names
         with open(tmp_path / "study.db", "wb") as f:  # the study on S3 is the whole study
             f.write(stored["whole/optuna.db"])
         import optuna
@@ -175,8 +202,12 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
 
         driver_dir = tmp_path / "driver"
         driver_dir.mkdir()
-        kill_the_driver_when([*flags, "--name", "cut", "--experiment-name", "cut", "--max-concurrent", "1"],
-                             address, driver_dir, one_ended_and_the_next_checkpointed)
+        kill_the_driver_when(
+            [*flags, "--name", "cut", "--experiment-name", "cut", "--max-concurrent", "1"],
+            address,
+            driver_dir,
+            one_ended_and_the_next_checkpointed,
+        )
         killed = parents(uri, "cut")[0]
         # Ray's last snapshot, what a resume starts from (the driver may have gone on a little between
         # the check and the kill): a trial it has ended, and one that goes on from a checkpoint.
@@ -186,9 +217,14 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         assert len(ended) == 1 and len(going) == 1 and all(t.checkpoint for t in going.values()), at_kill
         (interrupted,) = going.values()
         goes_on_from = lose_the_named_checkpoint(s3, interrupted)
-        finished_before = {k.info.run_id: k.info.end_time for k in children(uri, "cut", killed.info.run_id)
-                           if k.data.tags["softfine.trial_id"] in ended}
-        assert len(finished_before) == 1 and all(finished_before.values()), finished_before  # ended in MLflow too
+        finished_before = {
+            k.info.run_id: k.info.end_time
+            for k in children(uri, "cut", killed.info.run_id)
+            if k.data.tags["softfine.trial_id"] in ended
+        }
+        assert len(finished_before) == 1 and all(finished_before.values()), (
+            finished_before
+        )  # ended in MLflow too
         # The head's disk is lost: its Ray, Ray's session files, the driver's working folder.
         ray.shutdown()
         working = tmp_path / "cache" / "softfine" / "searches" / "s3" / "softfine" / prefix / "cut"
@@ -201,7 +237,9 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         code, output = run_search(["--resume", "cut", "--storage-path", storage])
         assert code == 0, output[-3000:]
         assert f"resuming search cut ({storage}/cut)" in output
-        assert f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output  # mended on S3
+        assert (
+            f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output
+        )  # mended on S3
         (parent,) = parents(uri, "cut")  # the same parent run
         assert parent.info.run_id == killed.info.run_id and parent.info.status == "FINISHED"
         kids = children(uri, "cut", parent.info.run_id)
@@ -224,7 +262,9 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         champion = client.get_model_version_by_alias("softfine-resume", "champion")
         assert champion.run_id == parent.info.run_id
         summary = json.loads(stored_objects(s3, f"{prefix}/cut")["summary.json"])
-        assert summary["selected_checkpoint"].startswith(f"{storage}/cut/trial_") and not summary.get("model_error")
+        assert summary["selected_checkpoint"].startswith(f"{storage}/cut/trial_") and not summary.get(
+            "model_error"
+        )
         fresh = tmp_path / "fresh-head" / "softfine" / "searches" / "s3" / "softfine" / prefix / "cut"
         assert (fresh / RECORD).is_file()  # the new head's working folder
     finally:
@@ -238,7 +278,9 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         assert secret.decode() not in output
         for key, data in everything.items():
             assert secret not in data, key
-        for run in parents(uri, "whole") + parents(uri, "cut") + children(uri, "whole") + children(uri, "cut"):
+        for run in (
+            parents(uri, "whole") + parents(uri, "cut") + children(uri, "whole") + children(uri, "cut")
+        ):
             assert secret.decode() not in json.dumps([run.data.params, run.data.tags]), run.info.run_id
 
 
@@ -258,30 +300,47 @@ def refused(argv: list, *fragments: str) -> str:
 def test_a_storage_that_cannot_be_used_is_one_line_before_ray_starts(aws_env, tmp_path, monkeypatch):
     s3 = aws_env
     flags = small_search_flags(shared_data_dir(), *GRID, "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}")
-    refused([*flags, "--storage-path", "s3://no-such-bucket-here/p"],
-            "--storage-path s3://no-such-bucket-here/p: bucket 'no-such-bucket-here' does not exist",
-            f"({s3.endpoint})", "AWS_ENDPOINT_URL")
+    refused(
+        [*flags, "--storage-path", "s3://no-such-bucket-here/p"],
+        "--storage-path s3://no-such-bucket-here/p: bucket 'no-such-bucket-here' does not exist",
+        f"({s3.endpoint})",
+        "AWS_ENDPOINT_URL",
+    )
     assert s3.fs().get_file_info("no-such-bucket-here").type.name == "NotFound"  # nothing created
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key-" + uuid.uuid4().hex)
-    output = refused([*flags, "--storage-path", s3.uri("p")],
-                     f"--storage-path {s3.uri('p')}: cannot reach it or write there",
-                     "ACCESS_DENIED", "AWS_ACCESS_KEY_ID")
+    output = refused(
+        [*flags, "--storage-path", s3.uri("p")],
+        f"--storage-path {s3.uri('p')}: cannot reach it or write there",
+        "ACCESS_DENIED",
+        "AWS_ACCESS_KEY_ID",
+    )
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in output
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.env["AWS_SECRET_ACCESS_KEY"])
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
-    refused([*flags, "--storage-path", s3.uri("p")], "cannot reach it or write there", "NETWORK_CONNECTION",
-            f"endpoint http://127.0.0.1:{closed}")
+    refused(
+        [*flags, "--storage-path", s3.uri("p")],
+        "cannot reach it or write there",
+        "NETWORK_CONNECTION",
+        f"endpoint http://127.0.0.1:{closed}",
+    )
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
-    refused(["--resume", "x", "--storage-path", "s3://no-such-bucket-here/p"],
-            "bucket 'no-such-bucket-here' does not exist")
-    output = refused([*flags, "--storage-path", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@softfine/p"],
-                     "--storage-path s3://...@softfine/p: no credentials in the URI")
+    refused(
+        ["--resume", "x", "--storage-path", "s3://no-such-bucket-here/p"],
+        "bucket 'no-such-bucket-here' does not exist",
+    )
+    output = refused(
+        [*flags, "--storage-path", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@softfine/p"],
+        "--storage-path s3://...@softfine/p: no credentials in the URI",
+    )
     assert "wJalrXUtnFEMI" not in output and "AKIAEXAMPLE" not in output
-    refused([*flags, "--storage-path", f"{s3.uri('p')}?endpoint_override=elsewhere"],
-            "give the bucket and prefix alone (s3://BUCKET/PREFIX)", "AWS_ENDPOINT_URL")
+    refused(
+        [*flags, "--storage-path", f"{s3.uri('p')}?endpoint_override=elsewhere"],
+        "give the bucket and prefix alone (s3://BUCKET/PREFIX)",
+        "AWS_ENDPOINT_URL",
+    )
     assert not (tmp_path / "cache").exists()  # no working folder either
 
 
@@ -297,11 +356,12 @@ def test_one_driver_per_search_on_s3_whatever_machine_it_runs_on(aws_env, tmp_pa
     try:
         # A second driver on another machine's disk (its own working folder: the local lock is free)
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-machine"))
-        with pytest.raises(SearchError) as refusal:
-            with one_driver(SearchFiles(storage, "twice")):
-                pass
-        assert str(refusal.value).startswith(f"--name twice: the search in {storage.uri}/twice is running in process "
-                                             f"{os.getpid()} on {socket.gethostname()}; wait for it to end")
+        with pytest.raises(SearchError) as refusal, one_driver(SearchFiles(storage, "twice")):
+            pass
+        assert str(refusal.value).startswith(
+            f"--name twice: the search in {storage.uri}/twice is running in process "
+            f"{os.getpid()} on {socket.gethostname()}; wait for it to end"
+        )
     finally:
         first.release()
     assert not storage.exists("twice", ".softfine_search.lock")
@@ -319,7 +379,10 @@ def test_one_driver_per_search_on_s3_whatever_machine_it_runs_on(aws_env, tmp_pa
         holder = json.loads(storage.read_bytes("lost", ".softfine_search.lock"))
         assert holder["driver"] == taker.holder["driver"]
         lost.release()
-        assert json.loads(storage.read_bytes("lost", ".softfine_search.lock"))["driver"] == taker.holder["driver"]
+        assert (
+            json.loads(storage.read_bytes("lost", ".softfine_search.lock"))["driver"]
+            == taker.holder["driver"]
+        )
     finally:
         taker.release()
     assert not storage.exists("lost", ".softfine_search.lock")

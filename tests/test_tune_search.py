@@ -17,15 +17,31 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tune_fixtures import (SEARCH_SCRIPT, MlflowServer, children, kill_the_driver_when, parents, read_summary,
-                           read_trials, run_crashing_search, run_search, saved_trials, saved_trials_so_far,
-                           shared_data_dir, slot_seconds, small_search_flags)
+from tune_fixtures import (
+    SEARCH_SCRIPT,
+    MlflowServer,
+    children,
+    kill_the_driver_when,
+    parents,
+    read_summary,
+    read_trials,
+    run_crashing_search,
+    run_search,
+    saved_trials,
+    saved_trials_so_far,
+    shared_data_dir,
+    slot_seconds,
+    small_search_flags,
+)
 
 from softfine_tune.space import alphas_key
 
-PAPER_POINTS = {(alphas_key(a, f), b, g) for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
-                for b in (2.0, 3.0, 4.0) for g in (1.5, 2.0, 2.5)}
+PAPER_POINTS = {
+    (alphas_key(a, f), b, g)
+    for a, f in [(0.1, 0.1), (0.1, 0.05), (0.01, 0.01), (0.01, 0.005)]
+    for b in (2.0, 3.0, 4.0)
+    for g in (1.5, 2.0, 2.5)
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +73,27 @@ def check_selection(uri: str, parent, kids: list) -> None:
 
 
 def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_server, tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
+
+    import mlflow
 
     data = shared_data_dir()
     started = time.time()
-    code, output = run_search(small_search_flags(
-        data, "--cpus-per-trial", "0.25", "--mlflow-uri", mlflow_server.uri, "--experiment-name", "grid36",
-        "--storage-path", tmp_path, "--name", "grid36"))
+    code, output = run_search(
+        small_search_flags(
+            data,
+            "--cpus-per-trial",
+            "0.25",
+            "--mlflow-uri",
+            mlflow_server.uri,
+            "--experiment-name",
+            "grid36",
+            "--storage-path",
+            tmp_path,
+            "--name",
+            "grid36",
+        )
+    )
     assert code == 0
     print(f"36-point grid: {time.time() - started:.0f} s")
     (parent,) = parents(mlflow_server.uri, "grid36")
@@ -76,18 +105,50 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert summary["terminated"] == 36 and summary["max_trials_at_once"] >= 3  # many trials in flight
     assert summary["best_dev_sentences"] == summary["best_test_sentences"] == 24
     assert summary["best_dev_gold_entities"] > 0 and summary["best_test_gold_entities"] > 0
-    assert (f"test F1 {summary['best_test_f1']:.4f} on 24 sentences, {summary['best_test_gold_entities']} gold "
-            "entities") in output
+    assert (
+        f"test F1 {summary['best_test_f1']:.4f} on 24 sentences, {summary['best_test_gold_entities']} gold "
+        "entities"
+    ) in output
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     kid = kids[0]
-    for key in ("train_loss", "train_loss_soft", "train_loss_aug", "train_loss_fea", "dev_precision", "dev_recall",
-                "dev_f1", "best_dev_f1", "test_precision", "test_recall", "test_f1", "dev_sentences",
-                "dev_gold_entities", "test_sentences", "test_gold_entities"):
+    for key in (
+        "train_loss",
+        "train_loss_soft",
+        "train_loss_aug",
+        "train_loss_fea",
+        "dev_precision",
+        "dev_recall",
+        "dev_f1",
+        "best_dev_f1",
+        "test_precision",
+        "test_recall",
+        "test_f1",
+        "dev_sentences",
+        "dev_gold_entities",
+        "test_sentences",
+        "test_gold_entities",
+    ):
         assert key in kid.data.metrics, key
     assert kid.data.metrics["dev_sentences"] == kid.data.metrics["test_sentences"] == 24  # --limit-eval 24
-    for key in ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "lr", "batch_size", "epochs", "dropout",
-                "weight_decay", "warmup_ratio", "schedule", "seed", "model", "limit_train", "tiny_layers"):
+    for key in (
+        "alpha_aug",
+        "alpha_fea",
+        "beta",
+        "gamma",
+        "soft_scope",
+        "lr",
+        "batch_size",
+        "epochs",
+        "dropout",
+        "weight_decay",
+        "warmup_ratio",
+        "schedule",
+        "seed",
+        "model",
+        "limit_train",
+        "tiny_layers",
+    ):
         assert key in kid.data.params, key
     assert kid.data.params["soft_scope"] == "paper" and kid.data.params["tiny_hidden"] == "64"
     tags = kid.data.tags
@@ -102,7 +163,11 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert {k.info.run_name for k in kids} == {f"{key},{b:g},{g:g}" for key, b, g in PAPER_POINTS}
     inputs = client.get_run(kid.info.run_id).inputs.dataset_inputs
     assert {i.dataset.name for i in inputs} == {"resume-train", "resume-dev", "resume-test"}
-    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {"train", "dev", "test"}
+    assert {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"} == {
+        "train",
+        "dev",
+        "test",
+    }
 
     check_selection(mlflow_server.uri, parent, kids)
     assert parent.data.params["dataset"] == "resume" and parent.data.params["sampler"] == "grid"
@@ -118,18 +183,32 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert summary["trial_slots"] == "cpu" and "gpu_busy_fraction" not in parent.data.metrics
     assert f"the CPUs were busy {busy:.0%} of the time while trials remained" in output
     optuna_files = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
-    assert {f"optuna/{name}" for name in ("param_importances.png", "slice.png", "contour_beta_gamma.png",
-                                          "optimization_history.png", "trials.json")} <= optuna_files
+    assert {
+        f"optuna/{name}"
+        for name in (
+            "param_importances.png",
+            "slice.png",
+            "contour_beta_gamma.png",
+            "optimization_history.png",
+            "trials.json",
+        )
+    } <= optuna_files
     import optuna
 
     study = optuna.load_study(study_name="grid36", storage=f"sqlite:///{tmp_path / 'grid36' / 'optuna.db'}")
     assert len(study.trials) == 36 and study.best_value == pytest.approx(parent.data.metrics["best_dev_f1"])
     # The selected model, registered with the alias champion.
     champion = client.get_model_version_by_alias("softfine-resume", "champion")
-    assert champion.run_id == parent.info.run_id and summary["registered_model"].startswith("softfine-resume@champion")
-    table = Path(client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path / "dl"))).read_text()
+    assert champion.run_id == parent.info.run_id and summary["registered_model"].startswith(
+        "softfine-resume@champion"
+    )
+    table = Path(
+        client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path / "dl"))
+    ).read_text()
     assert len(table.strip().splitlines()) == 1 + 36
-    png = Path(client.download_artifacts(parent.info.run_id, "dev_f1_vs_hyperparameters.png", str(tmp_path / "dl")))
+    png = Path(
+        client.download_artifacts(parent.info.run_id, "dev_f1_vs_hyperparameters.png", str(tmp_path / "dl"))
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     mlflow.set_tracking_uri(mlflow_server.uri)
@@ -140,17 +219,37 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     for text, found in zip(texts, entities):
         for entity in found:
             assert set(entity) == {"text", "category", "levels", "start", "end"}
-            assert text[entity["start"]:entity["end"] + 1] == entity["text"]
+            assert text[entity["start"] : entity["end"] + 1] == entity["text"]
     assert "search: 36/36 points finished in" in output and "== Status ==" not in output  # not Ray's table
-    assert "Best configurations by dev F1" in output and "mlflow ui" not in output  # a server: its URL instead
+    assert (
+        "Best configurations by dev F1" in output and "mlflow ui" not in output
+    )  # a server: its URL instead
     assert f"{mlflow_server.uri}/#/experiments/" in output
 
 
 def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--sampler", "tpe", "--num-samples", "4", "--seeds", "2", "--cpus-per-trial", "0.5",
-        "--mlflow-uri", uri, "--experiment-name", "tpe", "--storage-path", tmp_path / "ray", "--name", "tpe"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--sampler",
+            "tpe",
+            "--num-samples",
+            "4",
+            "--seeds",
+            "2",
+            "--cpus-per-trial",
+            "0.5",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            "tpe",
+            "--storage-path",
+            tmp_path / "ray",
+            "--name",
+            "tpe",
+        )
+    )
     assert code == 0
     (parent,) = parents(uri, "tpe")
     kids = children(uri, "tpe", parent.info.run_id)
@@ -160,12 +259,16 @@ def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
     assert all(point(k) in PAPER_POINTS for k in search)
     check_selection(uri, parent, search)
     assert sorted(k.data.params["seed"] for k in seeds) == ["42", "43"]
-    assert all(point(k) == point(next(s for s in search if s.info.run_id == parent.data.params["selected_run_id"]))
-               for k in seeds)
+    assert all(
+        point(k) == point(next(s for s in search if s.info.run_id == parent.data.params["selected_run_id"]))
+        for k in seeds
+    )
     metrics = parent.data.metrics
     values = [k.data.metrics["best_dev_f1"] for k in seeds]
     assert metrics["seeds_dev_f1_mean"] == pytest.approx(sum(values) / 2)
-    assert "seeds_dev_f1_std" in metrics and "seeds_test_f1_mean" in metrics and "seeds_test_f1_std" in metrics
+    assert (
+        "seeds_dev_f1_std" in metrics and "seeds_test_f1_mean" in metrics and "seeds_test_f1_std" in metrics
+    )
     assert metrics["seeds_dev_sentences"] == metrics["seeds_test_sentences"] == 24
     assert metrics["seeds_dev_gold_entities"] > 0 and metrics["seeds_test_gold_entities"] > 0
     assert "(mean ± standard deviation)" in output
@@ -180,10 +283,33 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
     # One trial at a time: each one meets ASHA's rungs (epochs 1, 2, 4) after the trials before it,
     # in the grid's order, so which trials stop does not hang on which one reached a rung first.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--scheduler", "asha", "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "--gamma", "2",
-        "--epochs", "4", "--max-concurrent", "1", "--mlflow-uri", uri, "--experiment-name", "asha",
-        "--storage-path", tmp_path / "ray", "--name", "asha"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--scheduler",
+            "asha",
+            "--alphas",
+            "0.1,0.1",
+            "0.01,0.01",
+            "--beta",
+            "2",
+            "3",
+            "--gamma",
+            "2",
+            "--epochs",
+            "4",
+            "--max-concurrent",
+            "1",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            "asha",
+            "--storage-path",
+            tmp_path / "ray",
+            "--name",
+            "asha",
+        )
+    )
     assert code == 0
     (parent,) = parents(uri, "asha")
     kids = children(uri, "asha", parent.info.run_id)
@@ -261,9 +387,30 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
 
     storage = tmp_path / "ray"
     flags = small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "3", "--gamma", "1.5", "2", "--epochs", "3",
-        "--eval-every", "4", "--max-concurrent", "1", "--mlflow-uri", mlflow_server.uri,
-        "--experiment-name", "killed", "--storage-path", storage, "--name", "killed")
+        shared_data_dir(),
+        "--alphas",
+        "0.1,0.1",
+        "--beta",
+        "2",
+        "3",
+        "--gamma",
+        "1.5",
+        "2",
+        "--epochs",
+        "3",
+        "--eval-every",
+        "4",
+        "--max-concurrent",
+        "1",
+        "--mlflow-uri",
+        mlflow_server.uri,
+        "--experiment-name",
+        "killed",
+        "--storage-path",
+        storage,
+        "--name",
+        "killed",
+    )
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     finished_before: dict = {}
 
@@ -284,7 +431,9 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
     kill_the_driver_when(flags, ray_local, tmp_path, one_ended_and_the_next_checkpointed)
     # The worst moment to be killed at, every time. The driver is gone: its last snapshot must read,
     # and name the trial that was going on with its checkpoint (it had evaluations left to make).
-    going_on = [t for t in saved_trials(storage / "killed").values() if t.status != "TERMINATED" and t.checkpoint]
+    going_on = [
+        t for t in saved_trials(storage / "killed").values() if t.status != "TERMINATED" and t.checkpoint
+    ]
     assert len(going_on) == 1, going_on  # --max-concurrent 1
     (interrupted,) = going_on
     lose_the_named_checkpoint(interrupted)
@@ -307,10 +456,14 @@ def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlf
     check_selection(mlflow_server.uri, parent, kids)
     assert parent.info.status == "FINISHED"
     # The command ends with os._exit: what it printed into a pipe (block-buffered) must still arrive.
-    done = subprocess.run([sys.executable, str(SEARCH_SCRIPT), "--resume", "killed", "--storage-path", str(storage)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(SEARCH_SCRIPT), "--resume", "killed", "--storage-path", str(storage)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    printed = json.loads(done.stdout[done.stdout.index("{"):])
+    printed = json.loads(done.stdout[done.stdout.index("{") :])
     assert printed == json.loads((storage / "killed" / "summary.json").read_text())
 
 
@@ -320,9 +473,29 @@ def test_a_tracking_server_that_stops_answering_does_not_stop_the_trials(ray_loc
     server = mlflow_server
     result: dict = {}
     flags = small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "3", "--gamma", "2", "--epochs", "8",
-        "--limit-train", "40", "--mlflow-uri", server.uri, "--mlflow-timeout", "2", "--experiment-name", "outage",
-        "--storage-path", tmp_path / "ray", "--name", "outage")
+        shared_data_dir(),
+        "--alphas",
+        "0.1,0.1",
+        "--beta",
+        "2",
+        "3",
+        "--gamma",
+        "2",
+        "--epochs",
+        "8",
+        "--limit-train",
+        "40",
+        "--mlflow-uri",
+        server.uri,
+        "--mlflow-timeout",
+        "2",
+        "--experiment-name",
+        "outage",
+        "--storage-path",
+        tmp_path / "ray",
+        "--name",
+        "outage",
+    )
     thread = threading.Thread(target=lambda: result.update(zip(("code", "output"), run_search(flags))))
     thread.start()
     try:
@@ -331,11 +504,13 @@ def test_a_tracking_server_that_stops_answering_does_not_stop_the_trials(ray_loc
         while time.time() < deadline:
             time.sleep(0.3)
             if client.get_experiment_by_name("outage") and any(
-                    "dev_f1" in k.data.metrics for k in children(server.uri, "outage")):
+                "dev_f1" in k.data.metrics for k in children(server.uri, "outage")
+            ):
                 break
         else:
             pytest.fail("no trial logged an evaluation")
-        server.pause()  # the server stops answering (it hangs: connections open, no replies) while trials train
+        # the server stops answering (it hangs: connections open, no replies) while trials train
+        server.pause()
         thread.join(timeout=400)
     finally:
         server.resume()
@@ -355,20 +530,50 @@ def test_a_tracking_server_that_stops_answering_does_not_stop_the_trials(ray_loc
 
 
 def test_refuses_more_gpus_per_trial_than_any_node_has(ray_local, tmp_path):
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--gpus-per-trial", "1", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}",
-        "--storage-path", tmp_path / "ray"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--gpus-per-trial",
+            "1",
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'm.db'}",
+            "--storage-path",
+            tmp_path / "ray",
+        )
+    )
     assert code == 2
-    assert "--gpus-per-trial 1: no node of the Ray cluster has that many GPUs (the most on one node: 0" in output
+    assert (
+        "--gpus-per-trial 1: no node of the Ray cluster has that many GPUs (the most on one node: 0" in output
+    )
     assert not (tmp_path / "ray").exists()
 
 
 def test_the_soft_scope_as_a_grid_dimension(ray_local, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--soft-scope", "paper", "related",
-        "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "scope", "--storage-path",
-        tmp_path / "ray", "--name", "scope"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--alphas",
+            "0.1,0.1",
+            "--beta",
+            "2",
+            "--gamma",
+            "2",
+            "--soft-scope",
+            "paper",
+            "related",
+            "--cpus-per-trial",
+            "0.5",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            "scope",
+            "--storage-path",
+            tmp_path / "ray",
+            "--name",
+            "scope",
+        )
+    )
     assert code == 0
     (parent,) = parents(uri, "scope")
     kids = children(uri, "scope", parent.info.run_id)
@@ -386,17 +591,40 @@ def test_one_configuration_over_seeds_is_an_ablation(ray_local, tmp_path):
     """One grid point with --seeds 3: three trials with seeds 42, 43, 44 and nothing else (no
     search phase), their mean and standard deviation with what the F1s were computed on."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.01,0.005", "--beta", "2", "--gamma", "2", "--seeds", "3", "--no-soft",
-        "--soft-scope", "related", "--cpus-per-trial", "0.5", "--mlflow-uri", uri, "--experiment-name", "ablation",
-        "--storage-path", tmp_path / "ray", "--name", "ablation"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--alphas",
+            "0.01,0.005",
+            "--beta",
+            "2",
+            "--gamma",
+            "2",
+            "--seeds",
+            "3",
+            "--no-soft",
+            "--soft-scope",
+            "related",
+            "--cpus-per-trial",
+            "0.5",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            "ablation",
+            "--storage-path",
+            tmp_path / "ray",
+            "--name",
+            "ablation",
+        )
+    )
     assert code == 0
     (parent,) = parents(uri, "ablation")
     kids = children(uri, "ablation", parent.info.run_id)
     assert len(kids) == 3 and {k.data.tags["softfine.phase"] for k in kids} == {"seeds"}  # no search trial
     assert sorted(k.data.params["seed"] for k in kids) == ["42", "43", "44"]
     assert {(point(k), k.data.params["soft"], k.data.params["soft_scope"]) for k in kids} == {
-        ((alphas_key(0.01, 0.005), 2.0, 2.0), "False", "related")}
+        ((alphas_key(0.01, 0.005), 2.0, 2.0), "False", "related")
+    }
     assert all(k.info.status == "FINISHED" for k in kids) and parent.info.status == "FINISHED"
     metrics, params = parent.data.metrics, parent.data.params
     dev = [k.data.metrics["best_dev_f1"] for k in kids]
@@ -410,11 +638,16 @@ def test_one_configuration_over_seeds_is_an_ablation(ray_local, tmp_path):
     assert metrics["seeds_test_gold_entities"] == kids[0].data.metrics["test_gold_entities"]
     assert params["mode"] == "seeds" and params["selected_beta"] == "2.0" and params["train.soft"] == "False"
     summary = read_summary(tmp_path / "ray", "ablation")
-    assert summary["mode"] == "seeds" and summary["seed_values"] == [42, 43, 44] and not summary["soft_labels"]
+    assert (
+        summary["mode"] == "seeds" and summary["seed_values"] == [42, 43, 44] and not summary["soft_labels"]
+    )
     assert summary["seeds_test_f1_mean"] == pytest.approx(statistics.fmean(test))
     assert "test_f1" not in [k for k in summary if k.startswith("best_")]  # no cherry-picked best seed
     line = next(x for x in output.splitlines() if x.startswith("The configuration with 3 seeds"))
-    assert f"test F1 {summary['seeds_test_f1_mean']:.4f} ± {summary['seeds_test_f1_std']:.4f} on 24 sentences" in line
+    assert (
+        f"test F1 {summary['seeds_test_f1_mean']:.4f} ± {summary['seeds_test_f1_std']:.4f} on 24 sentences"
+        in line
+    )
     assert "soft labels off (--no-soft)" in output and "seeds 42, 43, 44" in output
 
 
@@ -426,11 +659,30 @@ def test_a_failure_after_the_parent_run_was_created_ends_it_failed(ray_local, tm
 
     monkeypatch.setattr(search, "run_phase", broken)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--mlflow-uri", uri,
-        "--experiment-name", "broken", "--storage-path", tmp_path / "ray", "--name", "broken"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            "--alphas",
+            "0.1,0.1",
+            "--beta",
+            "2",
+            "--gamma",
+            "2",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            "broken",
+            "--storage-path",
+            tmp_path / "ray",
+            "--name",
+            "broken",
+        )
+    )
     assert code == 1
-    assert output.strip().splitlines()[-1] == "tune/search.py: error: RuntimeError: the search broke in two lines"
+    assert (
+        output.strip().splitlines()[-1]
+        == "tune/search.py: error: RuntimeError: the search broke in two lines"
+    )
     assert "Traceback" not in output
     (parent,) = parents(uri, "broken")
     assert parent.info.status == "FAILED" and "the search broke" in parent.data.tags["softfine.error"]
@@ -443,9 +695,27 @@ def test_a_password_in_the_tracking_uri_is_used_by_the_driver_and_stored_nowhere
     server = MlflowServer(tmp_path / "server", password=password).start()
     try:
         uri = f"http://admin:{password}@127.0.0.1:{server.port}"
-        code, output = run_search(small_search_flags(
-            shared_data_dir(), "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2", "--epochs", "1",
-            "--mlflow-uri", uri, "--experiment-name", "auth", "--storage-path", tmp_path / "ray", "--name", "auth"))
+        code, output = run_search(
+            small_search_flags(
+                shared_data_dir(),
+                "--alphas",
+                "0.1,0.1",
+                "--beta",
+                "2",
+                "--gamma",
+                "2",
+                "--epochs",
+                "1",
+                "--mlflow-uri",
+                uri,
+                "--experiment-name",
+                "auth",
+                "--storage-path",
+                tmp_path / "ray",
+                "--name",
+                "auth",
+            )
+        )
         assert code == 0
         assert password not in output and f"http://admin:***@127.0.0.1:{server.port}" in output
         assert "MLFLOW_TRACKING_PASSWORD" not in os.environ  # the driver's environment put back
@@ -455,7 +725,9 @@ def test_a_password_in_the_tracking_uri_is_used_by_the_driver_and_stored_nowhere
             (kid,) = children(server.uri, "auth", parent.info.run_id)  # the driver authenticated
             assert kid.info.status == "FINISHED" and "test_f1" in kid.data.metrics
             client = MlflowClient(tracking_uri=server.uri)
-            config = Path(client.download_artifacts(kid.info.run_id, "config.json", str(tmp_path / "dl"))).read_text()
+            config = Path(
+                client.download_artifacts(kid.info.run_id, "config.json", str(tmp_path / "dl"))
+            ).read_text()
             stored = [json.dumps(r.data.params) + json.dumps(r.data.tags) for r in (parent, kid)] + [config]
         finally:
             for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -468,6 +740,8 @@ def test_a_password_in_the_tracking_uri_is_used_by_the_driver_and_stored_nowhere
                 assert password.encode() not in path.read_bytes(), path
         summary = read_summary(tmp_path / "ray", "auth")
         assert summary["mlflow_uri"] == f"http://admin:***@127.0.0.1:{server.port}"
-        assert summary["model_uri"] and not summary["mlflow_account"]["driver_failures"]  # the driver authenticated
+        assert (
+            summary["model_uri"] and not summary["mlflow_account"]["driver_failures"]
+        )  # the driver authenticated
     finally:
         server.stop()

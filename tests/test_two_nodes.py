@@ -73,10 +73,24 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 import test_ray_up
-from test_ray_up import (LOCAL_YAML, RAY, Sshd, answers, free_ports, head_only_variant, jobs_api_answers,
-                         mlflow_health, processes_below, ray_cli_env, run, ssh_control_dir, tail, tear_down)
+import yaml
+from test_ray_up import (
+    LOCAL_YAML,
+    RAY,
+    Sshd,
+    answers,
+    free_ports,
+    head_only_variant,
+    jobs_api_answers,
+    mlflow_health,
+    processes_below,
+    ray_cli_env,
+    run,
+    ssh_control_dir,
+    tail,
+    tear_down,
+)
 from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags
 
 WORKER_IP = "127.0.0.2"
@@ -134,14 +148,18 @@ def provision(node: Sshd, s3_server) -> None:
     env = s3_server.env
     aws = inside(node, node.home / ".aws")
     aws.mkdir(mode=0o700)
-    (aws / "credentials").write_text(f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
-                                     f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+    (aws / "credentials").write_text(
+        f"[default]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n"
+    )
     (aws / "credentials").chmod(0o600)
     (aws / "config").write_text(f"[default]\nregion = {env['AWS_REGION']}\n")
     inside(node, node.home / ".bashrc").write_text(f"export AWS_ENDPOINT_URL={env['AWS_ENDPOINT_URL']}\n")
 
 
-def two_node_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], worker_agent_port: int, name: str) -> dict:
+def two_node_variant(
+    base: dict, *, sshd: Sshd, ports: dict[str, int], worker_agent_port: int, name: str
+) -> dict:
     """The head-only variant of cluster/local.yaml (test_ray_up.head_only_variant) with one
     worker, WORKER_IP. Beyond it:
 
@@ -164,8 +182,10 @@ def two_node_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], worker_ag
     config["head_start_ray_commands"] = extend(config["head_start_ray_commands"], f" --num-cpus={NODE_CPUS}")
     config["worker_start_ray_commands"] = extend(
         config["worker_start_ray_commands"],
-        f" --num-cpus={NODE_CPUS} --node-ip-address={WORKER_IP} --dashboard-agent-listen-port={worker_agent_port}"
-        " --min-worker-port=0 --max-worker-port=0")
+        f" --num-cpus={NODE_CPUS} --node-ip-address={WORKER_IP} "
+        f"--dashboard-agent-listen-port={worker_agent_port}"
+        " --min-worker-port=0 --max-worker-port=0",
+    )
     return config
 
 
@@ -178,14 +198,34 @@ def test_two_node_variant_differs_from_the_head_only_one_where_it_says(tmp_path)
     ports = dict(zip(("gcs", "dashboard", "client", "agent", "mlflow"), free_ports(5)))
     sshd = Sshd(tmp_path / "sshd", tmp_path / "home", free_ports(1)[0])
     head_only = head_only_variant(base, sshd=sshd, ports=ports, name="softfine-two-nodes-check")
-    variant = two_node_variant(base, sshd=sshd, ports=ports, worker_agent_port=1234, name="softfine-two-nodes-check")
+    variant = two_node_variant(
+        base, sshd=sshd, ports=ports, worker_agent_port=1234, name="softfine-two-nodes-check"
+    )
     changed = {k for k in set(head_only) | set(variant) if head_only.get(k) != variant.get(k)}
-    assert changed == {"provider", "min_workers", "max_workers", "head_start_ray_commands", "worker_start_ray_commands"}
-    assert variant["provider"]["worker_ips"] == [WORKER_IP] and variant["min_workers"] == variant["max_workers"] == 1
-    for key, added in (("head_start_ray_commands", [f"--num-cpus={NODE_CPUS}"]),
-                       ("worker_start_ray_commands", [f"--num-cpus={NODE_CPUS}", f"--node-ip-address={WORKER_IP}",
-                                                      "--dashboard-agent-listen-port=1234", "--min-worker-port=0",
-                                                      "--max-worker-port=0"])):
+    assert changed == {
+        "provider",
+        "min_workers",
+        "max_workers",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    }
+    assert (
+        variant["provider"]["worker_ips"] == [WORKER_IP]
+        and variant["min_workers"] == variant["max_workers"] == 1
+    )
+    for key, added in (
+        ("head_start_ray_commands", [f"--num-cpus={NODE_CPUS}"]),
+        (
+            "worker_start_ray_commands",
+            [
+                f"--num-cpus={NODE_CPUS}",
+                f"--node-ip-address={WORKER_IP}",
+                "--dashboard-agent-listen-port=1234",
+                "--min-worker-port=0",
+                "--max-worker-port=0",
+            ],
+        ),
+    ):
         for before, after in zip(head_only[key], variant[key], strict=True):
             assert after == before or after == " ".join([before, *added]), (before, after)
     resolved = _bootstrap_config(copy.deepcopy(variant), no_config_cache=True)
@@ -216,8 +256,11 @@ def alive_nodes(dashboard: int, count: int, timeout: float) -> list:
     deadline, nodes = time.time() + timeout, []
     while time.time() < deadline:
         try:
-            nodes = list_nodes(address=f"http://127.0.0.1:{dashboard}", filters=[("state", "=", "ALIVE")],
-                               raise_on_missing_output=False)
+            nodes = list_nodes(
+                address=f"http://127.0.0.1:{dashboard}",
+                filters=[("state", "=", "ALIVE")],
+                raise_on_missing_output=False,
+            )
         except Exception:  # noqa: BLE001 - the dashboard may not answer yet
             nodes = []
         if len(nodes) >= count:
@@ -237,32 +280,45 @@ def worker_results(s3_server, experiment: str) -> dict[str, list[dict]]:
     from pyarrow.fs import FileSelector, FileType
 
     fs, found = s3_server.fs(), {}
-    trials = [i.path for i in fs.get_file_info(FileSelector(experiment, allow_not_found=True))
-              if i.type == FileType.Directory and i.base_name.startswith("trial_")]
+    trials = [
+        i.path
+        for i in fs.get_file_info(FileSelector(experiment, allow_not_found=True))
+        if i.type == FileType.Directory and i.base_name.startswith("trial_")
+    ]
     for trial in trials:
         try:
             text = read_s3(s3_server, f"{trial}/result.json").decode()
         except FileNotFoundError:
             continue
-        lines = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]  # whole lines
+        lines = [
+            json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")
+        ]  # whole lines
         results = [r for r in lines if r.get("node_ip") == WORKER_IP]
         if results:
             found[trial.rpartition("/trial_")[2]] = results
     return found
 
 
-def kill_the_worker_mid_trial(s3_server, experiment: str, worker: Sshd, job: subprocess.Popen, killed: dict,
-                              timeout: float = 300) -> None:
+def kill_the_worker_mid_trial(
+    s3_server, experiment: str, worker: Sshd, job: subprocess.Popen, killed: dict, timeout: float = 300
+) -> None:
     """Once a trial on the worker has reported an evaluation (and so saved a checkpoint) and not
     finished, SIGKILL to the worker's raylet (the one process named raylet among the worker node's)
     and to every process below it; records the raylet's pid and the last step of each unfinished
     worker trial in `killed`."""
     deadline = time.time() + timeout
     while time.time() < deadline and job.poll() is None:
-        running = {t: rs for t, rs in worker_results(s3_server, experiment).items()
-                   if not any(r.get("final") for r in rs)}
+        running = {
+            t: rs
+            for t, rs in worker_results(s3_server, experiment).items()
+            if not any(r.get("final") for r in rs)
+        }
         if running:
-            raylets = [pid for pid, command in worker.processes().items() if command.split(" ")[0].endswith("/raylet")]
+            raylets = [
+                pid
+                for pid, command in worker.processes().items()
+                if command.split(" ")[0].endswith("/raylet")
+            ]
             if len(raylets) != 1:
                 killed["error"] = f"not one raylet among the worker's processes: {worker.processes()}"
                 return
@@ -272,8 +328,10 @@ def kill_the_worker_mid_trial(s3_server, experiment: str, worker: Sshd, job: sub
             killed.update(pid=raylets[0], steps={t: rs[-1]["step"] for t, rs in running.items()})
             return
         time.sleep(0.2)
-    killed["error"] = (f"no trial on the worker reported an evaluation before it finished, within {timeout:g} s "
-                       f"(the search ended: {job.poll() is not None})")
+    killed["error"] = (
+        f"no trial on the worker reported an evaluation before it finished, within {timeout:g} s "
+        f"(the search ended: {job.poll() is not None})"
+    )
 
 
 def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_server, monkeypatch):
@@ -281,7 +339,9 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_ser
 
     needed_tools()
     if not loopback_alias_answers(WORKER_IP):
-        pytest.fail(f"this machine does not answer on {WORKER_IP} (Linux routes all of 127.0.0.0/8 to the loopback)")
+        pytest.fail(
+            f"this machine does not answer on {WORKER_IP} (Linux routes all of 127.0.0.0/8 to the loopback)"
+        )
     data = shared_data_dir()
     head_port, worker_port, worker_agent, *rest = free_ports(8)
     ports = dict(zip(("gcs", "dashboard", "client", "agent", "mlflow"), rest))
@@ -291,10 +351,22 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_ser
     # worker's sshd port, and the key's path (ssh reads ~ as the user's home in the password
     # database, not as the head's HOME).
     head_home = tmp_path / "head-home"
-    head = Sshd(tmp_path / "head", head_home, head_port, ssh_config=(
-        f"Host {WORKER_IP}\n    Port {worker_port}\n    IdentityFile {head_home / 'ray_bootstrap_key.pem'}\n"))
-    worker = Sshd(tmp_path / "worker", tmp_path / "worker-home", worker_port, address=WORKER_IP,
-                  key=tmp_path / "head" / "client_key")
+    head = Sshd(
+        tmp_path / "head",
+        head_home,
+        head_port,
+        ssh_config=(
+            f"Host {WORKER_IP}\n    Port {worker_port}\n    IdentityFile "
+            f"{head_home / 'ray_bootstrap_key.pem'}\n"
+        ),
+    )
+    worker = Sshd(
+        tmp_path / "worker",
+        tmp_path / "worker-home",
+        worker_port,
+        address=WORKER_IP,
+        key=tmp_path / "head" / "client_key",
+    )
     nodes = [head]
     try:
         start_private(head, monkeypatch)
@@ -302,10 +374,17 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_ser
         for node in nodes:
             provision(node, s3_server)
             assert {"/tmp", "/dev/shm", "/var/tmp", str(node.home)} <= tmpfs_mounts(node), tmpfs_mounts(node)
-        assert str(data) in tmpfs_mounts(worker) and not list(inside(worker, data).iterdir())  # no data files there
+        assert str(data) in tmpfs_mounts(worker) and not list(
+            inside(worker, data).iterdir()
+        )  # no data files there
         assert (inside(head, data) / "resume" / "train.char.bmes").is_file()
-        config = two_node_variant(yaml.safe_load(LOCAL_YAML.read_text()), sshd=head, ports=ports,
-                                  worker_agent_port=worker_agent, name=name)
+        config = two_node_variant(
+            yaml.safe_load(LOCAL_YAML.read_text()),
+            sshd=head,
+            ports=ports,
+            worker_agent_port=worker_agent,
+            name=name,
+        )
         config_path = tmp_path / "local-two-nodes.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         try:
@@ -316,7 +395,9 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_ser
         deadline = time.time() + 30
         while answers(ports["gcs"]) and time.time() < deadline:
             time.sleep(0.5)
-        assert not answers(ports["gcs"]) and not answers(ports["dashboard"]), "the head's Ray runs after ray down"
+        assert not answers(ports["gcs"]) and not answers(ports["dashboard"]), (
+            "the head's Ray runs after ray down"
+        )
         assert not answers(ports["mlflow"]), "MLflow runs after `server.sh --stop`"
     finally:
         for node in reversed(nodes):
@@ -327,8 +408,9 @@ def test_two_nodes_by_ray_up_and_a_search_that_loses_the_worker(tmp_path, s3_ser
             ssh_control_dir(name).parent.rmdir()
 
 
-def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dict, head: Sshd, worker: Sshd,
-                                   data: Path, s3_server) -> None:
+def run_search_and_lose_the_worker(
+    tmp_path: Path, config_path: Path, ports: dict, head: Sshd, worker: Sshd, data: Path, s3_server
+) -> None:
     up = run([RAY, "up", "-y", "--no-config-cache", str(config_path)], timeout=240, log=tmp_path / "up.log")
     assert up.returncode == 0, tail(up.stdout)
     # The head as local.yaml sets it up: the repository synced to ~/softfine-tune (without
@@ -342,30 +424,70 @@ def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dic
     # The head's autoscaler sets the worker up over SSH (its log: the head's monitor.*).
     nodes = alive_nodes(ports["dashboard"], 2, timeout=240)
     # (session_latest links to /tmp/ray/..., the head's own view of its folder)
-    monitor = "\n".join(tail(p.read_bytes(), 3000) for p in inside(head, "/tmp/ray").glob("session_2*/logs/monitor.*"))
+    monitor = "\n".join(
+        tail(p.read_bytes(), 3000) for p in inside(head, "/tmp/ray").glob("session_2*/logs/monitor.*")
+    )
     assert len(nodes) == 2, f"{len(nodes)} node(s) alive; the head's autoscaler:\n{monitor}"
     addresses = {n.node_ip: n for n in nodes}
     assert WORKER_IP in addresses and len(addresses) == 2, addresses  # two nodes, two addresses
     (head_ip,) = set(addresses) - {WORKER_IP}
     assert addresses[head_ip].is_head_node and not addresses[WORKER_IP].is_head_node
-    assert (inside(worker, worker.home / "softfine-tune") / "tune" / "search.py").is_file()  # by the head's updater
+    assert (
+        inside(worker, worker.home / "softfine-tune") / "tune" / "search.py"
+    ).is_file()  # by the head's updater
 
     uri = f"http://127.0.0.1:{ports['mlflow']}"
     storage = s3_server.uri(f"two-nodes-{uuid.uuid4().hex[:8]}")
-    experiment = f"{storage[len('s3://'):]}/{SEARCH_NAME}"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    flags = small_search_flags(data, *GRID, "--epochs", str(EPOCHS), "--cpus-per-trial", "1", "--max-failures", "1",
-                               "--address", "auto", "--mlflow-uri", uri, "--experiment-name", EXPERIMENT,
-                               "--storage-path", str(storage), "--name", SEARCH_NAME)
+    experiment = f"{storage[len('s3://') :]}/{SEARCH_NAME}"
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    flags = small_search_flags(
+        data,
+        *GRID,
+        "--epochs",
+        str(EPOCHS),
+        "--cpus-per-trial",
+        "1",
+        "--max-failures",
+        "1",
+        "--address",
+        "auto",
+        "--mlflow-uri",
+        uri,
+        "--experiment-name",
+        EXPERIMENT,
+        "--storage-path",
+        str(storage),
+        "--name",
+        SEARCH_NAME,
+    )
     env = ray_cli_env()
     job_log = tmp_path / "job.log"
     with open(job_log, "w") as log:
         job = subprocess.Popen(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{ports['dashboard']}", "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps({"env_vars": {"SOFTFINE_GIT_COMMIT": commit or "unknown"}}),
-             "--", "python", "tune/search.py", *flags],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{ports['dashboard']}",
+                "--working-dir",
+                str(REPO),
+                "--runtime-env-json",
+                json.dumps({"env_vars": {"SOFTFINE_GIT_COMMIT": commit or "unknown"}}),
+                "--",
+                "python",
+                "tune/search.py",
+                *flags,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         killed: dict = {}
         try:
             kill_the_worker_mid_trial(s3_server, experiment, worker, job, killed)
@@ -380,9 +502,13 @@ def run_search_and_lose_the_worker(tmp_path: Path, config_path: Path, ports: dic
     print(f"killed the worker's raylet (pid {killed['pid']}) after steps {killed['steps']}")
     assert job.returncode == 0 and "succeeded" in output, tail(output)
     check_the_search(uri, s3_server, experiment, output, killed, head_ip)
-    assert (inside(head, head.home / "softfine-mlflow") / "mlflow.db").is_file()  # the store `ray up`'s server made
+    assert (
+        inside(head, head.home / "softfine-mlflow") / "mlflow.db"
+    ).is_file()  # the store `ray up`'s server made
     # The search's working folder is the head's own (~/.cache), the data never was on the worker.
-    assert (inside(head, head.home / ".cache" / "softfine" / "searches" / "s3") / experiment / "summary.json").is_file()
+    assert (
+        inside(head, head.home / ".cache" / "softfine" / "searches" / "s3") / experiment / "summary.json"
+    ).is_file()
     assert not list(inside(worker, data).iterdir())
 
 
@@ -406,14 +532,20 @@ def check_the_search(uri: str, s3_server, experiment: str, output: str, killed: 
         steps[trial_id] = sorted(history)
     assert len({tuple(s) for s in steps.values()}) == 1, steps  # every trial: every evaluation, once
 
-    rows = {r["trial_id"]: r for r in csv.DictReader(io.StringIO(read_s3(s3_server, f"{experiment}/trials.csv")
-                                                                 .decode("utf-8"), newline=""))}
+    rows = {
+        r["trial_id"]: r
+        for r in csv.DictReader(
+            io.StringIO(read_s3(s3_server, f"{experiment}/trials.csv").decode("utf-8"), newline="")
+        )
+    }
     summary = json.loads(read_s3(s3_server, f"{experiment}/summary.json"))
     retried = {r["trial_id"]: r for r in summary["retries"]}
     # The trials the worker ran when it died were retried, once each (and so was a trial it had just
     # started, if any: the per-trial checks below say it failed there before its first evaluation).
     assert set(killed["steps"]) <= set(retried) and len(summary["retries"]) == len(retried), (killed, retried)
-    assert parent.data.metrics["trials_retried"] == len(retried) and parent.data.metrics["trials_finished"] == 4
+    assert (
+        parent.data.metrics["trials_retried"] == len(retried) and parent.data.metrics["trials_finished"] == 4
+    )
     for trial_id, kid in by_trial.items():
         tags, row = kid.data.tags, rows[trial_id]
         assert tags["softfine.node_ip"] == row["node_ip"], (tags, row)  # where the trial ended
@@ -421,21 +553,37 @@ def check_the_search(uri: str, s3_server, experiment: str, output: str, killed: 
             assert tags["softfine.attempt"] == "1" and not row["retried_after"], (tags, row)
             continue
         retry = retried[trial_id]
-        assert tags["softfine.attempt"] == "2" and row["node_ip"] == head_ip, (tags, row)  # the remaining node
-        assert "actor" in retry["error"].lower(), retry  # Ray's error: the trial's actor died or cannot be reached
+        assert tags["softfine.attempt"] == "2" and row["node_ip"] == head_ip, (
+            tags,
+            row,
+        )  # the remaining node
+        assert "actor" in retry["error"].lower(), (
+            retry
+        )  # Ray's error: the trial's actor died or cannot be reached
         if retry["step"] is None:  # started on the worker, killed before its first evaluation
-            assert retry["node_ip"] in ("", WORKER_IP) and "softfine.resumed_from_step" not in tags, (retry, tags)
-            described = f"failed on {WORKER_IP} before its first evaluation: " if retry["node_ip"] else \
-                "failed before its first evaluation: "
+            assert retry["node_ip"] in ("", WORKER_IP) and "softfine.resumed_from_step" not in tags, (
+                retry,
+                tags,
+            )
+            described = (
+                f"failed on {WORKER_IP} before its first evaluation: "
+                if retry["node_ip"]
+                else "failed before its first evaluation: "
+            )
         else:  # failed on the worker after its last evaluation there, went on from that checkpoint
             assert retry["node_ip"] == WORKER_IP and retry["step"] >= killed["steps"].get(trial_id, 0), retry
             # From its last registered checkpoint: the failed attempt's last report may have reached the
             # driver while its checkpoint did not become the one to restore (MLflow logs that step once).
-            assert killed["steps"].get(trial_id, 0) <= int(tags["softfine.resumed_from_step"]) <= retry["step"], \
-                (tags, retry)
+            assert (
+                killed["steps"].get(trial_id, 0) <= int(tags["softfine.resumed_from_step"]) <= retry["step"]
+            ), (tags, retry)
             described = f"failed on {WORKER_IP} after step {retry['step']}: "
-        assert tags["softfine.retried_after"].startswith(described) and row["retried_after"].startswith(described)
-        line = next((x for x in output.splitlines() if f"retried from its last checkpoint: trial {trial_id}" in x), "")
+        assert tags["softfine.retried_after"].startswith(described) and row["retried_after"].startswith(
+            described
+        )
+        line = next(
+            (x for x in output.splitlines() if f"retried from its last checkpoint: trial {trial_id}" in x), ""
+        )
         assert described in line, tail(output)  # the printed summary says which trial, where and why
     # Trials ran on both nodes: where they ended, and where the retried ones failed.
     where = {r["node_ip"] for r in rows.values()} | {r["node_ip"] for r in retried.values() if r["node_ip"]}

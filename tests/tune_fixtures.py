@@ -31,12 +31,18 @@ def shared_data_dir() -> Path:
     """$SOFTFINE_DATA_DIR, else ../shared/data beside the repository; a test fails (never skips)
     when the data is missing."""
     path = Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
-    needed = [path / "weibo" / "weiboNER_2nd_conll.train", path / "resume" / "train.char.bmes",
-              path / "resume" / "dev.char.bmes", path / "resume" / "test.char.bmes"]
+    needed = [
+        path / "weibo" / "weiboNER_2nd_conll.train",
+        path / "resume" / "train.char.bmes",
+        path / "resume" / "dev.char.bmes",
+        path / "resume" / "test.char.bmes",
+    ]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
-        pytest.fail(f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put the shared data "
-                    "in ../shared/data beside the repository)")
+        pytest.fail(
+            f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put the shared data "
+            "in ../shared/data beside the repository)"
+        )
     return path
 
 
@@ -44,9 +50,31 @@ def small_search_flags(data_dir: Path, *extra: str) -> list[str]:
     """A search that takes seconds per trial on CPU: the smallest tiny encoder (1 layer of 64), 24
     Resume sentences, 2 epochs at a learning rate high enough that dev F1 differs between grid
     points (the tiny encoder's other defaults: its own, not the preset's bert-base ones)."""
-    return ["--dataset", "resume", "--data-dir", str(data_dir), "--model", "tiny", "--tiny-layers", "1",
-            "--tiny-hidden", "64", "--limit-train", "24", "--limit-eval", "24", "--epochs", "2", "--batch-size", "2",
-            "--lr", "5e-3", "--gpus-per-trial", "0", *extra]
+    return [
+        "--dataset",
+        "resume",
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        "tiny",
+        "--tiny-layers",
+        "1",
+        "--tiny-hidden",
+        "64",
+        "--limit-train",
+        "24",
+        "--limit-eval",
+        "24",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--lr",
+        "5e-3",
+        "--gpus-per-trial",
+        "0",
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -77,25 +105,52 @@ class MlflowServer:
         self.password = password
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120) -> "MlflowServer":
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    def start(self, timeout: float = 120) -> MlflowServer:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
         auth = []
         if self.password is not None:
-            (self.folder / "basic_auth.ini").write_text(AUTH_INI.format(folder=self.folder, password=self.password))
-            env.update(MLFLOW_AUTH_CONFIG_PATH=str(self.folder / "basic_auth.ini"),
-                       MLFLOW_FLASK_SERVER_SECRET_KEY="softfine-tests-only")
+            (self.folder / "basic_auth.ini").write_text(
+                AUTH_INI.format(folder=self.folder, password=self.password)
+            )
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(self.folder / "basic_auth.ini"),
+                MLFLOW_FLASK_SERVER_SECRET_KEY="softfine-tests-only",
+            )
             auth = ["--app-name", "basic-auth"]
-        self.log = open(self.folder / "server.log", "ab")
+        self.log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - closed by stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-             "--artifacts-destination", str(self.folder / "artifacts"), *auth],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=self.folder)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.folder / "artifacts"),
+                *auth,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=self.folder,
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.folder / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited: {(self.folder / 'server.log').read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
                     if response.status == 200:
@@ -172,8 +227,11 @@ def children(uri: str, experiment_name: str, parent_run_id: str | None = None) -
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(experiment_name)
-    query = "tags.`softfine.phase` != 'parent'" if parent_run_id is None else \
-        f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    query = (
+        "tags.`softfine.phase` != 'parent'"
+        if parent_run_id is None
+        else f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
     return client.search_runs([experiment.experiment_id], filter_string=query, max_results=1000)
 
 
@@ -194,8 +252,14 @@ def read_summary(storage: Path, name: str) -> dict:
 def read_trials(folder: Path) -> list[dict]:
     """A search's trials.csv, with the trials' start and end times as numbers."""
     with open(folder / "trials.csv", newline="") as f:
-        return [{**r, "trial_start_time": float(r["trial_start_time"]), "trial_end_time": float(r["trial_end_time"])}
-                for r in csv.DictReader(f)]
+        return [
+            {
+                **r,
+                "trial_start_time": float(r["trial_start_time"]),
+                "trial_end_time": float(r["trial_end_time"]),
+            }
+            for r in csv.DictReader(f)
+        ]
 
 
 def slot_seconds(rows: list[dict], held) -> tuple[float, float]:
@@ -232,10 +296,28 @@ def run_crashing_search(tmp_path: Path, *grid: str) -> tuple[int, str, dict]:
     killed: dict = {}
     watcher = threading.Thread(target=kill_the_trial_once, args=(tmp_path / "ray" / "crash", killed))
     watcher.start()
-    code, output = run_search(small_search_flags(
-        shared_data_dir(), *grid, "--epochs", "2", "--eval-every", "2", "--batch-size", "4", "--max-failures", "1",
-        "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--experiment-name", "crash",
-        "--storage-path", tmp_path / "ray", "--name", "crash"))
+    code, output = run_search(
+        small_search_flags(
+            shared_data_dir(),
+            *grid,
+            "--epochs",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-failures",
+            "1",
+            "--mlflow-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--experiment-name",
+            "crash",
+            "--storage-path",
+            tmp_path / "ray",
+            "--name",
+            "crash",
+        )
+    )
     watcher.join()
     return code, output, killed
 
@@ -258,16 +340,22 @@ def saved_trials_so_far(experiment: Path) -> dict:
 def trial_processes() -> list[int]:
     """Process ids of the Ray workers running a trial (title ray::ImplicitFunc...) among this
     test's own processes (ray_local's Ray is a child of this process)."""
-    return [pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")]
+    return [
+        pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")
+    ]
 
 
 def kill_the_driver_when(flags: list, address: str, tmp_path: Path, ready, timeout: float = 300) -> None:
     """Runs `tune/search.py FLAGS --address ADDRESS` as a process of its own (its output in
     tmp_path/driver.log), SIGKILLs it once `ready()` holds (checked every half second), and waits
     until Ray has ended the trial it was running (a minute at most; in under a second here)."""
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, str(SEARCH_SCRIPT), *map(str, flags), "--address", address],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - closed once the driver is killed
+    driver = subprocess.Popen(
+        [sys.executable, str(SEARCH_SCRIPT), *map(str, flags), "--address", address],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:

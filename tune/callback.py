@@ -49,8 +49,17 @@ log = logging.getLogger("softfine.tune")
 ATTEMPT_TAG = "softfine.attempt"  # 2 and more: retried (--max-failures) or resumed (--resume)
 MEMBER_TAG = "softfine.fused_member"  # a fused trial's runs: the member's number in its group
 FINAL_KEYS = (METRIC, "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
-PLACEMENT = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device",
-             "device_note", "resumed_from_step")
+PLACEMENT = (
+    "node_id",
+    "node_ip",
+    "hostname",
+    "gpu_ids",
+    "gpu_share",
+    "cuda_visible_devices",
+    "device",
+    "device_note",
+    "resumed_from_step",
+)
 
 
 class MLflowChildRuns(Callback):
@@ -59,10 +68,26 @@ class MLflowChildRuns(Callback):
     # another machine.
     search_files = None
 
-    def __init__(self, folder: str, experiment_id: str, parent_run_id: str, search: str, phase: str, base,
-                 run_tags: dict, datasets: list, timeout: float = 10, probe_interval: float = 30):
+    def __init__(
+        self,
+        folder: str,
+        experiment_id: str,
+        parent_run_id: str,
+        search: str,
+        phase: str,
+        base,
+        run_tags: dict,
+        datasets: list,
+        timeout: float = 10,
+        probe_interval: float = 30,
+    ):
         self.folder = folder  # the search's folder: the phase's account goes there at the end
-        self.experiment_id, self.parent_run_id, self.search, self.phase = experiment_id, parent_run_id, search, phase
+        self.experiment_id, self.parent_run_id, self.search, self.phase = (
+            experiment_id,
+            parent_run_id,
+            search,
+            phase,
+        )
         self.base = base  # the search's TrainConfig: a trial's params are it with the point replaced
         self.run_tags, self.datasets = run_tags, datasets  # source and code version; mlflow DatasetInputs
         self.timeout, self.probe_interval = timeout, probe_interval
@@ -81,10 +106,19 @@ class MLflowChildRuns(Callback):
         return {**self.__dict__, "client": None}  # no connection in the Tuner's pickle
 
     def get_state(self) -> dict:
-        return {"runs": self.runs, "pending": self.pending, "failures": self.failures, "retries": self.retries}
+        return {
+            "runs": self.runs,
+            "pending": self.pending,
+            "failures": self.failures,
+            "retries": self.retries,
+        }
 
     def set_state(self, state: dict) -> None:
-        self.runs, self.pending, self.failures = dict(state["runs"]), list(state["pending"]), list(state["failures"])
+        self.runs, self.pending, self.failures = (
+            dict(state["runs"]),
+            list(state["pending"]),
+            list(state["failures"]),
+        )
         self.retries = list(state.get("retries", []))  # absent from the state of an older search
 
     def setup(self, **info) -> None:
@@ -106,40 +140,88 @@ class MLflowChildRuns(Callback):
         The trial's placement as tags each time (a retried trial may run elsewhere)."""
         final = bool(result.get("final"))
         for (member, _), part in zip(members(trial), member_results(result)):
-            keys = ([k for k in part if k.startswith("test_")] + list(FINAL_KEYS) if final
-                    else [k for k in part if k.startswith(("dev_", "train_"))] + ["epoch", METRIC])
-            tags = {f"softfine.{k}": part[k] for k in PLACEMENT + ("data_sha256",) if part.get(k) not in (None, "")}
-            self.submit({"op": "result", "trial_id": trial.trial_id, "member": member, "evaluation": not final,
-                         "step": int(part.get("best_step" if final else "step") or 0),
-                         "metrics": {k: part[k] for k in keys if _number(part.get(k))}, "tags": tags})
+            keys = (
+                [k for k in part if k.startswith("test_")] + list(FINAL_KEYS)
+                if final
+                else [k for k in part if k.startswith(("dev_", "train_"))] + ["epoch", METRIC]
+            )
+            tags = {
+                f"softfine.{k}": part[k]
+                for k in PLACEMENT + ("data_sha256",)
+                if part.get(k) not in (None, "")
+            }
+            self.submit(
+                {
+                    "op": "result",
+                    "trial_id": trial.trial_id,
+                    "member": member,
+                    "evaluation": not final,
+                    "step": int(part.get("best_step" if final else "step") or 0),
+                    "metrics": {k: part[k] for k in keys if _number(part.get(k))},
+                    "tags": tags,
+                }
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         finished = bool((trial.last_result or {}).get("final"))
         for (member, _), folder in zip(members(trial), member_dirs(trial.config)):
             if finished and trial.checkpoint is not None:  # a path, or a URI on a remote storage
-                where = uri_of(trial.checkpoint.filesystem, posixpath.normpath(posixpath.join(trial.checkpoint.path,
-                                                                                              folder)))
-                self.submit({"op": "artifact", "trial_id": trial.trial_id, "member": member, "checkpoint": where})
+                where = uri_of(
+                    trial.checkpoint.filesystem,
+                    posixpath.normpath(posixpath.join(trial.checkpoint.path, folder)),
+                )
+                self.submit(
+                    {"op": "artifact", "trial_id": trial.trial_id, "member": member, "checkpoint": where}
+                )
             else:  # stopped by the scheduler (ASHA)
-                self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member,
-                             "tags": {"softfine.stopped_early": "true"}})
-            self.submit({"op": "end", "trial_id": trial.trial_id, "member": member,
-                         "status": "FINISHED" if finished else "KILLED"})
+                self.submit(
+                    {
+                        "op": "tags",
+                        "trial_id": trial.trial_id,
+                        "member": member,
+                        "tags": {"softfine.stopped_early": "true"},
+                    }
+                )
+            self.submit(
+                {
+                    "op": "end",
+                    "trial_id": trial.trial_id,
+                    "member": member,
+                    "status": "FINISHED" if finished else "KILLED",
+                }
+            )
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         """A failed trial that Ray will restart from its last checkpoint: where it failed, and why."""
         last = trial.last_result or {}
-        retry = {"trial_id": trial.trial_id, "node_ip": last.get("node_ip", ""), "step": last.get("step"),
-                 "error": trial_error(trial)}
+        retry = {
+            "trial_id": trial.trial_id,
+            "node_ip": last.get("node_ip", ""),
+            "step": last.get("step"),
+            "error": trial_error(trial),
+        }
         self.retries.append(retry)
         for member, _ in members(trial):
-            self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member,
-                         "tags": {"softfine.retried_after": describe_retry(retry)}})
+            self.submit(
+                {
+                    "op": "tags",
+                    "trial_id": trial.trial_id,
+                    "member": member,
+                    "tags": {"softfine.retried_after": describe_retry(retry)},
+                }
+            )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = trial_error(trial)
         for member, _ in members(trial):
-            self.submit({"op": "tags", "trial_id": trial.trial_id, "member": member, "tags": {"softfine.error": error}})
+            self.submit(
+                {
+                    "op": "tags",
+                    "trial_id": trial.trial_id,
+                    "member": member,
+                    "tags": {"softfine.error": error},
+                }
+            )
             self.submit({"op": "end", "trial_id": trial.trial_id, "member": member, "status": "FAILED"})
 
     def on_experiment_end(self, trials, **info) -> None:
@@ -152,7 +234,9 @@ class MLflowChildRuns(Callback):
             write_account(files.folder, self.phase, self.runs, self.pending, self.failures, self.retries)
             files.push(RUNS.format(self.phase), UNLOGGED.format(self.phase))
             return
-        folder = Path(trials[0].storage.experiment_fs_path).parent / self.search if trials else Path(self.folder)
+        folder = (
+            Path(trials[0].storage.experiment_fs_path).parent / self.search if trials else Path(self.folder)
+        )
         write_account(folder, self.phase, self.runs, self.pending, self.failures, self.retries)
 
     # -- the queue ----------------------------------------------------------------------------
@@ -174,8 +258,12 @@ class MLflowChildRuns(Callback):
                 self.failures.append(describe_error(err))
                 if self.down_since is None:
                     self.down_since = time.time()
-                    log.warning("MLflow did not take an update of trial %s (%s); the trials go on, and the updates "
-                                "are kept to be sent later", self.pending[0]["trial_id"], self.failures[-1])
+                    log.warning(
+                        "MLflow did not take an update of trial %s (%s); the trials go on, and the updates "
+                        "are kept to be sent later",
+                        self.pending[0]["trial_id"],
+                        self.failures[-1],
+                    )
                 return False
             self.pending.pop(0)
             if self.down_since is not None:
@@ -193,9 +281,13 @@ class MLflowChildRuns(Callback):
         run_id = self.runs[key]
         if op["op"] == "result":
             at = int(op["time"] * 1000)
-            again = op.get("evaluation") and op["step"] <= self.logged.get(key, -1)  # made again after a retry
+            again = op.get("evaluation") and op["step"] <= self.logged.get(
+                key, -1
+            )  # made again after a retry
             metrics = [] if again else [Metric(k, float(v), at, op["step"]) for k, v in op["metrics"].items()]
-            self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
+            self.client.log_batch(
+                run_id, metrics=metrics, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()]
+            )
             if op.get("evaluation") and not again:
                 self.logged[key] = op["step"]
         elif op["op"] == "tags":
@@ -221,12 +313,20 @@ class MLflowChildRuns(Callback):
             self.runs[key] = run_id
             attempt = int(self.client.get_run(run_id).data.tags.get(ATTEMPT_TAG, "1")) + 1
             self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
-            history = self.client.get_metric_history(run_id, "dev_f1")  # what it has, whatever the driver knew
+            history = self.client.get_metric_history(
+                run_id, "dev_f1"
+            )  # what it has, whatever the driver knew
             self.logged[key] = max((m.step for m in history), default=-1)
             self.client.update_run(run_id, status="RUNNING")
             return
-        tags = {"mlflow.parentRunId": self.parent_run_id, TRIAL_ID_TAG: trial_id, PHASE_TAG: self.phase,
-                SEARCH_TAG: self.search, ATTEMPT_TAG: "1", **self.run_tags}
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            TRIAL_ID_TAG: trial_id,
+            PHASE_TAG: self.phase,
+            SEARCH_TAG: self.search,
+            ATTEMPT_TAG: "1",
+            **self.run_tags,
+        }
         if member is not None:
             tags[MEMBER_TAG] = str(member)
         run_id = self.client.create_run(self.experiment_id, run_name=point_name(point), tags=tags).info.run_id
@@ -260,15 +360,19 @@ def run_key(trial_id: str, member: int | None) -> str:
 RUNS, UNLOGGED = "mlflow_runs.{}.json", "mlflow_unlogged.{}.jsonl"  # per phase: search, seeds
 
 
-def write_account(folder: Path, phase: str, runs: dict, pending: list, failures: list,
-                  retries: list | None = None) -> None:
+def write_account(
+    folder: Path, phase: str, runs: dict, pending: list, failures: list, retries: list | None = None
+) -> None:
     """Beside the Ray results: the trials' runs and retries, and what MLflow never took (if anything)."""
-    (folder / RUNS.format(phase)).write_text(json.dumps({"runs": runs, "failures": failures[-100:],
-                                                         "retries": retries or []}, indent=1))
+    (folder / RUNS.format(phase)).write_text(
+        json.dumps({"runs": runs, "failures": failures[-100:], "retries": retries or []}, indent=1)
+    )
     unlogged = folder / UNLOGGED.format(phase)
     if pending:
-        unlogged.write_text("".join(json.dumps(op, ensure_ascii=False, default=str) + "\n" for op in pending),
-                            encoding="utf-8")
+        unlogged.write_text(
+            "".join(json.dumps(op, ensure_ascii=False, default=str) + "\n" for op in pending),
+            encoding="utf-8",
+        )
     elif unlogged.exists():
         unlogged.unlink()
 
@@ -278,8 +382,11 @@ def read_account(folder: Path, phase: str) -> tuple[dict, list, list]:
     runs = folder / RUNS.format(phase)
     record = json.loads(runs.read_text()) if runs.is_file() else {"runs": {}, "failures": []}
     unlogged = folder / UNLOGGED.format(phase)
-    pending = ([json.loads(line) for line in unlogged.read_text(encoding="utf-8").splitlines() if line.strip()]
-               if unlogged.is_file() else [])
+    pending = (
+        [json.loads(line) for line in unlogged.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if unlogged.is_file()
+        else []
+    )
     return record["runs"], pending, record["failures"]
 
 
@@ -290,7 +397,8 @@ def read_retries(folder: Path, phase: str) -> list[dict]:
 
 
 def describe_retry(retry: dict) -> str:
-    """"failed on 10.0.0.2 after step 24: ActorDiedError: ..." (where and when an attempt failed, and why)."""
+    """ "failed on 10.0.0.2 after step 24: ActorDiedError: ..." (where and when an attempt failed,
+    and why)."""
     where = f" on {retry['node_ip']}" if retry.get("node_ip") else ""
     when = f"after step {retry['step']}" if retry.get("step") is not None else "before its first evaluation"
     return f"failed{where} {when}: {retry['error']}"
@@ -313,8 +421,11 @@ def trial_error(trial) -> str:
         error = trial.get_error()
         text = str(error) if error else ""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    named = [i for i, line in enumerate(lines)
-             if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    named = [
+        i
+        for i, line in enumerate(lines)
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)
+    ]
     # A RayTaskError's text is the trial's traceback, whose last named exception is the cause;
     # an actor's error (ActorDiedError, ActorUnavailableError) is Ray's message alone, kept whole.
-    return " ".join(lines[named[-1] if named else 0:])[:4000] or "unknown error"
+    return " ".join(lines[named[-1] if named else 0 :])[:4000] or "unknown error"

@@ -30,7 +30,7 @@ def probe_gcs(host: str, port: int, timeout: float) -> str | None:
             conn.settimeout(timeout)
             conn.sendall(HTTP2_PREFACE)
             head = conn.recv(9)
-    except socket.timeout:
+    except TimeoutError:
         return f"no answer within {timeout:g} s"
     except OSError as err:
         return err.strerror or str(err) or type(err).__name__
@@ -50,7 +50,7 @@ def check_address(address: str | None, timeout: float = 10) -> None:
     given = address or os.environ.get("RAY_ADDRESS")
     source = "--address" if address else "RAY_ADDRESS"
     if given and given.startswith("ray://"):  # Ray Client
-        target = given[len("ray://"):]
+        target = given[len("ray://") :]
     else:
         from ray._private.services import canonicalize_bootstrap_address
 
@@ -68,8 +68,10 @@ def check_address(address: str | None, timeout: float = 10) -> None:
     why = probe_gcs(host.strip("[]"), int(port), timeout)
     if why:
         where = "there" if target == given else f"at {target}"
-        raise SearchError(f"{source} {given or address}: no Ray cluster answers {where} ({why}); start one (ray "
-                          "start --head) or check the address, or leave --address out for a local instance")
+        raise SearchError(
+            f"{source} {given or address}: no Ray cluster answers {where} ({why}); start one (ray "
+            "start --head) or check the address, or leave --address out for a local instance"
+        )
 
 
 def connect_ray(address: str | None) -> bool:
@@ -82,7 +84,9 @@ def connect_ray(address: str | None) -> bool:
     # processes take CPU from the trials on a small machine.
     own = {"include_dashboard": False} if address in (None, "local") else {}
     try:
-        ray.init(address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING, **own)
+        ray.init(
+            address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING, **own
+        )
     except ConnectionError as err:  # e.g. auto, and no cluster is running
         raise SearchError(f"--address {address}: {err}") from None
     return True
@@ -92,29 +96,39 @@ def cluster_resources() -> dict:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return {"nodes": len(nodes),
-            "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes),
-            "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
-            "max_node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
-            "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
-            "gpu_nodes": [n["NodeID"] for n in nodes if n["Resources"].get("GPU", 0) >= 1e-9],
-            "hosts": sorted({n["NodeManagerAddress"] for n in nodes})}
+    return {
+        "nodes": len(nodes),
+        "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes),
+        "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
+        "max_node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
+        "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
+        "gpu_nodes": [n["NodeID"] for n in nodes if n["Resources"].get("GPU", 0) >= 1e-9],
+        "hosts": sorted({n["NodeManagerAddress"] for n in nodes}),
+    }
 
 
 def check_cluster(args: argparse.Namespace, cluster: dict, storage) -> None:
     """The trials' resources against the cluster's nodes; on several hosts, a word on a local
     --storage-path (`storage`: storage.Storage), which every host must share."""
     if len(cluster["hosts"]) > 1 and not storage.remote:
-        log.warning("the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
-                    "NFS), or cloud storage (s3://BUCKET/PREFIX), for the checkpoints that --max-failures and "
-                    "--resume use", len(cluster["hosts"]), storage)
+        log.warning(
+            "the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
+            "NFS), or cloud storage (s3://BUCKET/PREFIX), for the checkpoints that --max-failures and "
+            "--resume use",
+            len(cluster["hosts"]),
+            storage,
+        )
     if args.gpus_per_trial > cluster["max_node_gpus"]:
-        raise SearchError(f"--gpus-per-trial {args.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
-                          f"(the most on one node: {cluster['max_node_gpus']:g}; {cluster['nodes']} node(s)). "
-                          "Use --gpus-per-trial 0 to train on CPU, or connect to a GPU cluster with --address.")
+        raise SearchError(
+            f"--gpus-per-trial {args.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
+            f"(the most on one node: {cluster['max_node_gpus']:g}; {cluster['nodes']} node(s)). "
+            "Use --gpus-per-trial 0 to train on CPU, or connect to a GPU cluster with --address."
+        )
     if args.cpus_per_trial > cluster["max_node_cpus"]:
-        raise SearchError(f"--cpus-per-trial {args.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs "
-                          f"(the most on one node: {cluster['max_node_cpus']:g}).")
+        raise SearchError(
+            f"--cpus-per-trial {args.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs "
+            f"(the most on one node: {cluster['max_node_cpus']:g})."
+        )
 
 
 def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) -> None:
@@ -125,21 +139,34 @@ def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) ->
     if args.gpus_per_trial <= 0 or args.allow_cpu_fallback:
         return
     probe = ray.remote(probe_cuda)
-    refs = [probe.options(num_gpus=args.gpus_per_trial, num_cpus=0,
-                          scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-            for node in cluster["gpu_nodes"]]
+    refs = [
+        probe.options(
+            num_gpus=args.gpus_per_trial,
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote()
+        for node in cluster["gpu_nodes"]
+    ]
     ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if waiting:
-        log.warning("%d GPU node(s) did not answer the CUDA check within %.0f s (GPUs busy?); going on",
-                    len(waiting), timeout)
+        log.warning(
+            "%d GPU node(s) did not answer the CUDA check within %.0f s (GPUs busy?); going on",
+            len(waiting),
+            timeout,
+        )
     blind = [r for r in ray.get(ready) if not r["cuda"]]
     if blind:
-        lines = "; ".join(f"node {r['node_id'][:12]} ({r['hostname']}): Ray GPU {r['gpu_ids']}, torch "
-                          f"{r['torch']} CUDA build {r['cuda_build'] or 'none'}, CUDA_VISIBLE_DEVICES="
-                          f"{r['visible']!r}" for r in blind)
-        raise SearchError(f"Ray gives trials GPUs that torch cannot see on {len(blind)} node(s): {lines}. Install a "
-                          "CUDA build of torch there, use --gpus-per-trial 0 to train on CPU, or "
-                          "--allow-cpu-fallback to train on CPU where this happens.")
+        lines = "; ".join(
+            f"node {r['node_id'][:12]} ({r['hostname']}): Ray GPU {r['gpu_ids']}, torch "
+            f"{r['torch']} CUDA build {r['cuda_build'] or 'none'}, CUDA_VISIBLE_DEVICES="
+            f"{r['visible']!r}"
+            for r in blind
+        )
+        raise SearchError(
+            f"Ray gives trials GPUs that torch cannot see on {len(blind)} node(s): {lines}. Install a "
+            "CUDA build of torch there, use --gpus-per-trial 0 to train on CPU, or "
+            "--allow-cpu-fallback to train on CPU where this happens."
+        )
 
 
 def fuse_to_fit(args: argparse.Namespace, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
@@ -156,22 +183,28 @@ def fuse_to_fit(args: argparse.Namespace, base, corpus, points: int, timeout: fl
     try:
         found = ray.get(measure.remote(base, corpus, args.gpus_per_trial), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
-        raise SearchError(f"--fuse auto: no GPU measured a step within {timeout:.0f} s (GPUs busy?); "
-                          "give --fuse K") from None
+        raise SearchError(
+            f"--fuse auto: no GPU measured a step within {timeout:.0f} s (GPUs busy?); give --fuse K"
+        ) from None
     except ray.exceptions.RayTaskError as err:
-        raise SearchError(f"--fuse auto: measuring a step's memory failed: {str(err).strip().splitlines()[-1]}; "
-                          "give --fuse K") from None
+        raise SearchError(
+            f"--fuse auto: measuring a step's memory failed: {str(err).strip().splitlines()[-1]}; "
+            "give --fuse K"
+        ) from None
     from softfine.memory import members_that_fit
 
     size = members_that_fit(found["budget"], found, points)
-    gib = 2 ** 30
-    return size, (f"one member's step peaks at {found['one'] / gib:.2f} GiB, each more adds "
-                  f"{found['each_more'] / gib:.2f} GiB, of {found['budget'] / gib:.1f} GiB usable on "
-                  f"{found['gpu']}")
+    gib = 2**30
+    return size, (
+        f"one member's step peaks at {found['one'] / gib:.2f} GiB, each more adds "
+        f"{found['each_more'] / gib:.2f} GiB, of {found['budget'] / gib:.1f} GiB usable on "
+        f"{found['gpu']}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Inside a trial or task: where it runs.
+
 
 def measure_members(base, corpus, share: float) -> dict:
     """Run as a Ray task holding a trial's GPUs: softfine.memory.member_memory on `base`, and the
@@ -184,17 +217,27 @@ def measure_members(base, corpus, share: float) -> dict:
 
     free, total = torch.cuda.mem_get_info()
     budget = int(0.9 * min(free, total * min(share, 1.0)))
-    return {**member_memory(dataclasses.replace(base, device="cuda"), corpus), "budget": budget,
-            "gpu": torch.cuda.get_device_name()}
+    return {
+        **member_memory(dataclasses.replace(base, device="cuda"), corpus),
+        "budget": budget,
+        "gpu": torch.cuda.get_device_name(),
+    }
+
 
 def probe_cuda() -> dict:
     """Run as a Ray task holding a trial's GPUs: does torch see them on this node?"""
     import ray
     import torch
 
-    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-            "gpu_ids": ray.get_gpu_ids(), "cuda": torch.cuda.is_available(), "torch": torch.__version__,
-            "cuda_build": torch.version.cuda, "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "gpu_ids": ray.get_gpu_ids(),
+        "cuda": torch.cuda.is_available(),
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
 
 
 def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
@@ -210,11 +253,13 @@ def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
         return "cpu", ""
     if torch.cuda.is_available():
         return "cuda", ""
-    message = (f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node "
-               f"{ray.get_runtime_context().get_node_id()} ({socket.gethostname()}), but torch "
-               f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device "
-               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Install a CUDA build "
-               f"of torch on that node, or run the search with --gpus-per-trial 0 to train on CPU.")
+    message = (
+        f"Ray gave this trial GPU {', '.join(map(str, gpu_ids))} on node "
+        f"{ray.get_runtime_context().get_node_id()} ({socket.gethostname()}), but torch "
+        f"{torch.__version__} (CUDA build: {torch.version.cuda or 'none'}) sees no CUDA device "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Install a CUDA build "
+        f"of torch on that node, or run the search with --gpus-per-trial 0 to train on CPU."
+    )
     if allow_cpu_fallback:
         log.warning("%s Training on CPU instead (--allow-cpu-fallback).", message)
         return "cpu", message
@@ -233,6 +278,12 @@ def placement(allow_cpu_fallback: bool) -> dict:
     share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     if device == "cuda" and 0 < share < 1:
         torch.cuda.set_per_process_memory_fraction(share, 0)
-    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-            "gpu_ids": ",".join(map(str, ray.get_gpu_ids())), "gpu_share": share, "device": device,
-            "device_note": note, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+        "gpu_share": share,
+        "device": device,
+        "device_note": note,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+    }

@@ -42,7 +42,11 @@ def trial_points(trial) -> list[tuple[dict, dict]]:
 
 def _score(part: dict, key: str) -> float | None:
     value = part.get(key)
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value) else None
+    return (
+        value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        else None
+    )
 
 
 def _f1(value: float | None) -> str:
@@ -68,8 +72,14 @@ class PointsReporter(ProgressReporter):
         self.status_due = False
         self.work_now = 0.0
 
-    def setup(self, start_time: float | None = None, total_samples: int | None = None, metric: str | None = None,
-              mode: str | None = None, **kwargs) -> None:
+    def setup(
+        self,
+        start_time: float | None = None,
+        total_samples: int | None = None,
+        metric: str | None = None,
+        mode: str | None = None,
+        **kwargs,
+    ) -> None:
         self.started = start_time or time.time()
 
     def should_report(self, trials: list, done: bool = False) -> bool:
@@ -82,10 +92,13 @@ class PointsReporter(ProgressReporter):
         if first:
             self.baseline = work
             if self.finished:  # a resumed search: what its earlier driver saw end is not printed again
-                self.lines.append(f"  {self.phase}: {self.finished}/{self.total} {self.unit} had ended before")
+                self.lines.append(
+                    f"  {self.phase}: {self.finished}/{self.total} {self.unit} had ended before"
+                )
         self.state = (self.finished, self.running(trials), self.best(trials), round(work, 2))
-        self.status_due = done or (now - max(self.last_status, self.started) >= self.interval
-                                   and self.state != self.shown)
+        self.status_due = done or (
+            now - max(self.last_status, self.started) >= self.interval and self.state != self.shown
+        )
         self.work_now = work
         return bool(self.lines) or self.status_due
 
@@ -109,7 +122,9 @@ class PointsReporter(ProgressReporter):
             for point, part in trial_points(trial):
                 self.finished += 1
                 if not quiet:
-                    lines.append(f"  [{self.finished}/{self.total}] {point_name(point)}: {self.outcome(trial, part)}")
+                    lines.append(
+                        f"  [{self.finished}/{self.total}] {point_name(point)}: {self.outcome(trial, part)}"
+                    )
         return lines
 
     def outcome(self, trial, part: dict) -> str:
@@ -130,7 +145,8 @@ class PointsReporter(ProgressReporter):
         running = [t for t in trials if t.status == "RUNNING"]
         points = sum(len(members_of(t.config)) for t in running)
         busy = f"{len(running)} trial{'s' if len(running) != 1 else ''} running" + (
-            f" ({points} points)" if points != len(running) else "")
+            f" ({points} points)" if points != len(running) else ""
+        )
         best = self.state[2]
         best_text = f"best dev F1 {best[0]:.4f} ({best[1]})" if best else "no dev F1 yet"
         counted = f"  {self.phase}: {self.finished}/{self.total} {self.unit} finished"
@@ -151,7 +167,9 @@ class PointsReporter(ProgressReporter):
 
     def best(self, trials: list) -> tuple[float, str] | None:
         """The best dev F1 any point has reported so far, and the point's name."""
-        scored = [(_score(part, METRIC), point_name(point)) for t in trials for point, part in trial_points(t)]
+        scored = [
+            (_score(part, METRIC), point_name(point)) for t in trials for point, part in trial_points(t)
+        ]
         scored = [s for s in scored if s[0] is not None]
         return max(scored, key=lambda s: s[0]) if scored else None
 

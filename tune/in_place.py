@@ -63,11 +63,16 @@ class StudyInPlace(OptunaSearch):
             super().restore(checkpoint_path)
         storage = optuna.storages.RDBStorage(url)
         self._storage = storage
-        self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
-                                           sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name,
+            storage=storage,
+            sampler=self._ot_study.sampler,
+            pruner=self._ot_study.pruner,
+        )
         # The trials in flight report to their study's storage: the same trials (ids) of this copy's
-        self._ot_trials = {key: optuna.trial.Trial(self._ot_study, trial._trial_id)
-                           for key, trial in self._ot_trials.items()}
+        self._ot_trials = {
+            key: optuna.trial.Trial(self._ot_study, trial._trial_id) for key, trial in self._ot_trials.items()
+        }
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """The searcher's state, as Ray saves it with every snapshot; on a remote storage also a
@@ -81,8 +86,10 @@ class StudyInPlace(OptunaSearch):
         fd, tmp = tempfile.mkstemp(prefix=".optuna-", suffix=".db", dir=Path(checkpoint_dir).parent)
         os.close(fd)
         try:
-            with contextlib.closing(sqlite3.connect(self.snapshot_study)) as source, \
-                    contextlib.closing(sqlite3.connect(tmp)) as copy_:
+            with (
+                contextlib.closing(sqlite3.connect(self.snapshot_study)) as source,
+                contextlib.closing(sqlite3.connect(tmp)) as copy_,
+            ):
                 source.backup(copy_)
             os.replace(tmp, target)
         finally:

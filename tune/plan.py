@@ -24,6 +24,7 @@ log = logging.getLogger("softfine.tune")
 # ---------------------------------------------------------------------------------------------
 # The plan: everything decided and checked before Ray starts anything.
 
+
 @dataclasses.dataclass
 class Plan:
     args: argparse.Namespace
@@ -31,7 +32,8 @@ class Plan:
     dataset: str  # the data's name (softfine.datasets.dataset_name): MLflow's experiment and model names
     base: TrainConfig  # every trial's config is this one with its grid point (and seed) replaced
     grid: Grid
-    mode: str  # "search": the grid or TPE search (then --seeds re-runs the selection); "seeds": one point, N seeds
+    # "search": the grid or TPE search (then --seeds re-runs the selection); "seeds": one point, N seeds
+    mode: str
     num_samples: int
     fuse: int | str  # the most grid points one trial trains as a fused model (1: none), or "auto"
     preset: dict
@@ -39,7 +41,9 @@ class Plan:
     experiment_name: str
     storage_path: str  # what Ray Tune gets: the folder (absolute), or the URI (storage.py)
     name: str
-    corpus: Corpus | None = None  # the data, read once by the driver (search.check_data) and sent to every trial
+    corpus: Corpus | None = (
+        None  # the data, read once by the driver (search.check_data) and sent to every trial
+    )
     storage: Storage | None = None  # --storage-path: where the search's files live (storage.py)
 
     @property
@@ -59,10 +63,14 @@ def base_config(preset: dict, flags: dict) -> TrainConfig:
     if flags.get("model", train.get("model")) == "tiny":
         unused = {k: train.pop(k) for k in list(train) if k in FINE_TUNING}
         if unused:
-            log.info("--model tiny: the tiny encoder's own defaults replace the preset's bert-base settings (%s)",
-                     ", ".join(f"{k}={v}" for k, v in unused.items()))
-    where = lambda key: (f"--{key.replace('_', '-')}" if key in flags  # noqa: E731
-                         else f"preset {preset['path']}: key {key!r}")
+            log.info(
+                "--model tiny: the tiny encoder's own defaults replace the preset's bert-base settings (%s)",
+                ", ".join(f"{k}={v}" for k, v in unused.items()),
+            )
+
+    def where(key: str) -> str:
+        return f"--{key.replace('_', '-')}" if key in flags else f"preset {preset['path']}: key {key!r}"
+
     config = make_config({**train, **flags}, where)
     # The driver reads the data (trials get its sentences through Ray); its records name absolute paths.
     paths = {"data_dir": str(data_dir(config.data_dir).resolve())}
@@ -84,7 +92,7 @@ def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
         ("--max-concurrent", args.max_concurrent, args.max_concurrent >= 0, ">= 0"),
         ("--max-failures", args.max_failures, args.max_failures >= 0, ">= 0"),
         ("--seeds", args.seeds, args.seeds >= 0, ">= 0"),
-        ("--search-seed", args.search_seed, 0 <= args.search_seed < 2 ** 32, "in [0, 2**32)"),
+        ("--search-seed", args.search_seed, 0 <= args.search_seed < 2**32, "in [0, 2**32)"),
         ("--asha-grace-period", args.asha_grace_period, args.asha_grace_period >= 1, ">= 1"),
         ("--asha-reduction-factor", args.asha_reduction_factor, args.asha_reduction_factor >= 2, ">= 2"),
         ("--mlflow-timeout", args.mlflow_timeout, args.mlflow_timeout > 0, "> 0"),
@@ -93,26 +101,38 @@ def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
         if not ok or not math.isfinite(value):
             raise SearchError(f"{flag} {value:g}: must be {rule} and finite")
     if args.seeds:  # the last seed must be a seed too
-        make_config({"seed": base.seed + args.seeds - 1}, lambda key: f"--seed {base.seed} with --seeds {args.seeds}",
-                    base=base)
+        make_config(
+            {"seed": base.seed + args.seeds - 1},
+            lambda key: f"--seed {base.seed} with --seeds {args.seeds}",
+            base=base,
+        )
 
 
 def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
     """("seeds", N) for one grid point with --seeds N: that point once per seed, nothing else;
     ("search", trials) otherwise."""
     if len(grid) == 1 and args.seeds > 0:
-        for refused, flag, why in ((args.sampler == "tpe", "--sampler tpe", "there is nothing to sample"),
-                                   (args.num_samples is not None, f"--num-samples {args.num_samples}",
-                                    f"it runs {args.seeds} trials, one per seed"),
-                                   (args.scheduler == "asha", "--scheduler asha", "no seed may be stopped early")):
+        for refused, flag, why in (
+            (args.sampler == "tpe", "--sampler tpe", "there is nothing to sample"),
+            (
+                args.num_samples is not None,
+                f"--num-samples {args.num_samples}",
+                f"it runs {args.seeds} trials, one per seed",
+            ),
+            (args.scheduler == "asha", "--scheduler asha", "no seed may be stopped early"),
+        ):
             if refused:
-                raise SearchError(f"{flag}: the grid has one point, which --seeds {args.seeds} runs with "
-                                  f"{args.seeds} seeds ({why}); leave {flag.split()[0]} out")
+                raise SearchError(
+                    f"{flag}: the grid has one point, which --seeds {args.seeds} runs with "
+                    f"{args.seeds} seeds ({why}); leave {flag.split()[0]} out"
+                )
         return "seeds", args.seeds
     if args.sampler == "grid":
         if args.num_samples not in (None, len(grid)):
-            raise SearchError(f"--num-samples {args.num_samples}: a grid search runs each of its {len(grid)} points "
-                              "exactly once; use --sampler tpe for a budgeted search")
+            raise SearchError(
+                f"--num-samples {args.num_samples}: a grid search runs each of its {len(grid)} points "
+                "exactly once; use --sampler tpe for a budgeted search"
+            )
         return "search", len(grid)
     return "search", 12 if args.num_samples is None else args.num_samples
 
@@ -127,16 +147,26 @@ def fuse_size(args: argparse.Namespace, mode: str) -> int | str:
         try:
             size = int(text)
         except ValueError:
-            raise SearchError(f"--fuse {args.fuse!r}: give the most grid points per trial (>= 1), or auto") from None
+            raise SearchError(
+                f"--fuse {args.fuse!r}: give the most grid points per trial (>= 1), or auto"
+            ) from None
         if size < 1:
             raise SearchError(f"--fuse {size}: must be >= 1 (1: one point per trial), or auto")
     if size == 1:
         return 1
     for refused, flag, why in (
-            (mode == "seeds", f"--seeds {args.seeds} on one point", "its runs differ in seed, fused members may not"),
-            (args.sampler == "tpe", "--sampler tpe", "TPE picks each point from the results before it"),
-            (args.scheduler == "asha", "--scheduler asha", "ASHA stops points one by one; a group trains them "
-                                                           "in one trial")):
+        (
+            mode == "seeds",
+            f"--seeds {args.seeds} on one point",
+            "its runs differ in seed, fused members may not",
+        ),
+        (args.sampler == "tpe", "--sampler tpe", "TPE picks each point from the results before it"),
+        (
+            args.scheduler == "asha",
+            "--scheduler asha",
+            "ASHA stops points one by one; a group trains them in one trial",
+        ),
+    ):
         if refused:
             raise SearchError(f"--fuse {text}: not with {flag} ({why}); leave --fuse out")
     return size
@@ -154,7 +184,9 @@ def check_storage(storage: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise SearchError(f"--storage-path {storage}: cannot write in {existing} ({err.strerror or err})") from None
+        raise SearchError(
+            f"--storage-path {storage}: cannot write in {existing} ({err.strerror or err})"
+        ) from None
 
 
 def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
@@ -168,7 +200,9 @@ def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
     dataset = make_config(flags).dataset  # weibo unless a dataset or files are given; its name checked
     preset = load_preset(dataset if dataset is not None and not is_folder(dataset) else None, args.preset)
     base = base_config(preset, flags)
-    grid = grid_from_flags(preset["grid"], args.grid_alphas, args.grid_beta, args.grid_gamma, args.grid_soft_scope)
+    grid = grid_from_flags(
+        preset["grid"], args.grid_alphas, args.grid_beta, args.grid_gamma, args.grid_soft_scope
+    )
     if len(grid.soft_scope) == 1:  # not searched: every trial's
         base = make_config({"soft_scope": grid.soft_scope[0]}, lambda key: grid.origin[key], base=base)
     check_grid(grid, base)
@@ -196,12 +230,18 @@ def recorded(record: dict) -> tuple[dict, TrainConfig, Grid]:
 
     where = lambda key: f"--resume: the search record's setting {key!r}"  # noqa: E731
     if not isinstance(record["base"], dict):
-        raise SearchError("--resume: the search record's 'base' is not a mapping of settings; the record is damaged")
+        raise SearchError(
+            "--resume: the search record's 'base' is not a mapping of settings; the record is damaged"
+        )
     base = make_config(record["base"], where)
     grid = preset_grid(record["grid"], Path("(the search record)"))
     check_grid(grid, base)
-    preset = {"train": {}, "grid": grid, "paper_selection": record.get("paper_selection"),
-              "path": record.get("preset", "")}
+    preset = {
+        "train": {},
+        "grid": grid,
+        "paper_selection": record.get("paper_selection"),
+        "path": record.get("preset", ""),
+    }
     return preset, base, grid
 
 
@@ -228,7 +268,19 @@ def make_plan(args: argparse.Namespace, argv: list[str], record: dict | None = N
         data_source(base)
     except SoftFiNEError as err:
         raise SearchError(str(err)) from None
-    return Plan(args=args, argv=mask_argv(argv), dataset=dataset, base=base, grid=grid, mode=mode,
-                num_samples=num_samples, fuse=fuse, preset=preset, tracking=tracking,
-                experiment_name=args.experiment_name or f"softfine-{dataset}", storage_path=storage.ray_path, name=name,
-                storage=storage)
+    return Plan(
+        args=args,
+        argv=mask_argv(argv),
+        dataset=dataset,
+        base=base,
+        grid=grid,
+        mode=mode,
+        num_samples=num_samples,
+        fuse=fuse,
+        preset=preset,
+        tracking=tracking,
+        experiment_name=args.experiment_name or f"softfine-{dataset}",
+        storage_path=storage.ray_path,
+        name=name,
+        storage=storage,
+    )

@@ -8,8 +8,8 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .cli import PROG
 from .plan import Plan
@@ -20,9 +20,20 @@ from .tracking import COUNT_KEYS, REPO, RUNS_VIEW, SELECTED_TAG, write_json
 log = logging.getLogger("softfine.tune")
 
 
-def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id: str, rows: list[dict],
-           seed_rows: list[dict], selected: dict | None, seconds: float, unlogged: list[dict], cluster: dict,
-           location: str | None = None) -> dict:
+def finish(
+    plan: Plan,
+    tracker,
+    folder: Path,
+    experiment_id: str,
+    parent_run_id: str,
+    rows: list[dict],
+    seed_rows: list[dict],
+    selected: dict | None,
+    seconds: float,
+    unlogged: list[dict],
+    cluster: dict,
+    location: str | None = None,
+) -> dict:
     """The parent run's params, metrics and artifacts; summary.json and trials.csv beside the Ray
     results (in `folder`, the search's folder or its working copy; `location`: where the search's
     files are kept, as shown); the summary on the console, with an account of what MLflow did not
@@ -36,37 +47,69 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
     table = write_table(all_rows, folder / "trials.csv")
     plot = None
     if plan.mode == "search":
-        plot = plot_dev_f1(rows, folder / "dev_f1_vs_hyperparameters.png",
-                           f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per point", plan.keys,
-                           selected)
+        plot = plot_dev_f1(
+            rows,
+            folder / "dev_f1_vs_hyperparameters.png",
+            f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per point",
+            plan.keys,
+            selected,
+        )
     # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
     slots = slot_resource(args.gpus_per_trial)
     per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
     trials = by_trial(all_rows)  # a fused trial holds its slot once, whatever its number of points
-    timeline = plot_timeline(trials, folder / "occupancy_timeline.png", f"{plan.name}: trials on the cluster's "
-                             f"{slots.upper()}s ({per_trial:g} {slots.upper()} per trial)")
+    timeline = plot_timeline(
+        trials,
+        folder / "occupancy_timeline.png",
+        f"{plan.name}: trials on the cluster's {slots.upper()}s ({per_trial:g} {slots.upper()} per trial)",
+    )
     busy_key = f"{slots}_busy_fraction"
-    counts = {s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")}
-    summary: dict = {"search": plan.name, "mode": plan.mode, "dataset": plan.dataset, "trials": len(counted),
-                     **{k.lower().replace(" ", "_"): v for k, v in counts.items()}, "wall_seconds": round(seconds, 1),
-                     "fuse": plan.fuse, "ray_trials": len(by_trial(counted)),
-                     "max_trials_at_once": max_overlap(by_trial(counted)), "trial_slots": slots, busy_key: busy_fraction(
-                         trials, slots, cluster[f"{slots}s"], args.cpus_per_trial), "soft_labels": plan.base.soft,
-                     "augmentation": plan.base.aug, "soft_scope": plan.grid.soft_scope,
-                     "mlflow_uri": plan.tracking.display, "experiment_id": experiment_id,
-                     "parent_run_id": parent_run_id, "results": location or str(folder), "retries": retries}
-    metrics = {"trials_finished": counts["TERMINATED"], "trials_failed": counts["ERROR"],
-               "trials_retried": len({r["trial_id"] for r in retries}),
-               "trials_stopped_early": counts["STOPPED"], "search_wall_seconds": seconds,
-               "max_trials_at_once": summary["max_trials_at_once"], busy_key: summary[busy_key]}
+    counts = {
+        s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
+    }
+    summary: dict = {
+        "search": plan.name,
+        "mode": plan.mode,
+        "dataset": plan.dataset,
+        "trials": len(counted),
+        **{k.lower().replace(" ", "_"): v for k, v in counts.items()},
+        "wall_seconds": round(seconds, 1),
+        "fuse": plan.fuse,
+        "ray_trials": len(by_trial(counted)),
+        "max_trials_at_once": max_overlap(by_trial(counted)),
+        "trial_slots": slots,
+        busy_key: busy_fraction(trials, slots, cluster[f"{slots}s"], args.cpus_per_trial),
+        "soft_labels": plan.base.soft,
+        "augmentation": plan.base.aug,
+        "soft_scope": plan.grid.soft_scope,
+        "mlflow_uri": plan.tracking.display,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id,
+        "results": location or str(folder),
+        "retries": retries,
+    }
+    metrics = {
+        "trials_finished": counts["TERMINATED"],
+        "trials_failed": counts["ERROR"],
+        "trials_retried": len({r["trial_id"] for r in retries}),
+        "trials_stopped_early": counts["STOPPED"],
+        "search_wall_seconds": seconds,
+        "max_trials_at_once": summary["max_trials_at_once"],
+        busy_key: summary[busy_key],
+    }
     params: dict = {}
     if selected is not None:
         summary["selected"] = {k: selected[k] for k in plan.keys}
         params.update({f"selected_{k}": selected[k] for k in plan.keys})
         if plan.mode == "search":
-            best = {METRIC: selected[METRIC], "best_test_f1": selected.get("test_f1"),
-                    **{f"best_{key}": selected.get(key) for key in COUNT_KEYS}}
-            summary.update(best, selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
+            best = {
+                METRIC: selected[METRIC],
+                "best_test_f1": selected.get("test_f1"),
+                **{f"best_{key}": selected.get(key) for key in COUNT_KEYS},
+            }
+            summary.update(
+                best, selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"]
+            )
             params.update(selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
             metrics.update({f"best_{k}": v for k, v in selected.items() if k.startswith("test_")})
             metrics.update(best)
@@ -78,32 +121,50 @@ def finish(plan: Plan, tracker, folder: Path, experiment_id: str, parent_run_id:
         summary.update(stats)
         metrics.update({k: v for k, v in stats.items() if k not in ("seeds", "seed_values")})
         metrics["seeds"] = stats["seeds"]
-    metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-               and not math.isnan(v)}
+    metrics = {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    }
     if params:
-        tracker.attempt("log the selected hyperparameters", lambda: tracker.client.log_batch(
-            parent_run_id, params=_params(params)))
-    tracker.attempt("log the search metrics",
-                    lambda: tracker.client.log_batch(parent_run_id, metrics=_metrics(metrics)))
+        tracker.attempt(
+            "log the selected hyperparameters",
+            lambda: tracker.client.log_batch(parent_run_id, params=_params(params)),
+        )
+    tracker.attempt(
+        "log the search metrics", lambda: tracker.client.log_batch(parent_run_id, metrics=_metrics(metrics))
+    )
     tracker.attempt("log the trials table", lambda: tracker.client.log_artifact(parent_run_id, str(table)))
-    tracker.attempt("log the occupancy timeline", lambda: tracker.client.log_artifact(parent_run_id, str(timeline)))
+    tracker.attempt(
+        "log the occupancy timeline", lambda: tracker.client.log_artifact(parent_run_id, str(timeline))
+    )
     if plot is not None:
         tracker.attempt("log the dev F1 plot", lambda: tracker.client.log_artifact(parent_run_id, str(plot)))
         log_study(tracker, parent_run_id, folder)
     if selected is not None and selected.get("checkpoint"):
         summary["model_uri"], summary["model_error"] = log_checked_model(
-            tracker, plan.tracking.uri, parent_run_id, selected["checkpoint"])
+            tracker, plan.tracking.uri, parent_run_id, selected["checkpoint"]
+        )
         summary["selected_checkpoint"] = selected["checkpoint"]
         if summary["model_uri"] and plan.mode == "search":
-            summary["registered_model"] = tracker.attempt("register the selected model", lambda: register(
-                tracker.client, summary["model_uri"], plan, parent_run_id, selected))
+            summary["registered_model"] = tracker.attempt(
+                "register the selected model",
+                lambda: register(tracker.client, summary["model_uri"], plan, parent_run_id, selected),
+            )
     mark_selection(tracker, plan, summary, selected)
-    complete = selected is not None and (plan.mode == "search" or summary["seeds_finished"] == summary["seeds"])
-    tracker.attempt("close the parent run", lambda: tracker.client.set_terminated(
-        parent_run_id, status="FINISHED" if complete else "FAILED"))
+    complete = selected is not None and (
+        plan.mode == "search" or summary["seeds_finished"] == summary["seeds"]
+    )
+    tracker.attempt(
+        "close the parent run",
+        lambda: tracker.client.set_terminated(parent_run_id, status="FINISHED" if complete else "FAILED"),
+    )
 
-    summary["mlflow_account"] = {"driver_failures": tracker.failures, "unlogged_updates": len(unlogged),
-                                 "trials_with_unlogged": sorted({op["trial_id"] for op in unlogged})}
+    summary["mlflow_account"] = {
+        "driver_failures": tracker.failures,
+        "unlogged_updates": len(unlogged),
+        "trials_with_unlogged": sorted({op["trial_id"] for op in unlogged}),
+    }
     write_json(folder / "summary.json", summary)
     print_summary(plan, summary, rows, seed_rows)
     return summary
@@ -114,10 +175,15 @@ def mark_retries(rows: list[dict], folder: Path) -> list[dict]:
     `retried_after` column: where and when each failed attempt ended, and why."""
     from .callback import describe_retry, read_retries
 
-    retries = [{**retry, "phase": phase} for phase in ("search", "seeds") for retry in read_retries(folder, phase)]
+    retries = [
+        {**retry, "phase": phase} for phase in ("search", "seeds") for retry in read_retries(folder, phase)
+    ]
     for row in rows:
-        row["retried_after"] = "; ".join(describe_retry(r) for r in retries
-                                         if r["trial_id"] == row["trial_id"] and r["phase"] == row["phase"])
+        row["retried_after"] = "; ".join(
+            describe_retry(r)
+            for r in retries
+            if r["trial_id"] == row["trial_id"] and r["phase"] == row["phase"]
+        )
     return retries
 
 
@@ -144,11 +210,17 @@ def log_study(tracker, parent_run_id: str, folder: Path) -> None:
     storage = f"sqlite:///{folder / OPTUNA_DB}"
     figures = optuna_figures(storage, folder.name)
     for name, figure in figures.items():
-        tracker.attempt(f"log {name}", lambda f=figure, n=name: tracker.client.log_figure(parent_run_id, f, n))
+        tracker.attempt(
+            f"log {name}", lambda f=figure, n=name: tracker.client.log_figure(parent_run_id, f, n)
+        )
     table = optuna.load_study(study_name=folder.name, storage=storage).trials_dataframe()
-    table = table.astype({c: str for c in table.columns if str(table[c].dtype).startswith(("datetime", "timedelta"))})
-    tracker.attempt("log the study's trials table", lambda: tracker.client.log_table(
-        parent_run_id, data=table, artifact_file="optuna/trials.json"))
+    table = table.astype(
+        {c: str for c in table.columns if str(table[c].dtype).startswith(("datetime", "timedelta"))}
+    )
+    tracker.attempt(
+        "log the study's trials table",
+        lambda: tracker.client.log_table(parent_run_id, data=table, artifact_file="optuna/trials.json"),
+    )
     import matplotlib.pyplot as plt
 
     plt.close("all")
@@ -161,34 +233,46 @@ def register(client, model_uri: str, plan: Plan, parent_run_id: str, selected: d
     from mlflow.exceptions import MlflowException
 
     name = f"softfine-{plan.dataset}"
-    tags = {**{k: _value(selected[k]) for k in plan.keys}, "dataset": plan.dataset,
-            METRIC: str(selected[METRIC]), "test_f1": str(selected.get("test_f1")),
-            "softfine.search": plan.name, "softfine.search_run_id": parent_run_id,
-            "softfine.selected_run_id": selected["mlflow_run_id"]}
-    description = (f"SoftFiNE on {plan.dataset}, {point_text(selected, plan.keys)}: dev F1 "
-                   f"{selected['best_dev_f1']:.4f}, test F1 {_f1(selected.get('test_f1'))}; selected by the search "
-                   f"{plan.name} (MLflow run {parent_run_id}).")
+    tags = {
+        **{k: _value(selected[k]) for k in plan.keys},
+        "dataset": plan.dataset,
+        METRIC: str(selected[METRIC]),
+        "test_f1": str(selected.get("test_f1")),
+        "softfine.search": plan.name,
+        "softfine.search_run_id": parent_run_id,
+        "softfine.selected_run_id": selected["mlflow_run_id"],
+    }
+    description = (
+        f"SoftFiNE on {plan.dataset}, {point_text(selected, plan.keys)}: dev F1 "
+        f"{selected['best_dev_f1']:.4f}, test F1 {_f1(selected.get('test_f1'))}; selected by the search "
+        f"{plan.name} (MLflow run {parent_run_id})."
+    )
     try:  # the client's calls, not mlflow.register_model, which prints two lines of its own
         client.create_registered_model(name)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = client.create_model_version(name, model_uri, run_id=parent_run_id, tags=tags, description=description,
-                                          model_id=model_id)
+    version = client.create_model_version(
+        name, model_uri, run_id=parent_run_id, tags=tags, description=description, model_id=model_id
+    )
     client.set_registered_model_alias(name, "champion", version.version)
     return f"{name}@champion (version {version.version})"
 
 
 # -- The selection where MLflow's UI shows it first: the parent run's description ------------------
 
+
 def describe_search(plan: Plan, points: int, ray_trials: int) -> str:
     """What a search runs, counted as it is: "grid search on resume: 36 points in 3 fused Ray
     trials of at most 12 points" (the parent run's note, the console's first line)."""
     if plan.mode == "seeds":
         return f"one configuration with {points} seeds on {plan.dataset}, one Ray trial each"
-    size = (f"{points} points in {ray_trials} fused Ray trials of at most {plan.fuse} points" if plan.fuse != 1
-            else f"{points} points, one Ray trial each")
+    size = (
+        f"{points} points in {ray_trials} fused Ray trials of at most {plan.fuse} points"
+        if plan.fuse != 1
+        else f"{points} points, one Ray trial each"
+    )
     then = f", then the selection with {plan.args.seeds} seeds" if plan.args.seeds else ""
     return f"{plan.args.sampler} search on {plan.dataset}: {size}{then}"
 
@@ -203,7 +287,7 @@ def planned_ray_trials(plan: Plan) -> int:
 
 
 def point_text(row: dict, keys: Sequence[str]) -> str:
-    """"(α_aug, α_fea, β, γ) = (0.01, 0.005, 2, 2.5)" (with the soft scope when it is searched)."""
+    """ "(α_aug, α_fea, β, γ) = (0.01, 0.005, 2, 2.5)" (with the soft scope when it is searched)."""
     return f"({', '.join(SYMBOLS[k] for k in keys)}) = ({', '.join(_value(row[k]) for k in keys)})"
 
 
@@ -213,7 +297,7 @@ def run_link(experiment_id: str, run_id: str, text: str) -> str:
 
 
 def _mean_std(summary: dict, split: str) -> str:
-    """"0.6123 ± 0.0100" of the seeds' F1 on a split."""
+    """ "0.6123 ± 0.0100" of the seeds' F1 on a split."""
     return f"{_f1(summary[f'seeds_{split}_f1_mean'])} ± {_f1(summary[f'seeds_{split}_f1_std'])}"
 
 
@@ -224,31 +308,53 @@ def selection_head(plan: Plan, summary: dict, selected: dict | None) -> str:
         return "**Nothing selected**: no trial produced a dev F1."
     point, experiment = point_of(selected, plan.keys), summary["experiment_id"]
     if plan.mode == "seeds":  # the model is the seed with the best dev F1
-        link = run_link(experiment, selected["mlflow_run_id"], point_name({**point, "seed": selected["seed"]}))
-        return (f"**{point_text(selected, plan.keys)} with {summary['seeds']} seeds**: dev F1 "
-                f"**{_mean_std(summary, 'dev')}**{_on(summary, 'seeds_', 'dev')}; test F1 "
-                f"**{_mean_std(summary, 'test')}**{_on(summary, 'seeds_', 'test')} (mean ± standard deviation). "
-                f"The model is {link}'s, the best dev F1.")
+        link = run_link(
+            experiment, selected["mlflow_run_id"], point_name({**point, "seed": selected["seed"]})
+        )
+        return (
+            f"**{point_text(selected, plan.keys)} with {summary['seeds']} seeds**: dev F1 "
+            f"**{_mean_std(summary, 'dev')}**{_on(summary, 'seeds_', 'dev')}; test F1 "
+            f"**{_mean_std(summary, 'test')}**{_on(summary, 'seeds_', 'test')} (mean ± standard deviation). "
+            f"The model is {link}'s, the best dev F1."
+        )
     link = run_link(experiment, selected["mlflow_run_id"], point_name(point))
-    model = f"; its model: `models:/softfine-{plan.dataset}@champion`" if summary.get("registered_model") else ""
-    seeds = (f" With {summary['seeds']} seeds: dev F1 {_mean_std(summary, 'dev')}, test F1 "
-             f"{_mean_std(summary, 'test')}." if "seeds" in summary else "")
-    return (f"**Selected {point_text(selected, plan.keys)}**: dev F1 **{_f1(summary['best_dev_f1'])}**"
-            f"{_on(summary, 'best_', 'dev')}; test F1 **{_f1(summary['best_test_f1'])}**"
-            f"{_on(summary, 'best_', 'test')}. Its run: {link}{model}.{seeds}")
+    model = (
+        f"; its model: `models:/softfine-{plan.dataset}@champion`" if summary.get("registered_model") else ""
+    )
+    seeds = (
+        f" With {summary['seeds']} seeds: dev F1 {_mean_std(summary, 'dev')}, test F1 "
+        f"{_mean_std(summary, 'test')}."
+        if "seeds" in summary
+        else ""
+    )
+    return (
+        f"**Selected {point_text(selected, plan.keys)}**: dev F1 **{_f1(summary['best_dev_f1'])}**"
+        f"{_on(summary, 'best_', 'dev')}; test F1 **{_f1(summary['best_test_f1'])}**"
+        f"{_on(summary, 'best_', 'test')}. Its run: {link}{model}.{seeds}"
+    )
 
 
 def selection_note(plan: Plan, summary: dict, selected: dict | None) -> str:
     """The parent run's description once the search has ended: the selection first, then what the
     search ran (as counted at its end) and its command."""
-    counts = (f"{summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed, in "
-              f"{summary['wall_seconds']:.0f} s")
+    counts = (
+        f"{summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} "
+        "failed, in "
+        f"{summary['wall_seconds']:.0f} s"
+    )
     point = f"its {','.join(SYMBOLS[k] for k in plan.keys)}"
-    naming = ("by its seed" if plan.mode == "seeds" else f"by {point}, a seed's by its seed" if plan.args.seeds
-              else f"by {point}")
-    return (f"{selection_head(plan, summary, selected)}\n\nSoftFiNE "
-            f"{describe_search(plan, summary['trials'], summary['ray_trials'])} ({counts}); a child run is named "
-            f"{naming}. Command: `{PROG} {' '.join(plan.argv)}`")
+    naming = (
+        "by its seed"
+        if plan.mode == "seeds"
+        else f"by {point}, a seed's by its seed"
+        if plan.args.seeds
+        else f"by {point}"
+    )
+    return (
+        f"{selection_head(plan, summary, selected)}\n\nSoftFiNE "
+        f"{describe_search(plan, summary['trials'], summary['ray_trials'])} ({counts}); a child run is named "
+        f"{naming}. Command: `{PROG} {' '.join(plan.argv)}`"
+    )
 
 
 def mark_selection(tracker, plan: Plan, summary: dict, selected: dict | None) -> None:
@@ -256,13 +362,21 @@ def mark_selection(tracker, plan: Plan, summary: dict, selected: dict | None) ->
     as SELECTED_TAG, on the child run whose model the parent has."""
     parent = summary["parent_run_id"]
     if selected is not None and selected.get("mlflow_run_id"):
-        tracker.attempt("tag the selected run", lambda: tracker.client.set_tag(
-            selected["mlflow_run_id"], SELECTED_TAG, "true"))
-    tracker.attempt("describe the selection on the parent run", lambda: tracker.client.set_tag(
-        parent, "mlflow.note.content", selection_note(plan, summary, selected)))
+        tracker.attempt(
+            "tag the selected run",
+            lambda: tracker.client.set_tag(selected["mlflow_run_id"], SELECTED_TAG, "true"),
+        )
+    tracker.attempt(
+        "describe the selection on the parent run",
+        lambda: tracker.client.set_tag(
+            parent, "mlflow.note.content", selection_note(plan, summary, selected)
+        ),
+    )
 
 
-def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) -> tuple[str | None, str | None]:
+def log_checked_model(
+    tracker, uri: str, parent_run_id: str, checkpoint: str
+) -> tuple[str | None, str | None]:
     """(its model URI, None): the selected checkpoint logged as the parent run's model once it has
     been loaded and has tagged an example; (None, why) when it cannot be: a damaged model is
     never logged, registered or served."""
@@ -276,8 +390,11 @@ def log_checked_model(tracker, uri: str, parent_run_id: str, checkpoint: str) ->
             check_model(local)
         except Exception as err:  # noqa: BLE001 - whatever loading or tagging raised: the model is unusable
             why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            return None, f"the selected checkpoint {checkpoint} cannot be loaded ({why[:300]}); nothing was logged as " \
-                         "the model or registered"
+            return (
+                None,
+                f"the selected checkpoint {checkpoint} cannot be loaded ({why[:300]}); nothing was logged as "
+                "the model or registered",
+            )
         return tracker.attempt("log the selected model", lambda: log_model(uri, parent_run_id, local)), None
 
 
@@ -290,13 +407,17 @@ def ui_hint(store, experiment_id: str, run_id: str) -> str:
         return f"open {store.uri.rstrip('/')}/{page}"
     server = REPO / "mlflow" / "server.sh"
     if store.uri == default_tracking_uri() and server.is_file():  # the repository's server serves this store
-        return f"run `{server.relative_to(REPO)}` (the UI on this store), then open http://127.0.0.1:5000/{page}"
-    return (f"run `mlflow ui --backend-store-uri {store.display} --host 127.0.0.1 --port 5000`, then open "
-            f"http://127.0.0.1:5000/{page}")
+        return (
+            f"run `{server.relative_to(REPO)}` (the UI on this store), then open http://127.0.0.1:5000/{page}"
+        )
+    return (
+        f"run `mlflow ui --backend-store-uri {store.display} --host 127.0.0.1 --port 5000`, then open "
+        f"http://127.0.0.1:5000/{page}"
+    )
 
 
 def short(text: str, width: int = 160) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _value(value) -> str:
@@ -308,8 +429,11 @@ def _f1(value) -> str:
 
 
 def _on(summary: dict, prefix: str, split: str) -> str:
-    """"on N sentences, M gold entities" of a split, where known."""
-    sentences, entities = summary.get(f"{prefix}{split}_sentences"), summary.get(f"{prefix}{split}_gold_entities")
+    """ "on N sentences, M gold entities" of a split, where known."""
+    sentences, entities = (
+        summary.get(f"{prefix}{split}_sentences"),
+        summary.get(f"{prefix}{split}_gold_entities"),
+    )
     if sentences is None:
         return ""
     return f" on {sentences:g} sentences, {entities:g} gold entities"
@@ -332,74 +456,126 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     scope = "soft_scope" in keys
     out = []
     kind = "Seeds" if plan.mode == "seeds" else "Search"
-    what = (f"{summary['trials']} points in {summary['ray_trials']} fused trials of at most {summary['fuse']} points"
-            if summary["fuse"] != 1 else f"{summary['trials']} trials")
-    out.append(f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {what} "
-               f"({summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed) "
-               f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
-               + _busy(summary))
+    what = (
+        f"{summary['trials']} points in {summary['ray_trials']} fused trials of at most "
+        f"{summary['fuse']} points"
+        if summary["fuse"] != 1
+        else f"{summary['trials']} trials"
+    )
+    out.append(
+        f"\n{'=' * 100}\n{kind} {summary['search']} on {plan.dataset}: {what} "
+        f"({summary['terminated']} finished, {summary['stopped']} stopped early, {summary['error']} failed) "
+        f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
+        + _busy(summary)
+    )
     if plan.mode == "search":
-        ranked = sorted([r for r in rows if isinstance(r.get(METRIC), (int, float))],
-                        key=lambda r: (-r[METRIC], r["trial"]))
-        out.append(f"Best configurations by dev F1 (the first {min(5, len(ranked))} of {len(ranked)}; all in "
-                   "trials.csv):")
-        out.append(f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  " + ("scope    " if scope else "")
-                   + f"{'dev F1':>6}  {'test F1':>7}  {'status':<10}  MLflow run")
+        ranked = sorted(
+            [r for r in rows if isinstance(r.get(METRIC), (int, float))],
+            key=lambda r: (-r[METRIC], r["trial"]),
+        )
+        out.append(
+            f"Best configurations by dev F1 (the first {min(5, len(ranked))} of {len(ranked)}; all in "
+            "trials.csv):"
+        )
+        out.append(
+            f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  "
+            + ("scope    " if scope else "")
+            + f"{'dev F1':>6}  {'test F1':>7}  {'status':<10}  MLflow run"
+        )
         for rank, r in enumerate(ranked[:5], 1):
-            out.append(f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
-                       + (f"{r['soft_scope']:<7}  " if scope else "")
-                       + f"{f1(r['best_dev_f1'])}  {f1(r.get('test_f1')):>7}  {r['status']:<10}  {r['mlflow_run_id']}")
+            out.append(
+                f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
+                + (f"{r['soft_scope']:<7}  " if scope else "")
+                + f"{f1(r[METRIC])}  {f1(r.get('test_f1')):>7}  {r['status']:<10}  "
+                + r["mlflow_run_id"]
+            )
     for r in [r for r in rows + seed_rows if r.get("retried_after")][:10]:
-        out.append(f"  retried from its last checkpoint: trial {r['trial_id']} ("
-                   + ", ".join(_value(r[k]) for k in keys)
-                   + f", seed {r['seed']}), {r['status']} in the end; {short(r['retried_after'], 400)}")
+        out.append(
+            f"  retried from its last checkpoint: trial {r['trial_id']} ("
+            + ", ".join(_value(r[k]) for k in keys)
+            + f", seed {r['seed']}), {r['status']} in the end; {short(r['retried_after'], 400)}"
+        )
     for r in [r for r in rows + seed_rows if r["status"] == "ERROR"][:10]:
-        out.append(f"  failed: trial {r['trial_id']} (" + ", ".join(_value(r[k]) for k in keys)
-                   + f", seed {r['seed']}): {r['error']}")
-    setting = (f"soft labels {'on' if plan.base.soft else 'off (--no-soft)'}, augmentation "
-               f"{'on' if plan.base.aug else 'off (--no-aug)'}"
-               + ("" if scope else f", soft scope {plan.base.soft_scope}"))
+        out.append(
+            f"  failed: trial {r['trial_id']} ("
+            + ", ".join(_value(r[k]) for k in keys)
+            + f", seed {r['seed']}): {r['error']}"
+        )
+    setting = (
+        f"soft labels {'on' if plan.base.soft else 'off (--no-soft)'}, augmentation "
+        f"{'on' if plan.base.aug else 'off (--no-aug)'}"
+        + ("" if scope else f", soft scope {plan.base.soft_scope}")
+    )
     point = " ".join(f"{k}={_value(v)}" for k, v in summary.get("selected", {}).items())
     if plan.mode == "seeds":
-        out.append(f"Configuration: {point or ' '.join(f'{k}={_value(v)}' for k, v in plan.grid.points()[0].items())}"
-                   f" ({setting}), seeds {', '.join(map(str, summary['seed_values']))}.")
+        out.append(
+            "Configuration: "
+            f"{point or ' '.join(f'{k}={_value(v)}' for k, v in plan.grid.points()[0].items())}"
+            f" ({setting}), seeds {', '.join(map(str, summary['seed_values']))}."
+        )
     elif "selected" in summary:
-        out.append(f"Selected: {point} ({setting}): dev F1 {f1(summary['best_dev_f1'])}{_on(summary, 'best_', 'dev')}, "
-                   f"test F1 {f1(summary['best_test_f1'])}{_on(summary, 'best_', 'test')}")
+        out.append(
+            f"Selected: {point} ({setting}): dev F1 "
+            f"{f1(summary['best_dev_f1'])}{_on(summary, 'best_', 'dev')}, "
+            f"test F1 {f1(summary['best_test_f1'])}{_on(summary, 'best_', 'test')}"
+        )
         paper = plan.preset.get("paper_selection")
         if paper:
-            out.append("  (the paper selected " + ", ".join(f"{k}={paper[k]:g}" for k in keys if k in paper)
-                       + f" on {plan.dataset})")
+            out.append(
+                "  (the paper selected "
+                + ", ".join(f"{k}={paper[k]:g}" for k in keys if k in paper)
+                + f" on {plan.dataset})"
+            )
     else:
         out.append("No trial produced a dev F1: nothing selected.")
     if seed_rows:
         which = "The configuration" if plan.mode == "seeds" else "Selected configuration"
         failed = summary["seeds"] - summary["seeds_finished"]
         left_out = f" ({failed} did not finish: left out of the mean)" if failed else ""
-        dev, test = (f"{f1(summary[f'seeds_{split}_f1_mean'])} ± {f1(summary[f'seeds_{split}_f1_std'])}"
-                     f"{_on(summary, 'seeds_', split)}" for split in ("dev", "test"))
-        out.append(f"{which} with {summary['seeds']} seeds{left_out}: dev F1 {dev}; test F1 {test} "
-                   "(mean ± standard deviation)")
-    out.append(f"MLflow: experiment {plan.experiment_name}, parent run {summary['parent_run_id']} at "
-               f"{plan.tracking.display}")
+        dev, test = (
+            f"{f1(summary[f'seeds_{split}_f1_mean'])} ± {f1(summary[f'seeds_{split}_f1_std'])}"
+            f"{_on(summary, 'seeds_', split)}"
+            for split in ("dev", "test")
+        )
+        out.append(
+            f"{which} with {summary['seeds']} seeds{left_out}: dev F1 {dev}; test F1 {test} "
+            "(mean ± standard deviation)"
+        )
+    out.append(
+        f"MLflow: experiment {plan.experiment_name}, parent run {summary['parent_run_id']} at "
+        f"{plan.tracking.display}"
+    )
     out.append(f"  {ui_hint(plan.tracking, summary['experiment_id'], summary['parent_run_id'])}")
     if summary.get("model_uri"):
-        which = f" (seed {summary['model_seed']}, the best dev F1 of the seeds)" if plan.mode == "seeds" else ""
-        registered = (f", registered as {summary['registered_model']}: models:/softfine-{plan.dataset}@champion"
-                      if summary.get("registered_model") else "")
-        out.append(f"  model{which}: mlflow.pyfunc.load_model('runs:/{summary['parent_run_id']}/model')"
-                   f"{registered}")
+        which = (
+            f" (seed {summary['model_seed']}, the best dev F1 of the seeds)" if plan.mode == "seeds" else ""
+        )
+        registered = (
+            f", registered as {summary['registered_model']}: models:/softfine-{plan.dataset}@champion"
+            if summary.get("registered_model")
+            else ""
+        )
+        out.append(
+            f"  model{which}: mlflow.pyfunc.load_model('runs:/{summary['parent_run_id']}/model'){registered}"
+        )
     account = summary["mlflow_account"]
     if account["driver_failures"] or account["unlogged_updates"]:
-        out.append(f"MLflow could not record everything: {account['unlogged_updates']} update(s) of "
-                   f"{len(account['trials_with_unlogged'])} trial(s) and {len(account['driver_failures'])} update(s) "
-                   "of the parent run were not logged:")
+        out.append(
+            f"MLflow could not record everything: {account['unlogged_updates']} update(s) of "
+            f"{len(account['trials_with_unlogged'])} trial(s) and {len(account['driver_failures'])} "
+            "update(s) "
+            "of the parent run were not logged:"
+        )
         if account["unlogged_updates"]:
-            out.append(f"  the trials' updates are kept in {summary['results']}/mlflow_unlogged.*.jsonl "
-                       f"(trials {', '.join(account['trials_with_unlogged'][:10])})")
+            out.append(
+                f"  the trials' updates are kept in {summary['results']}/mlflow_unlogged.*.jsonl "
+                f"(trials {', '.join(account['trials_with_unlogged'][:10])})"
+            )
         for failure in account["driver_failures"][:20]:
             out.append(f"  parent: {short(failure)}")
-        out.append(f"  The results themselves are complete in {summary['results']} (summary.json, trials.csv).")
+        out.append(
+            f"  The results themselves are complete in {summary['results']} (summary.json, trials.csv)."
+        )
     else:
         out.append("MLflow recorded every trial and the parent run.")
     out.append(f"Ray results: {summary['results']}\n{'=' * 100}")

@@ -42,24 +42,35 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
         points = members_of(config)
         parts = member_results(metrics) if metrics else [{} for _ in points]
         for number, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):
-            checkpoint = uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else ""
-            row = {"trial": len(rows), "trial_id": trial_id, "phase": phase, "status": status,
-                   "mlflow_run_id": runs.get(run_key(trial_id, number if fused else None), ""),
-                   **hyperparameters(point, base), "seed": point.get("seed", base.seed),
-                   "fused_group_size": len(points)}
+            checkpoint = (
+                uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else ""
+            )
+            row = {
+                "trial": len(rows),
+                "trial_id": trial_id,
+                "phase": phase,
+                "status": status,
+                "mlflow_run_id": runs.get(run_key(trial_id, number if fused else None), ""),
+                **hyperparameters(point, base),
+                "seed": point.get("seed", base.seed),
+                "fused_group_size": len(points),
+            }
             for key in (METRIC, "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
                 row[key] = part.get(key)
             row.update({k: v for k, v in part.items() if k.startswith("test_f1_level")})
-            row.update(node_id=metrics.get("node_id", ""), node_ip=metrics.get("node_ip", ""),
-                       gpu_ids=metrics.get("gpu_ids", ""),
-                       gpu_share=metrics.get("gpu_share", 0.0),
-                       trial_start_time=metrics.get("trial_start_time"),
-                       # a trial stopped early has no end time of its own: its last report's
-                       trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
-                       evaluations=metrics.get("training_iteration"),
-                       restarted=metrics.get("restarted", ""),  # a damaged checkpoint, trained again (trial.py)
-                       checkpoint=f"{checkpoint.rstrip('/')}/{folder}" if checkpoint and fused else checkpoint,
-                       error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "")
+            row.update(
+                node_id=metrics.get("node_id", ""),
+                node_ip=metrics.get("node_ip", ""),
+                gpu_ids=metrics.get("gpu_ids", ""),
+                gpu_share=metrics.get("gpu_share", 0.0),
+                trial_start_time=metrics.get("trial_start_time"),
+                # a trial stopped early has no end time of its own: its last report's
+                trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
+                evaluations=metrics.get("training_iteration"),
+                restarted=metrics.get("restarted", ""),  # a damaged checkpoint, trained again (trial.py)
+                checkpoint=f"{checkpoint.rstrip('/')}/{folder}" if checkpoint and fused else checkpoint,
+                error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "",
+            )
             rows.append(row)
     return rows
 
@@ -97,7 +108,11 @@ def write_table(rows: list[dict], path: Path) -> Path:
 
 def timed(rows: list[dict]) -> list[dict]:
     """The trials with a start and an end time (a trial that never started has neither)."""
-    return [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in ("trial_start_time", "trial_end_time"))]
+    return [
+        r
+        for r in rows
+        if all(isinstance(r.get(k), (int, float)) for k in ("trial_start_time", "trial_end_time"))
+    ]
 
 
 def max_overlap(rows: list[dict]) -> int:
@@ -134,10 +149,16 @@ def seed_stats(rows: list[dict]) -> dict:
     done = finished(rows)
     dev_mean, dev_std = _mean_std([r[METRIC] for r in done])
     test_mean, test_std = _mean_std([r.get("test_f1") for r in done])
-    return {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done),
-            "seeds_dev_f1_mean": dev_mean, "seeds_dev_f1_std": dev_std,
-            "seeds_test_f1_mean": test_mean, "seeds_test_f1_std": test_std,
-            **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS}}
+    return {
+        "seeds": len(rows),
+        "seed_values": sorted(r["seed"] for r in rows),
+        "seeds_finished": len(done),
+        "seeds_dev_f1_mean": dev_mean,
+        "seeds_dev_f1_std": dev_std,
+        "seeds_test_f1_mean": test_mean,
+        "seeds_test_f1_std": test_std,
+        **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS},
+    }
 
 
 def slot_resource(gpus_per_trial: float) -> str:
@@ -164,7 +185,9 @@ def busy_fraction(rows: list[dict], resource: str, capacity: float, cpus_per_tri
 
     def held(row: dict) -> float:
         if resource == "gpu":
-            return float(row.get("gpu_share") or 0) * len([g for g in str(row.get("gpu_ids") or "").split(",") if g])
+            return float(row.get("gpu_share") or 0) * len(
+                [g for g in str(row.get("gpu_ids") or "").split(",") if g]
+            )
         return cpus_per_trial
 
     if span <= 0:

@@ -35,8 +35,14 @@ def find_search(storage: Storage, which: str) -> tuple[Storage, str]:
     return storage, records[-1][1]
 
 
-RECORD_KEYS = {"argv": list, "name": str, "mlflow_uri": str, "experiment_id": str, "parent_run_id": str,
-               "stage": str}
+RECORD_KEYS = {
+    "argv": list,
+    "name": str,
+    "mlflow_uri": str,
+    "experiment_id": str,
+    "parent_run_id": str,
+    "stage": str,
+}
 
 
 def read_record(storage: Storage, name: str) -> dict:
@@ -52,12 +58,16 @@ def read_record(storage: Storage, name: str) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SearchError(f"--resume: {path}: not a search record (damaged: {err})") from None
     if not isinstance(record, dict):
-        raise SearchError(f"--resume: {path}: not a search record (a JSON {type(record).__name__}, not an object)")
+        raise SearchError(
+            f"--resume: {path}: not a search record (a JSON {type(record).__name__}, not an object)"
+        )
     for key, kind in RECORD_KEYS.items():
         strings = key != "argv" or all(isinstance(a, str) for a in record.get(key) or [])
         if not isinstance(record.get(key), kind) or not strings:
-            raise SearchError(f"--resume: {path}: not a search record (key {key!r}: missing or not a "
-                              f"{'list of strings' if kind is list else 'string'})")
+            raise SearchError(
+                f"--resume: {path}: not a search record (key {key!r}: missing or not a "
+                f"{'list of strings' if kind is list else 'string'})"
+            )
     if record["stage"] not in ("search", "seeds", "done"):
         raise SearchError(f"--resume: {path}: not a search record (key 'stage': {record['stage']!r})")
     return record
@@ -69,14 +79,19 @@ def refuse_changes(args: argparse.Namespace, parser: Parser, record: dict) -> No
     from softfine.cli import flag_names
 
     defaults = vars(parser.parse_args([]))
-    given = [dest for dest, value in vars(args).items()
-             if dest not in ("resume", *RESUME_OVERRIDES) and (dest not in defaults or defaults[dest] != value)]
+    given = [
+        dest
+        for dest, value in vars(args).items()
+        if dest not in ("resume", *RESUME_OVERRIDES) and (dest not in defaults or defaults[dest] != value)
+    ]
     if given:
         names = flag_names(parser)
         flags = ", ".join(names.get(dest, (f"--{dest}",))[0] for dest in given)
-        raise SearchError(f"--resume: {flags} would change the search, which goes on with the flags it started with "
-                          f"({' '.join(record['argv'])}); leave {'it' if len(given) == 1 else 'them'} out, or start a "
-                          "new search (another --name)")
+        raise SearchError(
+            f"--resume: {flags} would change the search, which goes on with the flags it started with "
+            f"({' '.join(record['argv'])}); leave {'it' if len(given) == 1 else 'them'} out, or start a "
+            "new search (another --name)"
+        )
 
 
 def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, list[str], dict, str]:
@@ -96,8 +111,10 @@ def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Name
     resumed.mlflow_uri = record["mlflow_uri"]  # resolved when the search started (the argv's may be relative)
     given = overrides.get("mlflow_uri")
     if given and without_credentials(given) != without_credentials(record["mlflow_uri"]):
-        raise SearchError(f"--mlflow-uri {mask_credentials(given)}: this search logs to {record['mlflow_uri']}; "
-                          "resume it with that store")
+        raise SearchError(
+            f"--mlflow-uri {mask_credentials(given)}: this search logs to {record['mlflow_uri']}; "
+            "resume it with that store"
+        )
     for key, value in overrides.items():
         setattr(resumed, key, value)
     resumed.name, resumed.storage_path, resumed.resume = name, str(storage), None

@@ -29,7 +29,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .callback import MLflowChildRuns, read_account
 from .cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
@@ -71,12 +71,16 @@ def check_data(plan: Plan, record: dict) -> Plan:
 
     corpus = load_corpus(plan.base)
     if not corpus.splits["train"]:
-        raise SearchError(f"{corpus.files['train']['path']}: no usable training sentences (see the warnings above)")
+        raise SearchError(
+            f"{corpus.files['train']['path']}: no usable training sentences (see the warnings above)"
+        )
     started = record.get("data_sha256")
     if started and started != corpus.sha256:
         files = ", ".join(f["path"] for f in corpus.files.values())
-        raise SearchError(f"--resume: the data changed since the search started ({files}: sha256 {corpus.sha256[:16]}, "
-                          f"was {started[:16]}); put the files back as they were, or start a new search")
+        raise SearchError(
+            f"--resume: the data changed since the search started ({files}: sha256 {corpus.sha256[:16]}, "
+            f"was {started[:16]}); put the files back as they were, or start a new search"
+        )
     report_unseen(corpus)
     return dataclasses.replace(plan, corpus=corpus)
 
@@ -102,7 +106,9 @@ def prepare_folder(files: SearchFiles) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        flag = f"--storage-path {folder.parent}" if not files.remote else f"--storage-path {files.storage.uri}"
+        flag = (
+            f"--storage-path {folder.parent}" if not files.remote else f"--storage-path {files.storage.uri}"
+        )
         what = "the search's folder" if not files.remote else "the search's working folder (XDG_CACHE_HOME)"
         raise SearchError(f"{flag}: cannot write {what} {folder} ({err.strerror or err})") from None
 
@@ -116,7 +122,9 @@ def one_driver(files: SearchFiles):
     import fcntl
 
     folder = files.folder
-    made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove again if nothing else is written
+    made = [
+        f for f in (folder, *folder.parents) if not f.exists()
+    ]  # to remove again if nothing else is written
     prepare_folder(files)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     remote = None
@@ -125,17 +133,23 @@ def one_driver(files: SearchFiles):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise SearchError(f"--name {files.name}: the search in {files.location} is running in process {holder}; "
-                              "wait for it to end (or stop it), or give another --name") from None
+            raise SearchError(
+                f"--name {files.name}: the search in {files.location} is running in process {holder}; "
+                "wait for it to end (or stop it), or give another --name"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         if RemoteLock.available(files.storage):
             remote = RemoteLock(files.storage, files.name)
             remote.acquire()
         elif files.remote:
-            log.warning("%s: one driver per search is checked on this machine only (storage.RemoteLock needs S3 and "
-                        "a boto3 whose botocore knows S3's conditional writes, late 2024 on): run the search's driver "
-                        "on one machine at a time", files.location)
+            log.warning(
+                "%s: one driver per search is checked on this machine only (storage.RemoteLock needs S3 and "
+                "a boto3 whose botocore knows S3's conditional writes, late 2024 on): run the "
+                "search's driver "
+                "on one machine at a time",
+                files.location,
+            )
         yield
     finally:
         if remote is not None:
@@ -151,8 +165,12 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
     record: dict = {}
     if args.resume:
         args, argv, record, location = resume_args(args, parser)
-        print(f"{PROG}: resuming search {args.name} ({location}), stage: {record['stage']}, with its own flags: "
-              f"{' '.join(argv)}", flush=True)
+        print(
+            f"{PROG}: resuming search {args.name} ({location}), stage: {record['stage']}, with its "
+            "own flags: "
+            f"{' '.join(argv)}",
+            flush=True,
+        )
         if record["stage"] == "done":
             print(json.dumps(record.get("summary", {}), indent=1, default=str))
             return 0
@@ -160,8 +178,10 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
     plan = make_plan(args, argv, record or None)
     files = SearchFiles(plan.storage, plan.name)
     if not record and plan.storage.exists(plan.name, RECORD):
-        raise SearchError(f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
-                          f"continue it with --resume {plan.name} or choose another name")
+        raise SearchError(
+            f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
+            f"continue it with --resume {plan.name} or choose another name"
+        )
     plan = check_data(plan, record)
     check_address(args.address)
     # The credentials are in the driver's environment only while it talks to MLflow, not when it
@@ -171,9 +191,13 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
         check_tracking(plan.tracking, args.mlflow_timeout)
     check_encoder(plan.base)
     with one_driver(files):
-        if not record and plan.storage.exists(plan.name, RECORD):  # another driver wrote it since the check above
-            raise SearchError(f"--name {plan.name}: a search of that name started in {plan.storage_path} meanwhile; "
-                              f"continue it with --resume {plan.name} once it stops, or choose another name")
+        if not record and plan.storage.exists(
+            plan.name, RECORD
+        ):  # another driver wrote it since the check above
+            raise SearchError(
+                f"--name {plan.name}: a search of that name started in {plan.storage_path} meanwhile; "
+                f"continue it with --resume {plan.name} once it stops, or choose another name"
+            )
         if files.remote:  # the working folder: empty for a new search, the search's files for a resumed one
             pulled = files.pull(download=bool(record))
             if record:
@@ -192,8 +216,11 @@ def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -
         check_cluster(args, cluster, plan.storage)
         probe_gpus(args, cluster)
         if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
-            size, why = (record["fuse"], "as when the search started") if record.get("fuse") else \
-                fuse_to_fit(args, plan.base, plan.corpus, len(plan.grid))
+            size, why = (
+                (record["fuse"], "as when the search started")
+                if record.get("fuse")
+                else fuse_to_fit(args, plan.base, plan.corpus, len(plan.grid))
+            )
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
         with credentials(mlflow_env):
@@ -211,15 +238,27 @@ def search(plan: Plan, record: dict, files: SearchFiles, cluster: dict) -> int:
     restoring = bool(record)
     if restoring:
         parent_run_id = record["parent_run_id"]
-        tracker.attempt("reopen the parent run", lambda: tracker.client.update_run(parent_run_id, status="RUNNING"))
+        tracker.attempt(
+            "reopen the parent run", lambda: tracker.client.update_run(parent_run_id, status="RUNNING")
+        )
     else:
         code = git_version()
         experiment_id = tracker.experiment(plan.experiment_name)
         parent_run_id = open_parent(plan, tracker, experiment_id, cluster, code)
-        record = {"argv": plan.argv, "name": plan.name, "created": time.time(), "mlflow_uri": plan.tracking.display,
-                  "experiment_id": experiment_id, "experiment_name": plan.experiment_name, "fuse": plan.fuse,
-                  "parent_run_id": parent_run_id, "code": code, "mode": plan.mode,
-                  "stage": "seeds" if plan.mode == "seeds" else "search", **recorded_settings(plan)}
+        record = {
+            "argv": plan.argv,
+            "name": plan.name,
+            "created": time.time(),
+            "mlflow_uri": plan.tracking.display,
+            "experiment_id": experiment_id,
+            "experiment_name": plan.experiment_name,
+            "fuse": plan.fuse,
+            "parent_run_id": parent_run_id,
+            "code": code,
+            "mode": plan.mode,
+            "stage": "seeds" if plan.mode == "seeds" else "search",
+            **recorded_settings(plan),
+        }
     try:
         write_json(files.folder / RECORD, record)
         files.push(RECORD)
@@ -230,58 +269,113 @@ def search(plan: Plan, record: dict, files: SearchFiles, cluster: dict) -> int:
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
         if status == "FAILED":
             error = mask_credentials(f"{type(err).__name__}: {err}")[:4000]
-            tracker.attempt("record the error on the parent run",
-                            lambda: tracker.client.set_tag(parent_run_id, "softfine.error", error))
-        tracker.attempt(f"end the parent run ({status})",
-                        lambda: tracker.client.set_terminated(parent_run_id, status=status))
+            tracker.attempt(
+                "record the error on the parent run",
+                lambda: tracker.client.set_tag(parent_run_id, "softfine.error", error),
+            )
+        tracker.attempt(
+            f"end the parent run ({status})",
+            lambda: tracker.client.set_terminated(parent_run_id, status=status),
+        )
         raise
 
 
 def recorded_settings(plan: Plan) -> dict:
     """What a resume must not read again (a preset or data changed meanwhile would change the
     search under its trials): the resolved grid and training settings, the data's checksum."""
-    return {"grid": plan.grid.describe(), "base": dataclasses.asdict(plan.base), "preset": plan.preset["path"],
-            "paper_selection": plan.preset.get("paper_selection"), "data_sha256": plan.corpus.sha256}
+    return {
+        "grid": plan.grid.describe(),
+        "base": dataclasses.asdict(plan.base),
+        "preset": plan.preset["path"],
+        "paper_selection": plan.preset.get("paper_selection"),
+        "data_sha256": plan.corpus.sha256,
+    }
 
 
 def run_tags(code: dict) -> dict:
     """Where a run's code came from, as MLflow's UI shows it (Source, Git commit)."""
-    return {"mlflow.source.name": PROG, "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": code["commit"],
-            "softfine.git_dirty": code["dirty"], **{f"softfine.version.{k}": v for k, v in versions().items()}}
+    return {
+        "mlflow.source.name": PROG,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": code["commit"],
+        "softfine.git_dirty": code["dirty"],
+        **{f"softfine.version.{k}": v for k, v in versions().items()},
+    }
 
 
 def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict, code: dict) -> str:
     """The search's MLflow parent run: what the search is (params), its command (the note), its data."""
     args = plan.args
-    params = {"dataset": plan.dataset, "mode": plan.mode, "sampler": args.sampler, "scheduler": args.scheduler,
-              "grid": json.dumps(plan.grid.describe()), "grid_size": len(plan.grid), "num_samples": plan.num_samples,
-              "seeds": args.seeds, "gpus_per_trial": args.gpus_per_trial, "cpus_per_trial": args.cpus_per_trial,
-              "max_concurrent": args.max_concurrent, "max_failures": args.max_failures, "fuse": plan.fuse,
-              "cluster_nodes": cluster["nodes"], "cluster_gpus": cluster["gpus"], "cluster_cpus": cluster["cpus"],
-              "code_version": code["commit"] + ("+dirty" if code["dirty"] == "true" else ""),
-              "preset": plan.preset["path"], "search_name": plan.name, "mlflow_uri": plan.tracking.display,
-              **{f"train.{k}": v for k, v in dataclasses.asdict(plan.base).items()
-                 if k not in EXCLUDED_TRAIN_FIELDS or (k == "soft_scope" and "soft_scope" not in plan.keys)}}
-    what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))  # the selection goes first at the end
-    tags = {**run_tags(code), "mlflow.note.content": f"SoftFiNE {what}. Command: `{PROG} {' '.join(plan.argv)}`"}
+    params = {
+        "dataset": plan.dataset,
+        "mode": plan.mode,
+        "sampler": args.sampler,
+        "scheduler": args.scheduler,
+        "grid": json.dumps(plan.grid.describe()),
+        "grid_size": len(plan.grid),
+        "num_samples": plan.num_samples,
+        "seeds": args.seeds,
+        "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_trial": args.cpus_per_trial,
+        "max_concurrent": args.max_concurrent,
+        "max_failures": args.max_failures,
+        "fuse": plan.fuse,
+        "cluster_nodes": cluster["nodes"],
+        "cluster_gpus": cluster["gpus"],
+        "cluster_cpus": cluster["cpus"],
+        "code_version": code["commit"] + ("+dirty" if code["dirty"] == "true" else ""),
+        "preset": plan.preset["path"],
+        "search_name": plan.name,
+        "mlflow_uri": plan.tracking.display,
+        **{
+            f"train.{k}": v
+            for k, v in dataclasses.asdict(plan.base).items()
+            if k not in EXCLUDED_TRAIN_FIELDS or (k == "soft_scope" and "soft_scope" not in plan.keys)
+        },
+    }
+    what = describe_search(
+        plan, plan.num_samples, planned_ray_trials(plan)
+    )  # the selection goes first at the end
+    tags = {
+        **run_tags(code),
+        "mlflow.note.content": f"SoftFiNE {what}. Command: `{PROG} {' '.join(plan.argv)}`",
+    }
     run_id = tracker.start_parent(experiment_id, plan.name, plan.name, params, tags)
-    tracker.attempt("log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.corpus)))
+    tracker.attempt(
+        "log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.corpus))
+    )
     return run_id
 
 
-def run_phase(plan: Plan, phase: str, points, name: str, record: dict, files: SearchFiles,
-              restoring: bool) -> list[dict]:
+def run_phase(
+    plan: Plan, phase: str, points, name: str, record: dict, files: SearchFiles, restoring: bool
+) -> list[dict]:
     """One Tuner.fit: the search over the grid, or one point over seeds; its rows."""
     from ray import tune
     from ray.tune import ExperimentAnalysis
 
     args = plan.args
     trainable = tune.with_resources(
-        tune.with_parameters(softfine_trial, base=plan.base, corpus=plan.corpus,
-                             allow_cpu_fallback=args.allow_cpu_fallback, verbose=bool(args.verbose)),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial})
-    callback = MLflowChildRuns(str(files.folder), record["experiment_id"], record["parent_run_id"], plan.name, phase,
-                               plan.base, run_tags(record["code"]), dataset_inputs(plan.corpus), args.mlflow_timeout)
+        tune.with_parameters(
+            softfine_trial,
+            base=plan.base,
+            corpus=plan.corpus,
+            allow_cpu_fallback=args.allow_cpu_fallback,
+            verbose=bool(args.verbose),
+        ),
+        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+    )
+    callback = MLflowChildRuns(
+        str(files.folder),
+        record["experiment_id"],
+        record["parent_run_id"],
+        plan.name,
+        phase,
+        plan.base,
+        run_tags(record["code"]),
+        dataset_inputs(plan.corpus),
+        args.mlflow_timeout,
+    )
     MLflowChildRuns.search_files = files  # where a restored callback (made by an earlier driver) writes too
     tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback, files.folder)
     started = time.time()
@@ -291,8 +385,13 @@ def run_phase(plan: Plan, phase: str, points, name: str, record: dict, files: Se
     # the saved experiment state tells (the trials in memory are all stopped by then).
     saved = ExperimentAnalysis(f"{plan.storage_path.rstrip('/')}/{name}").trials  # a path or a URI
     unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
-    expected = (len(points["group"]["grid_search"]) if "group" in points  # --fuse: one trial per group
-                else plan.num_samples if phase == "search" else args.seeds)
+    expected = (
+        len(points["group"]["grid_search"])
+        if "group" in points  # --fuse: one trial per group
+        else plan.num_samples
+        if phase == "search"
+        else args.seeds
+    )
     if unfinished or len(saved) < expected:
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
     runs, _, _ = read_account(files.folder, phase)
@@ -303,17 +402,22 @@ def run_phase(plan: Plan, phase: str, points, name: str, record: dict, files: Se
     return rows
 
 
-def run_phases(plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, cluster: dict, restoring: bool) -> int:
+def run_phases(
+    plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, cluster: dict, restoring: bool
+) -> int:
     """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
     with --seeds, only the seeds. Then the summary."""
     from ray import tune
 
     args = plan.args
     what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))
-    print(f"{PROG}: {what}; cluster of {cluster['nodes']} node(s) "
-          f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {args.cpus_per_trial:g} CPU + "
-          f"{args.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
-          f"{plan.tracking.display}", flush=True)
+    print(
+        f"{PROG}: {what}; cluster of {cluster['nodes']} node(s) "
+        f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {args.cpus_per_trial:g} CPU + "
+        f"{args.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
+        f"{plan.tracking.display}",
+        flush=True,
+    )
 
     def seeds(point: dict, name: str) -> list[dict]:
         space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(args.seeds)])}
@@ -329,8 +433,11 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, c
     else:
         groups = None
         if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
-            groups = {"group": tune.grid_search([fused_config(g) for g in fused_groups(
-                plan.grid.points(), plan.fuse, plan.base)])}
+            groups = {
+                "group": tune.grid_search(
+                    [fused_config(g) for g in fused_groups(plan.grid.points(), plan.fuse, plan.base)]
+                )
+            }
         rows = run_phase(plan, "search", groups or {}, plan.name, record, files, restoring)
         selected = select(rows)
         if selected is not None and args.seeds:
@@ -339,9 +446,23 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, c
             files.push(RECORD)
             seed_rows = seeds(point_of(selected, plan.keys), f"{plan.name}-seeds")
     unlogged = [op for phase in ("search", "seeds") for op in read_account(files.folder, phase)[1]]
-    summary = finish(plan, tracker, files.folder, record["experiment_id"], record["parent_run_id"], rows, seed_rows,
-                     selected, time.time() - started, unlogged, cluster, files.location)
-    restarted = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows if r.get("restarted")]
+    summary = finish(
+        plan,
+        tracker,
+        files.folder,
+        record["experiment_id"],
+        record["parent_run_id"],
+        rows,
+        seed_rows,
+        selected,
+        time.time() - started,
+        unlogged,
+        cluster,
+        files.location,
+    )
+    restarted = [
+        {"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows if r.get("restarted")
+    ]
     if restarted:  # trials whose damaged checkpoint was not resumed from (trial.py)
         summary["restarted"] = restarted
         write_json(files.folder / "summary.json", summary)
@@ -351,8 +472,11 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, c
     files.push(RECORD)
     for row in rows + seed_rows:
         if row.get("restarted"):
-            print(f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): {row['restarted']}",
-                  flush=True)
+            print(
+                f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): "
+                f"{row['restarted']}",
+                flush=True,
+            )
     if summary.get("model_error"):
         print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
     # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
@@ -361,6 +485,7 @@ def run_phases(plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, c
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def fail(message: str, verbose: bool, code: int = 2) -> int:
     """One line on stderr, the last (the traceback before it with -v); credentials masked."""
@@ -377,19 +502,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     from softfine.cli import check_text_arguments
     from softfine.errors import SoftFiNEError
 
     try:
-        check_text_arguments(parser, args, SearchError, WANTED)  # UTF-8, and no empty value read as "the default"
+        check_text_arguments(
+            parser, args, SearchError, WANTED
+        )  # UTF-8, and no empty value read as "the default"
         return run_search(args, argv, parser)
     except (SearchError, SoftFiNEError) as err:
         return fail(str(err), args.verbose)
     except (KeyboardInterrupt, Interrupted) as err:
-        print(f"{PROG}: interrupted ({err or 'Ctrl-C'}); the search is saved: continue it with "
-              f"python {PROG} --resume", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: interrupted ({err or 'Ctrl-C'}); the search is saved: continue it with "
+            f"python {PROG} --resume",
+            file=sys.stderr,
+            flush=True,
+        )
         return 130
     except OSError as err:  # a full disk, a folder without permission: the file and the cause
         where = f"{err.filename}: " if err.filename else ""

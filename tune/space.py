@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 METRIC, MODE = "best_dev_f1", "max"
@@ -40,14 +40,25 @@ SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
 # How the paper writes each searched value: tables, figures, the parent run's description.
 SYMBOLS = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
 # The paper's grid (Appendix C): (alpha_aug, alpha_fea) pairs, beta, gamma.
-PAPER_GRID = {"alphas": [[0.1, 0.1], [0.1, 0.05], [0.01, 0.01], [0.01, 0.005]], "beta": [2, 3, 4],
-              "gamma": [1.5, 2, 2.5]}
+PAPER_GRID = {
+    "alphas": [[0.1, 0.1], [0.1, 0.05], [0.01, 0.01], [0.01, 0.005]],
+    "beta": [2, 3, 4],
+    "gamma": [1.5, 2, 2.5],
+}
 # TrainConfig fields a preset's train: may not set: the grid's, and those set per trial or by flag.
-NOT_IN_TRAIN = {"alpha_aug": "a grid value: put it under grid: alphas", "alpha_fea": "a grid value: put it under "
-                "grid: alphas", "beta": "a grid value: put it under grid:", "gamma": "a grid value: put it under grid:",
-                "soft_scope": "a grid value: put it under grid:", "out": "set per trial", "device": "set per trial",
-                "dataset": "the dataset is chosen with --dataset", "train_file": "the data is chosen by flag",
-                "validation_file": "the data is chosen by flag", "test_file": "the data is chosen by flag"}
+NOT_IN_TRAIN = {
+    "alpha_aug": "a grid value: put it under grid: alphas",
+    "alpha_fea": "a grid value: put it under grid: alphas",
+    "beta": "a grid value: put it under grid:",
+    "gamma": "a grid value: put it under grid:",
+    "soft_scope": "a grid value: put it under grid:",
+    "out": "set per trial",
+    "device": "set per trial",
+    "dataset": "the dataset is chosen with --dataset",
+    "train_file": "the data is chosen by flag",
+    "validation_file": "the data is chosen by flag",
+    "test_file": "the data is chosen by flag",
+}
 
 
 class SearchError(Exception):
@@ -58,6 +69,7 @@ class SearchError(Exception):
 # A grid point and its TrainConfig. Grid samplers need str/int/float values, so an
 # (alpha_aug, alpha_fea) pair is the string "aug,fea": the paper searches 4 pairs, not 4 x 4.
 
+
 def alphas_key(alpha_aug: float, alpha_fea: float) -> str:
     return f"{float(alpha_aug):g},{float(alpha_fea):g}"
 
@@ -66,7 +78,9 @@ def parse_alphas(key: str) -> tuple[float, float]:
     try:
         aug, fea = (float(part) for part in str(key).split(","))
     except ValueError:
-        raise ValueError(f"an (alpha_aug, alpha_fea) pair is written AUG,FEA (e.g. 0.1,0.05), got {key!r}") from None
+        raise ValueError(
+            f"an (alpha_aug, alpha_fea) pair is written AUG,FEA (e.g. 0.1,0.05), got {key!r}"
+        ) from None
     return aug, fea
 
 
@@ -102,8 +116,11 @@ def point_name(point: dict) -> str:
 
 def point_of(values: dict, keys: Sequence[str]) -> dict:
     """The point of a row of results (for the seeds phase: the selected configuration)."""
-    point = {"alphas": alphas_key(values["alpha_aug"], values["alpha_fea"]), "beta": values["beta"],
-             "gamma": values["gamma"]}
+    point = {
+        "alphas": alphas_key(values["alpha_aug"], values["alpha_fea"]),
+        "beta": values["beta"],
+        "gamma": values["gamma"],
+    }
     return {**point, "soft_scope": values["soft_scope"]} if "soft_scope" in keys else point
 
 
@@ -123,8 +140,11 @@ class Grid:
 
     def space(self) -> dict[str, list]:
         """The grid as GridSampler takes it (str/int/float values only)."""
-        space = {"alphas": [alphas_key(*pair) for pair in self.alphas], "beta": list(self.beta),
-                 "gamma": list(self.gamma)}
+        space = {
+            "alphas": [alphas_key(*pair) for pair in self.alphas],
+            "beta": list(self.beta),
+            "gamma": list(self.gamma),
+        }
         if len(self.soft_scope) > 1:
             space["soft_scope"] = list(self.soft_scope)
         return space
@@ -142,8 +162,12 @@ class Grid:
         return math.prod(len(values) for values in self.space().values())
 
     def describe(self) -> dict:
-        return {"alphas": [list(p) for p in self.alphas], "beta": self.beta, "gamma": self.gamma,
-                "soft_scope": self.soft_scope}
+        return {
+            "alphas": [list(p) for p in self.alphas],
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "soft_scope": self.soft_scope,
+        }
 
 
 def preset_path(dataset: str) -> Path:
@@ -158,16 +182,24 @@ def load_preset(dataset: str | None, path: str | Path | None = None) -> dict:
 
     explicit = path is not None
     if not explicit and dataset is None:
-        return {"train": {}, "grid": preset_grid(PAPER_GRID, Path("-")), "paper_selection": None,
-                "path": "none (the trainer's defaults)"}
+        return {
+            "train": {},
+            "grid": preset_grid(PAPER_GRID, Path("-")),
+            "paper_selection": None,
+            "path": "none (the trainer's defaults)",
+        }
     path = Path(path) if explicit else preset_path(dataset)
     values = read_yaml(path, "--preset" if explicit else "preset") if explicit or path.is_file() else {}
     where = f"preset {path}"
     unknown = sorted(map(str, set(values) - {"train", "grid", "paper_selection"}))
     if unknown:
         raise SearchError(f"{where}: unknown section {unknown[0]!r} (expected train, grid, paper_selection)")
-    return {"train": preset_train(values.get("train") or {}, path), "grid": preset_grid(values.get("grid", PAPER_GRID), path),
-            "paper_selection": paper_selection(values.get("paper_selection"), path), "path": str(path)}
+    return {
+        "train": preset_train(values.get("train") or {}, path),
+        "grid": preset_grid(values.get("grid", PAPER_GRID), path),
+        "paper_selection": paper_selection(values.get("paper_selection"), path),
+        "path": str(path),
+    }
 
 
 def preset_train(train, path: Path) -> dict:
@@ -176,7 +208,9 @@ def preset_train(train, path: Path) -> dict:
     from softfine.config import config_values, make_config
 
     if not isinstance(train, dict):
-        raise SearchError(f"preset {path}: train: expected a mapping of option: value, got {type(train).__name__}")
+        raise SearchError(
+            f"preset {path}: train: expected a mapping of option: value, got {type(train).__name__}"
+        )
     values = config_values(train, path, "preset")
     for key in values:
         if key in NOT_IN_TRAIN:
@@ -205,15 +239,24 @@ def preset_grid(grid, path: Path) -> Grid:
         problem = f"unknown key {unknown[0]!r}" if unknown else f"key {missing[0]!r} is missing"
         raise SearchError(f"{where}: {problem} (expected alphas, beta, gamma and optionally soft_scope)")
     pairs = grid["alphas"]
-    if not isinstance(pairs, list) or not pairs or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+    if (
+        not isinstance(pairs, list)
+        or not pairs
+        or not all(isinstance(p, list) and len(p) == 2 for p in pairs)
+    ):
         raise SearchError(f"{where}: alphas: expected a list of [alpha_aug, alpha_fea] pairs, got {pairs!r}")
     alphas = [tuple(_numbers(pair, f"{where}: alphas")) for pair in pairs]
     scopes = grid.get("soft_scope", ["paper"])
     if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
         raise SearchError(f"{where}: soft_scope: expected a list of {' and '.join(SCOPES)}, got {scopes!r}")
     origin = {key: f"{where}: {key}" for key in ("alphas", "beta", "gamma", "soft_scope")}
-    return Grid(list(dict.fromkeys(alphas)), list(dict.fromkeys(_numbers(grid["beta"], f"{where}: beta"))),
-                list(dict.fromkeys(_numbers(grid["gamma"], f"{where}: gamma"))), list(dict.fromkeys(scopes)), origin)
+    return Grid(
+        list(dict.fromkeys(alphas)),
+        list(dict.fromkeys(_numbers(grid["beta"], f"{where}: beta"))),
+        list(dict.fromkeys(_numbers(grid["gamma"], f"{where}: gamma"))),
+        list(dict.fromkeys(scopes)),
+        origin,
+    )
 
 
 def paper_selection(selection, path: Path) -> dict | None:
@@ -222,7 +265,9 @@ def paper_selection(selection, path: Path) -> dict | None:
         return None
     where = f"preset {path}: paper_selection"
     if not isinstance(selection, dict):
-        raise SearchError(f"{where}: expected a mapping like {{alpha_aug: 0.1, alpha_fea: 0.1, beta: 4, gamma: 2}}")
+        raise SearchError(
+            f"{where}: expected a mapping like {{alpha_aug: 0.1, alpha_fea: 0.1, beta: 4, gamma: 2}}"
+        )
     for key, value in selection.items():
         if key not in SEARCHED:
             raise SearchError(f"{where}: unknown key {key!r} (expected {', '.join(SEARCHED)})")
@@ -230,18 +275,30 @@ def paper_selection(selection, path: Path) -> dict | None:
     return selection
 
 
-def grid_from_flags(grid: Grid, alphas: Sequence[str] | None, beta: Sequence[float] | None,
-                    gamma: Sequence[float] | None, soft_scope: Sequence[str] | None = None) -> Grid:
+def grid_from_flags(
+    grid: Grid,
+    alphas: Sequence[str] | None,
+    beta: Sequence[float] | None,
+    gamma: Sequence[float] | None,
+    soft_scope: Sequence[str] | None = None,
+) -> Grid:
     """The preset's grid with the dimensions given on the command line replaced."""
     try:
         pairs = [parse_alphas(a) for a in alphas] if alphas else grid.alphas
     except ValueError as err:
         raise SearchError(f"--alphas: {err}") from None
     given = {"alphas": alphas, "beta": beta, "gamma": gamma, "soft_scope": soft_scope}
-    origin = {key: (f"--{key.replace('_', '-')}" if given[key] else grid.origin.get(key, f"the grid's {key}"))
-              for key in given}
-    return Grid(list(dict.fromkeys(pairs)), list(dict.fromkeys(beta or grid.beta)),
-                list(dict.fromkeys(gamma or grid.gamma)), list(dict.fromkeys(soft_scope or grid.soft_scope)), origin)
+    origin = {
+        key: (f"--{key.replace('_', '-')}" if given[key] else grid.origin.get(key, f"the grid's {key}"))
+        for key in given
+    }
+    return Grid(
+        list(dict.fromkeys(pairs)),
+        list(dict.fromkeys(beta or grid.beta)),
+        list(dict.fromkeys(gamma or grid.gamma)),
+        list(dict.fromkeys(soft_scope or grid.soft_scope)),
+        origin,
+    )
 
 
 def check_grid(grid: Grid, base) -> None:
@@ -252,13 +309,21 @@ def check_grid(grid: Grid, base) -> None:
 
     if not len(grid):
         raise SearchError("the grid is empty: --alphas, --beta and --gamma each need at least one value")
-    dimension = {"alpha_aug": "alphas", "alpha_fea": "alphas", "beta": "beta", "gamma": "gamma",
-                 "soft_scope": "soft_scope"}
+    dimension = {
+        "alpha_aug": "alphas",
+        "alpha_fea": "alphas",
+        "beta": "beta",
+        "gamma": "gamma",
+        "soft_scope": "soft_scope",
+    }
     for point in grid.points():
-        make_config(point_values(point), where=lambda key: grid.origin.get(dimension.get(key, key), key), base=base)
+        make_config(
+            point_values(point), where=lambda key: grid.origin.get(dimension.get(key, key), key), base=base
+        )
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage: str, study_name: str):
     """Ray Tune's OptunaSearch over the grid's values, its study kept in `storage` (an Optuna
@@ -276,16 +341,25 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage
     elif sampler == "tpe":
         # constant_liar: trials in flight count as provisional results, so concurrent trials are
         # not all sent to the same region of the space.
-        ot_sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True,
-                                                n_startup_trials=max(2, min(10, num_samples // 3)))
+        ot_sampler = optuna.samplers.TPESampler(
+            seed=seed, constant_liar=True, n_startup_trials=max(2, min(10, num_samples // 3))
+        )
     else:
         raise SearchError(f"--sampler must be grid or tpe, got {sampler!r}")
-    return StudyInPlace(space=grid.optuna_space(), metric=METRIC, mode=MODE, sampler=ot_sampler,
-                        points_to_evaluate=points, study_name=study_name, storage=optuna.storages.RDBStorage(storage))
+    return StudyInPlace(
+        space=grid.optuna_space(),
+        metric=METRIC,
+        mode=MODE,
+        sampler=ot_sampler,
+        points_to_evaluate=points,
+        study_name=study_name,
+        storage=optuna.storages.RDBStorage(storage),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # --fuse: the grid's points in groups, each one trial; the study still gets every point.
+
 
 def fused_groups(points: list[dict], size: int, base) -> list[list[dict]]:
     """The points in groups of at most `size`, as even as can be (36 points, --fuse 10: four of
@@ -301,7 +375,7 @@ def fused_groups(points: list[dict], size: int, base) -> list[list[dict]]:
         start = 0
         for number in range(count):
             length = len(same) // count + (number < len(same) % count)
-            groups.append(same[start:start + length])
+            groups.append(same[start : start + length])
             start += length
     return groups
 
@@ -315,10 +389,17 @@ def record_points(storage: str, study_name: str, grid: Grid, rows: list[dict]) -
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=optuna.storages.RDBStorage(storage),
-                                direction="maximize", load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=optuna.storages.RDBStorage(storage),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
     def key(params: dict) -> str:  # 2 and 2.0 are one value
-        return json.dumps({k: v if isinstance(v, str) else float(v) for k, v in params.items()}, sort_keys=True)
+        return json.dumps(
+            {k: v if isinstance(v, str) else float(v) for k, v in params.items()}, sort_keys=True
+        )
 
     held = {key(t.params) for t in study.get_trials(deepcopy=False)}
     distributions = grid.optuna_space()
@@ -329,9 +410,14 @@ def record_points(storage: str, study_name: str, grid: Grid, rows: list[dict]) -
             continue
         value = row.get(METRIC)
         scored = isinstance(value, (int, float)) and not math.isnan(value)
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=distributions, value=float(value) if scored else None,
-            state=optuna.trial.TrialState.COMPLETE if scored else optuna.trial.TrialState.FAIL,
-            user_attrs={"ray_trial_id": row["trial_id"], "mlflow_run_id": row["mlflow_run_id"]}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=distributions,
+                value=float(value) if scored else None,
+                state=optuna.trial.TrialState.COMPLETE if scored else optuna.trial.TrialState.FAIL,
+                user_attrs={"ray_trial_id": row["trial_id"], "mlflow_run_id": row["mlflow_run_id"]},
+            )
+        )
         added += 1
     return added

@@ -19,6 +19,7 @@ shows one.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import posixpath
@@ -32,10 +33,19 @@ from .space import SearchError
 # The search's own files in its folder (Ray's are its experiment_state-*.json, searcher-state-*,
 # callback-states-*, tuner.pkl and the trial folders). The Optuna study during a search phase
 # reaches a remote storage with Ray's own snapshots (in_place.StudyInPlace.save_to_dir).
-OWN_FILES = ("softfine_search.json", "optuna.db", "mlflow_runs.*.json", "mlflow_unlogged.*.jsonl", "summary.json",
-             "trials.csv", "*.png")
+OWN_FILES = (
+    "softfine_search.json",
+    "optuna.db",
+    "mlflow_runs.*.json",
+    "mlflow_unlogged.*.jsonl",
+    "summary.json",
+    "trials.csv",
+    "*.png",
+)
 BUCKETS = ("s3", "gs", "gcs")  # schemes whose URI's first path part is a bucket that must exist
-LOCK = ".softfine_search.lock"  # in the search's folder (and the working folder): held by the driver running it
+LOCK = (
+    ".softfine_search.lock"  # in the search's folder (and the working folder): held by the driver running it
+)
 
 
 def is_remote(path: str) -> bool:
@@ -84,8 +94,11 @@ class Storage:
         if not self.remote:
             return self.local / name
         parts = urllib.parse.urlsplit(self.uri)
-        where = [re.sub(r"[^\w.@+=-]", "_", p) for p in f"{parts.netloc}/{parts.path}".split("/")
-                 if p not in ("", ".", "..")]
+        where = [
+            re.sub(r"[^\w.@+=-]", "_", p)
+            for p in f"{parts.netloc}/{parts.path}".split("/")
+            if p not in ("", ".", "..")
+        ]
         return cache_home() / "softfine" / "searches" / parts.scheme / Path(*where) / name
 
     def filesystem(self):
@@ -98,7 +111,11 @@ class Storage:
         return self._fs, self._base
 
     def fs_path(self, name: str, file: str = "") -> str:
-        return posixpath.join(self.filesystem()[1], name, file) if file else posixpath.join(self.filesystem()[1], name)
+        return (
+            posixpath.join(self.filesystem()[1], name, file)
+            if file
+            else posixpath.join(self.filesystem()[1], name)
+        )
 
     # -- checks -----------------------------------------------------------------------------
 
@@ -109,30 +126,42 @@ class Storage:
             return
         parts = urllib.parse.urlsplit(self.uri)
         if "@" in parts.netloc:
-            raise SearchError(f"--storage-path {parts.scheme}://...@{parts.netloc.rpartition('@')[2]}{parts.path}: "
-                              "no credentials in the URI; give them the way AWS tools take them (AWS_ACCESS_KEY_ID "
-                              "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)")
-        if parts.query or parts.fragment:  # pyarrow's options (region=, endpoint_override=): the environment's
-            raise SearchError(f"--storage-path {self.uri}: give the bucket and prefix alone (s3://BUCKET/PREFIX); the "
-                              "endpoint and region come from the environment (AWS_ENDPOINT_URL, AWS_REGION)")
+            raise SearchError(
+                f"--storage-path {parts.scheme}://...@{parts.netloc.rpartition('@')[2]}{parts.path}: "
+                "no credentials in the URI; give them the way AWS tools take them (AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)"
+            )
+        if (
+            parts.query or parts.fragment
+        ):  # pyarrow's options (region=, endpoint_override=): the environment's
+            raise SearchError(
+                f"--storage-path {self.uri}: give the bucket and prefix alone (s3://BUCKET/PREFIX); the "
+                "endpoint and region come from the environment (AWS_ENDPOINT_URL, AWS_REGION)"
+            )
         import pyarrow.fs
 
-        how = ("the endpoint and credentials come from the environment, as AWS tools take them: AWS_ENDPOINT_URL, "
-               "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role")
+        how = (
+            "the endpoint and credentials come from the environment, as AWS tools take them: "
+            "AWS_ENDPOINT_URL, "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role"
+        )
         unusable = f"--storage-path {self.uri}: cannot reach it or write there"
         try:
             fs, base = self.filesystem()  # an S3 URI: the bucket's region is looked up unless it is given
         except (ValueError, ImportError) as err:  # ArrowInvalid is a ValueError
-            raise SearchError(f"--storage-path {self.uri}: not a storage URI pyarrow can open ({first_line(err)})") \
-                from None
+            raise SearchError(
+                f"--storage-path {self.uri}: not a storage URI pyarrow can open ({first_line(err)})"
+            ) from None
         except OSError as err:
             raise SearchError(f"{unusable} ({first_line(err)}; endpoint {endpoint()}); {how}") from None
         try:
             if parts.scheme in BUCKETS:
                 bucket = base.split("/")[0]
                 if fs.get_file_info(bucket).type != pyarrow.fs.FileType.Directory:
-                    raise SearchError(f"--storage-path {self.uri}: bucket {bucket!r} does not exist at that endpoint "
-                                      f"({endpoint()}); create it first ({how})")
+                    raise SearchError(
+                        f"--storage-path {self.uri}: bucket {bucket!r} does not exist at that endpoint "
+                        f"({endpoint()}); create it first ({how})"
+                    )
             probe = posixpath.join(base, f".softfine-write-check-{uuid.uuid4().hex}")
             with fs.open_output_stream(probe) as out:
                 out.write(b"")
@@ -159,23 +188,35 @@ class Storage:
             return (self.local / name / file).exists()
         import pyarrow.fs
 
-        return self.filesystem()[0].get_file_info(self.fs_path(name, file)).type != pyarrow.fs.FileType.NotFound
+        return (
+            self.filesystem()[0].get_file_info(self.fs_path(name, file)).type != pyarrow.fs.FileType.NotFound
+        )
 
     def searches_with(self, file: str) -> list[tuple[float, str]]:
         """(modification time, NAME) of the search folders that hold `file`."""
         if not self.remote:
-            return [(p.stat().st_mtime, p.parent.name) for p in self.local.glob(f"*/{file}")] if self.local.is_dir() \
+            return (
+                [(p.stat().st_mtime, p.parent.name) for p in self.local.glob(f"*/{file}")]
+                if self.local.is_dir()
                 else []
+            )
         import pyarrow.fs
 
         fs, base = self.filesystem()
-        folders = [i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
-                   if i.type == pyarrow.fs.FileType.Directory]
+        folders = [
+            i.base_name
+            for i in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+            if i.type == pyarrow.fs.FileType.Directory
+        ]
         found = []
         for info in fs.get_file_info([self.fs_path(name, file) for name in folders]):
             if info.type == pyarrow.fs.FileType.File:
-                found.append((info.mtime.timestamp() if info.mtime else 0.0, posixpath.basename(posixpath.dirname(
-                    info.path))))
+                found.append(
+                    (
+                        info.mtime.timestamp() if info.mtime else 0.0,
+                        posixpath.basename(posixpath.dirname(info.path)),
+                    )
+                )
         return found
 
 
@@ -271,7 +312,9 @@ class SearchFiles:
             return []
         fs, _ = self.storage.filesystem()
         got = []
-        for info in fs.get_file_info(pyarrow.fs.FileSelector(self.storage.fs_path(self.name), allow_not_found=True)):
+        for info in fs.get_file_info(
+            pyarrow.fs.FileSelector(self.storage.fs_path(self.name), allow_not_found=True)
+        ):
             if info.type == pyarrow.fs.FileType.File and own(info.base_name):
                 with fs.open_input_stream(info.path) as stream:
                     (self.folder / info.base_name).write_bytes(stream.readall())
@@ -281,6 +324,7 @@ class SearchFiles:
 
 # ---------------------------------------------------------------------------------------------
 # One driver per search on a remote storage.
+
 
 class RemoteLock:
     """The search's lock object on S3, STORAGE/NAME/LOCK, made with a conditional write
@@ -341,9 +385,15 @@ class RemoteLock:
         from botocore.exceptions import ClientError
 
         try:
-            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)[
+                "ETag"
+            ]
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            if err.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+                "412",
+            ):
                 return None
             raise
 
@@ -391,15 +441,23 @@ class RemoteLock:
                 continue
             who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
             if mine:
-                raise SearchError(f"--name {self.name}: the search in {self.where} is running in {who}; wait for it "
-                                  "to end (or stop it), or give another --name")
+                raise SearchError(
+                    f"--name {self.name}: the search in {self.where} is running in {who}; wait for it "
+                    "to end (or stop it), or give another --name"
+                )
             if deadline is None:
                 deadline = time.time() + self.LEASE - age + 1
-                print(f"tune/search.py: the search in {self.where} is locked by {who}, renewed {age:.0f} s ago; "
-                      f"waiting up to {self.LEASE - age + 1:.0f} s for it to end or its lease to run out", flush=True)
+                print(
+                    f"tune/search.py: the search in {self.where} is locked by {who}, renewed "
+                    f"{age:.0f} s ago; "
+                    f"waiting up to {self.LEASE - age + 1:.0f} s for it to end or its lease to run out",
+                    flush=True,
+                )
             if time.time() > deadline:
-                raise SearchError(f"--name {self.name}: the search in {self.where} is running in {who} (its lock is "
-                                  "renewed); wait for it to end (or stop it), or give another --name")
+                raise SearchError(
+                    f"--name {self.name}: the search in {self.where} is running in {who} (its lock is "
+                    "renewed); wait for it to end (or stop it), or give another --name"
+                )
             time.sleep(min(5.0, max(0.5, deadline - time.time())))
         import threading
 
@@ -414,13 +472,17 @@ class RemoteLock:
             try:
                 etag = self._put(IfMatch=self.etag)
             except Exception as err:  # noqa: BLE001 - the storage may not answer for a while: try again
-                logging.getLogger("softfine.tune").warning("could not renew the search's lock %s (%s)", self.where,
-                                                           first_line(err))
+                logging.getLogger("softfine.tune").warning(
+                    "could not renew the search's lock %s (%s)", self.where, first_line(err)
+                )
                 continue
             if etag is None:
                 logging.getLogger("softfine.tune").error(
-                    "the search's lock %s was taken over by another driver (this one did not renew it for %.0f s)",
-                    self.where, self.LEASE)
+                    "the search's lock %s was taken over by another driver (this one did not renew "
+                    "it for %.0f s)",
+                    self.where,
+                    self.LEASE,
+                )
                 return
             self.etag = etag
 
@@ -431,10 +493,9 @@ class RemoteLock:
             self._stop.set()
             self._thread.join(timeout=30)
         if self.etag is not None:
-            try:
+            # ClientError: taken over by another driver meanwhile: its lock now
+            with contextlib.suppress(ClientError):
                 self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-            except ClientError:
-                pass  # taken over by another driver meanwhile: its lock now
             self.etag = None
 
 

@@ -23,15 +23,18 @@ import re
 import subprocess
 import threading
 import urllib.parse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .space import SearchError
 
 log = logging.getLogger("softfine.tune")
 
 # This checkout (the package installed in place), else the working directory.
-REPO = next((p for p in [Path(__file__).resolve().parents[1]] if (p / "pyproject.toml").is_file()), Path.cwd())
+REPO = next(
+    (p for p in [Path(__file__).resolve().parents[1]] if (p / "pyproject.toml").is_file()), Path.cwd()
+)
 DEFAULT_STORE = REPO / "mlflow" / "mlflow.db"
 TRIAL_ID_TAG = "softfine.trial_id"
 PHASE_TAG = "softfine.phase"
@@ -78,7 +81,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     if not uri:
         return default_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     if ":" not in uri:  # a plain directory: MLflow's file store
         return Path(uri).resolve().as_uri()
     return uri
@@ -113,16 +116,20 @@ def tracking_store(uri: str | None, what: str = "--mlflow-uri") -> TrackingStore
     display = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}{':' + MASK if colon else ''}@{host}"))
     if not is_remote(uri):  # a database URI: its driver needs the credentials in it
         if password == MASK:
-            raise SearchError(f"{what} {display}: the password is masked (a search record keeps none); give "
-                              f"{what} with the password again")
+            raise SearchError(
+                f"{what} {display}: the password is masked (a search record keeps none); give "
+                f"{what} with the password again"
+            )
         return TrackingStore(uri, display, env)
     bare = urllib.parse.urlunsplit(parts._replace(netloc=host))
     env = {**env, "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(user)}
     if colon and password != MASK:
         env["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(password)
     elif colon and not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
-        raise SearchError(f"{what} {display}: the password is masked (a search record keeps none); give "
-                          f"{what} with the password again, or set MLFLOW_TRACKING_PASSWORD")
+        raise SearchError(
+            f"{what} {display}: the password is masked (a search record keeps none); give "
+            f"{what} with the password again, or set MLFLOW_TRACKING_PASSWORD"
+        )
     return TrackingStore(bare, display, env)
 
 
@@ -156,14 +163,19 @@ def mask_argv(argv: Sequence[str]) -> list[str]:
 def local_artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go to an `artifacts/` folder beside the database file."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
     return None
 
 
 def short_http(timeout: float, retries: int = 0):
     """MLflow's HTTP client retries for minutes by default; a check must answer quickly."""
-    return credentials(dict(MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries), MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout)),
-                            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1"))
+    return credentials(
+        dict(
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES=str(retries),
+            MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout)),
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
+        )
+    )
 
 
 MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}  # what every MLflow SQLite store has
@@ -180,12 +192,16 @@ def check_sqlite_store(path: Path, display: str) -> None:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as err:
-        raise SearchError(f"--mlflow-uri {display}: {path} is not an SQLite database ({err}); give a new file or an "
-                          "MLflow store") from None
-    if tables and not MLFLOW_TABLES <= tables:
+        raise SearchError(
+            f"--mlflow-uri {display}: {path} is not an SQLite database ({err}); give a new file or an "
+            "MLflow store"
+        ) from None
+    if tables and not tables >= MLFLOW_TABLES:
         shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise SearchError(f"--mlflow-uri {display}: {path} is another application's SQLite database (tables: {shown}), "
-                          "not an MLflow store; give a new file or an MLflow store")
+        raise SearchError(
+            f"--mlflow-uri {display}: {path} is another application's SQLite database (tables: {shown}), "
+            "not an MLflow store; give a new file or an MLflow store"
+        )
 
 
 @contextlib.contextmanager
@@ -209,11 +225,13 @@ def check_tracking(store: TrackingStore, timeout: float) -> None:
 
     lock = contextlib.nullcontext()
     if store.uri.startswith("sqlite:///"):
-        path = Path(store.uri[len("sqlite:///"):])
+        path = Path(store.uri[len("sqlite:///") :])
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise SearchError(f"--mlflow-uri {store.display}: cannot create {path.parent} ({err.strerror})") from None
+            raise SearchError(
+                f"--mlflow-uri {store.display}: cannot create {path.parent} ({err.strerror})"
+            ) from None
         check_sqlite_store(path, store.display)
         lock = folder_lock(path.parent)
     try:
@@ -222,18 +240,26 @@ def check_tracking(store: TrackingStore, timeout: float) -> None:
     except Exception as err:  # noqa: BLE001 - whatever it is, the store cannot be used: say so, with its type
         why = describe_error(err)
         silent = why.startswith(("connection refused", "no answer"))
-        hint = (" Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --mlflow-uri "
-                "(the default is the embedded SQLite store under mlflow/)." if is_remote(store.uri) else "")
-        raise SearchError(f"--mlflow-uri: the MLflow tracking store {store.display} "
-                          f"{'does not answer' if silent else 'cannot be used'} ({why}).{hint}") from None
+        hint = (
+            " Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --mlflow-uri "
+            "(the default is the embedded SQLite store under mlflow/)."
+            if is_remote(store.uri)
+            else ""
+        )
+        raise SearchError(
+            f"--mlflow-uri: the MLflow tracking store {store.display} "
+            f"{'does not answer' if silent else 'cannot be used'} ({why}).{hint}"
+        ) from None
 
 
 def git_version(repo: Path = REPO) -> dict:
     """The commit the search runs, and whether the working tree differs from it. Without a git
     checkout (e.g. `ray job submit --working-dir .` uploads no .git), $SOFTFINE_GIT_COMMIT."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -241,8 +267,10 @@ def git_version(repo: Path = REPO) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = os.environ.get("SOFTFINE_GIT_COMMIT", "")
         if not commit:
-            log.warning("no git checkout in %s and no $SOFTFINE_GIT_COMMIT: runs will not record the code version",
-                        repo)
+            log.warning(
+                "no git checkout in %s and no $SOFTFINE_GIT_COMMIT: runs will not record the code version",
+                repo,
+            )
         return {"commit": commit, "dirty": "unknown"}
     return {"commit": commit, "dirty": str(dirty).lower()}
 
@@ -302,25 +330,31 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":
-                raise SearchError(f"--experiment-name {name}: this MLflow experiment was deleted; restore it "
-                                  "(mlflow experiments restore) or choose another name")
+                raise SearchError(
+                    f"--experiment-name {name}: this MLflow experiment was deleted; restore it "
+                    "(mlflow experiments restore) or choose another name"
+                )
             if found.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
                 self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
-                                             tags=dict([EXPERIMENT_KIND]))
+        return self.client.create_experiment(
+            name, artifact_location=local_artifact_root(self.uri), tags=dict([EXPERIMENT_KIND])
+        )
 
     def start_parent(self, experiment_id: str, run_name: str, search: str, params: dict, tags: dict) -> str:
         from mlflow.entities import Param
 
-        run = self.client.create_run(experiment_id, run_name=run_name,
-                                     tags={SEARCH_TAG: search, PHASE_TAG: "parent", **tags})
+        run = self.client.create_run(
+            experiment_id, run_name=run_name, tags={SEARCH_TAG: search, PHASE_TAG: "parent", **tags}
+        )
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         try:
             for start in range(0, len(items), 100):
-                self.client.log_batch(run.info.run_id, params=items[start:start + 100])
+                self.client.log_batch(run.info.run_id, params=items[start : start + 100])
         except BaseException:  # the run exists: not RUNNING forever
-            self.attempt("end the parent run (FAILED)", lambda: self.client.set_terminated(run.info.run_id, "FAILED"))
+            self.attempt(
+                "end the parent run (FAILED)", lambda: self.client.set_terminated(run.info.run_id, "FAILED")
+            )
             raise
         return run.info.run_id
 
@@ -333,10 +367,20 @@ def dataset_inputs(corpus) -> list:
 
     inputs = []
     for split, file in corpus.files.items():
-        profile = {"file": Path(file["path"]).name, "sha256": file["sha256"], "format": file["format"],
-                   "sentences": len(corpus.splits[split]), **({"carved": file["carved"]} if "carved" in file else {})}
-        dataset = Dataset(name=f"{corpus.name}-{split}", digest=file["sha256"][:16], source_type="local",
-                          source=json.dumps({"uri": Path(file["path"]).as_uri()}), profile=json.dumps(profile))
+        profile = {
+            "file": Path(file["path"]).name,
+            "sha256": file["sha256"],
+            "format": file["format"],
+            "sentences": len(corpus.splits[split]),
+            **({"carved": file["carved"]} if "carved" in file else {}),
+        }
+        dataset = Dataset(
+            name=f"{corpus.name}-{split}",
+            digest=file["sha256"][:16],
+            source_type="local",
+            source=json.dumps({"uri": Path(file["path"]).as_uri()}),
+            profile=json.dumps(profile),
+        )
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
     return inputs
 
@@ -348,6 +392,7 @@ def preload_model_code() -> None:
     """Imports, in the background while the trials run, what checking the model on its example
     at the end loads (torch, transformers' BERT, softfine.predict): 4 to 5 s of a search's end here.
     The driver is idle during the trials; log_model waits for the imports to finish."""
+
     def load() -> None:
         try:
             import transformers.models.bert.modeling_bert  # noqa: F401 - from_pretrained imports it lazily
@@ -383,7 +428,17 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
     model_code = Path(__file__).resolve().parent / "pyfunc.py"
 
     requirements = []
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "seqeval", "pyyaml", "pydantic", "tqdm", "mlflow"):
+    for name in (
+        "torch",
+        "transformers",
+        "tokenizers",
+        "safetensors",
+        "seqeval",
+        "pyyaml",
+        "pydantic",
+        "tqdm",
+        "mlflow",
+    ):
         try:
             import importlib.metadata as md
 
@@ -393,11 +448,17 @@ def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=parent_run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(model_code), artifacts={"checkpoint": str(checkpoint)},
+            name="model",
+            python_model=str(model_code),
+            artifacts={"checkpoint": str(checkpoint)},
             code_paths=[str(Path(softfine.__file__).parent)],
-            pip_requirements=requirements, input_example=[EXAMPLE],
-            metadata={"task": "fine-grained Chinese NER (SoftFiNE)",
-                      "predict": "list of texts -> list of entities {text, category, levels, start, end}"})
+            pip_requirements=requirements,
+            input_example=[EXAMPLE],
+            metadata={
+                "task": "fine-grained Chinese NER (SoftFiNE)",
+                "predict": "list of texts -> list of entities {text, category, levels, start, end}",
+            },
+        )
     return info.model_uri
 
 

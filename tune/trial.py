@@ -65,12 +65,21 @@ def group_report(reports: list[dict], config: dict) -> dict:
     the best member's dev F1 at the top (Tune's metric, and its table)."""
     if "group" not in config:
         return dict(reports[0])
-    return {"members": reports, METRIC: max(r[METRIC] for r in reports),
-            "dev_f1": max(r.get("dev_f1", r[METRIC]) for r in reports), "step": reports[0].get("step")}
+    return {
+        "members": reports,
+        METRIC: max(r[METRIC] for r in reports),
+        "dev_f1": max(r.get("dev_f1", r[METRIC]) for r in reports),
+        "step": reports[0].get("step"),
+    }
 
 
-def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None, allow_cpu_fallback: bool = False,
-                   verbose: bool = False) -> None:
+def softfine_trial(
+    config: dict,
+    base: TrainConfig,
+    corpus: Corpus | None = None,
+    allow_cpu_fallback: bool = False,
+    verbose: bool = False,
+) -> None:
     from ray import tune
 
     from softfine.train import train_group
@@ -90,8 +99,10 @@ def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None
             resume_from = [str(m) for m in members]
             evaluations = (members[0] / "metrics.jsonl").read_text().splitlines()
             where["resumed_from_step"] = json.loads(evaluations[-1])["step"] if evaluations else 0
-        configs = [trial_config(base, p, out=str(m), device=where["device"])
-                   for p, m in zip(members_of(config), members)]
+        configs = [
+            trial_config(base, p, out=str(m), device=where["device"])
+            for p, m in zip(members_of(config), members)
+        ]
 
         reporting = 0.0  # seconds spent handing results and checkpoints to Ray (search_overhead.py)
         reports: list[dict] = [{} for _ in members]
@@ -102,7 +113,10 @@ def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None
             if member < len(members) - 1:  # one report per evaluation, once every member is written
                 return
             started = time.perf_counter()
-            tune.report({**group_report(reports, config), **where}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+            tune.report(
+                {**group_report(reports, config), **where},
+                checkpoint=tune.Checkpoint.from_directory(str(out)),
+            )
             reporting += time.perf_counter() - started
 
         try:
@@ -111,13 +125,17 @@ def softfine_trial(config: dict, base: TrainConfig, corpus: Corpus | None = None
             if resume_from is None or any(reports):  # not a checkpoint that failed to load: the trial failed
                 raise
             # The checkpoint cannot be read back (truncated, damaged): the only one kept, so from the start.
-            where["restarted"] = (f"its checkpoint at step {where.get('resumed_from_step')} could not be loaded "
-                                  f"({str(err)[:300]}); trained again from the start")
+            where["restarted"] = (
+                f"its checkpoint at step {where.get('resumed_from_step')} could not be loaded "
+                f"({str(err)[:300]}); trained again from the start"
+            )
             logging.getLogger("softfine.tune").warning("trial: %s", where["restarted"])
             where.pop("resumed_from_step", None)
             shutil.rmtree(out, ignore_errors=True)
             results = train_group(configs, on_evaluate=on_evaluate, corpus=corpus)
-        final = group_report([{k: v for k, v in r.items() if k != "best_checkpoint"} for r in results], config)
+        final = group_report(
+            [{k: v for k, v in r.items() if k != "best_checkpoint"} for r in results], config
+        )
         final.update(where, trial_end_time=time.time(), report_seconds=reporting, final=1)
         kept = keep_best(out, member_dirs(config), work / "final", final)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(kept))

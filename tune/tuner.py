@@ -43,8 +43,11 @@ def experiment_files(path: str, pattern: str) -> tuple[object, list[str]]:
 
     fs, root = open_path(path)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    return fs, sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(i.base_name,
-                                                                                                           pattern))
+    return fs, sorted(
+        i.path
+        for i in infos
+        if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)
+    )
 
 
 def mend_callback_state(path: str) -> list[str]:
@@ -63,8 +66,10 @@ def mend_callback_state(path: str) -> list[str]:
             whole = stream.readall().endswith(b".")
         if not whole:
             fs.delete_file(state)
-            notes.append(f"{posixpath.basename(state)} was cut short (the driver stopped while it was written): the "
-                         "trials' MLflow runs are found again by their trial-id tags")
+            notes.append(
+                f"{posixpath.basename(state)} was cut short (the driver stopped while it was written): the "
+                "trials' MLflow runs are found again by their trial-id tags"
+            )
     return notes
 
 
@@ -92,16 +97,21 @@ def mend_checkpoints(path: str) -> list[str]:
             continue
         # A checkpoint is there when it holds files: on S3 a deleted one may still be listed, empty
         # (SeaweedFS keeps the folder that Ray's upload made; pyarrow lists it as a directory).
-        found = {_checkpoint_index(info.base_name): info.path
-                 for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
-                 if info.type == pyarrow.fs.FileType.Directory and holds_files(fs, info.path)}
+        found = {
+            _checkpoint_index(info.base_name): info.path
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
+            if info.type == pyarrow.fs.FileType.Directory and holds_files(fs, info.path)
+        }
         newer = sorted(i for i in found if i is not None and i > known)
         if named and known not in found and newer:
             # use_threads=False: pyarrow's threaded uploads to S3 are not safe (Ray's own copies do the same)
-            pyarrow.fs.copy_files(found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs,
-                                  use_threads=False)
-            notes.append(f"trial {trial.trial_id}: {posixpath.basename(named)}, named by the last snapshot, was "
-                         f"deleted by Ray; it goes on from {posixpath.basename(found[newer[0]])} in its place")
+            pyarrow.fs.copy_files(
+                found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs, use_threads=False
+            )
+            notes.append(
+                f"trial {trial.trial_id}: {posixpath.basename(named)}, named by the last snapshot, was "
+                f"deleted by Ray; it goes on from {posixpath.basename(found[newer[0]])} in its place"
+            )
         for index in newer:
             fs.delete_dir(found[index])
     return notes
@@ -129,23 +139,30 @@ def check_study(folder, shown: str | None = None) -> None:
     except sqlite3.DatabaseError as err:
         tables = {f"({err})"}
     if "studies" not in tables:
-        raise SearchError(f"--resume: {shown or study}: the search's Optuna study is damaged (not an Optuna database: "
-                          f"{', '.join(sorted(tables)) or 'no tables'}); restore it from a copy, or start the search "
-                          "again under another --name (its finished points are in MLflow)")
+        raise SearchError(
+            f"--resume: {shown or study}: the search's Optuna study is damaged (not an Optuna database: "
+            f"{', '.join(sorted(tables)) or 'no tables'}); restore it from a copy, or start the search "
+            "again under another --name (its finished points are in MLflow)"
+        )
 
 
 def damaged_state(path: str, err: BaseException) -> str:
     """One line for a search whose Ray Tune state cannot be read back: the file, why, what to do."""
     kind = "a JSON file" if isinstance(err, ValueError) else "its files"
     try:
-        states = [f"{path}/{posixpath.basename(p)}" for p in experiment_files(path, "experiment_state-*.json")[1]]
+        states = [
+            f"{path}/{posixpath.basename(p)}" for p in experiment_files(path, "experiment_state-*.json")[1]
+        ]
     except OSError:
         states = []
     where = states[-1] if states and isinstance(err, ValueError) else path
     first = (str(err).strip().splitlines() or [""])[0][:200]
-    return (f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
-            f"{first}); it cannot go on from there. Its finished points are in MLflow; start the search again under "
-            "another --name (or restore the folder from a copy)")
+    return (
+        f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
+        f"{first}); it cannot go on from there. Its finished points are in MLflow; start the search "
+        "again under "
+        "another --name (or restore the folder from a copy)"
+    )
 
 
 def progress_columns(grid, phase: str, fused: bool = False) -> dict:
@@ -181,12 +198,18 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
             logging.getLogger(name).setLevel(logging.ERROR)
         return PointsReporter(phase, phase_points(plan, phase, param_space), plan.base.epochs)
     metrics = {"step": "step", "dev_f1": "dev F1", METRIC: "best dev F1", "test_f1": "test F1"}
-    return CLIReporter(parameter_columns=progress_columns(plan.grid, phase, "group" in param_space),
-                       metric_columns=metrics, max_report_frequency=30, sort_by_metric=True, max_progress_rows=40)
+    return CLIReporter(
+        parameter_columns=progress_columns(plan.grid, phase, "group" in param_space),
+        metric_columns=metrics,
+        max_report_frequency=30,
+        sort_by_metric=True,
+        max_progress_rows=40,
+    )
 
 
-def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback,
-               folder: Path):
+def make_tuner(
+    plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback, folder: Path
+):
     """The phase's Tuner; restored (unfinished and failed trials go on) when it was started before.
     A restored Tuner keeps the callback it was made with (its state from the last snapshot).
     `folder`: the search's (working) folder, where its Optuna study is (storage.py)."""
@@ -216,12 +239,16 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
             for note in mend_callback_state(path) + mend_checkpoints(path):
                 print(f"{PROG}: {note}", flush=True)
             if phase != "search" or "group" in param_space:  # no searcher: Ray's grid search
-                return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+                return tune.Tuner.restore(
+                    path, trainable=trainable, resume_unfinished=True, resume_errored=True
+                )
             # The searcher's study: this folder's, from the moment the Tuner's pickle is read back.
             StudyInPlace.resumed_study = folder / OPTUNA_DB
             TrialsInPlace.resumed_at = (plan.storage_path, name)
             with storage_opened_at(f"sqlite:///{folder / OPTUNA_DB}"):
-                return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+                return tune.Tuner.restore(
+                    path, trainable=trainable, resume_unfinished=True, resume_errored=True
+                )
         except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
             raise SearchError(damaged_state(path, err)) from None
     fused = "group" in param_space  # --fuse: a grid search over the groups, no searcher
@@ -229,25 +256,49 @@ def make_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, 
     if phase == "search" and not fused:
         from ray.tune.search import ConcurrencyLimiter
 
-        searcher = make_searcher(args.sampler, plan.grid, args.search_seed, plan.num_samples,
-                                 storage=f"sqlite:///{folder / OPTUNA_DB}", study_name=plan.name)
+        searcher = make_searcher(
+            args.sampler,
+            plan.grid,
+            args.search_seed,
+            plan.num_samples,
+            storage=f"sqlite:///{folder / OPTUNA_DB}",
+            study_name=plan.name,
+        )
         scheduler = None
         if args.scheduler == "asha":
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=evaluations_per_trial(plan.base) or 1000,
-                                      grace_period=args.asha_grace_period,
-                                      reduction_factor=args.asha_reduction_factor)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=evaluations_per_trial(plan.base) or 1000,
+                grace_period=args.asha_grace_period,
+                reduction_factor=args.asha_reduction_factor,
+            )
         if args.max_concurrent:  # Ray's own wrapping, done here: the generator around it is ours
             searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)
-        tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=TrialsInPlace(searcher), scheduler=scheduler,
-                                      num_samples=plan.num_samples, reuse_actors=True,
-                                      trial_dirname_creator=trial_dirname)
+        tune_config = tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=TrialsInPlace(searcher),
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        )
     else:  # the seeds, or the fused groups: a grid search of Ray Tune's own
-        tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=1,
-                                      max_concurrent_trials=args.max_concurrent or None, reuse_actors=True,
-                                      trial_dirname_creator=trial_dirname)
-    run_config = RunConfig(name=name, storage_path=plan.storage_path,
-                           failure_config=FailureConfig(max_failures=args.max_failures),
-                           checkpoint_config=CheckpointConfig(num_to_keep=1),
-                           progress_reporter=reporter, verbose=1,
-                           callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()])
+        tune_config = tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            num_samples=1,
+            max_concurrent_trials=args.max_concurrent or None,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        )
+    run_config = RunConfig(
+        name=name,
+        storage_path=plan.storage_path,
+        failure_config=FailureConfig(max_failures=args.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=1),
+        progress_reporter=reporter,
+        verbose=1,
+        callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
+    )
     return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
