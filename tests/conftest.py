@@ -45,6 +45,16 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (`mlflow server`) on 127.0.0.1 for the searches of one test module."""
+    from tune_fixtures import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS's `weed mini`) on 127.0.0.1 for the session; stopped after it.

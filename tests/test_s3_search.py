@@ -31,6 +31,7 @@ from tune_fixtures import (
     children,
     kill_the_driver_when,
     parents,
+    point,
     run_search,
     shared_data_dir,
     small_search_flags,
@@ -131,10 +132,6 @@ def pyarrow_copy(fs, source: str, destination: str) -> None:
     from pyarrow.fs import copy_files
 
     copy_files(source, destination, source_filesystem=fs, destination_filesystem=fs, use_threads=False)
-
-
-def point(run) -> tuple:
-    return tuple(float(run.data.params[k]) for k in ("alpha_aug", "alpha_fea", "beta", "gamma"))
 
 
 def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_env, tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ from collections import defaultdict
 import pytest
 from mlflow.tracking import MlflowClient
 from tune_fixtures import (
-    MlflowServer,
     children,
     parents,
     read_trials,
@@ -48,13 +47,6 @@ def gpu_cluster():
     yield [node.node_id for node in nodes]
     ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-cluster")).start()
-    yield server
-    server.stop()
 
 
 def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlflow_server, tmp_path):

@@ -14,6 +14,7 @@ from tune_fixtures import (
     children,
     kill_the_driver_when,
     parents,
+    point,
     read_summary,
     read_trials,
     run_crashing_search,
@@ -23,12 +24,7 @@ from tune_fixtures import (
     small_search_flags,
 )
 
-from softfine_tune.space import PAPER_GRID, Grid, alphas_key, fused_groups, record_points
-
-
-def point(run) -> tuple:
-    p = run.data.params
-    return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))
+from softfine_tune.space import PAPER_GRID, Grid, fused_groups, record_points
 
 
 def histories(uri: str, runs: list, key: str = "dev_f1") -> dict:

@@ -23,6 +23,7 @@ from tune_fixtures import (
     children,
     kill_the_driver_when,
     parents,
+    point,
     read_summary,
     read_trials,
     run_crashing_search,
@@ -42,18 +43,6 @@ PAPER_POINTS = {
     for b in (2.0, 3.0, 4.0)
     for g in (1.5, 2.0, 2.5)
 }
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.stop()
-
-
-def point(run) -> tuple:
-    p = run.data.params
-    return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))
 
 
 def check_selection(uri: str, parent, kids: list) -> None:

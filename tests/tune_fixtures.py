@@ -373,3 +373,11 @@ def kill_the_driver_when(flags: list, address: str, tmp_path: Path, ready, timeo
     while trial_processes() and time.time() < deadline:
         time.sleep(0.25)
     assert not trial_processes(), "the trial's worker outlived its driver by a minute"
+
+
+def point(run) -> tuple:
+    """A child run's grid point, from its params: ((α_aug, α_fea) as the grid keys it, β, γ)."""
+    from softfine_tune.space import alphas_key
+
+    p = run.data.params
+    return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))
