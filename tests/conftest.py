@@ -71,6 +71,31 @@ def s3_server(tmp_path_factory):
 # files that start Ray nodes with `ray up`/`ray start` over sshd in namespaces of their own count
 # as one: one at a time. (xdist_group marks added here would come too late for xdist: issue #1241.)
 ONE_AT_A_TIME = {"test_two_nodes.py", "test_ray_up.py"}
+# The longest files first (a CI-like run's durations, benchmarks/README.md "Tests"), so that the two
+# workers end together instead of one running the longest file alone at the end.
+LONGEST_FIRST = [
+    "test_two_nodes.py",
+    "test_ray_up.py",
+    "test_tune_search.py",
+    "test_benchmarks.py",
+    "test_tune_fused.py",
+    "test_tune_cluster.py",
+    "test_mlflow_ui.py",
+    "test_s3_search.py",
+    "test_search_state.py",
+    "test_user_data_search.py",
+    "test_mlflow_server.py",
+    "test_fused.py",
+    "test_console.py",
+    "test_pipeline.py",
+    "test_mlflow_s3.py",
+    "test_cli.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order kept
 
 
 def pytest_xdist_make_scheduler(config, log):
