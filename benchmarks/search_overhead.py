@@ -219,10 +219,24 @@ def main(args: argparse.Namespace) -> None:
     common += ["--limit-train", str(args.limit_train)] if args.limit_train else []
     common += ["--limit-eval", str(args.limit_eval)] if args.limit_eval else []
 
-    rows = []  # (kind, round, wall, result)
-    for round_ in range(
-        1, args.repeat + 1
-    ):  # alternated, so that a slow spell of the machine hits every kind
+    rows = runs(args, common, out, env, threads)
+    print_table(args, rows)
+    print(
+        "train s: the training loop's own time (softfine.train's train_seconds), in the trial for a search; "
+        "report s: the trial's time in tune.report (results and checkpoints handed to Ray)"
+    )
+    print(
+        f"cpu cores: {os.cpu_count()}, threads per run: {threads}, epochs: "
+        f"{args.epochs or 'the tiny default'}, "
+        f"dataset: {args.dataset}; runs kept in {out}"
+    )
+
+
+def runs(args: argparse.Namespace, common: list[str], out: Path, env: dict, threads: int) -> list[tuple]:
+    """(kind, round, wall, result) of each run, the kinds alternated round by round, so that a slow
+    spell of the machine hits every kind."""
+    rows = []
+    for round_ in range(1, args.repeat + 1):
         suffix = f"-{round_}" if args.repeat > 1 else ""
         wall, stdout = timed(
             [
@@ -247,7 +261,10 @@ def main(args: argparse.Namespace) -> None:
                 rows.append(
                     (RUNNING, round_, *search(common, out / f"running{suffix}", address, threads, head_env))
                 )
+    return rows
 
+
+def print_table(args: argparse.Namespace, rows: list[tuple]) -> None:
     direct = {round_: wall for kind, round_, wall, _ in rows if kind == DIRECT}
     print(
         f"\n{'run':<30} {'round':>5} {'wall s':>8} {'overhead':>9} {'train s':>8} {'report s':>9} "
@@ -269,15 +286,6 @@ def main(args: argparse.Namespace) -> None:
         for kind, wall in median.items():
             overhead = f", {100 * (wall - median[DIRECT]) / median[DIRECT]:+.1f} %" if kind != DIRECT else ""
             print(f"median of {args.repeat}: {kind}: {wall:.1f} s{overhead}")
-    print(
-        "train s: the training loop's own time (softfine.train's train_seconds), in the trial for a search; "
-        "report s: the trial's time in tune.report (results and checkpoints handed to Ray)"
-    )
-    print(
-        f"cpu cores: {os.cpu_count()}, threads per run: {threads}, epochs: "
-        f"{args.epochs or 'the tiny default'}, "
-        f"dataset: {args.dataset}; runs kept in {out}"
-    )
 
 
 if __name__ == "__main__":

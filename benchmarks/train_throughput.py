@@ -191,35 +191,14 @@ def measure(args: argparse.Namespace) -> None:
         sentences_seen += len(batch["sentence"]) * args.fuse
     sync()
     seconds = time.perf_counter() - start
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    on_gpu = device.type == "cuda"
     figures = {
-        "dataset": args.dataset,
-        "model": args.model or args.shape,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "bf16": on_gpu,
-        "augmentation": not args.no_aug,
-        "attention": run.kernel,
-        "pad_multiple": run.multiple,
-        "compile": config.compile,
-        "fuse": args.fuse,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "parameters_M": round(parameters / 1e6, 1),
+        **setting(args, run, parameters),
         "chars_per_s": round(chars / seconds),
         "sentences_per_s": round(sentences_seen / seconds, 1),
         "step_ms": round(seconds * 1e3 / args.steps, 2),
         "warmup_s": round(warmup_s, 2),
         "padded_lengths": len(lengths),
-        "peak_memory_MiB": round(peak),
-        "peak_memory_kind": "CUDA allocated" if on_gpu else "process max RSS",
+        **peak_memory(device),
     }
     if args.profile:
         figures.update(profile_steps(step, args.profile, device, sync))
@@ -227,6 +206,38 @@ def measure(args: argparse.Namespace) -> None:
         if key != "profile_top":
             print(f"{key:>18}: {value}")
     print(json.dumps(figures))
+
+
+def setting(args: argparse.Namespace, run: GroupRun, parameters: int) -> dict:
+    """What was measured: the data, the encoder, the device and the step's settings."""
+    on_gpu = run.device.type == "cuda"
+    return {
+        "dataset": args.dataset,
+        "model": args.model or args.shape,
+        "device": str(run.device),
+        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "bf16": on_gpu,
+        "augmentation": not args.no_aug,
+        "attention": run.kernel,
+        "pad_multiple": run.multiple,
+        "compile": run.config.compile,
+        "fuse": args.fuse,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "parameters_M": round(parameters / 1e6, 1),
+    }
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "peak_memory_MiB": round(torch.cuda.max_memory_allocated() / 2**20),
+            "peak_memory_kind": "CUDA allocated",
+        }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"peak_memory_MiB": round(peak), "peak_memory_kind": "process max RSS"}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ from pydantic.dataclasses import dataclass
 from .data import SCHEMES
 from .errors import ConfigError, SoftFiNEError
 
+# The paper's searched hyperparameters (its grid search over the loss weights and soft labels)
+SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
+# A run's files in its output directory (train.py)
+METRICS_FILE = "metrics.jsonl"  # one line per evaluation
+TEST_METRICS_FILE = "test_metrics.json"  # the best checkpoint's test scores
 MAX_TOKENS = 512  # BERT's position embeddings: the longest window, [CLS] and [SEP] included
 
 Positive = Annotated[float, Field(gt=0)]

@@ -408,21 +408,7 @@ def download(
     warning that prints its checksum.
     """
     spec = get_spec(name)
-    if mirror:
-        try:
-            parts = urllib.parse.urlsplit(mirror)
-        except ValueError as err:
-            raise DataError(f"--mirror {mirror}: not a URL ({err})") from None
-        if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.scheme == "file"):
-            raise DataError(
-                f"--mirror {mirror}: not a URL; give http://HOST/PATH, https://HOST/PATH or "
-                "file:///FOLDER (laid out as MIRROR/NAME/FILE)"
-            )
-        base = f"{mirror.rstrip('/')}/{name}"
-    elif spec.origin:
-        base = spec.origin
-    else:
-        raise DataError(f"{name!r} has no public origin to download from: {spec.note}")
+    base = download_base(name, spec, mirror)
     unpinned = [spec.files[s] for s in splits if s not in spec.sha256]
     if unpinned and not allow_unverified:
         raise DataError(
@@ -442,28 +428,46 @@ def download(
             log.info("%s: already present", target)
             fetched[split] = target
             continue
-        url = f"{base}/{spec.files[split]}"
-        log.info("downloading %s", url)
-        with tempfile.NamedTemporaryFile(dir=folder, delete=False, suffix=".part") as tmp:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    shutil.copyfileobj(response, tmp)
-            except (
-                urllib.error.URLError,
-                OSError,
-                ValueError,
-            ) as err:  # ValueError: a URL urllib cannot read
-                Path(tmp.name).unlink(missing_ok=True)
-                raise DataError(f"{url}: download failed ({err})") from None
-        got = sha256_of([Path(tmp.name)])
-        if expected and got != expected:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise DataError(
-                f"{url}: checksum mismatch (sha256 {got}, expected {expected}); "
-                f"nothing was written to {target}"
-            )
-        if not expected:
-            log.warning("%s: UNVERIFIED (no pinned checksum; --allow-unverified): its sha256 is %s", url, got)
-        os.replace(tmp.name, target)
-        fetched[split] = target
+        fetched[split] = fetch_file(f"{base}/{spec.files[split]}", target, expected, timeout)
     return fetched
+
+
+def download_base(name: str, spec, mirror: str | None) -> str:
+    """Where a dataset's files are fetched from: the mirror's folder of the dataset, or its origin."""
+    if mirror:
+        try:
+            parts = urllib.parse.urlsplit(mirror)
+        except ValueError as err:
+            raise DataError(f"--mirror {mirror}: not a URL ({err})") from None
+        if parts.scheme not in ("http", "https", "file") or not (parts.netloc or parts.scheme == "file"):
+            raise DataError(
+                f"--mirror {mirror}: not a URL; give http://HOST/PATH, https://HOST/PATH or "
+                "file:///FOLDER (laid out as MIRROR/NAME/FILE)"
+            )
+        return f"{mirror.rstrip('/')}/{name}"
+    if spec.origin:
+        return spec.origin
+    raise DataError(f"{name!r} has no public origin to download from: {spec.note}")
+
+
+def fetch_file(url: str, target: Path, expected: str | None, timeout: float) -> Path:
+    """`url` into `target` through a temporary file beside it, moved into place only once its
+    SHA-256 is `expected` (None: unverified, with a warning)."""
+    log.info("downloading %s", url)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, tmp)
+        except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: a URL urllib cannot read
+            Path(tmp.name).unlink(missing_ok=True)
+            raise DataError(f"{url}: download failed ({err})") from None
+    got = sha256_of([Path(tmp.name)])
+    if expected and got != expected:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise DataError(
+            f"{url}: checksum mismatch (sha256 {got}, expected {expected}); nothing was written to {target}"
+        )
+    if not expected:
+        log.warning("%s: UNVERIFIED (no pinned checksum; --allow-unverified): its sha256 is %s", url, got)
+    os.replace(tmp.name, target)
+    return target

@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from .config import TrainConfig
+from .config import SEARCHED, TrainConfig
 from .errors import ConfigError
 from .losses import softfine_loss
 from .model import SoftFiNEModel
 from .optim import decay_groups
 
 # What members of a group may differ in: what enters the loss only, and where a run writes.
-LOSS_FIELDS = ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "soft")
+LOSS_FIELDS = (*SEARCHED, "soft_scope", "soft")
 
 
 def uses_augmentation(config: TrainConfig) -> bool:

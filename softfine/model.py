@@ -302,20 +302,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
 
     Everything is read without unpickling (safetensors and JSON); a missing or damaged file is a
     ConfigError naming it."""
-    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForTokenClassification, AutoTokenizer
-    from transformers import __version__ as transformers_version
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     directory = Path(directory)
     if not (directory / "model.safetensors").is_file():
         raise ConfigError(f"--checkpoint {directory}: not a SoftFiNE checkpoint (no model.safetensors)")
-
-    def damaged(name: str, err: BaseException | str) -> ConfigError:
-        why = err if isinstance(err, str) else first_line(err)
-        return ConfigError(
-            f"--checkpoint {directory}: {name} is missing or damaged ({why}); "
-            "train again or copy the checkpoint anew"
-        )
-
+    damaged = _damaged(directory)
     try:
         labels = LabelSpace.from_json((directory / "labels.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -326,30 +318,11 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
         raise damaged("train_config.json", str(err)) from None
     except (OSError, ValueError) as err:
         raise damaged("train_config.json", err) from None
-    try:
-        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise ValueError(
-                f"model_type {model_type!r} is not one this transformers {transformers_version} knows"
-            )
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a damaged file
-        raise damaged("config.json", err) from err
+    _check_model_config(directory, labels, damaged)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception
         raise damaged("the tokenizer files", err) from err
-    if config.num_labels != len(labels):
-        raise damaged("labels.json", f"{len(labels)} labels, but the model has {config.num_labels}")
-    # The label space is labels.json's; config.json must name the same labels, in the pipeline's
-    # names (or, from checkpoints saved before them, the project's own).
-    named = [config.id2label.get(i) for i in range(len(labels))]
-    if named not in ([pipeline_label(n) for n in labels.labels], labels.labels):
-        wrong = next(i for i, n in enumerate(named) if n != pipeline_label(labels.labels[i]))
-        raise damaged(
-            "labels.json or config.json",
-            f"label {wrong} is {labels.labels[wrong]!r} in labels.json but {named[wrong]!r} in config.json",
-        )
     try:  # use_safetensors: never a pickled pytorch_model.bin
         with no_hf_progress_bars(), hf_errors_only():  # its load report: the check below says it in one line
             net, info = AutoModelForTokenClassification.from_pretrained(
@@ -365,6 +338,46 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu"):
             f"{len(lacking)} weights missing or of another shape, e.g. {sorted(lacking)[0]}",
         )
     return SoftFiNEModel(net).to(device).eval(), tokenizer, labels, train_config
+
+
+def _damaged(directory: Path):
+    """damaged(file, why): the ConfigError for a checkpoint's missing or damaged file."""
+
+    def damaged(name: str, err: BaseException | str) -> ConfigError:
+        why = err if isinstance(err, str) else first_line(err)
+        return ConfigError(
+            f"--checkpoint {directory}: {name} is missing or damaged ({why}); "
+            "train again or copy the checkpoint anew"
+        )
+
+    return damaged
+
+
+def _check_model_config(directory: Path, labels: LabelSpace, damaged) -> None:
+    """config.json: a model type transformers knows, and labels.json's labels, in order."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers import __version__ as transformers_version
+
+    try:
+        model_type = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(
+                f"model_type {model_type!r} is not one this transformers {transformers_version} knows"
+            )
+        config = AutoConfig.from_pretrained(directory)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds for a damaged file
+        raise damaged("config.json", err) from err
+    if config.num_labels != len(labels):
+        raise damaged("labels.json", f"{len(labels)} labels, but the model has {config.num_labels}")
+    # The label space is labels.json's; config.json must name the same labels, in the pipeline's
+    # names (or, from checkpoints saved before them, the project's own).
+    named = [config.id2label.get(i) for i in range(len(labels))]
+    if named not in ([pipeline_label(n) for n in labels.labels], labels.labels):
+        wrong = next(i for i, n in enumerate(named) if n != pipeline_label(labels.labels[i]))
+        raise damaged(
+            "labels.json or config.json",
+            f"label {wrong} is {labels.labels[wrong]!r} in labels.json but {named[wrong]!r} in config.json",
+        )
 
 
 def read_train_config(path: Path) -> dict:

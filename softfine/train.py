@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .batches import Split, encode, train_loader
-from .config import TrainConfig
+from .config import METRICS_FILE, TEST_METRICS_FILE, TrainConfig
 from .data import categories
 from .datasets import Corpus, load_corpus, report_unseen
 from .device import attention_kernels, autocast, compile_step, pad_multiple, resolve_device
@@ -49,8 +49,6 @@ from .optim import (
 log = logging.getLogger(__name__)
 
 LOSS_PARTS = ("loss", "loss_soft", "loss_aug", "loss_fea")
-METRICS_FILE = "metrics.jsonl"  # one line per evaluation
-TEST_METRICS_FILE = "test_metrics.json"  # the best checkpoint's test scores
 
 
 def train(

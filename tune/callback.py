@@ -39,7 +39,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from .space import METRIC, point_name, trial_config
+from softfine.config import TEST_METRICS_FILE
+
+from .space import FUSED, METRIC, point_name, trial_config
 from .storage import read_uri, uri_of
 from .tracking import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG, describe_error, short_http
 from .trial import member_dirs, member_results, members_of
@@ -294,11 +296,11 @@ class MLflowChildRuns(Callback):
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in op["tags"].items()])
         elif op["op"] == "artifact":  # where the point's best checkpoint is kept, and its test scores
             self.client.set_tag(run_id, "softfine.checkpoint", op["checkpoint"])
-            test_metrics = read_uri(f"{op['checkpoint'].rstrip('/')}/test_metrics.json")
+            test_metrics = read_uri(f"{op['checkpoint'].rstrip('/')}/{TEST_METRICS_FILE}")
             if test_metrics is not None:
                 with tempfile.TemporaryDirectory(prefix="softfine-metrics-") as tmp:
-                    (Path(tmp) / "test_metrics.json").write_bytes(test_metrics)
-                    self.client.log_artifact(run_id, str(Path(tmp) / "test_metrics.json"))
+                    (Path(tmp) / TEST_METRICS_FILE).write_bytes(test_metrics)
+                    self.client.log_artifact(run_id, str(Path(tmp) / TEST_METRICS_FILE))
         elif op["op"] == "end":
             self.client.set_terminated(run_id, status=op["status"])
 
@@ -349,7 +351,7 @@ class MLflowChildRuns(Callback):
 def members(trial) -> list[tuple[int | None, dict]]:
     """(member number, point) of each point a trial trains; the number is None for a point alone."""
     points = members_of(trial.config)
-    return list(zip(range(len(points)), points)) if "group" in trial.config else [(None, points[0])]
+    return list(zip(range(len(points)), points)) if FUSED in trial.config else [(None, points[0])]
 
 
 def run_key(trial_id: str, member: int | None) -> str:

@@ -7,7 +7,7 @@ import argparse
 import logging
 import textwrap
 
-from .space import SCOPES, SearchError
+from .space import SCOPES, SEARCHED, SearchError
 from .tracking import REPO
 
 log = logging.getLogger("softfine.tune")
@@ -20,7 +20,7 @@ PROG = "tune/search.py"
 RESUME_OVERRIDES = ("address", "storage_path", "verbose", "mlflow_uri")
 # TrainConfig fields that are no flags of the search: the grid's (flags of their own, several
 # values each), and those set per trial.
-EXCLUDED_TRAIN_FIELDS = ("alpha_aug", "alpha_fea", "beta", "gamma", "soft_scope", "out", "device")
+EXCLUDED_TRAIN_FIELDS = (*SEARCHED, "soft_scope", "out", "device")
 # What a flag takes, for the error when it is given empty (an empty value is never "the default").
 WANTED = {
     "mlflow_uri": "a tracking URI (http://HOST:PORT, sqlite:///FILE or a folder)",

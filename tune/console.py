@@ -16,7 +16,7 @@ import time
 from ray.tune import ProgressReporter
 
 from .callback import trial_error
-from .space import METRIC, point_name
+from .space import FUSED, METRIC, point_name
 from .trial import member_results, members_of
 
 ENDED = ("TERMINATED", "ERROR")
@@ -35,7 +35,7 @@ def duration(seconds: float) -> str:
 def trial_points(trial) -> list[tuple[dict, dict]]:
     """(point, its part of the trial's last report) for each point a trial trains."""
     points, result = members_of(trial.config), trial.last_result or {}
-    if "group" in trial.config and "members" not in result:  # a fused trial before its first report
+    if FUSED in trial.config and "members" not in result:  # a fused trial before its first report
         return [(p, {}) for p in points]
     return list(zip(points, member_results(result))) if result else [(p, {}) for p in points]
 

@@ -38,31 +38,70 @@ def finish(
     results (in `folder`, the search's folder or its working copy; `location`: where the search's
     files are kept, as shown); the summary on the console, with an account of what MLflow did not
     get (`unlogged`: the child runs' updates that the callbacks could not send)."""
+    all_rows = rows + seed_rows
+    retries = mark_retries(all_rows, folder)
+    files = _figures(plan, folder, rows, all_rows, selected)
+    summary, metrics = _summary(plan, rows, seed_rows, seconds, cluster, retries)
+    summary.update(experiment_id=experiment_id, parent_run_id=parent_run_id, results=location or str(folder))
+    params = _selection_figures(plan, summary, metrics, selected)
+    if seed_rows:
+        stats = seed_stats(seed_rows)
+        summary.update(stats)
+        metrics.update({k: v for k, v in stats.items() if k not in ("seeds", "seed_values")})
+        metrics["seeds"] = stats["seeds"]
+    _log_parent(tracker, parent_run_id, params, metrics, files, folder)
+    if selected is not None and selected.get("checkpoint"):
+        _log_model(tracker, plan, summary, parent_run_id, selected)
+    mark_selection(tracker, plan, summary, selected)
+    complete = selected is not None and (
+        plan.mode == "search" or summary["seeds_finished"] == summary["seeds"]
+    )
+    tracker.attempt(
+        "close the parent run",
+        lambda: tracker.client.set_terminated(parent_run_id, status="FINISHED" if complete else "FAILED"),
+    )
+    summary["mlflow_account"] = {
+        "driver_failures": tracker.failures,
+        "unlogged_updates": len(unlogged),
+        "trials_with_unlogged": sorted({op["trial_id"] for op in unlogged}),
+    }
+    write_json(folder / "summary.json", summary)
+    print_summary(plan, summary, rows, seed_rows)
+    return summary
+
+
+def _figures(plan: Plan, folder: Path, rows: list[dict], all_rows: list[dict], selected: dict | None) -> dict:
+    """trials.csv, the occupancy timeline and (a search) the dev-F1 figure, in `folder`."""
     from .plots import plot_dev_f1, plot_timeline
 
     args = plan.args
-    all_rows = rows + seed_rows
-    counted = rows if plan.mode == "search" else seed_rows
-    retries = mark_retries(all_rows, folder)
-    table = write_table(all_rows, folder / "trials.csv")
-    plot = None
+    files = {"trials table": write_table(all_rows, folder / "trials.csv")}
+    # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
+    slots = slot_resource(args.gpus_per_trial)
+    per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
+    files["occupancy timeline"] = plot_timeline(
+        by_trial(all_rows),  # a fused trial holds its slot once, whatever its number of points
+        folder / "occupancy_timeline.png",
+        f"{plan.name}: trials on the cluster's {slots.upper()}s ({per_trial:g} {slots.upper()} per trial)",
+    )
     if plan.mode == "search":
-        plot = plot_dev_f1(
+        files["dev F1 plot"] = plot_dev_f1(
             rows,
             folder / "dev_f1_vs_hyperparameters.png",
             f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per point",
             plan.keys,
             selected,
         )
-    # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
+    return files
+
+
+def _summary(
+    plan: Plan, rows: list[dict], seed_rows: list[dict], seconds: float, cluster: dict, retries: list[dict]
+) -> tuple[dict, dict]:
+    """The summary's counts and settings, and the parent run's search metrics."""
+    args = plan.args
+    counted = rows if plan.mode == "search" else seed_rows
     slots = slot_resource(args.gpus_per_trial)
-    per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
-    trials = by_trial(all_rows)  # a fused trial holds its slot once, whatever its number of points
-    timeline = plot_timeline(
-        trials,
-        folder / "occupancy_timeline.png",
-        f"{plan.name}: trials on the cluster's {slots.upper()}s ({per_trial:g} {slots.upper()} per trial)",
-    )
     busy_key = f"{slots}_busy_fraction"
     counts = {
         s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
@@ -78,14 +117,14 @@ def finish(
         "ray_trials": len(by_trial(counted)),
         "max_trials_at_once": max_overlap(by_trial(counted)),
         "trial_slots": slots,
-        busy_key: busy_fraction(trials, slots, cluster[f"{slots}s"], args.cpus_per_trial),
+        busy_key: busy_fraction(by_trial(rows + seed_rows), slots, cluster[f"{slots}s"], args.cpus_per_trial),
         "soft_labels": plan.base.soft,
         "augmentation": plan.base.aug,
         "soft_scope": plan.grid.soft_scope,
         "mlflow_uri": plan.tracking.display,
-        "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id,
-        "results": location or str(folder),
+        "experiment_id": None,
+        "parent_run_id": None,
+        "results": None,
         "retries": retries,
     }
     metrics = {
@@ -97,30 +136,36 @@ def finish(
         "max_trials_at_once": summary["max_trials_at_once"],
         busy_key: summary[busy_key],
     }
+    return summary, metrics
+
+
+def _selection_figures(plan: Plan, summary: dict, metrics: dict, selected: dict | None) -> dict:
+    """The selected point (and its scores) into the summary and metrics; the parent's params of it."""
     params: dict = {}
-    if selected is not None:
-        summary["selected"] = {k: selected[k] for k in plan.keys}
-        params.update({f"selected_{k}": selected[k] for k in plan.keys})
-        if plan.mode == "search":
-            best = {
-                METRIC: selected[METRIC],
-                "best_test_f1": selected.get("test_f1"),
-                **{f"best_{key}": selected.get(key) for key in COUNT_KEYS},
-            }
-            summary.update(
-                best, selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"]
-            )
-            params.update(selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
-            metrics.update({f"best_{k}": v for k, v in selected.items() if k.startswith("test_")})
-            metrics.update(best)
-        else:  # one configuration: its model is the seed with the best dev F1
-            summary.update(model_seed=selected["seed"], model_run_id=selected["mlflow_run_id"])
-            params.update(model_seed=selected["seed"], model_run_id=selected["mlflow_run_id"])
-    if seed_rows:
-        stats = seed_stats(seed_rows)
-        summary.update(stats)
-        metrics.update({k: v for k, v in stats.items() if k not in ("seeds", "seed_values")})
-        metrics["seeds"] = stats["seeds"]
+    if selected is None:
+        return params
+    summary["selected"] = {k: selected[k] for k in plan.keys}
+    params.update({f"selected_{k}": selected[k] for k in plan.keys})
+    if plan.mode == "search":
+        best = {
+            METRIC: selected[METRIC],
+            "best_test_f1": selected.get("test_f1"),
+            **{f"best_{key}": selected.get(key) for key in COUNT_KEYS},
+        }
+        summary.update(
+            best, selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"]
+        )
+        params.update(selected_trial_id=selected["trial_id"], selected_run_id=selected["mlflow_run_id"])
+        metrics.update({f"best_{k}": v for k, v in selected.items() if k.startswith("test_")})
+        metrics.update(best)
+    else:  # one configuration: its model is the seed with the best dev F1
+        summary.update(model_seed=selected["seed"], model_run_id=selected["mlflow_run_id"])
+        params.update(model_seed=selected["seed"], model_run_id=selected["mlflow_run_id"])
+    return params
+
+
+def _log_parent(tracker, parent_run_id: str, params: dict, metrics: dict, files: dict, folder: Path) -> None:
+    """The selection's params, the search's metrics (numbers only) and its files on the parent run."""
     metrics = {
         k: v
         for k, v in metrics.items()
@@ -134,40 +179,27 @@ def finish(
     tracker.attempt(
         "log the search metrics", lambda: tracker.client.log_batch(parent_run_id, metrics=_metrics(metrics))
     )
-    tracker.attempt("log the trials table", lambda: tracker.client.log_artifact(parent_run_id, str(table)))
-    tracker.attempt(
-        "log the occupancy timeline", lambda: tracker.client.log_artifact(parent_run_id, str(timeline))
-    )
-    if plot is not None:
-        tracker.attempt("log the dev F1 plot", lambda: tracker.client.log_artifact(parent_run_id, str(plot)))
-        log_study(tracker, parent_run_id, folder)
-    if selected is not None and selected.get("checkpoint"):
-        summary["model_uri"], summary["model_error"] = log_checked_model(
-            tracker, plan.tracking.uri, parent_run_id, selected["checkpoint"]
-        )
-        summary["selected_checkpoint"] = selected["checkpoint"]
-        if summary["model_uri"] and plan.mode == "search":
-            summary["registered_model"] = tracker.attempt(
-                "register the selected model",
-                lambda: register(tracker.client, summary["model_uri"], plan, parent_run_id, selected),
+    for what, path in files.items():
+        if path is not None:
+            tracker.attempt(
+                f"log the {what}", lambda p=path: tracker.client.log_artifact(parent_run_id, str(p))
             )
-    mark_selection(tracker, plan, summary, selected)
-    complete = selected is not None and (
-        plan.mode == "search" or summary["seeds_finished"] == summary["seeds"]
-    )
-    tracker.attempt(
-        "close the parent run",
-        lambda: tracker.client.set_terminated(parent_run_id, status="FINISHED" if complete else "FAILED"),
-    )
+    if files.get("dev F1 plot") is not None:
+        log_study(tracker, parent_run_id, folder)
 
-    summary["mlflow_account"] = {
-        "driver_failures": tracker.failures,
-        "unlogged_updates": len(unlogged),
-        "trials_with_unlogged": sorted({op["trial_id"] for op in unlogged}),
-    }
-    write_json(folder / "summary.json", summary)
-    print_summary(plan, summary, rows, seed_rows)
-    return summary
+
+def _log_model(tracker, plan: Plan, summary: dict, parent_run_id: str, selected: dict) -> None:
+    """The selected checkpoint as the parent's model, loaded first (log_checked_model); registered
+    as the dataset's champion after a search."""
+    summary["model_uri"], summary["model_error"] = log_checked_model(
+        tracker, plan.tracking.uri, parent_run_id, selected["checkpoint"]
+    )
+    summary["selected_checkpoint"] = selected["checkpoint"]
+    if summary["model_uri"] and plan.mode == "search":
+        summary["registered_model"] = tracker.attempt(
+            "register the selected model",
+            lambda: register(tracker.client, summary["model_uri"], plan, parent_run_id, selected),
+        )
 
 
 def mark_retries(rows: list[dict], folder: Path) -> list[dict]:
@@ -449,11 +481,24 @@ def _busy(summary: dict) -> str:
 
 
 def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[dict]) -> None:
-    def f1(value) -> str:
-        return f"{value:.4f}" if isinstance(value, (int, float)) and not math.isnan(value) else "  -   "
+    """The search's last screen: what ran, the best points, retries and failures, the selection,
+    the seeds, where MLflow and the results are."""
+    out = [
+        *_headline(plan, summary),
+        *(_ranking(plan, rows) if plan.mode == "search" else []),
+        *_problems(plan.keys, rows + seed_rows),
+        *_selection(plan, summary),
+        *(_seeds(plan, summary) if seed_rows else []),
+        *_mlflow(plan, summary),
+    ]
+    print("\n".join(out), flush=True)
 
-    keys = plan.keys
-    scope = "soft_scope" in keys
+
+def _f1(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not math.isnan(value) else "  -   "
+
+
+def _headline(plan: Plan, summary: dict) -> list[str]:
     out = []
     kind = "Seeds" if plan.mode == "seeds" else "Search"
     what = (
@@ -468,39 +513,54 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
         f"in {summary['wall_seconds']:.0f} s, at most {summary['max_trials_at_once']} at once"
         + _busy(summary)
     )
-    if plan.mode == "search":
-        ranked = sorted(
-            [r for r in rows if isinstance(r.get(METRIC), (int, float))],
-            key=lambda r: (-r[METRIC], r["trial"]),
-        )
+    return out
+
+
+def _ranking(plan: Plan, rows: list[dict]) -> list[str]:
+    scope, out = "soft_scope" in plan.keys, []
+    ranked = sorted(
+        [r for r in rows if isinstance(r.get(METRIC), (int, float))],
+        key=lambda r: (-r[METRIC], r["trial"]),
+    )
+    out.append(
+        f"Best configurations by dev F1 (the first {min(5, len(ranked))} of {len(ranked)}; all in "
+        "trials.csv):"
+    )
+    out.append(
+        f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  "
+        + ("scope    " if scope else "")
+        + f"{'dev F1':>6}  {'test F1':>7}  {'status':<10}  MLflow run"
+    )
+    for rank, r in enumerate(ranked[:5], 1):
         out.append(
-            f"Best configurations by dev F1 (the first {min(5, len(ranked))} of {len(ranked)}; all in "
-            "trials.csv):"
+            f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
+            + (f"{r['soft_scope']:<7}  " if scope else "")
+            + f"{_f1(r[METRIC])}  {_f1(r.get('test_f1')):>7}  {r['status']:<10}  "
+            + r["mlflow_run_id"]
         )
-        out.append(
-            f"  {'rank':>4}  {'α_aug':>6} {'α_fea':>6} {'β':>4} {'γ':>4}  "
-            + ("scope    " if scope else "")
-            + f"{'dev F1':>6}  {'test F1':>7}  {'status':<10}  MLflow run"
-        )
-        for rank, r in enumerate(ranked[:5], 1):
-            out.append(
-                f"  {rank:>4}  {r['alpha_aug']:>6g} {r['alpha_fea']:>6g} {r['beta']:>4g} {r['gamma']:>4g}  "
-                + (f"{r['soft_scope']:<7}  " if scope else "")
-                + f"{f1(r[METRIC])}  {f1(r.get('test_f1')):>7}  {r['status']:<10}  "
-                + r["mlflow_run_id"]
-            )
-    for r in [r for r in rows + seed_rows if r.get("retried_after")][:10]:
+    return out
+
+
+def _problems(keys, rows: list[dict]) -> list[str]:
+    """Trials retried from a checkpoint, and failed ones (ten of each at most)."""
+    out = []
+    for r in [r for r in rows if r.get("retried_after")][:10]:
         out.append(
             f"  retried from its last checkpoint: trial {r['trial_id']} ("
             + ", ".join(_value(r[k]) for k in keys)
             + f", seed {r['seed']}), {r['status']} in the end; {short(r['retried_after'], 400)}"
         )
-    for r in [r for r in rows + seed_rows if r["status"] == "ERROR"][:10]:
+    for r in [r for r in rows if r["status"] == "ERROR"][:10]:
         out.append(
             f"  failed: trial {r['trial_id']} ("
             + ", ".join(_value(r[k]) for k in keys)
             + f", seed {r['seed']}): {r['error']}"
         )
+    return out
+
+
+def _selection(plan: Plan, summary: dict) -> list[str]:
+    keys, scope, out = plan.keys, "soft_scope" in plan.keys, []
     setting = (
         f"soft labels {'on' if plan.base.soft else 'off (--no-soft)'}, augmentation "
         f"{'on' if plan.base.aug else 'off (--no-aug)'}"
@@ -516,8 +576,8 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     elif "selected" in summary:
         out.append(
             f"Selected: {point} ({setting}): dev F1 "
-            f"{f1(summary['best_dev_f1'])}{_on(summary, 'best_', 'dev')}, "
-            f"test F1 {f1(summary['best_test_f1'])}{_on(summary, 'best_', 'test')}"
+            f"{_f1(summary['best_dev_f1'])}{_on(summary, 'best_', 'dev')}, "
+            f"test F1 {_f1(summary['best_test_f1'])}{_on(summary, 'best_', 'test')}"
         )
         paper = plan.preset.get("paper_selection")
         if paper:
@@ -528,19 +588,29 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
             )
     else:
         out.append("No trial produced a dev F1: nothing selected.")
-    if seed_rows:
-        which = "The configuration" if plan.mode == "seeds" else "Selected configuration"
-        failed = summary["seeds"] - summary["seeds_finished"]
-        left_out = f" ({failed} did not finish: left out of the mean)" if failed else ""
-        dev, test = (
-            f"{f1(summary[f'seeds_{split}_f1_mean'])} ± {f1(summary[f'seeds_{split}_f1_std'])}"
-            f"{_on(summary, 'seeds_', split)}"
-            for split in ("dev", "test")
-        )
-        out.append(
-            f"{which} with {summary['seeds']} seeds{left_out}: dev F1 {dev}; test F1 {test} "
-            "(mean ± standard deviation)"
-        )
+    return out
+
+
+def _seeds(plan: Plan, summary: dict) -> list[str]:
+    out = []
+    which = "The configuration" if plan.mode == "seeds" else "Selected configuration"
+    failed = summary["seeds"] - summary["seeds_finished"]
+    left_out = f" ({failed} did not finish: left out of the mean)" if failed else ""
+    dev, test = (
+        f"{_f1(summary[f'seeds_{split}_f1_mean'])} ± {_f1(summary[f'seeds_{split}_f1_std'])}"
+        f"{_on(summary, 'seeds_', split)}"
+        for split in ("dev", "test")
+    )
+    out.append(
+        f"{which} with {summary['seeds']} seeds{left_out}: dev F1 {dev}; test F1 {test} "
+        "(mean ± standard deviation)"
+    )
+    return out
+
+
+def _mlflow(plan: Plan, summary: dict) -> list[str]:
+    """Where the runs, the UI and the model are, and what MLflow could not record."""
+    out = []
     out.append(
         f"MLflow: experiment {plan.experiment_name}, parent run {summary['parent_run_id']} at "
         f"{plan.tracking.display}"
@@ -579,4 +649,4 @@ def print_summary(plan: Plan, summary: dict, rows: list[dict], seed_rows: list[d
     else:
         out.append("MLflow recorded every trial and the parent run.")
     out.append(f"Ray results: {summary['results']}\n{'=' * 100}")
-    print("\n".join(out), flush=True)
+    return out

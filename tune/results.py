@@ -8,7 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
-from .space import METRIC, SEARCHED, point_values
+from .space import FUSED, METRIC, SEARCHED, point_values
 from .storage import uri_of
 from .tracking import COUNT_KEYS
 
@@ -38,7 +38,7 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
             status = "STOPPED"  # stopped early by the scheduler
         else:
             status = "NOT STARTED"
-        fused = "group" in config
+        fused = FUSED in config
         points = members_of(config)
         parts = member_results(metrics) if metrics else [{} for _ in points]
         for number, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):

@@ -38,7 +38,7 @@ from .plan import Plan, make_plan
 from .report import describe_search, finish, planned_ray_trials, short
 from .results import finished, select, trial_rows
 from .resume import resume_args
-from .space import SearchError, fused_groups, point_name, point_of, record_points
+from .space import FUSED, SearchError, fused_groups, point_name, point_of, record_points
 from .storage import LOCK, RemoteLock, SearchFiles
 from .tracking import (
     Tracker,
@@ -386,8 +386,8 @@ def run_phase(
     saved = ExperimentAnalysis(f"{plan.storage_path.rstrip('/')}/{name}").trials  # a path or a URI
     unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
     expected = (
-        len(points["group"]["grid_search"])
-        if "group" in points  # --fuse: one trial per group
+        len(points[FUSED]["grid_search"])
+        if FUSED in points  # --fuse: one trial per group
         else plan.num_samples
         if phase == "search"
         else args.seeds
@@ -396,7 +396,7 @@ def run_phase(
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
     runs, _, _ = read_account(files.folder, phase)
     rows = trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base)
-    if "group" in points:  # the study gets every point, as the grid sampler's trials would have
+    if FUSED in points:  # the study gets every point, as the grid sampler's trials would have
         record_points(f"sqlite:///{files.folder / OPTUNA_DB}", plan.name, plan.grid, rows)
         files.push(OPTUNA_DB)
     return rows
@@ -406,9 +406,7 @@ def run_phases(
     plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, cluster: dict, restoring: bool
 ) -> int:
     """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
-    with --seeds, only the seeds. Then the summary."""
-    from ray import tune
-
+    with --seeds, only the seeds. Then the summary; the exit status."""
     args = plan.args
     what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))
     print(
@@ -418,33 +416,58 @@ def run_phases(
         f"{plan.tracking.display}",
         flush=True,
     )
-
-    def seeds(point: dict, name: str) -> list[dict]:
-        space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(args.seeds)])}
-        return run_phase(plan, "seeds", space, name, record, files, restoring)
-
     preload_model_code()  # while the trials run: the model's check at the end needs torch and transformers
     started = time.time()
-    rows: list[dict] = []
-    seed_rows: list[dict] = []
+    rows, seed_rows, selected = run_trials(plan, record, files, restoring)
+    summary = summarise(
+        plan, tracker, record, files, cluster, rows, seed_rows, selected, time.time() - started
+    )
+    if summary.get("model_error"):
+        print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
+    # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
+    unfinished = [r for r in rows + seed_rows if r["status"] not in ("TERMINATED", "STOPPED")]
+    return 0 if selected is not None and not unfinished and not summary.get("model_error") else 1
+
+
+def run_trials(
+    plan: Plan, record: dict, files: SearchFiles, restoring: bool
+) -> tuple[list, list, dict | None]:
+    """The phases' trials: (the search's rows, the seeds' rows, the selected row)."""
+    from ray import tune
+
+    def seeds(point: dict, name: str) -> list[dict]:
+        space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(plan.args.seeds)])}
+        return run_phase(plan, "seeds", space, name, record, files, restoring)
+
     if plan.mode == "seeds":
         seed_rows = seeds(plan.grid.points()[0], plan.name)
-        selected = select(finished(seed_rows))  # the seed whose model the parent run gets
-    else:
-        groups = None
-        if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
-            groups = {
-                "group": tune.grid_search(
-                    [fused_config(g) for g in fused_groups(plan.grid.points(), plan.fuse, plan.base)]
-                )
-            }
-        rows = run_phase(plan, "search", groups or {}, plan.name, record, files, restoring)
-        selected = select(rows)
-        if selected is not None and args.seeds:
-            record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})
-            write_json(files.folder / RECORD, record)
-            files.push(RECORD)
-            seed_rows = seeds(point_of(selected, plan.keys), f"{plan.name}-seeds")
+        return [], seed_rows, select(finished(seed_rows))  # the seed whose model the parent run gets
+    groups = {}
+    if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
+        points = fused_groups(plan.grid.points(), plan.fuse, plan.base)
+        groups = {FUSED: tune.grid_search([fused_config(g) for g in points])}
+    rows = run_phase(plan, "search", groups, plan.name, record, files, restoring)
+    selected, seed_rows = select(rows), []
+    if selected is not None and plan.args.seeds:
+        record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})
+        write_json(files.folder / RECORD, record)
+        files.push(RECORD)
+        seed_rows = seeds(point_of(selected, plan.keys), f"{plan.name}-seeds")
+    return rows, seed_rows, selected
+
+
+def summarise(
+    plan: Plan,
+    tracker: Tracker,
+    record: dict,
+    files: SearchFiles,
+    cluster: dict,
+    rows: list[dict],
+    seed_rows: list[dict],
+    selected: dict | None,
+    seconds: float,
+) -> dict:
+    """The report (report.finish), the trials started again from scratch, the record "done"."""
     unlogged = [op for phase in ("search", "seeds") for op in read_account(files.folder, phase)[1]]
     summary = finish(
         plan,
@@ -455,33 +478,25 @@ def run_phases(
         rows,
         seed_rows,
         selected,
-        time.time() - started,
+        seconds,
         unlogged,
         cluster,
         files.location,
     )
-    restarted = [
-        {"trial_id": r["trial_id"], "why": r["restarted"]} for r in rows + seed_rows if r.get("restarted")
-    ]
+    restarted = [r for r in rows + seed_rows if r.get("restarted")]
     if restarted:  # trials whose damaged checkpoint was not resumed from (trial.py)
-        summary["restarted"] = restarted
+        summary["restarted"] = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in restarted]
         write_json(files.folder / "summary.json", summary)
     files.push()  # the summary, trials.csv and the figures (the record last: "done" once they are there)
     record.update(stage="done", summary=summary)
     write_json(files.folder / RECORD, record)
     files.push(RECORD)
-    for row in rows + seed_rows:
-        if row.get("restarted"):
-            print(
-                f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): "
-                f"{row['restarted']}",
-                flush=True,
-            )
-    if summary.get("model_error"):
-        print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
-    # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
-    unfinished = [r for r in rows + seed_rows if r["status"] not in ("TERMINATED", "STOPPED")]
-    return 0 if selected is not None and not unfinished and not summary.get("model_error") else 1
+    for row in restarted:
+        print(
+            f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): {row['restarted']}",
+            flush=True,
+        )
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,11 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from softfine.config import SEARCHED
+
 PRESETS = Path(__file__).resolve().parent / "presets"
 METRIC, MODE = "best_dev_f1", "max"
+# The key of a fused trial's config: the group of grid points it trains (trial.fused_config)
+FUSED = "group"
 SCOPES = ("paper", "related")
-# The TrainConfig fields a grid point sets (soft_scope too, when it is searched).
-SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
+# The TrainConfig fields a grid point sets: SEARCHED (softfine.config), soft_scope too when it is searched.
 # How the paper writes each searched value: tables, figures, the parent run's description.
 SYMBOLS = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
 # The paper's grid (Appendix C): (alpha_aug, alpha_fea) pairs, beta, gamma.

@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from softfine.config import TrainConfig
+from softfine.config import METRICS_FILE, TEST_METRICS_FILE, TrainConfig
 from softfine.datasets import Corpus
 from softfine.errors import SoftFiNEError
 
 from .cluster import placement
-from .space import METRIC, point_name, trial_config
+from .space import FUSED, METRIC, point_name, trial_config
 
 FINAL = "final.json"  # a checkpoint holding it is a finished trial
 
@@ -42,12 +42,12 @@ def fused_config(points: list[dict]) -> dict:
 
 def members_of(config: dict) -> list[dict]:
     """The grid points a trial trains: its group's, or its own."""
-    return list(config["group"]["points"]) if "group" in config else [config]
+    return list(config[FUSED]["points"]) if FUSED in config else [config]
 
 
 def member_dirs(config: dict) -> list[str]:
     """Where each member's files are in the trial's directory: "." for a point alone."""
-    if "group" not in config:
+    if FUSED not in config:
         return ["."]
     return [f"{k:02d}-{point_name(p)}" for k, p in enumerate(members_of(config))]
 
@@ -63,7 +63,7 @@ def member_results(result: dict) -> list[dict]:
 def group_report(reports: list[dict], config: dict) -> dict:
     """What a trial reports to Ray: a point's results as they are; a group's under `members`, with
     the best member's dev F1 at the top (Tune's metric, and its table)."""
-    if "group" not in config:
+    if FUSED not in config:
         return dict(reports[0])
     return {
         "members": reports,
@@ -88,17 +88,12 @@ def softfine_trial(
     where = {"trial_start_time": time.time(), **placement(allow_cpu_fallback)}
     work = Path(tempfile.mkdtemp(prefix="softfine-trial-"))
     try:
-        out, resume_from = work / "run", None
+        out = work / "run"
         members = [out / d for d in member_dirs(config)]
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is not None:
-            checkpoint.to_directory(str(out))
-            if (out / FINAL).is_file():  # finished before the driver saw it: the result stands
-                tune.report(json.loads((out / FINAL).read_text()), checkpoint=checkpoint)
-                return
-            resume_from = [str(m) for m in members]
-            evaluations = (members[0] / "metrics.jsonl").read_text().splitlines()
-            where["resumed_from_step"] = json.loads(evaluations[-1])["step"] if evaluations else 0
+        resume_from, finished = from_checkpoint(out, members, where)
+        if finished is not None:  # finished before the driver saw it: the result stands
+            tune.report(*finished)
+            return
         configs = [
             trial_config(base, p, out=str(m), device=where["device"])
             for p, m in zip(members_of(config), members)
@@ -124,14 +119,7 @@ def softfine_trial(
         except SoftFiNEError as err:
             if resume_from is None or any(reports):  # not a checkpoint that failed to load: the trial failed
                 raise
-            # The checkpoint cannot be read back (truncated, damaged): the only one kept, so from the start.
-            where["restarted"] = (
-                f"its checkpoint at step {where.get('resumed_from_step')} could not be loaded "
-                f"({str(err)[:300]}); trained again from the start"
-            )
-            logging.getLogger("softfine.tune").warning("trial: %s", where["restarted"])
-            where.pop("resumed_from_step", None)
-            shutil.rmtree(out, ignore_errors=True)
+            restart(out, where, err)
             results = train_group(configs, on_evaluate=on_evaluate, corpus=corpus)
         final = group_report(
             [{k: v for k, v in r.items() if k != "best_checkpoint"} for r in results], config
@@ -143,13 +131,41 @@ def softfine_trial(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def from_checkpoint(out: Path, members: list[Path], where: dict) -> tuple[list[str] | None, tuple | None]:
+    """This trial's checkpoint from Ray (a retry, a resume), into `out`: (the members' directories to
+    resume from, or None; (result, checkpoint) when the trial had finished, else None)."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None, None
+    checkpoint.to_directory(str(out))
+    if (out / FINAL).is_file():
+        return None, (json.loads((out / FINAL).read_text()), checkpoint)
+    evaluations = (members[0] / METRICS_FILE).read_text().splitlines()
+    where["resumed_from_step"] = json.loads(evaluations[-1])["step"] if evaluations else 0
+    return [str(m) for m in members], None
+
+
+def restart(out: Path, where: dict, err: Exception) -> None:
+    """The checkpoint cannot be read back (truncated, damaged): the only one kept, so the trial
+    trains again from the start, and says so in its results."""
+    where["restarted"] = (
+        f"its checkpoint at step {where.get('resumed_from_step')} could not be loaded "
+        f"({str(err)[:300]}); trained again from the start"
+    )
+    logging.getLogger("softfine.tune").warning("trial: %s", where["restarted"])
+    where.pop("resumed_from_step", None)
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def keep_best(out: Path, members: list[str], final_dir: Path, final: dict) -> str:
     """The final checkpoint: each member's best/ and records, and the final result (state/ is not
     needed any more)."""
     for member in members:
         (final_dir / member).mkdir(parents=True, exist_ok=True)
         shutil.move(str(out / member / "best"), str(final_dir / member / "best"))
-        for name in ("metrics.jsonl", "test_metrics.json"):
+        for name in (METRICS_FILE, TEST_METRICS_FILE):
             if (out / member / name).is_file():
                 shutil.copy2(out / member / name, final_dir / member / name)
     (final_dir / FINAL).write_text(json.dumps(final, indent=1))

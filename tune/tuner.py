@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .cli import PROG
 from .plan import Plan
-from .space import METRIC, MODE, SearchError, make_searcher
+from .space import FUSED, METRIC, MODE, SearchError, make_searcher
 from .storage import is_remote, open_path
 
 log = logging.getLogger("softfine.tune")
@@ -180,8 +180,8 @@ def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
     """How many grid points a phase trains: its seeds, its fused groups' points, or its samples."""
     if phase == "seeds":
         return plan.args.seeds
-    if "group" in param_space:
-        return sum(len(group["points"]) for group in param_space["group"]["grid_search"])
+    if FUSED in param_space:
+        return sum(len(group["points"]) for group in param_space[FUSED]["grid_search"])
     return plan.num_samples
 
 
@@ -199,7 +199,7 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
         return PointsReporter(phase, phase_points(plan, phase, param_space), plan.base.epochs)
     metrics = {"step": "step", "dev_f1": "dev F1", METRIC: "best dev F1", "test_f1": "test F1"}
     return CLIReporter(
-        parameter_columns=progress_columns(plan.grid, phase, "group" in param_space),
+        parameter_columns=progress_columns(plan.grid, phase, FUSED in param_space),
         metric_columns=metrics,
         max_report_frequency=30,
         sort_by_metric=True,
@@ -216,15 +216,31 @@ def make_tuner(
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
-    args = plan.args
+    from .in_place import StudyInPlace
+
     path = f"{plan.storage_path.rstrip('/')}/{name}"  # a folder, or a URI (storage.py)
-    from .in_place import StudyInPlace, TrialsInPlace, storage_opened_at
-
     # On a remote storage, every experiment snapshot of Ray's holds a copy of the study, consistent
     # with the searcher state beside it (StudyInPlace.save_to_dir).
     StudyInPlace.snapshot_study = folder / OPTUNA_DB if is_remote(plan.storage_path) else None
+    quiet_ray_defaults()
+    if restore and tune.Tuner.can_restore(path):
+        return restored_tuner(plan, phase, param_space, name, trainable, folder, path)
+    run_config = RunConfig(
+        name=name,
+        storage_path=plan.storage_path,
+        failure_config=FailureConfig(max_failures=plan.args.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=1),
+        progress_reporter=make_reporter(plan, phase, param_space),
+        verbose=1,
+        callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
+    )
+    tune_config = search_config(plan, phase, param_space, folder)
+    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+
+
+def quiet_ray_defaults() -> None:
+    """Ray Tune's settings for a search (a user's own environment wins)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with the columns below
     # Every evaluation checkpoints (num_to_keep=1 forces an experiment snapshot each time): that
     # is what --max-failures and --resume need, not a bottleneck worth a warning per trial.
@@ -233,72 +249,60 @@ def make_tuner(
     # Tune's own JSON and CSV results, not its TensorBoard files: MLflow has the metrics, and
     # tensorboardX imports torch in the driver (2.4 s before the first trial here).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    if restore and tune.Tuner.can_restore(path):
-        log.warning("resuming %s from %s", phase, path)
-        try:
-            for note in mend_callback_state(path) + mend_checkpoints(path):
-                print(f"{PROG}: {note}", flush=True)
-            if phase != "search" or "group" in param_space:  # no searcher: Ray's grid search
-                return tune.Tuner.restore(
-                    path, trainable=trainable, resume_unfinished=True, resume_errored=True
-                )
-            # The searcher's study: this folder's, from the moment the Tuner's pickle is read back.
-            StudyInPlace.resumed_study = folder / OPTUNA_DB
-            TrialsInPlace.resumed_at = (plan.storage_path, name)
-            with storage_opened_at(f"sqlite:///{folder / OPTUNA_DB}"):
-                return tune.Tuner.restore(
-                    path, trainable=trainable, resume_unfinished=True, resume_errored=True
-                )
-        except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
-            raise SearchError(damaged_state(path, err)) from None
-    fused = "group" in param_space  # --fuse: a grid search over the groups, no searcher
-    reporter = make_reporter(plan, phase, param_space)
-    if phase == "search" and not fused:
-        from ray.tune.search import ConcurrencyLimiter
 
-        searcher = make_searcher(
-            args.sampler,
-            plan.grid,
-            args.search_seed,
-            plan.num_samples,
-            storage=f"sqlite:///{folder / OPTUNA_DB}",
-            study_name=plan.name,
-        )
-        scheduler = None
-        if args.scheduler == "asha":
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=evaluations_per_trial(plan.base) or 1000,
-                grace_period=args.asha_grace_period,
-                reduction_factor=args.asha_reduction_factor,
-            )
-        if args.max_concurrent:  # Ray's own wrapping, done here: the generator around it is ours
-            searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)
-        tune_config = tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
-            search_alg=TrialsInPlace(searcher),
-            scheduler=scheduler,
-            num_samples=plan.num_samples,
-            reuse_actors=True,
-            trial_dirname_creator=trial_dirname,
-        )
-    else:  # the seeds, or the fused groups: a grid search of Ray Tune's own
-        tune_config = tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
-            num_samples=1,
-            max_concurrent_trials=args.max_concurrent or None,
-            reuse_actors=True,
-            trial_dirname_creator=trial_dirname,
-        )
-    run_config = RunConfig(
-        name=name,
-        storage_path=plan.storage_path,
-        failure_config=FailureConfig(max_failures=args.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=1),
-        progress_reporter=reporter,
-        verbose=1,
-        callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
+
+def restored_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, folder: Path, path: str):
+    """The phase's Tuner from its saved state, mended first; the searcher's study this folder's."""
+    from ray import tune
+
+    from .in_place import StudyInPlace, TrialsInPlace, storage_opened_at
+
+    log.warning("resuming %s from %s", phase, path)
+    try:
+        for note in mend_callback_state(path) + mend_checkpoints(path):
+            print(f"{PROG}: {note}", flush=True)
+        if phase != "search" or FUSED in param_space:  # no searcher: Ray's grid search
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # The searcher's study: this folder's, from the moment the Tuner's pickle is read back.
+        StudyInPlace.resumed_study = folder / OPTUNA_DB
+        TrialsInPlace.resumed_at = (plan.storage_path, name)
+        with storage_opened_at(f"sqlite:///{folder / OPTUNA_DB}"):
+            return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    except Exception as err:  # noqa: BLE001 - JSON, pickle or file errors of Ray's files: the state is damaged
+        raise SearchError(damaged_state(path, err)) from None
+
+
+def search_config(plan: Plan, phase: str, param_space: dict, folder: Path):
+    """Optuna's searcher (and ASHA) for the search phase; Ray Tune's own grid search for the seeds
+    and for fused groups (--fuse)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .in_place import TrialsInPlace
+
+    args = plan.args
+    common = dict(metric=METRIC, mode=MODE, reuse_actors=True, trial_dirname_creator=trial_dirname)
+    if phase != "search" or FUSED in param_space:
+        return tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or None, **common)
+    searcher = make_searcher(
+        args.sampler,
+        plan.grid,
+        args.search_seed,
+        plan.num_samples,
+        storage=f"sqlite:///{folder / OPTUNA_DB}",
+        study_name=plan.name,
     )
-    return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    scheduler = None
+    if args.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=evaluations_per_trial(plan.base) or 1000,
+            grace_period=args.asha_grace_period,
+            reduction_factor=args.asha_reduction_factor,
+        )
+    if args.max_concurrent:  # Ray's own wrapping, done here: the generator around it is ours
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)
+    return tune.TuneConfig(
+        search_alg=TrialsInPlace(searcher), scheduler=scheduler, num_samples=plan.num_samples, **common
+    )
