@@ -29,7 +29,6 @@ import torch
 
 from .batches import Split, encode, train_loader
 from .config import METRICS_FILE, TEST_METRICS_FILE, TrainConfig
-from .data import categories
 from .datasets import Corpus, load_corpus, report_unseen
 from .device import attention_kernels, autocast, compile_step, pad_multiple, resolve_device
 from .errors import ConfigError, DataError
@@ -45,6 +44,7 @@ from .optim import (
     restore,
     save_training_state,
 )
+from .stats import categories
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@ import logging
 
 import pytest
 
-from softfine.data import read_bmes, read_columns, read_fine, read_weibo, stats, to_bioes
+from softfine.data import read_bmes, read_columns, read_fine, read_weibo, to_bioes
 from softfine.datasets import available_splits, dataset_files, read_split
 from softfine.errors import DataError
+from softfine.stats import stats
 
 
 def test_table1_figures(data_dir):

@@ -12,7 +12,6 @@ from transformers import set_seed
 
 from softfine.batches import Split, encode, train_loader
 from softfine.config import make_config
-from softfine.data import categories
 from softfine.datasets import load_corpus
 from softfine.errors import ConfigError
 from softfine.evaluate import predict_tags
@@ -20,6 +19,7 @@ from softfine.fused import FusedModel
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, build_model, load_checkpoint, random_model
 from softfine.optim import TRAINING_STATE, build_optimizer, make_scheduler
+from softfine.stats import categories
 from softfine.train import LOSS_PARTS, train, train_group, train_step
 
 # Three points of the paper's grid: every searched value differs somewhere.

@@ -9,13 +9,13 @@ import torch
 
 from softfine.batches import Split, encode, train_loader
 from softfine.config import TrainConfig, make_config
-from softfine.data import categories
 from softfine.datasets import load_corpus
 from softfine.device import attention_kernels, pad_multiple
 from softfine.evaluate import predict_tags
 from softfine.fused import FusedModel, member_loss, uses_augmentation
 from softfine.labels import LabelSpace
 from softfine.model import CharIds, SoftFiNEModel, load_checkpoint, random_model
+from softfine.stats import categories
 from softfine.train import train
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128)

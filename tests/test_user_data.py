@@ -159,8 +159,8 @@ def test_every_format_reads_as_the_builtin_reader_reads_resume(fmt, resume, tmp_
 
 @pytest.mark.parametrize("fmt", ["spans", "tokens-bioes", "columns-bio-tab"])
 def test_fine_dev_in_every_format_keeps_its_hierarchy(fmt, fine_dev, tmp_path):
-    from softfine.data import categories
     from softfine.labels import LabelSpace
+    from softfine.stats import categories
 
     folder = write_folder(tmp_path / "fine-own", fine_dev, fmt)
     corpus = load_corpus(make_config({"dataset": str(folder)}))

@@ -52,7 +52,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from softfine.cli import add_config_arguments
+    from softfine.arguments import add_config_arguments
 
     # The raw formatter keeps the examples' lines; the descriptions are wrapped here.
     wrap = lambda text: textwrap.fill(text, width=100, break_on_hyphens=False)  # noqa: E731

@@ -192,7 +192,7 @@ def check_storage(storage: Path) -> None:
 def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
     """The preset (a built-in dataset's, or --preset), the base TrainConfig and the grid, every
     value checked."""
-    from softfine.cli import given_values
+    from softfine.arguments import given_values
     from softfine.config import make_config
     from softfine.datasets import is_folder
 

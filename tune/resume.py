@@ -76,7 +76,7 @@ def read_record(storage: Storage, name: str) -> dict:
 def refuse_changes(args: argparse.Namespace, parser: Parser, record: dict) -> None:
     """A resumed search goes on with the flags it started with: any other flag given with --resume
     (a new grid, more epochs) is refused, naming each, rather than dropped without a word."""
-    from softfine.cli import flag_names
+    from softfine.arguments import flag_names
 
     defaults = vars(parser.parse_args([]))
     given = [

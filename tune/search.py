@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    from softfine.cli import check_text_arguments
+    from softfine.arguments import check_text_arguments
     from softfine.errors import SoftFiNEError
 
     try:
