@@ -3,12 +3,15 @@ resources a trial asks for, and a trial's placement (node, GPUs, device)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from .space import SearchError
+
+if TYPE_CHECKING:
+    from .plan import SearchFlags
 
 log = logging.getLogger("softfine.tune")
 
@@ -107,7 +110,7 @@ def cluster_resources() -> dict:
     }
 
 
-def check_cluster(args: argparse.Namespace, cluster: dict, storage) -> None:
+def check_cluster(flags: SearchFlags, cluster: dict, storage) -> None:
     """The trials' resources against the cluster's nodes; on several hosts, a word on a local
     --storage-path (`storage`: storage.Storage), which every host must share."""
     if len(cluster["hosts"]) > 1 and not storage.remote:
@@ -118,30 +121,30 @@ def check_cluster(args: argparse.Namespace, cluster: dict, storage) -> None:
             len(cluster["hosts"]),
             storage,
         )
-    if args.gpus_per_trial > cluster["max_node_gpus"]:
+    if flags.gpus_per_trial > cluster["max_node_gpus"]:
         raise SearchError(
-            f"--gpus-per-trial {args.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
+            f"--gpus-per-trial {flags.gpus_per_trial:g}: no node of the Ray cluster has that many GPUs "
             f"(the most on one node: {cluster['max_node_gpus']:g}; {cluster['nodes']} node(s)). "
             "Use --gpus-per-trial 0 to train on CPU, or connect to a GPU cluster with --address."
         )
-    if args.cpus_per_trial > cluster["max_node_cpus"]:
+    if flags.cpus_per_trial > cluster["max_node_cpus"]:
         raise SearchError(
-            f"--cpus-per-trial {args.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs "
+            f"--cpus-per-trial {flags.cpus_per_trial:g}: no node of the Ray cluster has that many CPUs "
             f"(the most on one node: {cluster['max_node_cpus']:g})."
         )
 
 
-def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) -> None:
+def probe_gpus(flags: SearchFlags, cluster: dict, timeout: float = 180) -> None:
     """On every GPU node, a task holding the trial's GPUs checks that torch sees them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if args.gpus_per_trial <= 0 or args.allow_cpu_fallback:
+    if flags.gpus_per_trial <= 0 or flags.allow_cpu_fallback:
         return
     probe = ray.remote(probe_cuda)
     refs = [
         probe.options(
-            num_gpus=args.gpus_per_trial,
+            num_gpus=flags.gpus_per_trial,
             num_cpus=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         ).remote()
@@ -169,7 +172,7 @@ def probe_gpus(args: argparse.Namespace, cluster: dict, timeout: float = 180) ->
         )
 
 
-def fuse_to_fit(args: argparse.Namespace, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
+def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
     """--fuse auto: (K, why). On GPUs, a task holding one trial's resources measures a training
     step's peak memory with one member and with two (softfine.memory) and K is the most members
     whose step fits 90 % of what the trial may use of its GPU (its share of the GPU's memory, at
@@ -177,11 +180,13 @@ def fuse_to_fit(args: argparse.Namespace, base, corpus, points: int, timeout: fl
     (benchmarks/README.md, "Fused grid")."""
     import ray
 
-    if args.gpus_per_trial <= 0:
+    if flags.gpus_per_trial <= 0:
         return 1, "a CPU search: one point per trial (fused groups do not pay on CPUs)"
-    measure = ray.remote(measure_members).options(num_gpus=args.gpus_per_trial, num_cpus=args.cpus_per_trial)
+    measure = ray.remote(measure_members).options(
+        num_gpus=flags.gpus_per_trial, num_cpus=flags.cpus_per_trial
+    )
     try:
-        found = ray.get(measure.remote(base, corpus, args.gpus_per_trial), timeout=timeout)
+        found = ray.get(measure.remote(base, corpus, flags.gpus_per_trial), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         raise SearchError(
             f"--fuse auto: no GPU measured a step within {timeout:.0f} s (GPUs busy?); give --fuse K"

@@ -25,9 +25,33 @@ log = logging.getLogger("softfine.tune")
 # The plan: everything decided and checked before Ray starts anything.
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchFlags:
+    """The search's own flags (cli.py says what each does), checked by check_numbers."""
+
+    sampler: str
+    scheduler: str
+    seeds: int
+    search_seed: int
+    asha_grace_period: int
+    asha_reduction_factor: int
+    gpus_per_trial: float
+    cpus_per_trial: float
+    max_concurrent: int
+    max_failures: int
+    mlflow_timeout: float
+    address: str | None
+    allow_cpu_fallback: bool
+    verbose: bool
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> SearchFlags:
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
 @dataclasses.dataclass
 class Plan:
-    args: argparse.Namespace
+    flags: SearchFlags
     argv: list[str]  # as it may be stored and shown: credentials masked
     dataset: str  # the data's name (softfine.datasets.dataset_name): MLflow's experiment and model names
     base: TrainConfig  # every trial's config is this one with its grid point (and seed) replaced
@@ -269,7 +293,7 @@ def make_plan(args: argparse.Namespace, argv: list[str], record: dict | None = N
     except SoftFiNEError as err:
         raise SearchError(str(err)) from None
     return Plan(
-        args=args,
+        flags=SearchFlags.of(args),
         argv=mask_argv(argv),
         dataset=dataset,
         base=base,

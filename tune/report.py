@@ -74,11 +74,11 @@ def _figures(plan: Plan, folder: Path, rows: list[dict], all_rows: list[dict], s
     """trials.csv, the occupancy timeline and (a search) the dev-F1 figure, in `folder`."""
     from .plots import plot_dev_f1, plot_timeline
 
-    args = plan.args
+    flags = plan.flags
     files = {"trials table": write_table(all_rows, folder / "trials.csv")}
     # Every search's occupancy: its trial slots are GPUs, or CPUs in a CPU search (busy_fraction).
-    slots = slot_resource(args.gpus_per_trial)
-    per_trial = args.gpus_per_trial if slots == "gpu" else args.cpus_per_trial
+    slots = slot_resource(flags.gpus_per_trial)
+    per_trial = flags.gpus_per_trial if slots == "gpu" else flags.cpus_per_trial
     files["occupancy timeline"] = plot_timeline(
         by_trial(all_rows),  # a fused trial holds its slot once, whatever its number of points
         folder / "occupancy_timeline.png",
@@ -88,7 +88,7 @@ def _figures(plan: Plan, folder: Path, rows: list[dict], all_rows: list[dict], s
         files["dev F1 plot"] = plot_dev_f1(
             rows,
             folder / "dev_f1_vs_hyperparameters.png",
-            f"SoftFiNE {args.sampler} search on {plan.dataset}: best dev F1 per point",
+            f"SoftFiNE {flags.sampler} search on {plan.dataset}: best dev F1 per point",
             plan.keys,
             selected,
         )
@@ -99,9 +99,9 @@ def _summary(
     plan: Plan, rows: list[dict], seed_rows: list[dict], seconds: float, cluster: dict, retries: list[dict]
 ) -> tuple[dict, dict]:
     """The summary's counts and settings, and the parent run's search metrics."""
-    args = plan.args
+    flags = plan.flags
     counted = rows if plan.mode == "search" else seed_rows
-    slots = slot_resource(args.gpus_per_trial)
+    slots = slot_resource(flags.gpus_per_trial)
     busy_key = f"{slots}_busy_fraction"
     counts = {
         s: sum(r["status"] == s for r in counted) for s in ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
@@ -117,7 +117,9 @@ def _summary(
         "ray_trials": len(by_trial(counted)),
         "max_trials_at_once": max_overlap(by_trial(counted)),
         "trial_slots": slots,
-        busy_key: busy_fraction(by_trial(rows + seed_rows), slots, cluster[f"{slots}s"], args.cpus_per_trial),
+        busy_key: busy_fraction(
+            by_trial(rows + seed_rows), slots, cluster[f"{slots}s"], flags.cpus_per_trial
+        ),
         "soft_labels": plan.base.soft,
         "augmentation": plan.base.aug,
         "soft_scope": plan.grid.soft_scope,
@@ -305,8 +307,8 @@ def describe_search(plan: Plan, points: int, ray_trials: int) -> str:
         if plan.fuse != 1
         else f"{points} points, one Ray trial each"
     )
-    then = f", then the selection with {plan.args.seeds} seeds" if plan.args.seeds else ""
-    return f"{plan.args.sampler} search on {plan.dataset}: {size}{then}"
+    then = f", then the selection with {plan.flags.seeds} seeds" if plan.flags.seeds else ""
+    return f"{plan.flags.sampler} search on {plan.dataset}: {size}{then}"
 
 
 def planned_ray_trials(plan: Plan) -> int:
@@ -379,7 +381,7 @@ def selection_note(plan: Plan, summary: dict, selected: dict | None) -> str:
         "by its seed"
         if plan.mode == "seeds"
         else f"by {point}, a seed's by its seed"
-        if plan.args.seeds
+        if plan.flags.seeds
         else f"by {point}"
     )
     return (

@@ -183,12 +183,12 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
             f"continue it with --resume {plan.name} or choose another name"
         )
     plan = check_data(plan, record)
-    check_address(args.address)
+    check_address(plan.flags.address)
     # The credentials are in the driver's environment only while it talks to MLflow, not when it
     # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
     mlflow_env = {**plan.tracking.env, "MLFLOW_TRACKING_URI": plan.tracking.uri}
     with credentials(mlflow_env):
-        check_tracking(plan.tracking, args.mlflow_timeout)
+        check_tracking(plan.tracking, plan.flags.mlflow_timeout)
     check_encoder(plan.base)
     with one_driver(files):
         if not record and plan.storage.exists(
@@ -209,17 +209,17 @@ def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int
 
 def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -> int:
     """Ray (the cluster given, or a local one), its resources checked; then the search."""
-    args = plan.args
-    started_ray = connect_ray(args.address)
+    flags = plan.flags
+    started_ray = connect_ray(flags.address)
     try:
         cluster = cluster_resources()
-        check_cluster(args, cluster, plan.storage)
-        probe_gpus(args, cluster)
+        check_cluster(flags, cluster, plan.storage)
+        probe_gpus(flags, cluster)
         if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
             size, why = (
                 (record["fuse"], "as when the search started")
                 if record.get("fuse")
-                else fuse_to_fit(args, plan.base, plan.corpus, len(plan.grid))
+                else fuse_to_fit(flags, plan.base, plan.corpus, len(plan.grid))
             )
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
@@ -234,7 +234,7 @@ def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -
 
 def search(plan: Plan, record: dict, files: SearchFiles, cluster: dict) -> int:
     """The parent run, the phases, the summary; a failure ends the parent run."""
-    tracker = Tracker(plan.tracking.uri, plan.args.mlflow_timeout)
+    tracker = Tracker(plan.tracking.uri, plan.flags.mlflow_timeout)
     restoring = bool(record)
     if restoring:
         parent_run_id = record["parent_run_id"]
@@ -305,20 +305,20 @@ def run_tags(code: dict) -> dict:
 
 def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict, code: dict) -> str:
     """The search's MLflow parent run: what the search is (params), its command (the note), its data."""
-    args = plan.args
+    flags = plan.flags
     params = {
         "dataset": plan.dataset,
         "mode": plan.mode,
-        "sampler": args.sampler,
-        "scheduler": args.scheduler,
+        "sampler": flags.sampler,
+        "scheduler": flags.scheduler,
         "grid": json.dumps(plan.grid.describe()),
         "grid_size": len(plan.grid),
         "num_samples": plan.num_samples,
-        "seeds": args.seeds,
-        "gpus_per_trial": args.gpus_per_trial,
-        "cpus_per_trial": args.cpus_per_trial,
-        "max_concurrent": args.max_concurrent,
-        "max_failures": args.max_failures,
+        "seeds": flags.seeds,
+        "gpus_per_trial": flags.gpus_per_trial,
+        "cpus_per_trial": flags.cpus_per_trial,
+        "max_concurrent": flags.max_concurrent,
+        "max_failures": flags.max_failures,
         "fuse": plan.fuse,
         "cluster_nodes": cluster["nodes"],
         "cluster_gpus": cluster["gpus"],
@@ -354,16 +354,16 @@ def run_phase(
     from ray import tune
     from ray.tune import ExperimentAnalysis
 
-    args = plan.args
+    flags = plan.flags
     trainable = tune.with_resources(
         tune.with_parameters(
             softfine_trial,
             base=plan.base,
             corpus=plan.corpus,
-            allow_cpu_fallback=args.allow_cpu_fallback,
-            verbose=bool(args.verbose),
+            allow_cpu_fallback=flags.allow_cpu_fallback,
+            verbose=bool(flags.verbose),
         ),
-        {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+        {"cpu": flags.cpus_per_trial, "gpu": flags.gpus_per_trial},
     )
     callback = MLflowChildRuns(
         str(files.folder),
@@ -374,7 +374,7 @@ def run_phase(
         plan.base,
         run_tags(record["code"]),
         dataset_inputs(plan.corpus),
-        args.mlflow_timeout,
+        flags.mlflow_timeout,
     )
     MLflowChildRuns.search_files = files  # where a restored callback (made by an earlier driver) writes too
     tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback, files.folder)
@@ -390,7 +390,7 @@ def run_phase(
         if FUSED in points  # --fuse: one trial per group
         else plan.num_samples
         if phase == "search"
-        else args.seeds
+        else flags.seeds
     )
     if unfinished or len(saved) < expected:
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
@@ -407,12 +407,12 @@ def run_phases(
 ) -> int:
     """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
     with --seeds, only the seeds. Then the summary; the exit status."""
-    args = plan.args
+    flags = plan.flags
     what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))
     print(
         f"{PROG}: {what}; cluster of {cluster['nodes']} node(s) "
-        f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {args.cpus_per_trial:g} CPU + "
-        f"{args.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
+        f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {flags.cpus_per_trial:g} CPU + "
+        f"{flags.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
         f"{plan.tracking.display}",
         flush=True,
     )
@@ -436,7 +436,7 @@ def run_trials(
     from ray import tune
 
     def seeds(point: dict, name: str) -> list[dict]:
-        space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(plan.args.seeds)])}
+        space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(plan.flags.seeds)])}
         return run_phase(plan, "seeds", space, name, record, files, restoring)
 
     if plan.mode == "seeds":
@@ -448,7 +448,7 @@ def run_trials(
         groups = {FUSED: tune.grid_search([fused_config(g) for g in points])}
     rows = run_phase(plan, "search", groups, plan.name, record, files, restoring)
     selected, seed_rows = select(rows), []
-    if selected is not None and plan.args.seeds:
+    if selected is not None and plan.flags.seeds:
         record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})
         write_json(files.folder / RECORD, record)
         files.push(RECORD)

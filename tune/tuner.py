@@ -179,7 +179,7 @@ def progress_columns(grid, phase: str, fused: bool = False) -> dict:
 def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
     """How many grid points a phase trains: its seeds, its fused groups' points, or its samples."""
     if phase == "seeds":
-        return plan.args.seeds
+        return plan.flags.seeds
     if FUSED in param_space:
         return sum(len(group["points"]) for group in param_space[FUSED]["grid_search"])
     return plan.num_samples
@@ -193,7 +193,7 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
 
     from .console import PointsReporter
 
-    if not plan.args.verbose:
+    if not plan.flags.verbose:
         for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
             logging.getLogger(name).setLevel(logging.ERROR)
         return PointsReporter(phase, phase_points(plan, phase, param_space), plan.base.epochs)
@@ -229,7 +229,7 @@ def make_tuner(
     run_config = RunConfig(
         name=name,
         storage_path=plan.storage_path,
-        failure_config=FailureConfig(max_failures=plan.args.max_failures),
+        failure_config=FailureConfig(max_failures=plan.flags.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=1),
         progress_reporter=make_reporter(plan, phase, param_space),
         verbose=1,
@@ -281,28 +281,28 @@ def search_config(plan: Plan, phase: str, param_space: dict, folder: Path):
 
     from .in_place import TrialsInPlace
 
-    args = plan.args
+    flags = plan.flags
     common = dict(metric=METRIC, mode=MODE, reuse_actors=True, trial_dirname_creator=trial_dirname)
     if phase != "search" or FUSED in param_space:
-        return tune.TuneConfig(num_samples=1, max_concurrent_trials=args.max_concurrent or None, **common)
+        return tune.TuneConfig(num_samples=1, max_concurrent_trials=flags.max_concurrent or None, **common)
     searcher = make_searcher(
-        args.sampler,
+        flags.sampler,
         plan.grid,
-        args.search_seed,
+        flags.search_seed,
         plan.num_samples,
         storage=f"sqlite:///{folder / OPTUNA_DB}",
         study_name=plan.name,
     )
     scheduler = None
-    if args.scheduler == "asha":
+    if flags.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             max_t=evaluations_per_trial(plan.base) or 1000,
-            grace_period=args.asha_grace_period,
-            reduction_factor=args.asha_reduction_factor,
+            grace_period=flags.asha_grace_period,
+            reduction_factor=flags.asha_reduction_factor,
         )
-    if args.max_concurrent:  # Ray's own wrapping, done here: the generator around it is ours
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=args.max_concurrent)
+    if flags.max_concurrent:  # Ray's own wrapping, done here: the generator around it is ours
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=flags.max_concurrent)
     return tune.TuneConfig(
         search_alg=TrialsInPlace(searcher), scheduler=scheduler, num_samples=plan.num_samples, **common
     )
