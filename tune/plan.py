@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import tempfile
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -14,15 +15,12 @@ from softfine.config import TrainConfig
 from softfine.datasets import Corpus
 
 from .cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
+from .record import SearchRecord
 from .space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
 from .storage import Storage
 from .tracking import TrackingStore, mask_argv, tracking_store
 
 log = logging.getLogger("softfine.tune")
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan: everything decided and checked before Ray starts anything.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +63,8 @@ class Plan:
     experiment_name: str
     storage_path: str  # what Ray Tune gets: the folder (absolute), or the URI (storage.py)
     name: str
-    corpus: Corpus | None = (
-        None  # the data, read once by the driver (search.check_data) and sent to every trial
-    )
+    # the data, read once by the driver (search.check_data) and sent to every trial
+    corpus: Corpus | None = None
     storage: Storage | None = None  # --storage-path: where the search's files live (storage.py)
 
     @property
@@ -135,63 +132,51 @@ def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
 def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
     """("seeds", N) for one grid point with --seeds N: that point once per seed, nothing else;
     ("search", trials) otherwise."""
-    if len(grid) == 1 and args.seeds > 0:
+    seeds, samples, tpe, asha = args.seeds, args.num_samples, args.sampler == "tpe", args.scheduler == "asha"
+    if len(grid) == 1 and seeds > 0:
         for refused, flag, why in (
-            (args.sampler == "tpe", "--sampler tpe", "there is nothing to sample"),
-            (
-                args.num_samples is not None,
-                f"--num-samples {args.num_samples}",
-                f"it runs {args.seeds} trials, one per seed",
-            ),
-            (args.scheduler == "asha", "--scheduler asha", "no seed may be stopped early"),
+            (tpe, "--sampler tpe", "there is nothing to sample"),
+            (samples is not None, f"--num-samples {samples}", f"it runs {seeds} trials, one per seed"),
+            (asha, "--scheduler asha", "no seed may be stopped early"),
         ):
             if refused:
                 raise SearchError(
-                    f"{flag}: the grid has one point, which --seeds {args.seeds} runs with "
-                    f"{args.seeds} seeds ({why}); leave {flag.split()[0]} out"
+                    f"{flag}: the grid has one point, which --seeds {seeds} runs with {seeds} seeds ({why}); "
+                    f"leave {flag.split()[0]} out"
                 )
-        return "seeds", args.seeds
-    if args.sampler == "grid":
-        if args.num_samples not in (None, len(grid)):
-            raise SearchError(
-                f"--num-samples {args.num_samples}: a grid search runs each of its {len(grid)} points "
-                "exactly once; use --sampler tpe for a budgeted search"
-            )
-        return "search", len(grid)
-    return "search", 12 if args.num_samples is None else args.num_samples
+        return "seeds", seeds
+    if tpe:
+        return "search", 12 if samples is None else samples
+    if samples not in (None, len(grid)):
+        raise SearchError(
+            f"--num-samples {samples}: a grid search runs each of its {len(grid)} points exactly once; "
+            "use --sampler tpe for a budgeted search"
+        )
+    return "search", len(grid)
 
 
 def fuse_size(args: argparse.Namespace, mode: str) -> int | str:
     """--fuse: 1 (one point per trial), K >= 1, or auto; only where every grid point is trained to
     the end in a trial of its own choosing (the grid sampler, no early stopping)."""
-    text = str(args.fuse).strip()
-    if text == "auto":
-        size: int | str = "auto"
-    else:
-        try:
-            size = int(text)
-        except ValueError:
-            raise SearchError(
-                f"--fuse {args.fuse!r}: give the most grid points per trial (>= 1), or auto"
-            ) from None
-        if size < 1:
-            raise SearchError(f"--fuse {size}: must be >= 1 (1: one point per trial), or auto")
-    if size == 1:
-        return 1
+    text, tpe, asha = str(args.fuse).strip(), args.sampler == "tpe", args.scheduler == "asha"
+    try:
+        size = text if text == "auto" else int(text)
+    except ValueError:
+        raise SearchError(
+            f"--fuse {args.fuse!r}: give the most grid points per trial (>= 1), or auto"
+        ) from None
+    if size != "auto" and size < 1:
+        raise SearchError(f"--fuse {size}: must be >= 1 (1: one point per trial), or auto")
     for refused, flag, why in (
         (
             mode == "seeds",
             f"--seeds {args.seeds} on one point",
             "its runs differ in seed, fused members may not",
         ),
-        (args.sampler == "tpe", "--sampler tpe", "TPE picks each point from the results before it"),
-        (
-            args.scheduler == "asha",
-            "--scheduler asha",
-            "ASHA stops points one by one; a group trains them in one trial",
-        ),
+        (tpe, "--sampler tpe", "TPE picks each point from the results before it"),
+        (asha, "--scheduler asha", "ASHA stops points one by one; a group trains them in one trial"),
     ):
-        if refused:
+        if refused and size != 1:
             raise SearchError(f"--fuse {text}: not with {flag} ({why}); leave --fuse out")
     return size
 
@@ -247,39 +232,33 @@ def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Storage, str
     return storage, name
 
 
-def recorded(record: dict) -> tuple[dict, TrainConfig, Grid]:
+def recorded(record: SearchRecord) -> tuple[dict, TrainConfig, Grid]:
     """The preset, base TrainConfig and grid a search started with, from its record (a resume
     reads no preset again: one changed meanwhile would change the search under its trials)."""
     from softfine.config import make_config
 
-    where = lambda key: f"--resume: the search record's setting {key!r}"  # noqa: E731
-    if not isinstance(record["base"], dict):
-        raise SearchError(
-            "--resume: the search record's 'base' is not a mapping of settings; the record is damaged"
-        )
-    base = make_config(record["base"], where)
-    grid = preset_grid(record["grid"], Path("(the search record)"))
+    base = make_config(record.base, lambda key: f"--resume: the search record's setting {key!r}")
+    grid = preset_grid(record.grid, Path("(the search record)"))
     check_grid(grid, base)
-    preset = {
-        "train": {},
-        "grid": grid,
-        "paper_selection": record.get("paper_selection"),
-        "path": record.get("preset", ""),
-    }
-    return preset, base, grid
+    return (
+        {"train": {}, "grid": grid, "paper_selection": record.paper_selection, "path": record.preset or ""},
+        base,
+        grid,
+    )
 
 
-def make_plan(args: argparse.Namespace, argv: list[str], record: dict | None = None) -> Plan:
+def make_plan(
+    args: argparse.Namespace, argv: list[str], record: SearchRecord | Mapping | None = None
+) -> Plan:
     """Everything the search needs, checked in this order: the settings (flags and preset, or a
-    resumed search's record), the search's own flags, the results folder, the tracking URI; then
-    that the data files are there."""
+    resumed search's record, or its recorded_settings), the search's own flags, the results folder,
+    the tracking URI; then that the data files are there."""
     from softfine.datasets import data_source, dataset_name
     from softfine.errors import SoftFiNEError
 
-    if record is not None and "base" in record:  # a record written before these keys: read the settings again
-        preset, base, grid = recorded(record)
-    else:
-        preset, base, grid = settings(args)
+    record = SearchRecord.of(record) if isinstance(record, Mapping) else record
+    # a record written before the settings were recorded: they are read again
+    preset, base, grid = recorded(record) if record and record.base is not None else settings(args)
     dataset = dataset_name(base)
     mode, num_samples = search_mode(args, grid)
     check_numbers(args, num_samples, base)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .cli import DEFAULT_STORAGE, RECORD, RESUME_OVERRIDES, Parser
+from .record import SearchRecord
 from .space import SearchError
 from .storage import Storage, is_remote
 from .tracking import mask_credentials, without_credentials
@@ -35,45 +35,7 @@ def find_search(storage: Storage, which: str) -> tuple[Storage, str]:
     return storage, records[-1][1]
 
 
-RECORD_KEYS = {
-    "argv": list,
-    "name": str,
-    "mlflow_uri": str,
-    "experiment_id": str,
-    "parent_run_id": str,
-    "stage": str,
-}
-
-
-def read_record(storage: Storage, name: str) -> dict:
-    """A search record, checked: a damaged one is an error naming the file, not a traceback."""
-    path = f"{storage.location(name)}/{RECORD}"
-    try:
-        data = storage.read_bytes(name, RECORD)
-        if data is None:
-            raise FileNotFoundError(2, "no such file")
-        record = json.loads(data.decode("utf-8"))
-    except OSError as err:
-        raise SearchError(f"--resume: {path}: cannot read it ({err.strerror or err})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SearchError(f"--resume: {path}: not a search record (damaged: {err})") from None
-    if not isinstance(record, dict):
-        raise SearchError(
-            f"--resume: {path}: not a search record (a JSON {type(record).__name__}, not an object)"
-        )
-    for key, kind in RECORD_KEYS.items():
-        strings = key != "argv" or all(isinstance(a, str) for a in record.get(key) or [])
-        if not isinstance(record.get(key), kind) or not strings:
-            raise SearchError(
-                f"--resume: {path}: not a search record (key {key!r}: missing or not a "
-                f"{'list of strings' if kind is list else 'string'})"
-            )
-    if record["stage"] not in ("search", "seeds", "done"):
-        raise SearchError(f"--resume: {path}: not a search record (key 'stage': {record['stage']!r})")
-    return record
-
-
-def refuse_changes(args: argparse.Namespace, parser: Parser, record: dict) -> None:
+def refuse_changes(args: argparse.Namespace, parser: Parser, record: SearchRecord) -> None:
     """A resumed search goes on with the flags it started with: any other flag given with --resume
     (a new grid, more epochs) is refused, naming each, rather than dropped without a word."""
     from softfine.arguments import flag_names
@@ -89,33 +51,32 @@ def refuse_changes(args: argparse.Namespace, parser: Parser, record: dict) -> No
         flags = ", ".join(names.get(dest, (f"--{dest}",))[0] for dest in given)
         raise SearchError(
             f"--resume: {flags} would change the search, which goes on with the flags it started with "
-            f"({' '.join(record['argv'])}); leave {'it' if len(given) == 1 else 'them'} out, or start a "
+            f"({' '.join(record.argv)}); leave {'it' if len(given) == 1 else 'them'} out, or start a "
             "new search (another --name)"
         )
 
 
-def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, list[str], dict, str]:
+def resume_args(args: argparse.Namespace, parser: Parser) -> tuple[argparse.Namespace, SearchRecord, str]:
     """The flags of the search to resume (its record's), with those of RESUME_OVERRIDES given now;
-    the record; where the search is (a folder, or URI/NAME)."""
+    its record; where the search is (a folder, or URI/NAME)."""
     given = Storage(args.storage_path or str(DEFAULT_STORAGE))
     given.check()  # a remote one: it answers, with credentials (one line naming the flag otherwise)
     storage, name = find_search(given, args.resume)
-    record = read_record(storage, name)
+    record = SearchRecord.read(storage, name)
     refuse_changes(args, parser, record)
-    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k, None)}
     parser.record = f"{storage.location(name)}/{RECORD}"
     try:
-        resumed = parser.parse_args(record["argv"])
+        resumed = parser.parse_args(record.argv)
     finally:
         parser.record = None
-    resumed.mlflow_uri = record["mlflow_uri"]  # resolved when the search started (the argv's may be relative)
-    given = overrides.get("mlflow_uri")
-    if given and without_credentials(given) != without_credentials(record["mlflow_uri"]):
+    resumed.mlflow_uri = record.mlflow_uri  # resolved when the search started (the argv's may be relative)
+    uri = args.mlflow_uri
+    if uri and without_credentials(uri) != without_credentials(record.mlflow_uri):
         raise SearchError(
-            f"--mlflow-uri {mask_credentials(given)}: this search logs to {record['mlflow_uri']}; "
+            f"--mlflow-uri {mask_credentials(uri)}: this search logs to {record.mlflow_uri}; "
             "resume it with that store"
         )
-    for key, value in overrides.items():
-        setattr(resumed, key, value)
+    for key in RESUME_OVERRIDES:  # those given now replace the record's
+        setattr(resumed, key, getattr(args, key) or getattr(resumed, key))
     resumed.name, resumed.storage_path, resumed.resume = name, str(storage), None
-    return resumed, record["argv"], record, storage.location(name)
+    return resumed, record, storage.location(name)

@@ -1,16 +1,9 @@
 #!/usr/bin/env python
-"""Distributed hyperparameter search for SoftFiNE: Ray Tune + Optuna over the paper's grid, one
-GPU per trial, every trial an MLflow child run under one parent run per search.
-
-    python tune/search.py --dataset weibo                       # the paper's 36-point grid, 1 GPU per trial
-    python tune/search.py --dataset resume --sampler tpe --num-samples 12 --scheduler asha
-    python tune/search.py --dataset resume --model tiny --alphas 0.01,0.005 --beta 2 --gamma 2 --seeds 3
-    python tune/search.py --resume                               # continue the last search after a crash
-
-(`softfine-search` is the same command.) Everything that can be refused is refused before a trial
-starts, most of it before any data is read or Ray starts (plan.py, cluster.py): each refusal is
-one line, `tune/search.py: error: ...`, naming the flag, file or key; `-v` adds the traceback.
-Once the search's MLflow parent run exists, a failure ends it as FAILED.
+"""Distributed hyperparameter search for SoftFiNE (`softfine-search`; examples in its --help): Ray Tune +
+Optuna over the paper's grid, one GPU per trial, each an MLflow child run under the search's parent run.
+It reads top to bottom: the command line, the plan and its checks, Ray and the parent run, the phases,
+the report. What can be refused is refused before a trial starts, most of it before Ray starts, in one
+line naming the flag, file or key (-v: with the traceback); a failure ends the parent run FAILED.
 """
 
 from __future__ import annotations
@@ -31,26 +24,23 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from .callback import MLflowChildRuns, read_account
+from .account import read_account
+from .callback import MLflowChildRuns
 from .cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
 from .cluster import check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit, probe_gpus
+from .console import short
+from .lock import RemoteLock
+from .model import preload_model_code
 from .plan import Plan, make_plan
-from .report import describe_search, finish, planned_ray_trials, short
+from .record import SearchRecord
+from .record import recorded_settings as recorded_settings  # noqa: F401 - named here by the tests
+from .report import describe_search, finish, planned_ray_trials
 from .results import finished, select, trial_rows
 from .resume import resume_args
+from .runs import Tracker, dataset_inputs, git_version, versions
 from .space import FUSED, SearchError, fused_groups, point_name, point_of, record_points
-from .storage import LOCK, RemoteLock, SearchFiles
-from .tracking import (
-    Tracker,
-    check_tracking,
-    credentials,
-    dataset_inputs,
-    git_version,
-    mask_credentials,
-    preload_model_code,
-    versions,
-    write_json,
-)
+from .storage import LOCK, SearchFiles, write_json
+from .tracking import check_tracking, credentials, mask_credentials
 from .trial import fused_config, softfine_trial
 from .tuner import OPTUNA_DB, check_study, make_tuner
 
@@ -61,12 +51,112 @@ class Interrupted(Exception):
     """The search stopped before its trials ended (Ctrl-C): it can be resumed, not summarised."""
 
 
-def check_data(plan: Plan, record: dict) -> Plan:
-    """Reads the splits every trial trains and scores on, by the trials' rules (softfine.datasets.
-    load_corpus: an unreadable sentence is skipped in train and refused in dev and test; --strict;
-    the limits), once, before Ray starts: data every trial would fail on is one error naming file
-    and line, not N failed trials. The trials get these very sentences through Ray: no worker
-    node needs the files. A resumed search's data must be the data it started with."""
+def run() -> None:
+    """The command (`softfine-search`, `python tune/search.py`): main(), then an exit that skips the
+    interpreter's teardown of Ray, torch and pyarrow, seconds spent for nothing once the runs are closed."""
+    code = main()
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():  # a cluster's driver disconnects as it would at exit
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line, then the search; its exit status (an error: one line on stderr)."""
+    from softfine.arguments import check_text_arguments
+    from softfine.errors import SoftFiNEError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        check_text_arguments(parser, args, SearchError, WANTED)  # UTF-8, and no empty value read as a default
+        return search(args, argv, parser)
+    except (SearchError, SoftFiNEError) as err:
+        return fail(str(err), args.verbose)
+    except (KeyboardInterrupt, Interrupted) as err:
+        saved = f"the search is saved: continue it with python {PROG} --resume"
+        print(f"{PROG}: interrupted ({err or 'Ctrl-C'}); {saved}", file=sys.stderr, flush=True)
+        return 130
+    except OSError as err:  # a full disk, a folder without permission: the file and the cause
+        where = f"{err.filename}: " if err.filename else ""
+        return fail(f"{where}{err.strerror or err} ({type(err).__name__})", args.verbose, code=1)
+    except Exception as err:  # noqa: BLE001 - not hidden: its type and message, the traceback with -v
+        return fail(f"{type(err).__name__}: {err}", args.verbose, code=1)
+
+
+def fail(message: str, verbose: bool, code: int = 2) -> int:
+    """One line on stderr, the last (the traceback before it with -v); credentials masked."""
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    line = " ".join(mask_credentials(message).split()) or "unknown error"
+    print(f"{PROG}: error: {short(line, 2000)}", file=sys.stderr, flush=True)
+    return code
+
+
+def search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
+    """The plan (a resumed search's from its record) and its checks, then the search on Ray."""
+    from softfine.model import check_encoder
+
+    record = None
+    if args.resume:
+        args, record, location = resume_args(args, parser)
+        argv = record.argv
+        print(
+            f"{PROG}: resuming search {args.name} ({location}), stage: {record.stage}, with its own flags: "
+            f"{' '.join(argv)}",
+            flush=True,
+        )
+        if record.stage == "done":
+            print(json.dumps(record.summary or {}, indent=1, default=str))
+            return 0
+    plan = make_plan(args, argv, record)
+    refuse_taken(plan, record)
+    plan = check_data(plan, record)
+    check_address(plan.flags.address)
+    # The credentials are in the driver's environment only while it talks to MLflow, not when it
+    # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
+    mlflow_env = {**plan.tracking.env, "MLFLOW_TRACKING_URI": plan.tracking.uri}
+    with credentials(mlflow_env):
+        check_tracking(plan.tracking, plan.flags.mlflow_timeout)
+    check_encoder(plan.base.model)  # resolved once: an encoder no trial can load is one error, not N retries
+    files = SearchFiles(plan.storage, plan.name)
+    with one_driver(files):
+        refuse_taken(plan, record, meanwhile=True)  # another driver wrote it since the check above
+        if files.remote:  # the working folder: empty for a new search, the search's files for a resumed one
+            pulled = files.pull(download=record is not None)
+            if record:
+                log.info("%s: downloaded %s", files.location, ", ".join(pulled))
+        if record:
+            check_study(files.folder, f"{files.location}/{OPTUNA_DB}")
+        return on_ray(plan, record, files, mlflow_env)
+
+
+def refuse_taken(plan: Plan, record: SearchRecord | None, meanwhile: bool = False) -> None:
+    """A new search's --name must be free in --storage-path (checked again once the driver holds it)."""
+    if record is None and plan.storage.exists(plan.name, RECORD):
+        what = f"started in {plan.storage_path} meanwhile" if meanwhile else f"exists in {plan.storage_path}"
+        then = " once it stops," if meanwhile else ""
+        raise SearchError(
+            f"--name {plan.name}: a search of that name {what}; continue it with --resume {plan.name}{then} "
+            "or choose another name"
+        )
+
+
+def check_data(plan: Plan, record: SearchRecord | None) -> Plan:
+    """The splits every trial trains and scores on, read once by the trials' rules (softfine.datasets.
+    load_corpus) before Ray starts: bad data is one error naming file and line, not N failed trials.
+    The trials get these sentences through Ray. A resumed search's data must be the data it started with."""
     from softfine.datasets import load_corpus, report_unseen
 
     corpus = load_corpus(plan.base)
@@ -74,7 +164,7 @@ def check_data(plan: Plan, record: dict) -> Plan:
         raise SearchError(
             f"{corpus.files['train']['path']}: no usable training sentences (see the warnings above)"
         )
-    started = record.get("data_sha256")
+    started = record and record.data_sha256
     if started and started != corpus.sha256:
         files = ", ".join(f["path"] for f in corpus.files.values())
         raise SearchError(
@@ -85,47 +175,26 @@ def check_data(plan: Plan, record: dict) -> Plan:
     return dataclasses.replace(plan, corpus=corpus)
 
 
-def check_encoder(base) -> None:
-    """The encoder every trial loads, resolved once before Ray starts (its config and tokenizer,
-    from the Hub or a folder): a name no trial can load is one error, not N trials' retries."""
-    from softfine.errors import SoftFiNEError
-    from softfine.model import check_encoder as resolve
+@contextlib.contextmanager
+def one_driver(files: SearchFiles):
+    """An exclusive lock on the search while the block runs: flock on a file of its (working) folder,
+    which the kernel releases however the process ends; on S3 also storage.RemoteLock (drivers on
+    other machines). A second driver on the same --storage-path and --name is refused, naming the first."""
+    import fcntl
 
-    try:
-        resolve(base.model)
-    except SoftFiNEError as err:
-        raise SearchError(str(err)) from None
-
-
-def prepare_folder(files: SearchFiles) -> None:
-    """The search's (working) folder, created and written to once before the MLflow parent run
-    exists: a folder that cannot be written is refused before anything is recorded."""
     folder = files.folder
-    try:
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove if nothing else is written
+    try:  # the folder is made and written to before anything is recorded
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        flag = (
-            f"--storage-path {folder.parent}" if not files.remote else f"--storage-path {files.storage.uri}"
+        flag, what = (
+            (f"--storage-path {files.storage.uri}", "the search's working folder (XDG_CACHE_HOME)")
+            if files.remote
+            else (f"--storage-path {folder.parent}", "the search's folder")
         )
-        what = "the search's folder" if not files.remote else "the search's working folder (XDG_CACHE_HOME)"
         raise SearchError(f"{flag}: cannot write {what} {folder} ({err.strerror or err})") from None
-
-
-@contextlib.contextmanager
-def one_driver(files: SearchFiles):
-    """An exclusive lock on the search while the block runs: flock on a file of its (working)
-    folder, which the kernel releases when the process ends, however it ends; on S3 also the lock
-    object beside the search's files (storage.RemoteLock: drivers on other machines). A second
-    driver on the same --storage-path and --name is refused, naming the first's process."""
-    import fcntl
-
-    folder = files.folder
-    made = [
-        f for f in (folder, *folder.parents) if not f.exists()
-    ]  # to remove again if nothing else is written
-    prepare_folder(files)
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     remote = None
     try:
@@ -145,9 +214,8 @@ def one_driver(files: SearchFiles):
         elif files.remote:
             log.warning(
                 "%s: one driver per search is checked on this machine only (storage.RemoteLock needs S3 and "
-                "a boto3 whose botocore knows S3's conditional writes, late 2024 on): run the "
-                "search's driver "
-                "on one machine at a time",
+                "a boto3 whose botocore knows S3's conditional writes, late 2024 on): run the search's "
+                "driver on one machine at a time",
                 files.location,
             )
         yield
@@ -161,54 +229,9 @@ def one_driver(files: SearchFiles):
                 empty.rmdir()
 
 
-def run_search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
-    record: dict = {}
-    if args.resume:
-        args, argv, record, location = resume_args(args, parser)
-        print(
-            f"{PROG}: resuming search {args.name} ({location}), stage: {record['stage']}, with its "
-            "own flags: "
-            f"{' '.join(argv)}",
-            flush=True,
-        )
-        if record["stage"] == "done":
-            print(json.dumps(record.get("summary", {}), indent=1, default=str))
-            return 0
-
-    plan = make_plan(args, argv, record or None)
-    files = SearchFiles(plan.storage, plan.name)
-    if not record and plan.storage.exists(plan.name, RECORD):
-        raise SearchError(
-            f"--name {plan.name}: a search of that name exists in {plan.storage_path}; "
-            f"continue it with --resume {plan.name} or choose another name"
-        )
-    plan = check_data(plan, record)
-    check_address(plan.flags.address)
-    # The credentials are in the driver's environment only while it talks to MLflow, not when it
-    # starts Ray's processes (which would inherit them). The trials never talk to MLflow.
-    mlflow_env = {**plan.tracking.env, "MLFLOW_TRACKING_URI": plan.tracking.uri}
-    with credentials(mlflow_env):
-        check_tracking(plan.tracking, plan.flags.mlflow_timeout)
-    check_encoder(plan.base)
-    with one_driver(files):
-        if not record and plan.storage.exists(
-            plan.name, RECORD
-        ):  # another driver wrote it since the check above
-            raise SearchError(
-                f"--name {plan.name}: a search of that name started in {plan.storage_path} meanwhile; "
-                f"continue it with --resume {plan.name} once it stops, or choose another name"
-            )
-        if files.remote:  # the working folder: empty for a new search, the search's files for a resumed one
-            pulled = files.pull(download=bool(record))
-            if record:
-                log.info("%s: downloaded %s", files.location, ", ".join(pulled))
-        if record:
-            check_study(files.folder, f"{files.location}/{OPTUNA_DB}")
-        return run_on_ray(plan, record, files, mlflow_env)
-
-
-def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -> int:
-    """Ray (the cluster given, or a local one), its resources checked; then the search."""
+def on_ray(plan: Plan, record: SearchRecord | None, files: SearchFiles, mlflow_env: dict) -> int:
+    """Ray (the cluster given, or a local one), its resources checked, --fuse auto resolved; then the
+    parent run (reopened when resumed) and the phases, a failure ending it."""
     flags = plan.flags
     started_ray = connect_ray(flags.address)
     try:
@@ -217,14 +240,26 @@ def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -
         probe_gpus(flags, cluster)
         if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
             size, why = (
-                (record["fuse"], "as when the search started")
-                if record.get("fuse")
+                (record.fuse, "as when the search started")
+                if record and record.fuse
                 else fuse_to_fit(flags, plan.base, plan.corpus, len(plan.grid))
             )
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
         with credentials(mlflow_env):
-            return search(plan, record, files, cluster)
+            tracker = Tracker(plan.tracking.uri, flags.mlflow_timeout)
+            restoring = record is not None
+            if restoring:
+                reopen = lambda: tracker.client.update_run(record.parent_run_id, status="RUNNING")  # noqa: E731
+                tracker.attempt("reopen the parent run", reopen)
+            else:
+                code = git_version()
+                experiment_id = tracker.experiment(plan.experiment_name)
+                parent_run_id = open_parent(plan, tracker, experiment_id, cluster, code)
+                record = SearchRecord.start(plan, experiment_id, parent_run_id, code)
+            with parent_run(tracker, record.parent_run_id):
+                record.save(files)
+                return run_phases(plan, tracker, record, files, cluster, restoring)
     finally:
         if started_ray:
             import ray
@@ -232,68 +267,9 @@ def run_on_ray(plan: Plan, record: dict, files: SearchFiles, mlflow_env: dict) -
             ray.shutdown()
 
 
-def search(plan: Plan, record: dict, files: SearchFiles, cluster: dict) -> int:
-    """The parent run, the phases, the summary; a failure ends the parent run."""
-    tracker = Tracker(plan.tracking.uri, plan.flags.mlflow_timeout)
-    restoring = bool(record)
-    if restoring:
-        parent_run_id = record["parent_run_id"]
-        tracker.attempt(
-            "reopen the parent run", lambda: tracker.client.update_run(parent_run_id, status="RUNNING")
-        )
-    else:
-        code = git_version()
-        experiment_id = tracker.experiment(plan.experiment_name)
-        parent_run_id = open_parent(plan, tracker, experiment_id, cluster, code)
-        record = {
-            "argv": plan.argv,
-            "name": plan.name,
-            "created": time.time(),
-            "mlflow_uri": plan.tracking.display,
-            "experiment_id": experiment_id,
-            "experiment_name": plan.experiment_name,
-            "fuse": plan.fuse,
-            "parent_run_id": parent_run_id,
-            "code": code,
-            "mode": plan.mode,
-            "stage": "seeds" if plan.mode == "seeds" else "search",
-            **recorded_settings(plan),
-        }
-    try:
-        write_json(files.folder / RECORD, record)
-        files.push(RECORD)
-        return run_phases(plan, tracker, record, files, cluster, restoring)
-    except BaseException as err:
-        # Never RUNNING forever: a search stopped by Ctrl-C (which --resume continues) is KILLED,
-        # a failed one FAILED, with the error on the run.
-        status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
-        if status == "FAILED":
-            error = mask_credentials(f"{type(err).__name__}: {err}")[:4000]
-            tracker.attempt(
-                "record the error on the parent run",
-                lambda: tracker.client.set_tag(parent_run_id, "softfine.error", error),
-            )
-        tracker.attempt(
-            f"end the parent run ({status})",
-            lambda: tracker.client.set_terminated(parent_run_id, status=status),
-        )
-        raise
-
-
-def recorded_settings(plan: Plan) -> dict:
-    """What a resume must not read again (a preset or data changed meanwhile would change the
-    search under its trials): the resolved grid and training settings, the data's checksum."""
-    return {
-        "grid": plan.grid.describe(),
-        "base": dataclasses.asdict(plan.base),
-        "preset": plan.preset["path"],
-        "paper_selection": plan.preset.get("paper_selection"),
-        "data_sha256": plan.corpus.sha256,
-    }
-
-
 def run_tags(code: dict) -> dict:
     """Where a run's code came from, as MLflow's UI shows it (Source, Git commit)."""
+    # Not mlflow's resolve_tags: it names sys.argv[0] (pytest, an entry point), reads .git (none in Ray jobs)
     return {
         "mlflow.source.name": PROG,
         "mlflow.source.type": "LOCAL",
@@ -307,22 +283,12 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
     """The search's MLflow parent run: what the search is (params), its command (the note), its data."""
     flags = plan.flags
     params = {
-        "dataset": plan.dataset,
-        "mode": plan.mode,
-        "sampler": flags.sampler,
-        "scheduler": flags.scheduler,
+        **{k: getattr(plan, k) for k in ("dataset", "mode", "num_samples", "fuse")},
+        **{k: getattr(flags, k) for k in ("sampler", "scheduler", "seeds", "max_concurrent", "max_failures")},
+        **{k: getattr(flags, k) for k in ("gpus_per_trial", "cpus_per_trial")},
         "grid": json.dumps(plan.grid.describe()),
         "grid_size": len(plan.grid),
-        "num_samples": plan.num_samples,
-        "seeds": flags.seeds,
-        "gpus_per_trial": flags.gpus_per_trial,
-        "cpus_per_trial": flags.cpus_per_trial,
-        "max_concurrent": flags.max_concurrent,
-        "max_failures": flags.max_failures,
-        "fuse": plan.fuse,
-        "cluster_nodes": cluster["nodes"],
-        "cluster_gpus": cluster["gpus"],
-        "cluster_cpus": cluster["cpus"],
+        **{f"cluster_{k}": cluster[k] for k in ("nodes", "gpus", "cpus")},
         "code_version": code["commit"] + ("+dirty" if code["dirty"] == "true" else ""),
         "preset": plan.preset["path"],
         "search_name": plan.name,
@@ -333,46 +299,99 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
             if k not in EXCLUDED_TRAIN_FIELDS or (k == "soft_scope" and "soft_scope" not in plan.keys)
         },
     }
-    what = describe_search(
-        plan, plan.num_samples, planned_ray_trials(plan)
-    )  # the selection goes first at the end
-    tags = {
-        **run_tags(code),
-        "mlflow.note.content": f"SoftFiNE {what}. Command: `{PROG} {' '.join(plan.argv)}`",
-    }
-    run_id = tracker.start_parent(experiment_id, plan.name, plan.name, params, tags)
-    tracker.attempt(
-        "log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=dataset_inputs(plan.corpus))
+    what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))  # the selection goes first
+    note = f"SoftFiNE {what}. Command: `{PROG} {' '.join(plan.argv)}`"
+    run_id = tracker.start_parent(
+        experiment_id, plan.name, plan.name, params, {**run_tags(code), "mlflow.note.content": note}
     )
+    inputs = dataset_inputs(plan.corpus)
+    tracker.attempt("log the datasets", lambda: tracker.client.log_inputs(run_id, datasets=inputs))
     return run_id
 
 
+@contextlib.contextmanager
+def parent_run(tracker: Tracker, run_id: str):
+    """Never RUNNING forever: a search stopped by Ctrl-C (which --resume continues) ends its parent run
+    KILLED, a failed one FAILED with the error on the run."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, Interrupted)) else "FAILED"
+        if status == "FAILED":
+            error = mask_credentials(f"{type(err).__name__}: {err}")[:4000]
+            tag = lambda: tracker.client.set_tag(run_id, "softfine.error", error)  # noqa: E731
+            tracker.attempt("record the error on the parent run", tag)
+        end = lambda: tracker.client.set_terminated(run_id, status=status)  # noqa: E731
+        tracker.attempt(f"end the parent run ({status})", end)
+        raise
+
+
+def run_phases(
+    plan: Plan, tracker: Tracker, record: SearchRecord, files: SearchFiles, cluster: dict, restoring: bool
+) -> int:
+    """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
+    with --seeds, only the seeds. Then the report; the exit status."""
+    from ray import tune
+
+    flags = plan.flags
+    print(
+        f"{PROG}: {describe_search(plan, plan.num_samples, planned_ray_trials(plan))}; cluster of "
+        f"{cluster['nodes']} node(s) with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, "
+        f"{flags.cpus_per_trial:g} CPU + {flags.gpus_per_trial:g} GPU per trial; MLflow parent run "
+        f"{record.parent_run_id} at {plan.tracking.display}",
+        flush=True,
+    )
+    preload_model_code()  # while the trials run: the model's check at the end needs torch and transformers
+    started = time.time()
+
+    def phase(name: str, points: dict, seeds: bool = False) -> list[dict]:
+        if seeds:  # one point, once per seed
+            points = {**points, "seed": tune.grid_search([plan.base.seed + i for i in range(flags.seeds)])}
+        return run_phase(plan, "seeds" if seeds else "search", points, name, record, files, restoring)
+
+    rows, seed_rows, selected = [], [], None
+    if plan.mode == "seeds":
+        seed_rows = phase(plan.name, plan.grid.points()[0], seeds=True)
+        selected = select(finished(seed_rows))  # the seed whose model the parent run gets
+    else:
+        groups = {}
+        if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
+            points = fused_groups(plan.grid.points(), plan.fuse, plan.base)
+            groups = {FUSED: tune.grid_search([fused_config(g) for g in points])}
+        rows = phase(plan.name, groups)
+        selected = select(rows)
+        if selected is not None and flags.seeds:
+            record.to_seeds({k: selected[k] for k in plan.keys}, files)
+            seed_rows = phase(f"{plan.name}-seeds", point_of(selected, plan.keys), seeds=True)
+    summary = report(plan, tracker, record, files, cluster, rows, seed_rows, selected, time.time() - started)
+    if summary.get("model_error"):
+        print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
+    # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
+    unfinished = [r for r in rows + seed_rows if r["status"] not in ("TERMINATED", "STOPPED")]
+    return 0 if selected is not None and not unfinished and not summary.get("model_error") else 1
+
+
 def run_phase(
-    plan: Plan, phase: str, points, name: str, record: dict, files: SearchFiles, restoring: bool
+    plan: Plan, phase: str, points: dict, name: str, record: SearchRecord, files: SearchFiles, restoring: bool
 ) -> list[dict]:
     """One Tuner.fit: the search over the grid, or one point over seeds; its rows."""
     from ray import tune
     from ray.tune import ExperimentAnalysis
 
     flags = plan.flags
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            softfine_trial,
-            base=plan.base,
-            corpus=plan.corpus,
-            allow_cpu_fallback=flags.allow_cpu_fallback,
-            verbose=bool(flags.verbose),
-        ),
-        {"cpu": flags.cpus_per_trial, "gpu": flags.gpus_per_trial},
+    fallback, verbose = flags.allow_cpu_fallback, bool(flags.verbose)
+    trainable = tune.with_parameters(
+        softfine_trial, base=plan.base, corpus=plan.corpus, allow_cpu_fallback=fallback, verbose=verbose
     )
+    trainable = tune.with_resources(trainable, {"cpu": flags.cpus_per_trial, "gpu": flags.gpus_per_trial})
     callback = MLflowChildRuns(
         str(files.folder),
-        record["experiment_id"],
-        record["parent_run_id"],
+        record.experiment_id,
+        record.parent_run_id,
         plan.name,
         phase,
         plan.base,
-        run_tags(record["code"]),
+        run_tags(record.code),
         dataset_inputs(plan.corpus),
         flags.mlflow_timeout,
     )
@@ -385,13 +404,9 @@ def run_phase(
     # the saved experiment state tells (the trials in memory are all stopped by then).
     saved = ExperimentAnalysis(f"{plan.storage_path.rstrip('/')}/{name}").trials  # a path or a URI
     unfinished = [t for t in saved if t.status not in ("TERMINATED", "ERROR")]
-    expected = (
-        len(points[FUSED]["grid_search"])
-        if FUSED in points  # --fuse: one trial per group
-        else plan.num_samples
-        if phase == "search"
-        else flags.seeds
-    )
+    expected = {"search": plan.num_samples, "seeds": flags.seeds}[phase]
+    if FUSED in points:  # --fuse: one trial per group
+        expected = len(points[FUSED]["grid_search"])
     if unfinished or len(saved) < expected:
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
     runs, _, _ = read_account(files.folder, phase)
@@ -402,64 +417,10 @@ def run_phase(
     return rows
 
 
-def run_phases(
-    plan: Plan, tracker: Tracker, record: dict, files: SearchFiles, cluster: dict, restoring: bool
-) -> int:
-    """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
-    with --seeds, only the seeds. Then the summary; the exit status."""
-    flags = plan.flags
-    what = describe_search(plan, plan.num_samples, planned_ray_trials(plan))
-    print(
-        f"{PROG}: {what}; cluster of {cluster['nodes']} node(s) "
-        f"with {cluster['cpus']:g} CPUs and {cluster['gpus']:g} GPUs, {flags.cpus_per_trial:g} CPU + "
-        f"{flags.gpus_per_trial:g} GPU per trial; MLflow parent run {record['parent_run_id']} at "
-        f"{plan.tracking.display}",
-        flush=True,
-    )
-    preload_model_code()  # while the trials run: the model's check at the end needs torch and transformers
-    started = time.time()
-    rows, seed_rows, selected = run_trials(plan, record, files, restoring)
-    summary = summarise(
-        plan, tracker, record, files, cluster, rows, seed_rows, selected, time.time() - started
-    )
-    if summary.get("model_error"):
-        print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
-    # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
-    unfinished = [r for r in rows + seed_rows if r["status"] not in ("TERMINATED", "STOPPED")]
-    return 0 if selected is not None and not unfinished and not summary.get("model_error") else 1
-
-
-def run_trials(
-    plan: Plan, record: dict, files: SearchFiles, restoring: bool
-) -> tuple[list, list, dict | None]:
-    """The phases' trials: (the search's rows, the seeds' rows, the selected row)."""
-    from ray import tune
-
-    def seeds(point: dict, name: str) -> list[dict]:
-        space = {**point, "seed": tune.grid_search([plan.base.seed + i for i in range(plan.flags.seeds)])}
-        return run_phase(plan, "seeds", space, name, record, files, restoring)
-
-    if plan.mode == "seeds":
-        seed_rows = seeds(plan.grid.points()[0], plan.name)
-        return [], seed_rows, select(finished(seed_rows))  # the seed whose model the parent run gets
-    groups = {}
-    if plan.fuse != 1:  # a grid search over the groups; else Optuna hands out the points
-        points = fused_groups(plan.grid.points(), plan.fuse, plan.base)
-        groups = {FUSED: tune.grid_search([fused_config(g) for g in points])}
-    rows = run_phase(plan, "search", groups, plan.name, record, files, restoring)
-    selected, seed_rows = select(rows), []
-    if selected is not None and plan.flags.seeds:
-        record.update(stage="seeds", selected={k: selected[k] for k in plan.keys})
-        write_json(files.folder / RECORD, record)
-        files.push(RECORD)
-        seed_rows = seeds(point_of(selected, plan.keys), f"{plan.name}-seeds")
-    return rows, seed_rows, selected
-
-
-def summarise(
+def report(
     plan: Plan,
     tracker: Tracker,
-    record: dict,
+    record: SearchRecord,
     files: SearchFiles,
     cluster: dict,
     rows: list[dict],
@@ -469,12 +430,12 @@ def summarise(
 ) -> dict:
     """The report (report.finish), the trials started again from scratch, the record "done"."""
     unlogged = [op for phase in ("search", "seeds") for op in read_account(files.folder, phase)[1]]
+    ids = record.experiment_id, record.parent_run_id
     summary = finish(
         plan,
         tracker,
         files.folder,
-        record["experiment_id"],
-        record["parent_run_id"],
+        *ids,
         rows,
         seed_rows,
         selected,
@@ -488,77 +449,11 @@ def summarise(
         summary["restarted"] = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in restarted]
         write_json(files.folder / "summary.json", summary)
     files.push()  # the summary, trials.csv and the figures (the record last: "done" once they are there)
-    record.update(stage="done", summary=summary)
-    write_json(files.folder / RECORD, record)
-    files.push(RECORD)
+    record.done(summary, files)
     for row in restarted:
-        print(
-            f"{PROG}: trial {row['trial_id']} ({point_name(point_of(row, plan.keys))}): {row['restarted']}",
-            flush=True,
-        )
+        point = point_name(point_of(row, plan.keys))
+        print(f"{PROG}: trial {row['trial_id']} ({point}): {row['restarted']}", flush=True)
     return summary
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def fail(message: str, verbose: bool, code: int = 2) -> int:
-    """One line on stderr, the last (the traceback before it with -v); credentials masked."""
-    if verbose:
-        import traceback
-
-        traceback.print_exc()
-    line = " ".join(mask_credentials(message).split()) or "unknown error"
-    print(f"{PROG}: error: {short(line, 2000)}", file=sys.stderr, flush=True)
-    return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    from softfine.arguments import check_text_arguments
-    from softfine.errors import SoftFiNEError
-
-    try:
-        check_text_arguments(
-            parser, args, SearchError, WANTED
-        )  # UTF-8, and no empty value read as "the default"
-        return run_search(args, argv, parser)
-    except (SearchError, SoftFiNEError) as err:
-        return fail(str(err), args.verbose)
-    except (KeyboardInterrupt, Interrupted) as err:
-        print(
-            f"{PROG}: interrupted ({err or 'Ctrl-C'}); the search is saved: continue it with "
-            f"python {PROG} --resume",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 130
-    except OSError as err:  # a full disk, a folder without permission: the file and the cause
-        where = f"{err.filename}: " if err.filename else ""
-        return fail(f"{where}{err.strerror or err} ({type(err).__name__})", args.verbose, code=1)
-    except Exception as err:  # noqa: BLE001 - not hidden: its type and message, the traceback with -v
-        return fail(f"{type(err).__name__}: {err}", args.verbose, code=1)
-
-
-def run() -> None:
-    """The command (`softfine-search`, `python tune/search.py`): main(), then an exit that skips
-    the interpreter's teardown of Ray, torch and pyarrow, seconds that do nothing for a search
-    whose results are on disk and whose runs are closed (benchmarks/search_overhead.py)."""
-    code = main()
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():  # a cluster's driver disconnects as it would at exit
-            ray.shutdown()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
