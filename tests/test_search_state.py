@@ -193,7 +193,7 @@ def test_a_damaged_model_is_neither_logged_nor_registered(tmp_path):
     from softfine.config import make_config
     from softfine.train import train
     from softfine_tune.report import log_checked_model
-    from softfine_tune.tracking import Tracker
+    from softfine_tune.runs import Tracker
 
     out = tmp_path / "trial" / "run"
     train(

@@ -11,7 +11,8 @@ import pytest
 from tune_fixtures import REPO, SEARCH_SCRIPT, free_port, run_search, shared_data_dir
 
 from softfine_tune import results, search, space, tuner
-from softfine_tune.callback import MLflowChildRuns, read_account
+from softfine_tune.account import read_account
+from softfine_tune.callback import MLflowChildRuns
 from softfine_tune.space import alphas_key, parse_alphas
 
 PAPER_GRID = [

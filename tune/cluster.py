@@ -15,10 +15,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("softfine.tune")
 
-
-# ---------------------------------------------------------------------------------------------
-# Ray: connect, check the cluster against the requested resources.
-
 # The client's half of an HTTP/2 connection preface and an empty SETTINGS frame: a gRPC server
 # (Ray's GCS, or a Ray Client server) answers with a SETTINGS frame of its own (type 4).
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -26,6 +22,7 @@ HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00
 
 def probe_gcs(host: str, port: int, timeout: float) -> str | None:
     """None when a gRPC server answers at host:port; else what happened instead."""
+    # By hand: Ray has no public probe (ray.init waits minutes); gRPC's channel_ready_future only times out.
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
@@ -55,6 +52,7 @@ def check_address(address: str | None, timeout: float = 10) -> None:
     if given and given.startswith("ray://"):  # Ray Client
         target = given[len("ray://") :]
     else:
+        # Private: ray.init's own resolution of auto, RAY_ADDRESS and a cluster started here; none is public.
         from ray._private.services import canonicalize_bootstrap_address
 
         try:
@@ -83,13 +81,10 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    # A Ray instance of the search's own needs no dashboard: nothing here uses it, and its
-    # processes take CPU from the trials on a small machine.
+    # A Ray instance of the search's own needs no dashboard: nothing uses it, and it takes CPU.
     own = {"include_dashboard": False} if address in (None, "local") else {}
     try:
-        ray.init(
-            address=address, log_to_driver=True, configure_logging=True, logging_level=logging.WARNING, **own
-        )
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, **own)
     except ConnectionError as err:  # e.g. auto, and no cluster is running
         raise SearchError(f"--address {address}: {err}") from None
     return True
@@ -99,13 +94,14 @@ def cluster_resources() -> dict:
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus, cpus = ([n["Resources"].get(kind, 0) for n in nodes] for kind in ("GPU", "CPU"))
     return {
         "nodes": len(nodes),
-        "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes),
-        "cpus": sum(n["Resources"].get("CPU", 0) for n in nodes),
-        "max_node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0),
-        "max_node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
-        "gpu_nodes": [n["NodeID"] for n in nodes if n["Resources"].get("GPU", 0) >= 1e-9],
+        "gpus": sum(gpus),
+        "cpus": sum(cpus),
+        "max_node_gpus": max(gpus, default=0),
+        "max_node_cpus": max(cpus, default=0),
+        "gpu_nodes": [n["NodeID"] for n, g in zip(nodes, gpus) if g >= 1e-9],
         "hosts": sorted({n["NodeManagerAddress"] for n in nodes}),
     }
 
@@ -142,20 +138,14 @@ def probe_gpus(flags: SearchFlags, cluster: dict, timeout: float = 180) -> None:
     if flags.gpus_per_trial <= 0 or flags.allow_cpu_fallback:
         return
     probe = ray.remote(probe_cuda)
+    on = [NodeAffinitySchedulingStrategy(node, soft=False) for node in cluster["gpu_nodes"]]
     refs = [
-        probe.options(
-            num_gpus=flags.gpus_per_trial,
-            num_cpus=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote()
-        for node in cluster["gpu_nodes"]
+        probe.options(num_gpus=flags.gpus_per_trial, num_cpus=0, scheduling_strategy=s).remote() for s in on
     ]
     ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if waiting:
         log.warning(
-            "%d GPU node(s) did not answer the CUDA check within %.0f s (GPUs busy?); going on",
-            len(waiting),
-            timeout,
+            "%d GPU node(s) did not answer the CUDA check in %.0f s (busy?); going on", len(waiting), timeout
         )
     blind = [r for r in ray.get(ready) if not r["cuda"]]
     if blind:
@@ -173,11 +163,8 @@ def probe_gpus(flags: SearchFlags, cluster: dict, timeout: float = 180) -> None:
 
 
 def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
-    """--fuse auto: (K, why). On GPUs, a task holding one trial's resources measures a training
-    step's peak memory with one member and with two (softfine.memory) and K is the most members
-    whose step fits 90 % of what the trial may use of its GPU (its share of the GPU's memory, at
-    most what is free). A CPU search trains one point per trial: fused groups do not pay on CPUs
-    (benchmarks/README.md, "Fused grid")."""
+    """--fuse auto: (K, why). A task holding one trial's GPU share measures a step's peak memory
+    with one member and with two (softfine.memory): K members fit 90 % of that share. On CPUs, 1."""
     import ray
 
     if flags.gpus_per_trial <= 0:
@@ -191,29 +178,22 @@ def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 
         raise SearchError(
             f"--fuse auto: no GPU measured a step within {timeout:.0f} s (GPUs busy?); give --fuse K"
         ) from None
-    except ray.exceptions.RayTaskError as err:
-        raise SearchError(
-            f"--fuse auto: measuring a step's memory failed: {str(err).strip().splitlines()[-1]}; "
-            "give --fuse K"
-        ) from None
+    except ray.exceptions.RayTaskError as err:  # the task's own exception: its cause
+        why = f"{type(err.cause).__name__}: {err.cause}"
+        raise SearchError(f"--fuse auto: measuring a step's memory failed: {why}; give --fuse K") from None
     from softfine.memory import members_that_fit
 
-    size = members_that_fit(found["budget"], found, points)
     gib = 2**30
-    return size, (
+    return members_that_fit(found["budget"], found, points), (
         f"one member's step peaks at {found['one'] / gib:.2f} GiB, each more adds "
         f"{found['each_more'] / gib:.2f} GiB, of {found['budget'] / gib:.1f} GiB usable on "
         f"{found['gpu']}"
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# Inside a trial or task: where it runs.
-
-
 def measure_members(base, corpus, share: float) -> dict:
-    """Run as a Ray task holding a trial's GPUs: softfine.memory.member_memory on `base`, and the
-    budget: 90 % of the trial's share of the GPU's memory, at most what is free."""
+    """A Ray task holding a trial's GPUs: softfine.memory.member_memory on `base`, and the budget
+    (90 % of the trial's share of the GPU's memory, at most what is free)."""
     import dataclasses
 
     import torch
@@ -272,10 +252,9 @@ def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
 
 
 def placement(allow_cpu_fallback: bool) -> dict:
-    """The trial's node, host, GPUs (Ray's ids, comma-separated; CUDA_VISIBLE_DEVICES, which Ray
-    sets to them, makes `cuda` that GPU), its share of them, and its device, for its results. A
-    trial with a fraction of a GPU may use that fraction of its memory, no more, so that the trials
-    packed on one GPU (--gpus-per-trial 0.25) cannot starve each other."""
+    """The trial's node, host, GPUs (Ray's ids), its share of them and its device, for its results.
+    A fraction of a GPU caps the trial's share of its memory: trials packed on one GPU cannot starve
+    each other."""
     import ray
     import torch
 

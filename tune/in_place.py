@@ -1,18 +1,8 @@
-"""A search restored where its folder now is: a copied or moved search folder resumes in place,
-and a search on a remote storage resumes on a machine that has never seen it.
-
-Ray Tune restores its trials' storage to the folder it is given, but two parts of a search's
-saved state name the folder it had when the search started: the Optuna study's storage, by
-absolute path (OptunaSearch saves its whole state; on a remote storage the study is a local
-working copy, storage.py), and the experiment from which the searcher makes new trials
-(SearchGenerator's state). A resumed copy would write its study, and the trials it had not
-started yet, into the original's folder. Restored through these classes, both are the folder
-resumed: the driver sets it (tuner.make_tuner) before it restores.
-
-On a remote storage the study also travels with Ray's snapshots: each one holds a copy of it
-taken as the searcher's state is saved (`StudyInPlace.save_to_dir`), so the study a resume
-downloads is the one that goes with the searcher state Ray restores.
-"""
+"""A search restored where its folder now is (a copied or moved folder, or a remote storage on a
+new machine). Ray Tune restores its trials' storage to the folder it is given, but the Optuna
+study's storage and the experiment the searcher makes new trials from name the original folder:
+restored through these classes, both are the folder resumed (set by tuner.restored_tuner). On a
+remote storage each of Ray's snapshots also holds a copy of the study (`StudyInPlace.save_to_dir`)."""
 
 from __future__ import annotations
 
@@ -33,9 +23,8 @@ from .storage import open_path
 @contextlib.contextmanager
 def storage_opened_at(url: str):
     """While the block runs, an Optuna RDBStorage read back from a pickle opens `url`, not the URL
-    it was saved with: Optuna's __setstate__ connects at once (and creates its tables there),
-    which for a folder that is gone fails, and for one that is there writes into another search's
-    study. The searcher's state is unpickled by Ray (OptunaSearch.restore); this only re-points it."""
+    it was saved with (Optuna's __setstate__ connects at once, and would write into another
+    search's study, or fail on a folder that is gone)."""
     from optuna.storages import RDBStorage
 
     original = RDBStorage.__setstate__
@@ -61,13 +50,10 @@ class StudyInPlace(OptunaSearch):
         url = f"sqlite:///{self.resumed_study}"
         with storage_opened_at(url):
             super().restore(checkpoint_path)
-        storage = optuna.storages.RDBStorage(url)
-        self._storage = storage
+        saved = self._ot_study
+        self._storage = optuna.storages.RDBStorage(url)
         self._ot_study = optuna.load_study(
-            study_name=self._study_name,
-            storage=storage,
-            sampler=self._ot_study.sampler,
-            pruner=self._ot_study.pruner,
+            study_name=self._study_name, storage=self._storage, sampler=saved.sampler, pruner=saved.pruner
         )
         # The trials in flight report to their study's storage: the same trials (ids) of this copy's
         self._ot_trials = {
@@ -76,8 +62,7 @@ class StudyInPlace(OptunaSearch):
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """The searcher's state, as Ray saves it with every snapshot; on a remote storage also a
-        copy of the study (SQLite's backup: a consistent copy even while it is written), put in
-        place atomically in Ray's staging folder, which Ray uploads as the search's optuna.db."""
+        consistent copy of the study (SQLite's backup), put atomically in Ray's staging folder."""
         super().save_to_dir(checkpoint_dir, session_str)
         if self.snapshot_study is None or not self.snapshot_study.is_file():
             return

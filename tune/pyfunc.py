@@ -35,9 +35,8 @@ class SoftFiNEModel(mlflow.pyfunc.PythonModel):
         self.predictor = Predictor.from_checkpoint(context.artifacts["checkpoint"], device="auto")
 
     def predict(self, context, model_input: list[str], params=None) -> list[list[Entity]]:
-        # The type hints give the model its signature (a list of strings in, lists of Entity
-        # out; a pandas DataFrame of one text column works too) and make MLflow check the
-        # input. The entities are returned as plain dicts with Entity's fields.
+        # The type hints give the model its signature (a list of strings in, lists of Entity out),
+        # which MLflow checks the input against; the entities are plain dicts with Entity's fields.
         return self.predictor.predict(list(model_input))
 
 

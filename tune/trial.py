@@ -1,20 +1,7 @@
-"""The trainable: one grid point, or a fused group of them, trained by softfine and reported to
-Ray Tune.
-
-Ray Tune calls `softfine_trial(config, base=...)`: `config` is the trial's grid point (and, in the
-seeds phase, its seed), or a fused group (--fuse, `fused_config`); `base` is the
-search's TrainConfig and `corpus` the sentences its driver read (tune.with_parameters: Ray's
-object store carries them, so a worker node needs no data files). It trains the points' configs with
-`softfine.train.train_group` (a point alone is a group of one) and reports every dev evaluation
-with the training directory as the checkpoint (each member's state/ to resume from, best/ so
-far), then the test scores of each best checkpoint with a final checkpoint that holds best/ only.
-A group's report carries each member's results under `members`, in the group's order. Restarted by
-Ray (`--max-failures`, `--resume`), a trial goes on from its last checkpoint. MLflow is written by
-the driver (callback.py): a trial needs no route to the tracking server.
-
-A trial's directory: a point's files at its root; a group's in one folder per member
-(`member_dirs`), the same files as `softfine train --out` in each.
-"""
+"""The trainable: a grid point, or a fused group of them (--fuse), trained by
+`softfine.train.train_group` and reported to Ray Tune: every dev evaluation with the training
+directory as its checkpoint, then the test scores with a final checkpoint of best/ only. A group's
+report carries each member's results under `members`; its files are in one folder per member."""
 
 from __future__ import annotations
 
@@ -80,6 +67,8 @@ def softfine_trial(
     allow_cpu_fallback: bool = False,
     verbose: bool = False,
 ) -> None:
+    """Ray Tune's trainable. `base` and `corpus` come by tune.with_parameters (Ray's object store: a
+    worker needs no data files); restarted by Ray, a trial goes on from its last checkpoint."""
     from ray import tune
 
     from softfine.train import train_group
@@ -174,7 +163,7 @@ def keep_best(out: Path, members: list[str], final_dir: Path, final: dict) -> st
 
 def quiet(verbose: bool) -> None:
     """Per-trial training logs only with --verbose: 36 trials' progress lines would bury the search's
-    console. The data's notes (repairs, categories train lacks) the driver has printed once already."""
+    console, and the driver has printed the data's notes once already."""
     level = logging.INFO if verbose else logging.WARNING
     logging.getLogger("softfine").setLevel(level)
     for name in ("softfine.data", "softfine.datasets"):

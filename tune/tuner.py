@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .cli import PROG
 from .plan import Plan
-from .space import FUSED, METRIC, MODE, SearchError, make_searcher
-from .storage import is_remote, open_path
+from .space import FUSED, METRIC, MODE, SYMBOLS, SearchError, make_searcher
+from .storage import is_remote, open_path, read_from
+from .tracking import sqlite_tables
 
 log = logging.getLogger("softfine.tune")
 
@@ -24,9 +25,7 @@ def trial_dirname(trial) -> str:
 
 def evaluations_per_trial(config) -> int | None:
     """How many times a trial reports (for ASHA's max_t): evaluations plus the final report."""
-    if config.eval_every:
-        return None
-    return config.epochs + 1
+    return None if config.eval_every else config.epochs + 1
 
 
 def _checkpoint_index(name: str) -> int | None:
@@ -36,35 +35,29 @@ def _checkpoint_index(name: str) -> int | None:
 
 def experiment_files(path: str, pattern: str) -> tuple[object, list[str]]:
     """(pyarrow file system, the paths on it) of the files named `pattern` in the experiment folder
-    `path` (a folder, or a URI: storage.py), in name order."""
+    `path` (a folder or a URI), in name order."""
     import fnmatch
 
     import pyarrow.fs
 
     fs, root = open_path(path)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    return fs, sorted(
+    files = [
         i.path
         for i in infos
         if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)
-    )
+    ]
+    return fs, sorted(files)
 
 
 def mend_callback_state(path: str) -> list[str]:
-    """Drops a callback state that a killed driver left cut short; returns notes.
-
-    Ray copies its callbacks' state into the search's folder after each snapshot, not atomically:
-    a driver killed during the copy leaves a file that cannot be read, and the restore fails on it.
-    The MLflow callback's state can be done without (a trial's run is found again by its trial-id
-    tag, its last logged step read from MLflow). A complete pickle ends with its STOP opcode "."
-    (checked without unpickling it). On S3 an object is written whole or not at all, but the same
-    check costs one small read."""
+    """Drops a callback state that a killed driver left cut short (a pickle ends with its STOP opcode
+    "."); returns notes. The MLflow callback's runs are found again by their trial-id tags."""
+    # By hand: Ray copies the state to the storage non-atomically, and its restore fails on a cut file.
     notes = []
     fs, states = experiment_files(path, "callback-states-*.pkl")
     for state in states:
-        with fs.open_input_stream(state) as stream:
-            whole = stream.readall().endswith(b".")
-        if not whole:
+        if not read_from(fs, state).endswith(b"."):
             fs.delete_file(state)
             notes.append(
                 f"{posixpath.basename(state)} was cut short (the driver stopped while it was written): the "
@@ -75,14 +68,10 @@ def mend_callback_state(path: str) -> list[str]:
 
 def mend_checkpoints(path: str) -> list[str]:
     """Makes a stopped search's checkpoints agree with its last experiment snapshot; returns notes.
-
-    With num_to_keep=1, Ray Tune deletes a trial's checkpoint as soon as it registers the next one,
-    and saves the snapshot that names the new one only afterwards. A driver killed in between leaves
-    a snapshot naming a deleted checkpoint, and the restored trial fails ("does not exist on storage
-    anymore"). A deletion only follows the registration of a newer, complete checkpoint, so the
-    oldest newer one takes the missing one's place. Checkpoints newer than the snapshot's are unknown
-    to Ray, which would write the trial's next ones into them (a merge, stale files and all): they go.
-    """
+    A snapshot may name a checkpoint deleted since (num_to_keep=1 deletes it as the next one is
+    registered, before the snapshot): the oldest newer one takes its place. Checkpoints newer than
+    the snapshot's go: Ray would write the trial's next ones into them."""
+    # By hand: Tune's restore takes the snapshot's checkpoint as given, with no fallback to a newer one.
     import pyarrow.fs
     from ray.tune import ExperimentAnalysis
 
@@ -95,8 +84,7 @@ def mend_checkpoints(path: str) -> list[str]:
         known = _checkpoint_index(posixpath.basename(named)) if named else -1
         if known is None:
             continue
-        # A checkpoint is there when it holds files: on S3 a deleted one may still be listed, empty
-        # (SeaweedFS keeps the folder that Ray's upload made; pyarrow lists it as a directory).
+        # A checkpoint is there when it holds files: on S3 a deleted one may still be listed, empty.
         found = {
             _checkpoint_index(info.base_name): info.path
             for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
@@ -127,15 +115,13 @@ def holds_files(fs, path: str) -> bool:
 def check_study(folder, shown: str | None = None) -> None:
     """A resumed search's Optuna study (optuna.db) is an Optuna database, or the resume is refused
     before Ray starts, naming the file (`shown`: where it is kept, when `folder` is a working copy)."""
-    import contextlib
     import sqlite3
 
     study = folder / OPTUNA_DB
     if not study.is_file():
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{study.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = sqlite_tables(study)
     except sqlite3.DatabaseError as err:
         tables = {f"({err})"}
     if "studies" not in tables:
@@ -160,8 +146,7 @@ def damaged_state(path: str, err: BaseException) -> str:
     return (
         f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
         f"{first}); it cannot go on from there. Its finished points are in MLflow; start the search "
-        "again under "
-        "another --name (or restore the folder from a copy)"
+        "again under another --name (or restore the folder from a copy)"
     )
 
 
@@ -172,7 +157,7 @@ def progress_columns(grid, phase: str, fused: bool = False) -> dict:
         return {"seed": "seed"}
     if fused:
         return {"group/name": "points"}
-    names = {"alphas": "α_aug,α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
+    names = {**SYMBOLS, "alphas": f"{SYMBOLS['alpha_aug']},{SYMBOLS['alpha_fea']}"}
     return {key: names[key] for key in grid.space()}
 
 
@@ -187,8 +172,7 @@ def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
 
 def make_reporter(plan: Plan, phase: str, param_space: dict):
     """The phase's console (console.py): a line per point and a short status; with -v, Ray Tune's
-    table every 30 s, and the warnings of Ray's that the short console leaves out (an operation or a
-    snapshot slower than Ray expects, which every checkpointing evaluation of a small model is)."""
+    table every 30 s and Ray's warnings of slow snapshots (every checkpointing evaluation's)."""
     from ray.tune import CLIReporter
 
     from .console import PointsReporter
@@ -210,9 +194,8 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
 def make_tuner(
     plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback, folder: Path
 ):
-    """The phase's Tuner; restored (unfinished and failed trials go on) when it was started before.
-    A restored Tuner keeps the callback it was made with (its state from the last snapshot).
-    `folder`: the search's (working) folder, where its Optuna study is (storage.py)."""
+    """The phase's Tuner; restored (unfinished and failed trials go on, with the callback it was made
+    with) when it was started before. `folder`: the search's (working) folder, with its Optuna study."""
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -242,12 +225,11 @@ def make_tuner(
 def quiet_ray_defaults() -> None:
     """Ray Tune's settings for a search (a user's own environment wins)."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic table, with the columns below
-    # Every evaluation checkpoints (num_to_keep=1 forces an experiment snapshot each time): that
-    # is what --max-failures and --resume need, not a bottleneck worth a warning per trial.
+    # Every evaluation checkpoints, and so snapshots the experiment: what --max-failures and --resume need.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Tune's own JSON and CSV results, not its TensorBoard files: MLflow has the metrics, and
-    # tensorboardX imports torch in the driver (2.4 s before the first trial here).
+    # tensorboardX imports torch in the driver.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
@@ -285,14 +267,8 @@ def search_config(plan: Plan, phase: str, param_space: dict, folder: Path):
     common = dict(metric=METRIC, mode=MODE, reuse_actors=True, trial_dirname_creator=trial_dirname)
     if phase != "search" or FUSED in param_space:
         return tune.TuneConfig(num_samples=1, max_concurrent_trials=flags.max_concurrent or None, **common)
-    searcher = make_searcher(
-        flags.sampler,
-        plan.grid,
-        flags.search_seed,
-        plan.num_samples,
-        storage=f"sqlite:///{folder / OPTUNA_DB}",
-        study_name=plan.name,
-    )
+    study = f"sqlite:///{folder / OPTUNA_DB}"
+    searcher = make_searcher(flags.sampler, plan.grid, flags.search_seed, plan.num_samples, study, plan.name)
     scheduler = None
     if flags.scheduler == "asha":
         scheduler = ASHAScheduler(

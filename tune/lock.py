@@ -1,0 +1,162 @@
+"""One driver per search on S3, across machines: the search's lock object, STORAGE/NAME/LOCK,
+made with S3's conditional writes (If-None-Match, If-Match), which pyarrow lacks and boto3 has."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import urllib.parse
+import uuid
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+from .space import SearchError
+from .storage import LOCK, Storage, first_line
+
+log = logging.getLogger("softfine.tune")
+CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412")  # a condition that failed
+
+
+class RemoteLock:
+    """Of two drivers that try at once, exactly one gets it (If-None-Match: *). A lease naming its
+    holder, renewed every RENEW seconds (If-Match: its own version); a killed driver's is taken over
+    (If-Match: the stale version) once LEASE seconds old, at once when its process here is gone."""
+
+    LEASE, RENEW = 60.0, 15.0
+
+    def __init__(self, storage: Storage, name: str):
+        import boto3
+
+        for quiet in ("boto3", "botocore"):  # "Found credentials in environment variables", on every start
+            logging.getLogger(quiet).setLevel(logging.WARNING)
+        parts = urllib.parse.urlsplit(storage.uri)
+        self.bucket = parts.netloc
+        self.key = posixpath.join(parts.path.strip("/"), name, LOCK).lstrip("/")
+        self.where = f"{storage.uri}/{name}"
+        self.name = name
+        self.client = boto3.client("s3")
+        self.etag: str | None = None
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "driver": uuid.uuid4().hex}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def available(storage: Storage) -> bool:
+        """An S3 storage, and boto3 (the tune extra's, >=1.36: PutObject with If-None-Match, If-Match)."""
+        s3 = storage.remote and urllib.parse.urlsplit(storage.uri).scheme == "s3"
+        return s3 and importlib.util.find_spec("boto3") is not None
+
+    def _put(self, **condition) -> str | None:
+        """The lock written under `condition`; its version, or None when the condition failed."""
+        from botocore.exceptions import ClientError
+
+        body = json.dumps({**self.holder, "renewed": time.time()}).encode()
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"]
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in CONFLICT:
+                return None
+            raise
+
+    def _current(self) -> tuple[dict, str, float] | None:
+        """(holder, version, seconds since it was written) of the lock there, or None."""
+        from botocore.exceptions import ClientError
+
+        try:
+            found = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        try:
+            holder = json.loads(found["Body"].read())
+        except ValueError:
+            holder = {}
+        # the server's clock on both sides: its answer's Date, the lock's Last-Modified
+        date = found["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(timezone.utc)
+        return holder, found["ETag"], (now - found["LastModified"]).total_seconds()
+
+    def acquire(self) -> None:
+        deadline = None
+        while True:
+            self.etag = self._put(IfNoneMatch="*")
+            if self.etag is not None:
+                break
+            current = self._current()
+            if current is None:
+                continue  # deleted meanwhile: try again
+            holder, version, age = current
+            mine = holder.get("host") == self.holder["host"]
+            if (mine and not pid_runs(holder.get("pid"))) or age > self.LEASE:
+                self.etag = self._put(IfMatch=version)  # take over the stale lock: one driver wins
+                if self.etag is not None:
+                    break
+                continue
+            who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
+            running = f"--name {self.name}: the search in {self.where} is running in {who}"
+            if mine:
+                raise SearchError(f"{running}; wait for it to end (or stop it), or give another --name")
+            if deadline is None:
+                deadline = time.time() + self.LEASE - age + 1
+                print(
+                    f"tune/search.py: the search in {self.where} is locked by {who}, renewed {age:.0f} s "
+                    f"ago; waiting up to {self.LEASE - age + 1:.0f} s for it to end or its lease to run out",
+                    flush=True,
+                )
+            if time.time() > deadline:
+                raise SearchError(
+                    f"{running} (its lock is renewed); wait for it to end (or stop it), or give another "
+                    "--name"
+                )
+            time.sleep(min(5.0, max(0.5, deadline - time.time())))
+        self._thread = threading.Thread(target=self._renew, name="softfine-search-lock", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.RENEW):
+            try:
+                etag = self._put(IfMatch=self.etag)
+            except Exception as err:  # noqa: BLE001 - the storage may not answer for a while: try again
+                log.warning("could not renew the search's lock %s (%s)", self.where, first_line(err))
+                continue
+            if etag is None:
+                log.error(
+                    "the search's lock %s was taken over by another driver (this one did not renew it "
+                    "for %.0f s)",
+                    self.where,
+                    self.LEASE,
+                )
+                return
+            self.etag = etag
+
+    def release(self) -> None:
+        from botocore.exceptions import ClientError
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self.etag is not None:
+            with contextlib.suppress(ClientError):  # taken over by another driver meanwhile: its lock now
+                self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+            self.etag = None
+
+
+def pid_runs(pid) -> bool:
+    """Whether process `pid` of this machine runs (a process of another user counts as running)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
