@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
 import tempfile
+from argparse import Namespace
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +43,7 @@ class SearchFlags:
     verbose: bool
 
     @classmethod
-    def of(cls, args: argparse.Namespace) -> SearchFlags:
+    def of(cls, args: Namespace) -> SearchFlags:
         return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
@@ -74,9 +74,8 @@ class Plan:
 
 
 def base_config(preset: dict, flags: dict) -> TrainConfig:
-    """The TrainConfig every trial starts from: the preset's train: values, then the flags given.
-    The preset's values of the encoder-dependent settings are bert-base fine-tuning settings: with
-    the tiny encoder they give way to its own defaults (which flags still override)."""
+    """The TrainConfig every trial starts from: the preset's train: values, then the flags given. With the
+    tiny encoder, its own defaults replace the preset's bert-base fine-tuning settings (flags still win)."""
     from softfine.config import FINE_TUNING, make_config
     from softfine.datasets import data_dir, is_folder
 
@@ -102,7 +101,7 @@ def base_config(preset: dict, flags: dict) -> TrainConfig:
     return make_config(paths, where, base=config)
 
 
-def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
+def check_numbers(args: Namespace, num_samples: int, base) -> None:
     """The search's own numeric flags: in range and finite."""
     from softfine.config import make_config
 
@@ -122,14 +121,11 @@ def check_numbers(args: argparse.Namespace, num_samples: int, base) -> None:
         if not ok or not math.isfinite(value):
             raise SearchError(f"{flag} {value:g}: must be {rule} and finite")
     if args.seeds:  # the last seed must be a seed too
-        make_config(
-            {"seed": base.seed + args.seeds - 1},
-            lambda key: f"--seed {base.seed} with --seeds {args.seeds}",
-            base=base,
-        )
+        last = {"seed": base.seed + args.seeds - 1}
+        make_config(last, lambda key: f"--seed {base.seed} with --seeds {args.seeds}", base=base)
 
 
-def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
+def search_mode(args: Namespace, grid) -> tuple[str, int]:
     """("seeds", N) for one grid point with --seeds N: that point once per seed, nothing else;
     ("search", trials) otherwise."""
     seeds, samples, tpe, asha = args.seeds, args.num_samples, args.sampler == "tpe", args.scheduler == "asha"
@@ -155,7 +151,7 @@ def search_mode(args: argparse.Namespace, grid) -> tuple[str, int]:
     return "search", len(grid)
 
 
-def fuse_size(args: argparse.Namespace, mode: str) -> int | str:
+def fuse_size(args: Namespace, mode: str) -> int | str:
     """--fuse: 1 (one point per trial), K >= 1, or auto; only where every grid point is trained to
     the end in a trial of its own choosing (the grid sampler, no early stopping)."""
     text, tpe, asha = str(args.fuse).strip(), args.sampler == "tpe", args.scheduler == "asha"
@@ -181,24 +177,7 @@ def fuse_size(args: argparse.Namespace, mode: str) -> int | str:
     return size
 
 
-def check_storage(storage: Path) -> None:
-    """Refuses a results folder that cannot be written, without creating anything: the nearest
-    folder that exists must take a file."""
-    existing = storage
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SearchError(f"--storage-path {storage}: {existing} is not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        raise SearchError(
-            f"--storage-path {storage}: cannot write in {existing} ({err.strerror or err})"
-        ) from None
-
-
-def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
+def settings(args: Namespace) -> tuple[dict, TrainConfig, Grid]:
     """The preset (a built-in dataset's, or --preset), the base TrainConfig and the grid, every
     value checked."""
     from softfine.arguments import given_values
@@ -218,14 +197,25 @@ def settings(args: argparse.Namespace) -> tuple[dict, TrainConfig, Grid]:
     return preset, base, grid
 
 
-def results_folder(args: argparse.Namespace, dataset: str) -> tuple[Storage, str]:
-    """--storage-path (checked, not created: a folder that can be written, or a remote URI that
-    answers, with credentials that may write there) and the search's name."""
+def results_folder(args: Namespace, dataset: str) -> tuple[Storage, str]:
+    """--storage-path, checked, not created (a remote URI that answers, with credentials that may write
+    there; else the nearest folder that exists must take a file), and the search's name."""
     storage = Storage(args.storage_path or str(DEFAULT_STORAGE))
     if storage.remote:
         storage.check()
     else:
-        check_storage(storage.local)
+        given = existing = storage.local
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise SearchError(f"--storage-path {given}: {existing} is not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as err:
+            raise SearchError(
+                f"--storage-path {given}: cannot write in {existing} ({err.strerror or err})"
+            ) from None
     name = args.name or f"{dataset}-{args.sampler}-{datetime.now():%Y%m%d-%H%M%S}"
     if not name or "/" in name or name in (".", ".."):
         raise SearchError(f"--name {name!r}: give a folder name (no '/')")
@@ -240,21 +230,20 @@ def recorded(record: SearchRecord) -> tuple[dict, TrainConfig, Grid]:
     base = make_config(record.base, lambda key: f"--resume: the search record's setting {key!r}")
     grid = preset_grid(record.grid, Path("(the search record)"))
     check_grid(grid, base)
-    return (
-        {"train": {}, "grid": grid, "paper_selection": record.paper_selection, "path": record.preset or ""},
-        base,
-        grid,
-    )
+    preset = {
+        "train": {},
+        "grid": grid,
+        "paper_selection": record.paper_selection,
+        "path": record.preset or "",
+    }
+    return preset, base, grid
 
 
-def make_plan(
-    args: argparse.Namespace, argv: list[str], record: SearchRecord | Mapping | None = None
-) -> Plan:
+def make_plan(args: Namespace, argv: list[str], record: SearchRecord | Mapping | None = None) -> Plan:
     """Everything the search needs, checked in this order: the settings (flags and preset, or a
     resumed search's record, or its recorded_settings), the search's own flags, the results folder,
     the tracking URI; then that the data files are there."""
     from softfine.datasets import data_source, dataset_name
-    from softfine.errors import SoftFiNEError
 
     record = SearchRecord.of(record) if isinstance(record, Mapping) else record
     # a record written before the settings were recorded: they are read again
@@ -267,10 +256,7 @@ def make_plan(
     if args.experiment_name is not None and not args.experiment_name.strip():
         raise SearchError("--experiment-name: give a name")
     tracking = tracking_store(args.mlflow_uri)
-    try:  # the first look at the data: its files are there (the driver reads them, check_data)
-        data_source(base)
-    except SoftFiNEError as err:
-        raise SearchError(str(err)) from None
+    data_source(base)  # the first look at the data: its files are there (the driver reads them, check_data)
     return Plan(
         flags=SearchFlags.of(args),
         argv=mask_argv(argv),

@@ -60,16 +60,12 @@ class SearchRecord:
     def start(cls, plan: Plan, experiment_id: str, parent_run_id: str, code: dict) -> SearchRecord:
         """A new search's record, once its parent run exists."""
         return cls(
-            argv=plan.argv,
-            name=plan.name,
+            **{key: getattr(plan, key) for key in ("argv", "name", "experiment_name", "fuse", "mode")},
             created=time.time(),
             mlflow_uri=plan.tracking.display,
             experiment_id=experiment_id,
-            experiment_name=plan.experiment_name,
-            fuse=plan.fuse,
             parent_run_id=parent_run_id,
             code=code,
-            mode=plan.mode,
             stage="seeds" if plan.mode == "seeds" else "search",
             **recorded_settings(plan),
         )

@@ -106,8 +106,6 @@ def fail(message: str, verbose: bool, code: int = 2) -> int:
 
 def search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
     """The plan (a resumed search's from its record) and its checks, then the search on Ray."""
-    from softfine.model import check_encoder
-
     record = None
     if args.resume:
         args, record, location = resume_args(args, parser)
@@ -129,6 +127,8 @@ def search(args: argparse.Namespace, argv: list[str], parser: Parser) -> int:
     mlflow_env = {**plan.tracking.env, "MLFLOW_TRACKING_URI": plan.tracking.uri}
     with credentials(mlflow_env):
         check_tracking(plan.tracking, plan.flags.mlflow_timeout)
+    from softfine.model import check_encoder  # (torch: only once the cheaper checks have passed)
+
     check_encoder(plan.base.model)  # resolved once: an encoder no trial can load is one error, not N retries
     files = SearchFiles(plan.storage, plan.name)
     with one_driver(files):
@@ -154,9 +154,8 @@ def refuse_taken(plan: Plan, record: SearchRecord | None, meanwhile: bool = Fals
 
 
 def check_data(plan: Plan, record: SearchRecord | None) -> Plan:
-    """The splits every trial trains and scores on, read once by the trials' rules (softfine.datasets.
-    load_corpus) before Ray starts: bad data is one error naming file and line, not N failed trials.
-    The trials get these sentences through Ray. A resumed search's data must be the data it started with."""
+    """The splits every trial trains and scores on, read once by the trials' rules before Ray starts (bad
+    data: one error naming file and line) and sent to them; a resumed search's must be those it began with."""
     from softfine.datasets import load_corpus, report_unseen
 
     corpus = load_corpus(plan.base)
