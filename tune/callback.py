@@ -37,12 +37,7 @@ class MLflowChildRuns(ChildRunQueue, Callback):
 
     def get_state(self) -> dict:
         """Checkpointed by Tune with the experiment: a resumed driver keeps the runs and the queue."""
-        return {
-            "runs": self.runs,
-            "pending": self.pending,
-            "failures": self.failures,
-            "retries": self.retries,
-        }
+        return {key: getattr(self, key) for key in ("runs", "pending", "failures", "retries")}
 
     def set_state(self, state: dict) -> None:
         self.runs = dict(state["runs"])
