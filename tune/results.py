@@ -1,5 +1,5 @@
-"""A search's results as rows: one per trial (its point, scores, counts, placement, child run),
-the selection by dev F1, the table, and the seeds' mean and standard deviation."""
+"""A search's results as rows: one per grid point (its point, scores, counts, placement, child run),
+the selection by dev F1, trials.csv, the seeds' mean and standard deviation, the slots' occupancy."""
 
 from __future__ import annotations
 
@@ -8,49 +8,52 @@ import math
 import statistics
 from pathlib import Path
 
+from .runs import COUNT_KEYS
 from .space import FUSED, METRIC, SEARCHED, point_values
 from .storage import uri_of
-from .tracking import COUNT_KEYS
+
+
+def number(value) -> float | None:
+    """The value where it is a number (a score, a count), None where it is missing, a flag or NaN."""
+    real = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    return value if real else None
 
 
 def hyperparameters(point: dict, base) -> dict:
-    """alpha_aug, alpha_fea, beta, gamma and soft_scope of a trial (the base config's scope where
-    it is not searched), for tables."""
+    """A point's searched values and its soft scope (the base config's where it is not searched)."""
     values = point_values(point)
     return {**{k: values[k] for k in SEARCHED}, "soft_scope": values.get("soft_scope", base.soft_scope)}
 
 
+def _status(result, metrics: dict) -> str:
+    """ERROR, TERMINATED (its final result), STOPPED (early, by the scheduler) or NOT STARTED."""
+    if result.error is not None:
+        return "ERROR"
+    if metrics.get("final"):
+        return "TERMINATED"
+    return "STOPPED" if metrics else "NOT STARTED"
+
+
 def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[dict]:
-    """One row per grid point of a Ray ResultGrid (a fused trial's points each get one, with the
-    trial's status, placement and times), with its MLflow child run."""
-    from .callback import run_key
+    """One row per grid point of a Ray ResultGrid (a fused trial's each), with its MLflow child run."""
+    from .child_runs import run_key
     from .trial import member_dirs, member_results, members_of
 
     rows = []
     for result in results:
         config, metrics = result.config or {}, result.metrics or {}
         trial_id = metrics.get("trial_id") or (Path(result.path).name.split("_")[-1] if result.path else "")
-        if result.error is not None:
-            status = "ERROR"
-        elif metrics.get("final"):
-            status = "TERMINATED"
-        elif metrics:
-            status = "STOPPED"  # stopped early by the scheduler
-        else:
-            status = "NOT STARTED"
-        fused = FUSED in config
-        points = members_of(config)
+        fused, points = FUSED in config, members_of(config)
         parts = member_results(metrics) if metrics else [{} for _ in points]
-        for number, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):
-            checkpoint = (
-                uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else ""
-            )
+        saved = uri_of(result.checkpoint.filesystem, result.checkpoint.path) if result.checkpoint else ""
+        error = str(result.error).strip().splitlines()[-1][:500] if result.error is not None else ""
+        for member, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):
             row = {
                 "trial": len(rows),
                 "trial_id": trial_id,
                 "phase": phase,
-                "status": status,
-                "mlflow_run_id": runs.get(run_key(trial_id, number if fused else None), ""),
+                "status": _status(result, metrics),
+                "mlflow_run_id": runs.get(run_key(trial_id, member if fused else None), ""),
                 **hyperparameters(point, base),
                 "seed": point.get("seed", base.seed),
                 "fused_group_size": len(points),
@@ -58,37 +61,32 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
             for key in (METRIC, "best_step", "test_precision", "test_recall", "test_f1", *COUNT_KEYS):
                 row[key] = part.get(key)
             row.update({k: v for k, v in part.items() if k.startswith("test_f1_level")})
+            row.update({k: metrics.get(k, "") for k in ("node_id", "node_ip", "gpu_ids")})
             row.update(
-                node_id=metrics.get("node_id", ""),
-                node_ip=metrics.get("node_ip", ""),
-                gpu_ids=metrics.get("gpu_ids", ""),
                 gpu_share=metrics.get("gpu_share", 0.0),
                 trial_start_time=metrics.get("trial_start_time"),
                 # a trial stopped early has no end time of its own: its last report's
                 trial_end_time=metrics.get("trial_end_time") or metrics.get("timestamp"),
                 evaluations=metrics.get("training_iteration"),
                 restarted=metrics.get("restarted", ""),  # a damaged checkpoint, trained again (trial.py)
-                checkpoint=f"{checkpoint.rstrip('/')}/{folder}" if checkpoint and fused else checkpoint,
-                error=str(result.error).strip().splitlines()[-1][:500] if result.error is not None else "",
+                checkpoint=f"{saved.rstrip('/')}/{folder}" if saved and fused else saved,
+                error=error,
             )
             rows.append(row)
     return rows
 
 
 def by_trial(rows: list[dict]) -> list[dict]:
-    """One row per Ray trial (the first point of each fused group): what held the cluster's slots,
-    for the occupancy figures."""
-    seen, kept = set(), []
+    """One row per Ray trial (a fused group's first point): what held the cluster's slots."""
+    firsts: dict[tuple, dict] = {}
     for row in rows:
-        if (row["phase"], row["trial_id"]) not in seen:
-            seen.add((row["phase"], row["trial_id"]))
-            kept.append(row)
-    return kept
+        firsts.setdefault((row["phase"], row["trial_id"]), row)
+    return list(firsts.values())
 
 
 def select(rows: list[dict]) -> dict | None:
     """The trial with the best dev F1 (the earliest one on a tie); test F1 plays no part."""
-    scored = [r for r in rows if isinstance(r.get(METRIC), (int, float)) and not math.isnan(r[METRIC])]
+    scored = [r for r in rows if number(r.get(METRIC)) is not None]
     if not scored:
         return None
     best = max(r[METRIC] for r in scored)
@@ -96,9 +94,8 @@ def select(rows: list[dict]) -> dict | None:
 
 
 def write_table(rows: list[dict], path: Path) -> Path:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+    """The rows as CSV, their keys as columns in the order first seen."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -106,90 +103,65 @@ def write_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def timed(rows: list[dict]) -> list[dict]:
-    """The trials with a start and an end time (a trial that never started has neither)."""
-    return [
-        r
-        for r in rows
-        if all(isinstance(r.get(k), (int, float)) for k in ("trial_start_time", "trial_end_time"))
-    ]
-
-
-def max_overlap(rows: list[dict]) -> int:
-    """The most trials that ran at the same time (from their start and end times)."""
-    events = []
-    for r in timed(rows):
-        events += [(r["trial_start_time"], 1), (r["trial_end_time"], -1)]
-    running = most = 0
-    for _, change in sorted(events, key=lambda e: (e[0], e[1])):
-        running += change
-        most = max(most, running)
-    return most
+def finished(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "TERMINATED"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _first(rows: list[dict], key: str):
-    return next((r[key] for r in rows if isinstance(r.get(key), (int, float))), None)
-
-
-def finished(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] == "TERMINATED"]
-
-
 def seed_stats(rows: list[dict]) -> dict:
-    """Mean and standard deviation of dev and test F1 over the seeds' runs that finished (a seed
-    that failed or stopped has no final result), and what the F1s were computed on (the same dev
-    and test sentences for every seed)."""
+    """Mean and standard deviation of dev and test F1 over the seeds that finished (a seed that
+    failed or stopped has no final result), and the sentences and entities they were counted on."""
     done = finished(rows)
-    dev_mean, dev_std = _mean_std([r[METRIC] for r in done])
-    test_mean, test_std = _mean_std([r.get("test_f1") for r in done])
-    return {
-        "seeds": len(rows),
-        "seed_values": sorted(r["seed"] for r in rows),
-        "seeds_finished": len(done),
-        "seeds_dev_f1_mean": dev_mean,
-        "seeds_dev_f1_std": dev_std,
-        "seeds_test_f1_mean": test_mean,
-        "seeds_test_f1_std": test_std,
-        **{f"seeds_{key}": _first(done, key) for key in COUNT_KEYS},
-    }
+    stats = {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done)}
+    for split, key in (("dev", METRIC), ("test", "test_f1")):
+        values = [r[key] for r in done if number(r.get(key)) is not None]
+        stats[f"seeds_{split}_f1_mean"], stats[f"seeds_{split}_f1_std"] = _mean_std(values)
+    for key in COUNT_KEYS:  # the same sentences for every seed: the first one's
+        stats[f"seeds_{key}"] = next((r[key] for r in done if number(r.get(key)) is not None), None)
+    return stats
+
+
+def timed(rows: list[dict]) -> list[dict]:
+    """The trials with a start and an end time (a trial that never started has neither)."""
+    return [
+        r for r in rows if all(number(r.get(k)) is not None for k in ("trial_start_time", "trial_end_time"))
+    ]
+
+
+def max_overlap(rows: list[dict]) -> int:
+    """The most trials that ran at the same time (from their start and end times)."""
+    ran = timed(rows)
+    events = sorted([(r["trial_start_time"], 1) for r in ran] + [(r["trial_end_time"], -1) for r in ran])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
 
 
 def slot_resource(gpus_per_trial: float) -> str:
-    """What a search's trial slots are: GPUs when its trials ask for GPUs (--gpus-per-trial > 0),
-    else CPUs."""
+    """What a search's trial slots are: GPUs when its trials ask for GPUs, else CPUs."""
     return "gpu" if gpus_per_trial > 0 else "cpu"
 
 
 def busy_fraction(rows: list[dict], resource: str, capacity: float, cpus_per_trial: float) -> float | None:
-    """The busy fraction of a search's trial slots: the share of the cluster's slot-time that
-    trials held while the search had trials left, in (0, 1].
-
-    Slot-time is the cluster's amount of the slot resource (`resource`, see slot_resource; `capacity`
-    GPUs or CPUs) times the span from the first trial's start to the last one's end. A trial holds,
-    for its duration, its share of each of its GPUs (Ray's ids and share, from its own results) in a
-    GPU search, and the CPUs Ray reserved for it (--cpus-per-trial) in a CPU search. For CPUs this is
-    the trial-seconds over capacity / cpus_per_trial slots: 1 when that many trials ran all the time;
-    less when a CPU stays idle, also when cpus_per_trial does not divide the CPUs (3 CPUs, 2 per trial:
-    at most 2/3). None without the resource or a timed trial."""
+    """The share of the cluster's slot-time (`capacity` GPUs or CPUs, from the first trial's start to
+    the last one's end) that trials held: in a GPU search each its share of each of its GPUs, in a CPU
+    search its --cpus-per-trial (3 CPUs, 2 a trial: at most 2/3). None without slots or timed trials."""
     ran = timed(rows)
     if capacity <= 0 or not ran:
         return None
     span = max(r["trial_end_time"] for r in ran) - min(r["trial_start_time"] for r in ran)
-
-    def held(row: dict) -> float:
-        if resource == "gpu":
-            return float(row.get("gpu_share") or 0) * len(
-                [g for g in str(row.get("gpu_ids") or "").split(",") if g]
-            )
-        return cpus_per_trial
-
     if span <= 0:
         return None
-    return sum((r["trial_end_time"] - r["trial_start_time"]) * held(r) for r in ran) / (capacity * span)
+    held = 0.0
+    for r in ran:
+        gpus = len([g for g in str(r.get("gpu_ids") or "").split(",") if g])
+        each = float(r.get("gpu_share") or 0) * gpus if resource == "gpu" else cpus_per_trial
+        held += (r["trial_end_time"] - r["trial_start_time"]) * each
+    return held / (capacity * span)
