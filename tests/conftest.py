@@ -66,11 +66,28 @@ def s3_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ui_search(tmp_path_factory):
+    """The README's search on 3 points, logging over HTTP to mlflow/server.sh on 127.0.0.1, stopped
+    after the session: browsed in the MLflow UI (test_mlflow_ui.py) and read as a console
+    (test_console.py), whose files run in one worker (ONE_SCOPE) so that it runs once."""
+    from tune_fixtures import ui_search
+
+    with ui_search(tmp_path_factory.mktemp("mlflow-ui")) as found:
+        yield found
+
+
 # pytest -n 2 (pyproject.toml): a file's tests run in one worker, so that its module fixtures (a
 # trained model, a search, a Ray instance) are made once, as xdist's --dist loadfile does. The two
 # files that start Ray nodes with `ray up`/`ray start` over sshd in namespaces of their own count
 # as one: one at a time. (xdist_group marks added here would come too late for xdist: issue #1241.)
-ONE_AT_A_TIME = {"test_two_nodes.py", "test_ray_up.py"}
+# The two files that read the one search of `ui_search` count as one too.
+ONE_SCOPE = {
+    "test_two_nodes.py": "ray-nodes",
+    "test_ray_up.py": "ray-nodes",
+    "test_mlflow_ui.py": "ui-search",
+    "test_console.py": "ui-search",
+}
 # The longest files first (a CI-like run's durations, benchmarks/README.md "Tests"), so that the two
 # workers end together instead of one running the longest file alone at the end.
 LONGEST_FIRST = [
@@ -104,6 +121,6 @@ def pytest_xdist_make_scheduler(config, log):
     class ByFile(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = nodeid.split("::", 1)[0]
-            return "ray-nodes" if Path(file).name in ONE_AT_A_TIME else file
+            return ONE_SCOPE.get(Path(file).name, file)
 
     return ByFile(config, log)

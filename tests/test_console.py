@@ -4,17 +4,14 @@ for the README's search on a small grid, a console whose length is its points pl
 lines: no Ray Tune table, none of Ray's "bottleneck" warnings.
 
 The reporter is fed Ray Tune's own Trial objects (made as Tune's tests make them, `stub=True`), in
-the states a phase passes through; the last test runs tune/search.py itself.
+the states a phase passes through; the last test reads the README's search as it ran (conftest.ui_search,
+which test_mlflow_ui.py browses).
 """
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import time
-
-from tune_fixtures import REPO, SEARCH_SCRIPT, shared_data_dir, small_search_flags
 
 P1, P2, P3 = ({"alphas": a, "beta": 2.0, "gamma": 2.0} for a in ("0.1,0.1", "0.01,0.01", "0.01,0.005"))
 ENDED = re.compile(r"  \[(\d+)/(\d+)\] ([\w.,]+): (.*)")
@@ -109,57 +106,21 @@ def test_a_resumed_phase_counts_what_ended_before_without_printing_it_again(caps
     ]
 
 
-def test_the_readme_search_prints_its_points_and_a_few_lines_more(tmp_path):
-    """The README's search (its flags, on 4 points of the smallest model), run as a person runs it:
-    a line per point, statuses at most every 30 s, a fixed few lines before and after."""
-    grid = ["--alphas", "0.1,0.1", "0.01,0.005", "--beta", "2", "3", "--gamma", "2"]
-    started = time.time()
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(SEARCH_SCRIPT),
-            *small_search_flags(shared_data_dir()),
-            *grid,
-            "--cpus-per-trial",
-            "0.5",
-            "--address",
-            "local",
-            "--mlflow-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "--storage-path",
-            str(tmp_path / "ray"),
-            "--name",
-            "console",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**_environment(), "RAY_USAGE_STATS_ENABLED": "0"},
-    )
-    seconds = time.time() - started
-    lines = (done.stdout + done.stderr).splitlines()
-    assert done.returncode == 0, "\n".join(lines[-60:])
+def test_the_readme_search_prints_its_points_and_a_few_lines_more(ui_search):
+    """The README's search (its flags, on 3 points of the smallest model, logging to a tracking
+    server), run as a person runs it: a line per point, statuses at most every 30 s, a fixed few
+    lines before and after."""
+    lines, seconds = ui_search["lines"], ui_search["seconds"]
     ended = [m for m in map(ENDED.fullmatch, lines) if m]
-    assert sorted(m.group(3) for m in ended) == [
-        "0.01,0.005,2,2",
-        "0.01,0.005,3,2",
-        "0.1,0.1,2,2",
-        "0.1,0.1,3,2",
-    ]
-    assert [int(m.group(1)) for m in ended] == [1, 2, 3, 4] and all(
+    assert sorted(m.group(3) for m in ended) == ["0.01,0.005,2,2", "0.01,0.01,2,2", "0.1,0.1,2,2"]
+    assert [int(m.group(1)) for m in ended] == [1, 2, 3] and all(
         m.group(4).startswith("dev F1 ") for m in ended
     )
     statuses = [line for line in lines if line.startswith("  search: ")]
-    assert statuses[-1].startswith("  search: 4/4 points finished in ")
+    assert statuses[-1].startswith("  search: 3/3 points finished in ")
     assert len(statuses) <= 2 + seconds / 30  # the last, and at most one every 30 s before it
     assert not any("== Status ==" in line or "bottleneck" in line for line in lines)  # Ray's: only with -v
+    assert not any("View run" in line for line in lines)  # MLflow's link per run: the summary has the UI's
     # The fixed part (data notes, the first line, the summary): what a 36-point search adds to its
     # 36 point lines and its statuses (tests/test_console.py's figure in the README).
     assert len(lines) - len(ended) - len(statuses) <= 34, "\n".join(lines)
-
-
-def _environment() -> dict:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}

@@ -42,13 +42,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 from tune_fixtures import (
-    REPO,
-    SEARCH_SCRIPT,
-    children,
+    UI_EXPERIMENT,
+    UI_GRID,
     free_port,
-    parents,
     shared_data_dir,
-    small_search_flags,
 )
 from ui_browser import (
     ASSISTANT_AUTO_OPENED_KEY,
@@ -73,84 +70,14 @@ needs_chromium = pytest.mark.skipif(
     reason=f"{browser_missing()}; these tests run in CI",
 )
 
-EXPERIMENT = "softfine-ui"
-SEARCH_NAME = "ui-search"
-GRID = [(0.1, 0.1), (0.01, 0.005), (0.01, 0.01)]  # (alpha_aug, alpha_fea), all with beta 2, gamma 2
 SELECTED = ("alpha_aug", "alpha_fea", "beta", "gamma")
 OPTUNA_PLOTS = ("param_importances.png", "slice.png", "contour_beta_gamma.png", "optimization_history.png")
 
 
-@contextlib.contextmanager
-def mlflow_server(store: Path) -> Iterator[str]:
-    """mlflow/server.sh --daemon with its stores in `store`, on a free loopback port; yields its URI."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PYTHON"] = sys.executable
-    script, port = str(REPO / "mlflow" / "server.sh"), free_port()
-    started = subprocess.run(
-        [script, "--daemon", "--port", str(port), "--store", str(store)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert started.returncode == 0, f"mlflow/server.sh failed: {started.stderr[-2000:]}"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        subprocess.run([script, "--stop", "--store", str(store)], env=env, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def search(tmp_path_factory) -> Iterator[dict]:
-    """mlflow/server.sh on a free loopback port, and a 3-trial search logging to it over HTTP."""
-    folder = tmp_path_factory.mktemp("mlflow-ui")
-    data = shared_data_dir()
-    with mlflow_server(folder / "store") as uri:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-        alphas = [f"{aug:g},{fea:g}" for aug, fea in GRID]
-        command = [
-            sys.executable,
-            str(SEARCH_SCRIPT),
-            *small_search_flags(data),
-            "--alphas",
-            *alphas,
-            "--beta",
-            "2",
-            "--gamma",
-            "2",
-            "--cpus-per-trial",
-            "0.5",
-            "--address",
-            "local",
-            "--mlflow-uri",
-            uri,
-            "--experiment-name",
-            EXPERIMENT,
-            "--storage-path",
-            str(folder / "ray"),
-            "--name",
-            SEARCH_NAME,
-        ]
-        done = subprocess.run(
-            command,
-            env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
-        (parent,) = parents(uri, EXPERIMENT)
-        kids = children(uri, EXPERIMENT, parent.info.run_id)
-        assert len(kids) == 3
-        yield {
-            "uri": uri,
-            "experiment_id": parent.info.experiment_id,
-            "parent": parent,
-            "kids": kids,
-            "children": {k.info.run_name: k.info.run_id for k in kids},
-            "output": done.stdout,
-        }
+def search(ui_search: dict) -> dict:
+    """The README's search on 3 points, logging over HTTP to mlflow/server.sh (conftest.ui_search)."""
+    return ui_search
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +139,7 @@ def cut_off(link: Locator) -> float:
 
 @needs_chromium
 def test_trials_are_named_by_their_grid_point_whole_in_the_table(search, browser):
-    names = [f"{aug:g},{fea:g},2,2" for aug, fea in GRID]  # α_aug,α_fea,β,γ with --beta 2 --gamma 2
+    names = [f"{aug:g},{fea:g},2,2" for aug, fea in UI_GRID]  # α_aug,α_fea,β,γ with --beta 2 --gamma 2
     url = runs_page_url(search["uri"], search["experiment_id"])
     with open_page(browser, url, "experiment-trial-names", viewport=FIRST_SCREEN) as page:
         expand(page, search["parent"].info.run_id)
@@ -236,7 +163,7 @@ def test_the_experiment_opens_in_its_runs_table(search, browser):
         browser, f"{uri}/#/experiments", "experiment-opens-in-runs", viewport=FIRST_SCREEN
     ) as page:
         page.get_by_text("Model training", exact=True).click()  # the sidebar's switch, top left
-        page.get_by_role("link", name=EXPERIMENT, exact=True).click()
+        page.get_by_role("link", name=UI_EXPERIMENT, exact=True).click()
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/runs"))
         expect(run_link(page, parent.info.run_name)).to_be_visible()
         assert page.evaluate(f"localStorage.getItem('{WORKFLOW_KEY}')") == '"machine_learning"'  # remembered
@@ -264,7 +191,7 @@ def test_a_first_visit_opens_the_experiment_in_its_runs_table(search, browser):
     tags = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).tags
     assert tags.get("mlflow.experimentKind") == "custom_model_development"
     with open_page(browser, f"{uri}/#/experiments", "first-visit-experiment", viewport=FIRST_SCREEN) as page:
-        page.get_by_role("link", name=EXPERIMENT, exact=True).click()
+        page.get_by_role("link", name=UI_EXPERIMENT, exact=True).click()
         expect(page).to_have_url(re.compile(rf"#/experiments/{experiment_id}/\w+"))  # the tab it lands on
         landed = page.url.split("#", 1)[1]
         remembered = page.evaluate(f"localStorage.getItem('{WORKFLOW_KEY}')")

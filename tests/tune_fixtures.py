@@ -18,8 +18,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,21 +192,22 @@ def stop_group(process: subprocess.Popen, timeout: float) -> None:
         process.wait(timeout=timeout)
 
 
-def descendants(pid: int) -> dict[int, bytes]:
-    """The processes below `pid` (children, theirs, ...) with their command lines, from /proc:
-    tests look for the Ray processes they started there, never among every process of the user."""
-    parent_of, cmdline = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError, IndexError, ValueError):  # a process may end while read
-            parent_of[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
-            cmdline[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes()
-    found: dict[int, bytes] = {}
-    below = [pid]
-    while below:
-        parent = below.pop()
-        for child in [c for c, p in parent_of.items() if p == parent and c not in found]:
-            found[child] = cmdline.get(child, b"")
-            below.append(child)
+def descendants(pid: int) -> dict[int, str]:
+    """The processes below `pid` (children, theirs, ...) with their command lines (the arguments
+    joined by spaces; "" for a zombie): tests look for the processes they started there, never among
+    every process of the machine. None below a process that has ended."""
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    found: dict[int, str] = {}
+    for process in below:
+        try:
+            found[process.pid] = " ".join(process.cmdline()).strip()
+        except psutil.ZombieProcess:  # ended, not yet reaped: still below `pid`
+            found[process.pid] = ""
+        except psutil.NoSuchProcess:  # ended and reaped while read
+            pass
     return found
 
 
@@ -341,7 +344,7 @@ def trial_processes() -> list[int]:
     """Process ids of the Ray workers running a trial (title ray::ImplicitFunc...) among this
     test's own processes (ray_local's Ray is a child of this process)."""
     return [
-        pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith(b"ray::ImplicitFunc")
+        pid for pid, cmdline in descendants(os.getpid()).items() if cmdline.startswith("ray::ImplicitFunc")
     ]
 
 
@@ -381,3 +384,86 @@ def point(run) -> tuple:
 
     p = run.data.params
     return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))
+
+
+# The README's search on 3 points, browsed in the MLflow UI (test_mlflow_ui.py) and read as a console
+# (test_console.py): made once, by conftest's session fixture `ui_search`.
+UI_EXPERIMENT = "softfine-ui"
+UI_SEARCH_NAME = "ui-search"
+UI_GRID = [(0.1, 0.1), (0.01, 0.005), (0.01, 0.01)]  # (alpha_aug, alpha_fea), all with beta 2, gamma 2
+
+
+@contextlib.contextmanager
+def server_sh(store: Path) -> Iterator[str]:
+    """mlflow/server.sh --daemon with its stores in `store`, on a free loopback port; yields its URI."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHON"] = sys.executable
+    script, port = str(REPO / "mlflow" / "server.sh"), free_port()
+    started = subprocess.run(
+        [script, "--daemon", "--port", str(port), "--store", str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert started.returncode == 0, f"mlflow/server.sh failed: {started.stderr[-2000:]}"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        subprocess.run([script, "--stop", "--store", str(store)], env=env, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def ui_search(folder: Path) -> Iterator[dict]:
+    """mlflow/server.sh on a free loopback port, and the README's search on the 3 points of UI_GRID
+    logging to it over HTTP, run as a person runs it; what it printed and how long it took."""
+    data = shared_data_dir()
+    with server_sh(folder / "store") as uri:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+        alphas = [f"{aug:g},{fea:g}" for aug, fea in UI_GRID]
+        command = [
+            sys.executable,
+            str(SEARCH_SCRIPT),
+            *small_search_flags(data),
+            "--alphas",
+            *alphas,
+            "--beta",
+            "2",
+            "--gamma",
+            "2",
+            "--cpus-per-trial",
+            "0.5",
+            "--address",
+            "local",
+            "--mlflow-uri",
+            uri,
+            "--experiment-name",
+            UI_EXPERIMENT,
+            "--storage-path",
+            str(folder / "ray"),
+            "--name",
+            UI_SEARCH_NAME,
+        ]
+        started = time.time()
+        done = subprocess.run(
+            command,
+            env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+        (parent,) = parents(uri, UI_EXPERIMENT)
+        kids = children(uri, UI_EXPERIMENT, parent.info.run_id)
+        assert len(kids) == 3
+        yield {
+            "uri": uri,
+            "experiment_id": parent.info.experiment_id,
+            "parent": parent,
+            "kids": kids,
+            "children": {k.info.run_name: k.info.run_id for k in kids},
+            "output": done.stdout,
+            "lines": (done.stdout + done.stderr).splitlines(),
+            "seconds": time.time() - started,
+        }

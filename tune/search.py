@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # The summary says where to open the UI; MLflow's own "View run" lines (two per run ended, with a
+    # tracking server) would add two lines per point to the console.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         check_text_arguments(parser, args, SearchError, WANTED)  # UTF-8, and no empty value read as a default
         return search(args, argv, parser)
