@@ -1,6 +1,5 @@
-"""Tune's events as the trials' MLflow child runs, written by the driver (workers need no route to
-the tracking server): a Ray Tune callback like Ray's MLflowLoggerCallback, with a run per grid point
-(each member of a fused trial), its retries, and a queue that a silent server cannot block."""
+"""Tune's events as the trials' MLflow child runs, written by the driver (workers need no route to the
+server): a Ray Tune callback like Ray's MLflowLoggerCallback, one run per point, retries recorded."""
 
 from __future__ import annotations
 
@@ -8,6 +7,8 @@ import os
 import posixpath
 from pathlib import Path
 
+import cloudpickle
+from ray.exceptions import RayTaskError
 from ray.tune import Callback
 
 from .account import RUNS, UNLOGGED, describe_retry, write_account
@@ -123,8 +124,6 @@ def _number(value) -> bool:
 def trial_error(trial) -> str:
     """Ray's account of the trial's last failure: a task's cause ("ValueError: ..."), an actor's
     error (ActorDiedError, ActorUnavailableError) as Ray words it."""
-    from ray.exceptions import RayTaskError
-
     error = _pickled_error(trial)
     if isinstance(error, RayTaskError):  # the trial's own exception, raised in its actor
         text = f"{type(error.cause).__name__}: {error.cause}"
@@ -140,8 +139,6 @@ def trial_error(trial) -> str:
 def _pickled_error(trial) -> BaseException | None:
     """The error Tune pickles in the driver's trial folder just before it calls back (the storage's
     copy, which `trial.get_pickled_error()` reads, is synced later)."""
-    import cloudpickle
-
     local = Path(trial.pickled_error_file or "")
     try:
         return cloudpickle.loads(local.read_bytes()) if local.is_file() else trial.get_pickled_error()

@@ -1,6 +1,5 @@
-"""The trials' MLflow child runs, written from the driver through a queue: operations (open, result,
-tags, artifact, end) are sent in order, and those a server that does not answer leaves wait for a
-later event (at most every `probe_interval` seconds), so the server delays the runs, never the trials."""
+"""The child runs' MLflow operations, sent in order through a queue: what a silent server does not take
+waits for a later event (at most every `probe_interval` s), delaying the runs, never the trials."""
 
 from __future__ import annotations
 
@@ -28,9 +27,8 @@ def run_key(trial_id: str, member: int | None) -> str:
 
 @dataclasses.dataclass(eq=False)
 class ChildRunQueue:
-    """A phase's child runs, one per point, nested under the parent run. A retried or resumed trial
-    goes on in its own run (`runs`, else its trial-id tag); an evaluation made again after a retry
-    adds no metrics (`logged`: the run's last step, read from MLflow when it is reopened)."""
+    """A phase's child runs, one per point. A retried or resumed trial goes on in its own run; an
+    evaluation made again after a retry adds no metrics (`logged`: the run's last step in MLflow)."""
 
     experiment_id: str
     parent_run_id: str

@@ -3,10 +3,16 @@ resources a trial asks for, and a trial's placement (node, GPUs, device)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 from typing import TYPE_CHECKING
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from softfine.errors import DeviceError
 
 from .space import SearchError
 
@@ -40,11 +46,8 @@ def probe_gcs(host: str, port: int, timeout: float) -> str | None:
 
 
 def check_address(address: str | None, timeout: float = 10) -> None:
-    """Refuses a Ray address where no cluster answers, before ray.init, which would wait for it
-    for minutes. None: RAY_ADDRESS, a cluster started here, or a new local instance (ray.init's
-    own rules); auto: RAY_ADDRESS or a cluster started here, else an error."""
-    import ray
-
+    """Refuses a Ray address where no cluster answers, before ray.init waits minutes for it (None and
+    auto as ray.init takes them: RAY_ADDRESS, a cluster started here, or (None) a new instance)."""
     if ray.is_initialized():
         return
     given = address or os.environ.get("RAY_ADDRESS")
@@ -77,8 +80,6 @@ def check_address(address: str | None, timeout: float = 10) -> None:
 
 def connect_ray(address: str | None) -> bool:
     """Connects (or starts a local instance); True when this call started Ray."""
-    import ray
-
     if ray.is_initialized():
         return False
     # A Ray instance of the search's own needs no dashboard: nothing uses it, and it takes CPU.
@@ -91,8 +92,6 @@ def connect_ray(address: str | None) -> bool:
 
 
 def cluster_resources() -> dict:
-    import ray
-
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     gpus, cpus = ([n["Resources"].get(kind, 0) for n in nodes] for kind in ("GPU", "CPU"))
     return {
@@ -132,9 +131,6 @@ def check_cluster(flags: SearchFlags, cluster: dict, storage) -> None:
 
 def probe_gpus(flags: SearchFlags, cluster: dict, timeout: float = 180) -> None:
     """On every GPU node, a task holding the trial's GPUs checks that torch sees them."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     if flags.gpus_per_trial <= 0 or flags.allow_cpu_fallback:
         return
     probe = ray.remote(probe_cuda)
@@ -165,8 +161,6 @@ def probe_gpus(flags: SearchFlags, cluster: dict, timeout: float = 180) -> None:
 def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
     """--fuse auto: (K, why). A task holding one trial's GPU share measures a step's peak memory
     with one member and with two (softfine.memory): K members fit 90 % of that share. On CPUs, 1."""
-    import ray
-
     if flags.gpus_per_trial <= 0:
         return 1, "a CPU search: one point per trial (fused groups do not pay on CPUs)"
     measure = ray.remote(measure_members).options(
@@ -194,8 +188,6 @@ def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 
 def measure_members(base, corpus, share: float) -> dict:
     """A Ray task holding a trial's GPUs: softfine.memory.member_memory on `base`, and the budget
     (90 % of the trial's share of the GPU's memory, at most what is free)."""
-    import dataclasses
-
     import torch
 
     from softfine.memory import member_memory
@@ -211,7 +203,6 @@ def measure_members(base, corpus, share: float) -> dict:
 
 def probe_cuda() -> dict:
     """Run as a Ray task holding a trial's GPUs: does torch see them on this node?"""
-    import ray
     import torch
 
     return {
@@ -228,10 +219,7 @@ def probe_cuda() -> dict:
 def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
     """cuda when Ray gave this trial a GPU, cpu otherwise. A GPU that torch cannot see is a
     DeviceError naming the node, unless `allow_cpu_fallback` (then: cpu, and a warning)."""
-    import ray
     import torch
-
-    from softfine.errors import DeviceError
 
     gpu_ids = ray.get_gpu_ids()
     if not gpu_ids:
@@ -252,10 +240,8 @@ def choose_device(allow_cpu_fallback: bool) -> tuple[str, str]:
 
 
 def placement(allow_cpu_fallback: bool) -> dict:
-    """The trial's node, host, GPUs (Ray's ids), its share of them and its device, for its results.
-    A fraction of a GPU caps the trial's share of its memory: trials packed on one GPU cannot starve
-    each other."""
-    import ray
+    """The trial's node, host, GPUs (Ray's ids), its share of them and its device, for its results;
+    a fraction of a GPU caps its memory, so trials packed on one GPU cannot starve each other."""
     import torch
 
     device, note = choose_device(allow_cpu_fallback)

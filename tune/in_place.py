@@ -1,8 +1,5 @@
-"""A search restored where its folder now is (a copied or moved folder, or a remote storage on a
-new machine). Ray Tune restores its trials' storage to the folder it is given, but the Optuna
-study's storage and the experiment the searcher makes new trials from name the original folder:
-restored through these classes, both are the folder resumed (set by tuner.restored_tuner). On a
-remote storage each of Ray's snapshots also holds a copy of the study (`StudyInPlace.save_to_dir`)."""
+"""A search restored where its folder now is: Ray Tune moves its trials there, but the Optuna study and
+the experiment new trials are made from name the original folder, unless restored through these."""
 
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import optuna
+from optuna.storages import RDBStorage
 from ray.tune.search import SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
@@ -22,11 +20,8 @@ from .storage import open_path
 
 @contextlib.contextmanager
 def storage_opened_at(url: str):
-    """While the block runs, an Optuna RDBStorage read back from a pickle opens `url`, not the URL
-    it was saved with (Optuna's __setstate__ connects at once, and would write into another
-    search's study, or fail on a folder that is gone)."""
-    from optuna.storages import RDBStorage
-
+    """While the block runs, an Optuna RDBStorage read back from a pickle opens `url`, not its own
+    (Optuna's __setstate__ connects at once: into another search's study, or a folder gone)."""
     original = RDBStorage.__setstate__
 
     def setstate(self, state: dict) -> None:

@@ -25,9 +25,8 @@ CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412")  # a cond
 
 
 class RemoteLock:
-    """Of two drivers that try at once, exactly one gets it (If-None-Match: *). A lease naming its
-    holder, renewed every RENEW seconds (If-Match: its own version); a killed driver's is taken over
-    (If-Match: the stale version) once LEASE seconds old, at once when its process here is gone."""
+    """A lease naming its holder, renewed every RENEW s (If-Match: its own version); a killed driver's
+    is taken over (If-Match) once LEASE s old, at once when its process on this machine is gone."""
 
     LEASE, RENEW = 60.0, 15.0
 
@@ -55,23 +54,19 @@ class RemoteLock:
 
     def _put(self, **condition) -> str | None:
         """The lock written under `condition`; its version, or None when the condition failed."""
-        from botocore.exceptions import ClientError
-
         body = json.dumps({**self.holder, "renewed": time.time()}).encode()
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"]
-        except ClientError as err:
+        except self.client.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in CONFLICT:
                 return None
             raise
 
     def _current(self) -> tuple[dict, str, float] | None:
         """(holder, version, seconds since it was written) of the lock there, or None."""
-        from botocore.exceptions import ClientError
-
         try:
             found = self.client.get_object(Bucket=self.bucket, Key=self.key)
-        except ClientError as err:
+        except self.client.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise
@@ -138,13 +133,13 @@ class RemoteLock:
             self.etag = etag
 
     def release(self) -> None:
-        from botocore.exceptions import ClientError
-
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self.etag is not None:
-            with contextlib.suppress(ClientError):  # taken over by another driver meanwhile: its lock now
+            with contextlib.suppress(
+                self.client.exceptions.ClientError
+            ):  # taken over by another driver meanwhile: its lock now
                 self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
             self.etag = None
 

@@ -3,8 +3,13 @@ example before it is logged; what that loads is imported in the background while
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import threading
 from pathlib import Path
+
+from packaging.requirements import Requirement
+
+import softfine
 
 EXAMPLE = "高勇：男，中国国籍。"  # the logged model's input example, tagged before it is logged
 _preloading: list[threading.Thread] = []
@@ -38,10 +43,6 @@ def check_model(checkpoint: Path) -> None:
 def requirements() -> list[str]:
     """softfine's own dependencies (its installed metadata, no extras) pinned to the versions here,
     without a local label (2.13.0+cpu); MLflow adds its own pin."""
-    import importlib.metadata as md
-
-    from packaging.requirements import Requirement
-
     names = [r.name for r in map(Requirement, md.requires("softfine") or []) if r.marker is None]
     return [f"{name}=={md.version(name).split('+')[0]}" for name in names]
 
@@ -49,7 +50,6 @@ def requirements() -> list[str]:
 def log_model(uri: str, parent_run_id: str, checkpoint: Path) -> str:
     """The checkpoint as an MLflow pyfunc model named `model` on the parent run; returns its URI."""
     import mlflow
-    import softfine
 
     for thread in _preloading:
         thread.join()

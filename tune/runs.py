@@ -1,13 +1,14 @@
 """The search's MLflow runs as the driver writes them: the tags they share, the parent run's client
-(`Tracker`: after the start, a failure is recorded, never raised, so a server that stops answering
-costs the search its records, not its results), and what a run records of its code and data."""
+(`Tracker`), and what a run records of its code and data."""
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,8 @@ class Tracker:
         self.failures: list[str] = []
 
     def attempt(self, what: str, call: Callable[[], Any], default: Any = None) -> Any:
-        """`call()`, or `default` and a recorded failure. Once a call has failed, each further one is
-        tried only if the store answers a quick check: a server that hangs costs seconds, not a
-        timeout per call."""
+        """`call()`, or `default` and a recorded failure; after a failure, a call is tried only if the
+        store answers a quick check (a server that hangs costs seconds, not a timeout per call)."""
         if self.failures and not self.answers():
             self.failures.append(f"{what}: not tried, the store still does not answer")
             log.warning("MLflow: could not %s (the store does not answer)", what)
@@ -119,9 +119,6 @@ def git_version(repo: Path = REPO) -> dict:
 def versions() -> dict:
     """The driver's versions of Python and of the packages a run depends on (the cluster configs
     install the same on every node)."""
-    import importlib.metadata as md
-    import sys
-
     found = {"python": sys.version.split()[0]}
     for name in ("softfine", "torch", "transformers", "ray", "optuna", "mlflow"):
         try:

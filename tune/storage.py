@@ -1,7 +1,5 @@
-"""Where a search's files live (--storage-path): a local folder, or a URI that pyarrow opens
-(s3://BUCKET/PREFIX, gs://, hdfs://), its endpoint and credentials from the environment as AWS's
-tools take them. The search's own files (OWN_FILES) are kept beside Ray Tune's, in STORAGE/NAME; on
-a remote storage the driver works in a local copy, uploaded as it changes and downloaded on --resume."""
+"""Where a search's files live (--storage-path): a folder, or a URI pyarrow opens (s3://BUCKET/PREFIX),
+the search's own files beside Ray Tune's; on a URI, worked on in a local copy, uploaded as they change."""
 
 from __future__ import annotations
 
@@ -13,6 +11,8 @@ import re
 import urllib.parse
 import uuid
 from pathlib import Path
+
+import pyarrow.fs
 
 from .space import SearchError
 
@@ -83,8 +83,6 @@ class Storage:
     def filesystem(self):
         """(pyarrow file system, the storage's path on it) of a remote storage."""
         if self._fs is None:
-            import pyarrow.fs
-
             self._fs, self._base = pyarrow.fs.FileSystem.from_uri(self.uri)
             self._base = self._base.rstrip("/")
         return self._fs, self._base
@@ -109,8 +107,6 @@ class Storage:
                 f"--storage-path {self.uri}: give the bucket and prefix alone (s3://BUCKET/PREFIX); the "
                 "endpoint and region come from the environment (AWS_ENDPOINT_URL, AWS_REGION)"
             )
-        import pyarrow.fs
-
         unusable = f"--storage-path {self.uri}: cannot reach it or write there"
         try:
             fs, base = self.filesystem()  # an S3 URI: the bucket's region is looked up unless it is given
@@ -144,8 +140,6 @@ class Storage:
     def exists(self, name: str, file: str) -> bool:
         if not self.remote:
             return (self.local / name / file).exists()
-        import pyarrow.fs
-
         return (
             self.filesystem()[0].get_file_info(self.fs_path(name, file)).type != pyarrow.fs.FileType.NotFound
         )
@@ -155,8 +149,6 @@ class Storage:
         if not self.remote:
             found = self.local.glob(f"*/{file}") if self.local.is_dir() else []
             return [(p.stat().st_mtime, p.parent.name) for p in found]
-        import pyarrow.fs
-
         fs, base = self.filesystem()
         listed = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
         folders = [i.base_name for i in listed if i.type == pyarrow.fs.FileType.Directory]
@@ -169,8 +161,6 @@ class Storage:
 
 def open_path(path: str):
     """(pyarrow file system, path on it) of a local path or a URI."""
-    import pyarrow.fs
-
     if is_remote(path):
         return pyarrow.fs.FileSystem.from_uri(path)
     return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
@@ -246,13 +236,10 @@ class SearchFiles:
                     out.write(data)
 
     def pull(self, download: bool = True) -> list[str]:
-        """Empties the working folder (what an earlier driver here left is no part of the search now)
-        but for this driver's lock, and (`download`: a resumed search) downloads the search's own
-        files into it; returns their names."""
+        """Empties the working folder but for this driver's lock, and (`download`: a resumed search)
+        downloads the search's own files into it; returns their names."""
         if not self.remote:
             return []
-        import pyarrow.fs
-
         for path in self.folder.iterdir():
             if path.is_file() and path.name != LOCK:
                 path.unlink()

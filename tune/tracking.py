@@ -1,13 +1,14 @@
-"""The MLflow tracking store of --mlflow-uri: resolved, checked before anything starts, reached with
-short HTTP timeouts. Credentials in `http://user:password@host` never leave memory: MLflow gets the
-URI without them and MLFLOW_TRACKING_USERNAME/PASSWORD, and whatever is shown or stored is masked."""
+"""The MLflow tracking store of --mlflow-uri: resolved, checked, reached with short HTTP timeouts.
+Credentials in its URI reach MLflow as MLFLOW_TRACKING_USERNAME/PASSWORD; what is shown is masked."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import re
+import sqlite3
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,9 +85,8 @@ def without_credentials(uri: str | None) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TrackingStore:
-    """A tracking store as the search uses it. `uri`: what MLflow clients are given (an HTTP server's
-    without credentials); `display`: what is shown and stored (the password masked); `env`: the
-    credentials for MLflow's HTTP client, from the URI or the environment."""
+    """`uri`: what MLflow clients get (an HTTP server's without credentials); `display`: what is shown
+    and stored (the password masked); `env`: the credentials for MLflow's HTTP client."""
 
     uri: str
     display: str
@@ -129,11 +129,9 @@ def credentials(env: dict):
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        for key in [k for k, v in saved.items() if v is None]:
+            os.environ.pop(key, None)
 
 
 def short_http(timeout: float, retries: int = 0):
@@ -145,8 +143,6 @@ def short_http(timeout: float, retries: int = 0):
 def check_sqlite_store(path: Path, display: str) -> None:
     """A SQLite file given as the store is new, empty or MLflow's: MLflow would create its tables
     inside any other database it is given."""
-    import sqlite3
-
     if not path.is_file() or path.stat().st_size == 0:
         return
     try:
@@ -166,8 +162,6 @@ def check_sqlite_store(path: Path, display: str) -> None:
 
 def sqlite_tables(path: Path) -> set[str]:
     """The tables of a SQLite file, opened read-only (sqlite3.DatabaseError: not a database)."""
-    import sqlite3
-
     with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
         return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
@@ -176,8 +170,6 @@ def sqlite_tables(path: Path) -> set[str]:
 def folder_lock(folder: Path):
     """An exclusive lock on `folder` while the block runs (flock): two searches that open one new
     SQLite store create MLflow's tables one after the other."""
-    import fcntl
-
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

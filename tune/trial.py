@@ -1,7 +1,5 @@
-"""The trainable: a grid point, or a fused group of them (--fuse), trained by
-`softfine.train.train_group` and reported to Ray Tune: every dev evaluation with the training
-directory as its checkpoint, then the test scores with a final checkpoint of best/ only. A group's
-report carries each member's results under `members`; its files are in one folder per member."""
+"""The trainable: a grid point or a fused group (--fuse) trained by `softfine.train.train_group`, each
+evaluation reported with its checkpoint, then the test scores with a checkpoint of best/ only."""
 
 from __future__ import annotations
 
@@ -11,6 +9,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from ray import tune
 
 from softfine.config import METRICS_FILE, TEST_METRICS_FILE, TrainConfig
 from softfine.datasets import Corpus
@@ -69,8 +69,6 @@ def softfine_trial(
 ) -> None:
     """Ray Tune's trainable. `base` and `corpus` come by tune.with_parameters (Ray's object store: a
     worker needs no data files); restarted by Ray, a trial goes on from its last checkpoint."""
-    from ray import tune
-
     from softfine.train import train_group
 
     quiet(verbose)
@@ -83,10 +81,8 @@ def softfine_trial(
         if finished is not None:  # finished before the driver saw it: the result stands
             tune.report(*finished)
             return
-        configs = [
-            trial_config(base, p, out=str(m), device=where["device"])
-            for p, m in zip(members_of(config), members)
-        ]
+        points = zip(members_of(config), members)
+        configs = [trial_config(base, p, out=str(m), device=where["device"]) for p, m in points]
 
         reporting = 0.0  # seconds spent handing results and checkpoints to Ray (search_overhead.py)
         reports: list[dict] = [{} for _ in members]
@@ -97,10 +93,8 @@ def softfine_trial(
             if member < len(members) - 1:  # one report per evaluation, once every member is written
                 return
             started = time.perf_counter()
-            tune.report(
-                {**group_report(reports, config), **where},
-                checkpoint=tune.Checkpoint.from_directory(str(out)),
-            )
+            checkpoint = tune.Checkpoint.from_directory(str(out))
+            tune.report({**group_report(reports, config), **where}, checkpoint=checkpoint)
             reporting += time.perf_counter() - started
 
         try:
@@ -123,8 +117,6 @@ def softfine_trial(
 def from_checkpoint(out: Path, members: list[Path], where: dict) -> tuple[list[str] | None, tuple | None]:
     """This trial's checkpoint from Ray (a retry, a resume), into `out`: (the members' directories to
     resume from, or None; (result, checkpoint) when the trial had finished, else None)."""
-    from ray import tune
-
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None, None

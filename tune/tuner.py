@@ -3,12 +3,22 @@ callback), restored when the search is resumed, with its checkpoints mended firs
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import posixpath
+import sqlite3
 from pathlib import Path
 
+import pyarrow.fs
+from ray import tune
+from ray.tune import CheckpointConfig, CLIReporter, ExperimentAnalysis, FailureConfig, RunConfig
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+
 from .cli import PROG
+from .console import PointsReporter
 from .plan import Plan
 from .space import FUSED, METRIC, MODE, SYMBOLS, SearchError, make_searcher
 from .storage import is_remote, open_path, read_from
@@ -36,18 +46,10 @@ def _checkpoint_index(name: str) -> int | None:
 def experiment_files(path: str, pattern: str) -> tuple[object, list[str]]:
     """(pyarrow file system, the paths on it) of the files named `pattern` in the experiment folder
     `path` (a folder or a URI), in name order."""
-    import fnmatch
-
-    import pyarrow.fs
-
     fs, root = open_path(path)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-    files = [
-        i.path
-        for i in infos
-        if i.type == pyarrow.fs.FileType.File and fnmatch.fnmatchcase(i.base_name, pattern)
-    ]
-    return fs, sorted(files)
+    files = [i for i in infos if i.type == pyarrow.fs.FileType.File]
+    return fs, sorted(i.path for i in files if fnmatch.fnmatchcase(i.base_name, pattern))
 
 
 def mend_callback_state(path: str) -> list[str]:
@@ -67,14 +69,9 @@ def mend_callback_state(path: str) -> list[str]:
 
 
 def mend_checkpoints(path: str) -> list[str]:
-    """Makes a stopped search's checkpoints agree with its last experiment snapshot; returns notes.
-    A snapshot may name a checkpoint deleted since (num_to_keep=1 deletes it as the next one is
-    registered, before the snapshot): the oldest newer one takes its place. Checkpoints newer than
-    the snapshot's go: Ray would write the trial's next ones into them."""
-    # By hand: Tune's restore takes the snapshot's checkpoint as given, with no fallback to a newer one.
-    import pyarrow.fs
-    from ray.tune import ExperimentAnalysis
-
+    """A stopped search's checkpoints made to agree with its last snapshot (returns notes): a deleted
+    one it names is replaced by the oldest newer one; newer ones go (Ray would write into them)."""
+    # By hand: Tune deletes a checkpoint before its snapshot names the next, and restores with no fallback.
     notes = []
     for trial in ExperimentAnalysis(path).trials:
         if trial.status == "TERMINATED":
@@ -106,8 +103,6 @@ def mend_checkpoints(path: str) -> list[str]:
 
 
 def holds_files(fs, path: str) -> bool:
-    import pyarrow.fs
-
     selector = pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True)
     return any(info.type == pyarrow.fs.FileType.File for info in fs.get_file_info(selector))
 
@@ -115,8 +110,6 @@ def holds_files(fs, path: str) -> bool:
 def check_study(folder, shown: str | None = None) -> None:
     """A resumed search's Optuna study (optuna.db) is an Optuna database, or the resume is refused
     before Ray starts, naming the file (`shown`: where it is kept, when `folder` is a working copy)."""
-    import sqlite3
-
     study = folder / OPTUNA_DB
     if not study.is_file():
         return
@@ -173,10 +166,6 @@ def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
 def make_reporter(plan: Plan, phase: str, param_space: dict):
     """The phase's console (console.py): a line per point and a short status; with -v, Ray Tune's
     table every 30 s and Ray's warnings of slow snapshots (every checkpointing evaluation's)."""
-    from ray.tune import CLIReporter
-
-    from .console import PointsReporter
-
     if not plan.flags.verbose:
         for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -196,10 +185,6 @@ def make_tuner(
 ):
     """The phase's Tuner; restored (unfinished and failed trials go on, with the callback it was made
     with) when it was started before. `folder`: the search's (working) folder, with its Optuna study."""
-    from ray import tune
-    from ray.tune import CheckpointConfig, FailureConfig, RunConfig
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
     from .in_place import StudyInPlace
 
     path = f"{plan.storage_path.rstrip('/')}/{name}"  # a folder, or a URI (storage.py)
@@ -235,8 +220,6 @@ def quiet_ray_defaults() -> None:
 
 def restored_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, folder: Path, path: str):
     """The phase's Tuner from its saved state, mended first; the searcher's study this folder's."""
-    from ray import tune
-
     from .in_place import StudyInPlace, TrialsInPlace, storage_opened_at
 
     log.warning("resuming %s from %s", phase, path)
@@ -257,10 +240,6 @@ def restored_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainab
 def search_config(plan: Plan, phase: str, param_space: dict, folder: Path):
     """Optuna's searcher (and ASHA) for the search phase; Ray Tune's own grid search for the seeds
     and for fused groups (--fuse)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-
     from .in_place import TrialsInPlace
 
     flags = plan.flags
