@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -22,7 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
 import pytest
+from tune_fixtures import descendants, free_port
 
 import mlflow
 from mlflow import MlflowClient
@@ -32,12 +36,6 @@ SERVER = REPO / "mlflow" / "server.sh"
 ADMIN_PASSWORD = "softfine-admin-0123"  # MLflow asks for at least 12 characters
 SECRET_KEY = "softfine-test-secret-key"
 SEARCH_API = "/api/2.0/mlflow/experiments/search?max_results=5"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_env(**extra: str) -> dict:
@@ -81,10 +79,12 @@ def http_status(url: str, user: str | None = None, password: str | None = None) 
 
 
 def proc_identity(pid: int) -> tuple[str, str]:
-    """(start time, command line) as the pid files record them."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    return stat.rpartition(")")[2].split()[19], cmdline
+    """(start time, command line) as the pid files record them: the command line's arguments each
+    followed by a space, newlines as spaces."""
+    # The start time in clock ticks since boot, field 22 of /proc/PID/stat, as server.sh reads it:
+    # psutil gives it only as seconds since the epoch, through a boot time that moves with the clock.
+    start = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
+    return start, "".join(f"{arg} " for arg in psutil.Process(pid).cmdline()).replace("\n", " ")
 
 
 def assert_port_free(port: int) -> None:
@@ -104,52 +104,69 @@ def assert_private(store: Path) -> None:
     assert not loose, loose
 
 
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), <linux/prctl.h>
+
+
+@pytest.fixture
+def adopting_orphans():
+    """This test's process as a child subreaper: a process that outlives its parent (a daemon left by
+    server.sh) stays below the test, where processes_mentioning sees it, rather than going to init.
+    Those adopted and ended are reaped afterwards."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # no psutil or os call for it
+    was = ctypes.c_int()
+    if prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was)) or prctl(PR_SET_CHILD_SUBREAPER, 1):
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    before = {child.pid for child in psutil.Process().children()}
+    yield
+    prctl(PR_SET_CHILD_SUBREAPER, was.value)
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess, ChildProcessError):
+            if child.pid not in before and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, 0)
+
+
 def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{entry.name}: {cmdline}")
-    return found
+    """This test's processes whose command line holds `text` (with adopting_orphans: daemons too)."""
+    return [f"{pid}: {cmdline}" for pid, cmdline in descendants(os.getpid()).items() if text in cmdline]
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """The processes of a process group, zombies (gone, not yet reaped) left out."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split() if entry.name.isdigit() else []
-        except OSError:
-            continue
-        if fields and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running (one that ended but is not yet reaped, a zombie, is gone)."""
+    alive = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+    return alive
 
 
 @pytest.fixture
 def sleeper():
     """An unrelated process that stale pid files will name. It blocks the signals a stop sends
-    first (TERM, INT, HUP), so that one sent to it stays pending, where a test sees it at once."""
+    first (TERM, INT, HUP), so that one sent to it stays pending, and names those pending for each
+    line it reads (signals_sent_to)."""
     code = (
-        "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, "
-        "signal.SIGHUP}); print('ready', flush=True); time.sleep(300)"
+        "import signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, "
+        "signal.SIGHUP}); print('ready', flush=True); "
+        "[print(*sorted(s.name for s in signal.sigpending()), flush=True) for _ in sys.stdin]"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline() == "ready\n"
     yield proc
     proc.kill()
     proc.wait()
+    proc.stdin.close()
     proc.stdout.close()
 
 
-def signals_sent_to(pid: int) -> int:
-    """The signals pending for the process (a mask; 0: none was sent that it has not handled)."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+def signals_sent_to(sleeper: subprocess.Popen) -> list[str]:
+    """The signals pending for the sleeper, by name, as it reports them (none: none was sent)."""
+    assert psutil.Process(sleeper.pid).status() != psutil.STATUS_STOPPED  # it can answer
+    sleeper.stdin.write("?\n")
+    sleeper.stdin.flush()
+    return sleeper.stdout.readline().split()
 
 
 @pytest.fixture(autouse=True)
@@ -263,12 +280,12 @@ class TestForegroundServer:
 
     def test_unknown_options_reach_mlflow_server(self, server):
         # server.sh execs mlflow server in the foreground: the process it started is the server itself.
-        argv = Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert argv[argv.index(b"--x-frame-options") + 1] == b"DENY"
+        argv = psutil.Process(server.proc.pid).cmdline()
+        assert argv[argv.index("--x-frame-options") + 1] == "DENY"
         with urllib.request.urlopen(f"{server.uri}/health", timeout=10) as r:
             assert r.headers["X-Frame-Options"] == "DENY"  # MLflow's default is SAMEORIGIN
 
-    def test_second_start_on_a_busy_port_fails_clearly(self, server, tmp_path):
+    def test_second_start_on_a_busy_port_fails_clearly(self, server, tmp_path, adopting_orphans):
         result = subprocess.run(
             [str(SERVER), "--port", str(server.port), "--store", str(tmp_path / "other")],
             cwd=tmp_path,
@@ -375,6 +392,9 @@ class TestAuthDaemon:
     def test_stop_stops_the_daemon_it_started(self, auth_daemon):
         """The last test of the class: the daemon is gone afterwards."""
         pid = int((auth_daemon.store / "server.pid").read_text().split("\n")[0])
+        # The daemon and what it started (uvicorn, MLflow's job runners: its process group).
+        daemon = psutil.Process(pid)
+        tree = [daemon, *daemon.children(recursive=True)]
         stopped = subprocess.run(
             [str(SERVER), "--stop", "--store", str(auth_daemon.store)],
             env=server_env(),
@@ -388,7 +408,7 @@ class TestAuthDaemon:
             == f"mlflow/server.sh: stopped the server of {auth_daemon.store} (pid {pid})"
         )
         assert not (auth_daemon.store / "server.pid").exists()
-        assert not live_group_members(pid)  # its whole process group (uvicorn, MLflow's job runners) is gone
+        assert not running(tree), running(tree)
         assert_port_free(auth_daemon.port)
         assert auth_daemon.sleeper.poll() is None
 
@@ -418,7 +438,7 @@ def test_stop_spares_the_process_a_stale_pid_file_names(kind, sleeper, tmp_path)
     assert result.stderr.startswith(f"mlflow/server.sh: --stop: {pidfile} is stale (")
     assert result.stderr.strip().endswith("removed it, stopped nothing") and result.stderr.count("\n") == 1
     assert not pidfile.exists()
-    assert sleeper.poll() is None and signals_sent_to(sleeper.pid) == 0  # not signalled, let alone killed
+    assert sleeper.poll() is None and signals_sent_to(sleeper) == []  # not signalled, let alone killed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +500,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUT.values(), ids=BAD_INPUT.keys())
-def test_bad_input_is_refused_in_one_line(case, tmp_path, sleeper):
+def test_bad_input_is_refused_in_one_line(case, tmp_path, sleeper, adopting_orphans):
     store, port = tmp_path / "store", free_port()
     env = server_env(**case.env)
     busy = None

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tune_fixtures import REPO, stop_group
+from tune_fixtures import REPO, descendants, stop_group
 
 LOCAL_YAML = REPO / "cluster" / "local.yaml"
 VENV = Path(sys.prefix)  # this checkout's virtual environment: the head's ~/softfine-venv
@@ -61,6 +61,7 @@ DEFAULT_PORTS = ("6379", "8265", "10001", "52365", "5000")  # GCS, dashboard, cl
 # it logs "Adding 1 node(s)" every 5 s and launches none; v1 records the head in the provider's state
 # on the head first, v2 does not).
 RAY_UP_ENV = {"RAY_UP_enable_autoscaler_v2": "0"}
+processes_below = descendants  # the name tests/test_two_nodes.py imports it by
 
 # ssh's ProxyCommand: stdin/stdout <-> a TCP connection. Ray's local provider has no SSH port
 # setting (auth: ssh_user, ssh_private_key, ssh_proxy_command), so this carries the connection to
@@ -90,30 +91,6 @@ if [ -n "$2" ]; then mount --bind "$2" /etc/ssh/ssh_config; fi
 shift 2
 exec "$@"
 """
-
-
-def processes_below(pid: int) -> dict[int, str]:
-    """The processes below `pid` (children, theirs, ...) with their command lines, from /proc: the
-    test finds the Ray processes it started there, never among every process of the user."""
-    parent_of, cmdline = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError, IndexError, ValueError):  # a process may end while read
-            parent_of[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
-            cmdline[int(entry)] = (
-                Path(f"/proc/{entry}/cmdline")
-                .read_bytes()
-                .replace(b"\0", b" ")
-                .decode(errors="replace")
-                .strip()
-            )
-    found: dict[int, str] = {}
-    below = [pid]
-    while below:
-        parent = below.pop()
-        for child in [c for c, p in parent_of.items() if p == parent and c not in found]:
-            found[child] = cmdline.get(child, "")
-            below.append(child)
-    return found
 
 
 def needed_tools() -> None:
@@ -339,7 +316,7 @@ class Sshd:
 
     def processes(self) -> dict[int, str]:
         """The node's processes (pid as this test sees them: command line)."""
-        return processes_below(self.process.pid) if self.process is not None else {}
+        return descendants(self.process.pid) if self.process is not None else {}
 
     def proxy_command(self) -> str:
         return f"{sys.executable} {self.proxy} %h {self.port}"
