@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from pathlib import Path
 
-import cloudpickle
-from ray.exceptions import RayTaskError
 from ray.tune import Callback
 
 from .account import RUNS, UNLOGGED, describe_retry, write_account
@@ -19,6 +18,8 @@ from .trial import member_dirs, member_results, members_of
 
 FINAL_KEYS = (METRIC, "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
 # a trial's results that its runs get as softfine.KEY tags (a retried trial may run elsewhere)
+# A line of a traceback that names an exception ("ValueError: ...", "ray.exceptions.RayTaskError...").
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 TAGGED = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device")
 TAGGED += ("device_note", "resumed_from_step", "data_sha256")
 
@@ -122,25 +123,19 @@ def _number(value) -> bool:
 
 
 def trial_error(trial) -> str:
-    """Ray's account of the trial's last failure: a task's cause ("ValueError: ..."), an actor's
-    error (ActorDiedError, ActorUnavailableError) as Ray words it."""
-    error = _pickled_error(trial)
-    if isinstance(error, RayTaskError):  # the trial's own exception, raised in its actor
-        text = f"{type(error.cause).__name__}: {error.cause}"
-    elif error is not None:
-        text = str(error)
-    else:  # Tune pickles Ray's errors only; another's text is in its error file, its last line
-        local = Path(trial.error_file or "")
-        text = local.read_text(errors="replace") if local.is_file() else trial.get_error() or ""
-        text = (text.strip().splitlines() or [""])[-1]
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:4000] or "unknown error"
-
-
-def _pickled_error(trial) -> BaseException | None:
-    """The error Tune pickles in the driver's trial folder just before it calls back (the storage's
-    copy, which `trial.get_pickled_error()` reads, is synced later)."""
-    local = Path(trial.pickled_error_file or "")
-    try:
-        return cloudpickle.loads(local.read_bytes()) if local.is_file() else trial.get_pickled_error()
-    except Exception:  # noqa: BLE001 - a class this driver cannot import, a storage that does not answer
-        return None
+    """Ray's account of the trial's last failure (Tune writes `str(error)`): from the last line that
+    names an exception on, or all of it. Read from the error file in the driver's copy of the trial
+    folder, written just before Tune calls back (the storage's copy, which `trial.get_error()`
+    reads, is synced later). Tune's typed error is only in a pickle, and nothing here unpickles."""
+    local = Path(trial.error_file) if trial.error_file else None
+    if local is not None and local.is_file():
+        last = local.read_text(encoding="utf-8", errors="replace").rsplit("Failure # ", 1)[-1]
+        text = last.partition("\n")[2]  # without its "Failure # N (occurred at ...)" line
+    else:
+        error = trial.get_error()
+        text = str(error) if error else ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    named = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    # A RayTaskError's text is the trial's traceback, whose last named exception is the cause;
+    # an actor's error (ActorDiedError, ActorUnavailableError) is Ray's message alone, kept whole.
+    return " ".join(lines[named[-1] if named else 0 :])[:4000] or "unknown error"

@@ -45,7 +45,7 @@ class SearchRecord:
     experiment_name: str | None = None
     fuse: int | None = None  # the most grid points per trial, --fuse auto resolved
     parent_run_id: str = ""
-    code: dict | None = None  # tracking.git_version()
+    code: dict | None = None  # runs.git_version()
     mode: str | None = None  # Plan.mode
     stage: str = "search"  # "search", "seeds" (the selection's seeds) or "done"
     grid: dict | None = None  # grid to data_sha256: recorded_settings

@@ -180,7 +180,7 @@ def check_data(plan: Plan, record: SearchRecord | None) -> Plan:
 @contextlib.contextmanager
 def one_driver(files: SearchFiles):
     """An exclusive lock on the search while the block runs: flock on a file of its (working) folder,
-    which the kernel releases however the process ends; on S3 also storage.RemoteLock (drivers on
+    which the kernel releases however the process ends; on S3 also lock.RemoteLock (drivers on
     other machines). A second driver on the same --storage-path and --name is refused, naming the first."""
     import fcntl
 
@@ -215,9 +215,8 @@ def one_driver(files: SearchFiles):
             remote.acquire()
         elif files.remote:
             log.warning(
-                "%s: one driver per search is checked on this machine only (storage.RemoteLock needs S3 and "
-                "a boto3 whose botocore knows S3's conditional writes, late 2024 on): run the search's "
-                "driver on one machine at a time",
+                "%s: one driver per search is checked on this machine only (lock.RemoteLock needs S3 and "
+                "boto3): run the search's driver on one machine at a time",
                 files.location,
             )
         yield
