@@ -1,32 +1,11 @@
-"""The search space: the paper's grid, the presets, how a grid point becomes a TrainConfig, and
-the Optuna searcher.
-
-The grid is the paper's (Appendix C), the same for every dataset: the (alpha_aug, alpha_fea) pairs
-are one categorical dimension ("aug,fea"), beta and gamma two more, 4 x 3 x 3 = 36 points;
-soft_scope ("paper", "related") is a fourth when it is given more than one value. A preset
-(tune/presets/DATASET.yaml) holds the paper's training settings for a dataset (`train:`) and its
-selection; a preset of your own may set a `grid:` too; flags override any value. Every value is
-checked when the preset is read (a `train:` value as a TrainConfig field: pydantic, strict; a grid
-value as a number), each error naming the file and the key.
-
-A trial's config (Ray's param_space) is its grid point only: `trial_config(base, point)` is the
-search's base TrainConfig with the point's values (and the seeds phase's seed) replaced, validated
-again. `SEARCHED` names the TrainConfig fields a point sets, once.
-
-`--fuse K` (grid sampler only): the points in groups of at most K (`fused_groups`), each group one
-Ray trial (a grid search over the groups) that trains them as one fused model; the study then gets
-every point, with its dev F1, as it ends (`record_points`), as the grid sampler would have.
-
-`--sampler grid`: every point is enqueued in the Optuna study (OptunaSearch's
-`points_to_evaluate`, i.e. `study.enqueue_trial`), and Ray Tune asks for exactly one trial per point;
-Optuna hands each enqueued point to exactly one trial, however many are in flight. `--sampler tpe`:
-TPE over the same values. The study is kept in an Optuna storage in the search's folder
-(`optuna.db`), for Optuna's own analysis (plots, optuna-dashboard).
-"""
+"""The search space: the paper's grid (4 (alpha_aug, alpha_fea) pairs x beta x gamma, soft_scope when given
+two values), the presets (tune/presets/DATASET.yaml, every value checked naming file and key), a point's
+TrainConfig, the Optuna searcher (grid: every point enqueued once; tpe), and --fuse's groups of points."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +18,6 @@ METRIC, MODE = "best_dev_f1", "max"
 # The key of a fused trial's config: the group of grid points it trains (trial.fused_config)
 FUSED = "group"
 SCOPES = ("paper", "related")
-# The TrainConfig fields a grid point sets: SEARCHED (softfine.config), soft_scope too when it is searched.
 # How the paper writes each searched value: tables, figures, the parent run's description.
 SYMBOLS = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
 # The paper's grid (Appendix C): (alpha_aug, alpha_fea) pairs, beta, gamma.
@@ -50,17 +28,11 @@ PAPER_GRID = {
 }
 # TrainConfig fields a preset's train: may not set: the grid's, and those set per trial or by flag.
 NOT_IN_TRAIN = {
-    "alpha_aug": "a grid value: put it under grid: alphas",
-    "alpha_fea": "a grid value: put it under grid: alphas",
-    "beta": "a grid value: put it under grid:",
-    "gamma": "a grid value: put it under grid:",
-    "soft_scope": "a grid value: put it under grid:",
-    "out": "set per trial",
-    "device": "set per trial",
+    **dict.fromkeys(("alpha_aug", "alpha_fea"), "a grid value: put it under grid: alphas"),
+    **dict.fromkeys(("beta", "gamma", "soft_scope"), "a grid value: put it under grid:"),
+    **dict.fromkeys(("out", "device"), "set per trial"),
     "dataset": "the dataset is chosen with --dataset",
-    "train_file": "the data is chosen by flag",
-    "validation_file": "the data is chosen by flag",
-    "test_file": "the data is chosen by flag",
+    **dict.fromkeys(("train_file", "validation_file", "test_file"), "the data is chosen by flag"),
 }
 
 
@@ -88,8 +60,7 @@ def parse_alphas(key: str) -> tuple[float, float]:
 
 
 def point_values(point: dict) -> dict:
-    """The TrainConfig values of a trial's point: its grid point and, in the seeds phase, its
-    seed. Left as they are: make_config checks their types."""
+    """The TrainConfig values of a point (and, in the seeds phase, its seed); make_config checks them."""
     aug, fea = parse_alphas(point["alphas"])
     values = {"alpha_aug": aug, "alpha_fea": fea, "beta": point["beta"], "gamma": point["gamma"]}
     for key in ("soft_scope", "seed"):  # soft_scope when searched; seed in the seeds phase
@@ -99,17 +70,15 @@ def point_values(point: dict) -> dict:
 
 
 def trial_config(base, point: dict, **fixed):
-    """The trial's TrainConfig: the search's base config with the point's values and `fixed`
-    ones (out, device) replaced, validated again."""
+    """The search's base config with the point's values and `fixed` ones (out, device), validated again."""
     from softfine.config import make_config
 
     return make_config({**point_values(point), **fixed}, where=lambda key: f"trial config: {key}", base=base)
 
 
 def point_name(point: dict) -> str:
-    """A point as a run name: its α_aug,α_fea,β,γ, `0.01,0.005,2,2.5` (`,related` when the scope is
-    searched), short enough to be read whole in MLflow's runs table (about 16 characters fit); a
-    seeds-phase run is `seed 43`, its point being the parent run's configuration."""
+    """A run's name, short enough for MLflow's runs table: `0.01,0.005,2,2.5` (α_aug,α_fea,β,γ; `,related`
+    when the scope is searched), or `seed 43` in the seeds phase (its point is the parent run's)."""
     values = point_values(point)
     if "seed" in values:
         return f"seed {values['seed']}"
@@ -135,6 +104,10 @@ class Grid:
     soft_scope: list[str] = field(default_factory=lambda: ["paper"])
     # Where each dimension's values come from ("--beta", "preset FILE: grid: beta"), for errors.
     origin: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:  # a value given twice is one value: its points are searched once
+        for key in ("alphas", "beta", "gamma", "soft_scope"):
+            setattr(self, key, list(dict.fromkeys(getattr(self, key))))
 
     def keys(self) -> tuple[str, ...]:
         """The hyperparameters a point sets: the paper's four, and soft_scope when it is searched
@@ -173,14 +146,9 @@ class Grid:
         }
 
 
-def preset_path(dataset: str) -> Path:
-    return PRESETS / f"{dataset}.yaml"
-
-
 def load_preset(dataset: str | None, path: str | Path | None = None) -> dict:
-    """{"train": {...}, "grid": Grid, "paper_selection": {...} | None, "path": str} from a preset
-    file, every value checked; the paper's grid unless the preset has its own; a dataset without a
-    preset (a user's own: `dataset` None) gets the trainer's defaults, the paper's fine-tuning ones."""
+    """{"train": {...}, "grid": Grid, "paper_selection": {...} | None, "path": str}, every value checked;
+    a dataset without a preset (`dataset` None) gets the trainer's defaults and the paper's grid."""
     from softfine.config import read_yaml
 
     explicit = path is not None
@@ -191,7 +159,7 @@ def load_preset(dataset: str | None, path: str | Path | None = None) -> dict:
             "paper_selection": None,
             "path": "none (the trainer's defaults)",
         }
-    path = Path(path) if explicit else preset_path(dataset)
+    path = Path(path) if explicit else PRESETS / f"{dataset}.yaml"
     values = read_yaml(path, "--preset" if explicit else "preset") if explicit or path.is_file() else {}
     where = f"preset {path}"
     unknown = sorted(map(str, set(values) - {"train", "grid", "paper_selection"}))
@@ -206,8 +174,7 @@ def load_preset(dataset: str | None, path: str | Path | None = None) -> dict:
 
 
 def preset_train(train, path: Path) -> dict:
-    """The train: section's values, each checked as a TrainConfig field (on its own, as it is
-    written, whatever flags override later)."""
+    """The train: section's values, each checked as a TrainConfig field as written (flags override later)."""
     from softfine.config import config_values, make_config
 
     if not isinstance(train, dict):
@@ -242,24 +209,15 @@ def preset_grid(grid, path: Path) -> Grid:
         problem = f"unknown key {unknown[0]!r}" if unknown else f"key {missing[0]!r} is missing"
         raise SearchError(f"{where}: {problem} (expected alphas, beta, gamma and optionally soft_scope)")
     pairs = grid["alphas"]
-    if (
-        not isinstance(pairs, list)
-        or not pairs
-        or not all(isinstance(p, list) and len(p) == 2 for p in pairs)
-    ):
+    if not (isinstance(pairs, list) and pairs and all(isinstance(p, list) and len(p) == 2 for p in pairs)):
         raise SearchError(f"{where}: alphas: expected a list of [alpha_aug, alpha_fea] pairs, got {pairs!r}")
     alphas = [tuple(_numbers(pair, f"{where}: alphas")) for pair in pairs]
     scopes = grid.get("soft_scope", ["paper"])
     if not isinstance(scopes, list) or not scopes or any(s not in SCOPES for s in scopes):
         raise SearchError(f"{where}: soft_scope: expected a list of {' and '.join(SCOPES)}, got {scopes!r}")
+    beta, gamma = (_numbers(grid[key], f"{where}: {key}") for key in ("beta", "gamma"))
     origin = {key: f"{where}: {key}" for key in ("alphas", "beta", "gamma", "soft_scope")}
-    return Grid(
-        list(dict.fromkeys(alphas)),
-        list(dict.fromkeys(_numbers(grid["beta"], f"{where}: beta"))),
-        list(dict.fromkeys(_numbers(grid["gamma"], f"{where}: gamma"))),
-        list(dict.fromkeys(scopes)),
-        origin,
-    )
+    return Grid(alphas, beta, gamma, scopes, origin)
 
 
 def paper_selection(selection, path: Path) -> dict | None:
@@ -295,42 +253,26 @@ def grid_from_flags(
         key: (f"--{key.replace('_', '-')}" if given[key] else grid.origin.get(key, f"the grid's {key}"))
         for key in given
     }
-    return Grid(
-        list(dict.fromkeys(pairs)),
-        list(dict.fromkeys(beta or grid.beta)),
-        list(dict.fromkeys(gamma or grid.gamma)),
-        list(dict.fromkeys(soft_scope or grid.soft_scope)),
-        origin,
-    )
+    return Grid(pairs, beta or grid.beta, gamma or grid.gamma, soft_scope or grid.soft_scope, origin)
 
 
 def check_grid(grid: Grid, base) -> None:
-    """Every point of the grid must make a valid TrainConfig from the base config: an impossible
-    value (beta <= 1, gamma <= 0, a negative alpha, inf) is refused, naming where it came from,
-    before any trial starts."""
+    """Every point must make a valid TrainConfig from `base`: an impossible value (beta <= 1, inf) is refused
+    before any trial starts, naming where it came from."""
     from softfine.config import make_config
 
     if not len(grid):
         raise SearchError("the grid is empty: --alphas, --beta and --gamma each need at least one value")
-    dimension = {
-        "alpha_aug": "alphas",
-        "alpha_fea": "alphas",
-        "beta": "beta",
-        "gamma": "gamma",
-        "soft_scope": "soft_scope",
-    }
+    dimension = {"alpha_aug": "alphas", "alpha_fea": "alphas"}  # the other fields are their dimension's name
     for point in grid.points():
         make_config(
             point_values(point), where=lambda key: grid.origin.get(dimension.get(key, key), key), base=base
         )
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage: str, study_name: str):
-    """Ray Tune's OptunaSearch over the grid's values, its study kept in `storage` (an Optuna
-    storage URL). Grid: every point enqueued once; TPE: sampled from the same values."""
+    """Ray Tune's OptunaSearch over the grid's values, its study in `storage` (an Optuna storage URL). Grid:
+    every point enqueued, which Optuna hands to exactly one trial however many are in flight; TPE: sampled."""
     import optuna
 
     from .in_place import StudyInPlace
@@ -365,9 +307,8 @@ def make_searcher(sampler: str, grid: Grid, seed: int, num_samples: int, storage
 
 
 def fused_groups(points: list[dict], size: int, base) -> list[list[dict]]:
-    """The points in groups of at most `size`, as even as can be (36 points, --fuse 10: four of
-    9), in grid order. Points that skip the augmented sentences (alpha_aug = alpha_fea = 0, or
-    --no-aug) and those that do not never share a group: their steps differ (softfine.fused)."""
+    """The points in groups of at most `size`, as even as can be (36 points, --fuse 10: four of 9), in grid
+    order; points that skip the augmented sentences never share a group with others (their steps differ)."""
     from softfine.fused import uses_augmentation
 
     augmented = [uses_augmentation(trial_config(base, p)) for p in points]
@@ -384,11 +325,8 @@ def fused_groups(points: list[dict], size: int, base) -> list[list[dict]]:
 
 
 def record_points(storage: str, study_name: str, grid: Grid, rows: list[dict]) -> int:
-    """A fused search's points in its Optuna study (`storage`), one trial each with its best dev
-    F1 (FAIL where the point has none), its Ray trial and MLflow run as user attributes. A point
-    the study holds already (a resumed search) is not added twice. Returns how many were added."""
-    import json
-
+    """A fused search's points in its Optuna study, as the grid sampler's trials would be (FAIL without a
+    dev F1; Ray trial and MLflow run as user attributes), each once (a resumed search); how many added."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
