@@ -17,9 +17,9 @@ from .storage import uri_of
 from .trial import member_dirs, member_results, members_of
 
 FINAL_KEYS = (METRIC, "best_step", "dev_sentences", "dev_gold_entities", "train_seconds")
-# a trial's results that its runs get as softfine.KEY tags (a retried trial may run elsewhere)
 # A line of a traceback that names an exception ("ValueError: ...", "ray.exceptions.RayTaskError...").
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+# a trial's results that its runs get as softfine.KEY tags (a retried trial may run elsewhere)
 TAGGED = ("node_id", "node_ip", "hostname", "gpu_ids", "gpu_share", "cuda_visible_devices", "device")
 TAGGED += ("device_note", "resumed_from_step", "data_sha256")
 
@@ -123,10 +123,8 @@ def _number(value) -> bool:
 
 
 def trial_error(trial) -> str:
-    """Ray's account of the trial's last failure (Tune writes `str(error)`): from the last line that
-    names an exception on, or all of it. Read from the error file in the driver's copy of the trial
-    folder, written just before Tune calls back (the storage's copy, which `trial.get_error()`
-    reads, is synced later). Tune's typed error is only in a pickle, and nothing here unpickles."""
+    """Ray's account of the trial's last failure, from its last line naming an exception: read from the
+    driver's error file (the storage's is synced later; the typed error is a pickle, never read)."""
     local = Path(trial.error_file) if trial.error_file else None
     if local is not None and local.is_file():
         last = local.read_text(encoding="utf-8", errors="replace").rsplit("Failure # ", 1)[-1]

@@ -106,8 +106,7 @@ def cluster_resources() -> dict:
 
 
 def check_cluster(flags: SearchFlags, cluster: dict, storage) -> None:
-    """The trials' resources against the cluster's nodes; on several hosts, a word on a local
-    --storage-path (`storage`: storage.Storage), which every host must share."""
+    """The trials' resources against the cluster's nodes; a local --storage-path on several hosts."""
     if len(cluster["hosts"]) > 1 and not storage.remote:
         log.warning(
             "the cluster spans %d hosts: --storage-path %s must be a folder that every host shares (e.g. "
@@ -186,8 +185,7 @@ def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 
 
 
 def measure_members(base, corpus, share: float) -> dict:
-    """A Ray task holding a trial's GPUs: softfine.memory.member_memory on `base`, and the budget
-    (90 % of the trial's share of the GPU's memory, at most what is free)."""
+    """A Ray task holding a trial's GPUs: member_memory on `base`, and 90 % of its share (at most free)."""
     import torch
 
     from softfine.memory import member_memory

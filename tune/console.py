@@ -241,8 +241,7 @@ def _problems(keys: Sequence[str], rows: list[dict]) -> list[str]:
 
 
 def _selection(plan: Plan, summary: dict) -> list[str]:
-    """The selected point (a seeds run's configuration) and its settings, the paper's selection, and
-    the seeds' mean and standard deviation of dev and test F1."""
+    """The selected point and its settings, the paper's selection, and the seeds' F1 mean and std."""
     base, selected = plan.base, summary.get("selected")
     scope = "" if "soft_scope" in plan.keys else f", soft scope {base.soft_scope}"
     setting = (

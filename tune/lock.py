@@ -136,10 +136,8 @@ class RemoteLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self.etag is not None:
-            with contextlib.suppress(
-                self.client.exceptions.ClientError
-            ):  # taken over by another driver meanwhile: its lock now
+        if self.etag is not None:  # a ClientError: taken over by another driver meanwhile, its lock now
+            with contextlib.suppress(self.client.exceptions.ClientError):
                 self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
             self.etag = None
 

@@ -33,8 +33,7 @@ def preload_model_code() -> None:
 
 
 def check_model(checkpoint: Path) -> None:
-    """Loads a checkpoint as the logged model will be loaded and tags the example: raises when it
-    cannot (a truncated weights file, a damaged config)."""
+    """Loads a checkpoint as the logged model will be and tags the example; raises when it cannot."""
     from softfine.predict import Predictor
 
     Predictor.from_checkpoint(str(checkpoint), "cpu").predict([EXAMPLE])

@@ -31,8 +31,7 @@ def _pyplot():
 def plot_dev_f1(
     rows: list[dict], path: Path, title: str, keys: Sequence[str] = SEARCHED, selected: dict | None = None
 ) -> Path:
-    """Dev F1 of every point against each searched hyperparameter, two panels a row, the selected
-    point a star; about 900 pixels wide, to be read in MLflow's artifact view."""
+    """Dev F1 of every point against each searched hyperparameter, the selected point a star."""
     plt = _pyplot()
     scored = [r for r in rows if number(r.get(METRIC)) is not None]
     lines = math.ceil(len(keys) / 2)
@@ -58,20 +57,14 @@ def plot_dev_f1(
 
 
 def _dev_f1_panel(ax, scored: list[dict], key: str, selected: dict | None, star: str | None) -> None:
-    """One hyperparameter's panel: the points (spread a little sideways, so that equal scores stay
-    visible), the mean per value, and the selected point."""
+    """One hyperparameter's panel: the points (spread sideways: equal scores stay visible), the means."""
     values = sorted({r[key] for r in scored})
     positions = {v: i for i, v in enumerate(values)}
     spread = [positions[r[key]] + 0.08 * ((n % 5) - 2) for n, r in enumerate(scored)]
     ax.scatter(spread, [r[METRIC] for r in scored], s=30, alpha=0.55, label="a point")
     groups = [[r[METRIC] for r in scored if r[key] == v] for v in values]
-    ax.plot(
-        range(len(values)),
-        [sum(g) / len(g) for g in groups],
-        color="black",
-        marker="D",
-        label="mean per value",
-    )
+    means = [sum(g) / len(g) for g in groups]
+    ax.plot(range(len(values)), means, color="black", marker="D", label="mean per value")
     chosen = [
         (x, r[METRIC])
         for r, x in zip(scored, spread)
@@ -123,8 +116,7 @@ def optuna_figures(storage: str, study_name: str) -> dict:
 
 
 def plot_timeline(rows: list[dict], path: Path, title: str) -> Path:
-    """The trials as bars on the GPUs (node, GPU id) Ray gave them, over the search's time; trials
-    sharing a GPU stacked in its lane. CPU trials get one lane per node."""
+    """The trials as bars over time on the GPUs Ray gave them (CPU trials: a lane per node)."""
     plt = _pyplot()
     lanes: dict[tuple, list] = {}
     for row in sorted(timed(rows), key=lambda r: r["trial_start_time"]):

@@ -14,7 +14,7 @@ from .plan import Plan
 from .results import busy_fraction, by_trial, max_overlap, number, seed_stats, slot_resource, write_table
 from .runs import COUNT_KEYS, SELECTED_TAG
 from .space import METRIC, SYMBOLS, fused_groups, point_name, point_of
-from .storage import write_json
+from .storage import first_line, write_json
 
 STATUSES = ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
 
@@ -215,17 +215,15 @@ def log_checked_model(tracker, uri: str, run_id: str, checkpoint: str) -> tuple[
         try:
             check_model(local)
         except Exception as err:  # noqa: BLE001 - whatever loading or tagging raised: the model is unusable
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0]
             return None, (
-                f"the selected checkpoint {checkpoint} cannot be loaded ({why[:300]}); nothing was logged as "
-                "the model or registered"
+                f"the selected checkpoint {checkpoint} cannot be loaded ({first_line(err)}); nothing was "
+                "logged as the model or registered"
             )
         return tracker.attempt("log the selected model", lambda: log_model(uri, run_id, local)), None
 
 
 def register(client, model_uri: str, plan: Plan, parent_run_id: str, selected: dict) -> str:
-    """The selected model as a new version of the dataset's registered model, the alias `champion`
-    moved to it, with its point, data and search as tags; returns "NAME@champion (version N)"."""
+    """The selected model as a new version of softfine-DATASET, tagged, the alias `champion` on it."""
     from mlflow.exceptions import MlflowException
 
     name = f"softfine-{plan.dataset}"
@@ -259,8 +257,7 @@ def register(client, model_uri: str, plan: Plan, parent_run_id: str, selected: d
 
 
 def describe_search(plan: Plan, points: int, ray_trials: int) -> str:
-    """What a search runs, counted as it is: "grid search on resume: 36 points in 3 fused Ray trials
-    of at most 12 points" (the parent run's note, the console's first line)."""
+    """What a search runs, counted as it is (the parent run's note, the console's first line)."""
     if plan.mode == "seeds":
         return f"one configuration with {points} seeds on {plan.dataset}, one Ray trial each"
     size = f"{points} points in {ray_trials} fused Ray trials of at most {plan.fuse} points"

@@ -114,8 +114,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def seed_stats(rows: list[dict]) -> dict:
-    """Mean and standard deviation of dev and test F1 over the seeds that finished (a seed that
-    failed or stopped has no final result), and the sentences and entities they were counted on."""
+    """Mean and std of dev and test F1 over the seeds that finished, and what they were counted on."""
     done = finished(rows)
     stats = {"seeds": len(rows), "seed_values": sorted(r["seed"] for r in rows), "seeds_finished": len(done)}
     for split, key in (("dev", METRIC), ("test", "test_f1")):
@@ -128,9 +127,8 @@ def seed_stats(rows: list[dict]) -> dict:
 
 def timed(rows: list[dict]) -> list[dict]:
     """The trials with a start and an end time (a trial that never started has neither)."""
-    return [
-        r for r in rows if all(number(r.get(k)) is not None for k in ("trial_start_time", "trial_end_time"))
-    ]
+    times = ("trial_start_time", "trial_end_time")
+    return [r for r in rows if all(number(r.get(k)) is not None for k in times)]
 
 
 def max_overlap(rows: list[dict]) -> int:
@@ -150,9 +148,8 @@ def slot_resource(gpus_per_trial: float) -> str:
 
 
 def busy_fraction(rows: list[dict], resource: str, capacity: float, cpus_per_trial: float) -> float | None:
-    """The share of the cluster's slot-time (`capacity` GPUs or CPUs, from the first trial's start to
-    the last one's end) that trials held: in a GPU search each its share of each of its GPUs, in a CPU
-    search its --cpus-per-trial (3 CPUs, 2 a trial: at most 2/3). None without slots or timed trials."""
+    """The share of the slot-time (`capacity` GPUs or CPUs, first start to last end) that trials held: each
+    its GPU share per GPU, or its --cpus-per-trial. None without slots or timed trials."""
     ran = timed(rows)
     if capacity <= 0 or not ran:
         return None

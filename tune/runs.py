@@ -117,8 +117,7 @@ def git_version(repo: Path = REPO) -> dict:
 
 
 def versions() -> dict:
-    """The driver's versions of Python and of the packages a run depends on (the cluster configs
-    install the same on every node)."""
+    """The driver's versions of Python and of the packages a run depends on."""
     found = {"python": sys.version.split()[0]}
     for name in ("softfine", "torch", "transformers", "ray", "optuna", "mlflow"):
         try:

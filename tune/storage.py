@@ -55,8 +55,7 @@ class Storage:
         return self.uri if self.remote else str(self.local)
 
     @property
-    def ray_path(self) -> str:
-        """RunConfig(storage_path=...): the folder, or the URI itself."""
+    def ray_path(self) -> str:  # RunConfig(storage_path=...)
         return str(self)
 
     def location(self, name: str) -> str:
@@ -64,21 +63,15 @@ class Storage:
         return f"{self.uri}/{name}" if self.remote else str(self.local / name)
 
     def work_folder(self, name: str) -> Path:
-        """The local folder the driver works in: the search's folder itself, or (remote) its copy in
-        the user's cache folder, CACHE/softfine/searches/SCHEME/BUCKET/PREFIX/NAME."""
+        """The local folder the driver works in: the search's folder, or (remote) its copy in
+        CACHE/softfine/searches/SCHEME/BUCKET/PREFIX/NAME."""
         if not self.remote:
             return self.local / name
         parts = urllib.parse.urlsplit(self.uri)
-        path = [p for p in f"{parts.netloc}/{parts.path}".split("/") if p not in ("", ".", "..")]
+        names = f"{parts.netloc}/{parts.path}".split("/")
+        path = [re.sub(r"[^\w.@+=-]", "_", p) for p in names if p not in ("", ".", "..")]
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        return (
-            cache
-            / "softfine"
-            / "searches"
-            / parts.scheme
-            / Path(*[re.sub(r"[^\w.@+=-]", "_", p) for p in path])
-            / name
-        )
+        return cache.joinpath("softfine", "searches", parts.scheme, *path, name)
 
     def filesystem(self):
         """(pyarrow file system, the storage's path on it) of a remote storage."""
@@ -131,7 +124,6 @@ class Storage:
             raise SearchError(f"{unusable} ({first_line(err)}; endpoint {endpoint()}); {HOW}") from None
 
     def read_bytes(self, name: str, file: str) -> bytes | None:
-        """A file of the search's folder, or None when it is not there."""
         if not self.remote:
             path = self.local / name / file
             return path.read_bytes() if path.is_file() else None
@@ -140,9 +132,8 @@ class Storage:
     def exists(self, name: str, file: str) -> bool:
         if not self.remote:
             return (self.local / name / file).exists()
-        return (
-            self.filesystem()[0].get_file_info(self.fs_path(name, file)).type != pyarrow.fs.FileType.NotFound
-        )
+        info = self.filesystem()[0].get_file_info(self.fs_path(name, file))
+        return info.type != pyarrow.fs.FileType.NotFound
 
     def searches_with(self, file: str) -> list[tuple[float, str]]:
         """(modification time, NAME) of the search folders that hold `file`."""
@@ -167,16 +158,13 @@ def open_path(path: str):
 
 
 def uri_of(filesystem, path: str) -> str:
-    """A path on a pyarrow file system as the URI that names it (a local path as it is), e.g. a
-    checkpoint's, for the tables and tags that users and later drivers read."""
-    scheme = {"s3": "s3", "gcs": "gs"}.get(
-        getattr(filesystem, "type_name", "local")
-    )  # paths start with the bucket
+    """A path on a pyarrow file system as the URI that names it (a local path as it is)."""
+    kind = getattr(filesystem, "type_name", "local")
+    scheme = {"s3": "s3", "gcs": "gs"}.get(kind)  # their paths start with the bucket
     return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def read_uri(uri: str) -> bytes | None:
-    """A file's content by path or URI, or None when it is not there."""
     return read_from(*open_path(uri))
 
 
@@ -209,8 +197,7 @@ def own(file: str) -> bool:
 
 
 class SearchFiles:
-    """One search's own files: `folder`, the local folder the driver reads and writes them in, and
-    where they are kept (the same folder, or STORAGE/NAME on a remote storage)."""
+    """One search's own files: `folder`, where the driver works on them, and their `location`."""
 
     def __init__(self, storage: Storage, name: str):
         self.storage, self.name = storage, name
@@ -222,8 +209,8 @@ class SearchFiles:
         return self.storage.remote
 
     def push(self, *files: str) -> None:
-        """Uploads the given files of the working folder (all of the search's own files there when
-        none is named), each as one object: a reader sees the old one or the new one, never a part."""
+        """Uploads the given files (all the search's own when none is named), each as one object: a reader
+        sees the old one or the new one, never a part."""
         if not self.remote:
             return
         fs, _ = self.storage.filesystem()
@@ -236,8 +223,7 @@ class SearchFiles:
                     out.write(data)
 
     def pull(self, download: bool = True) -> list[str]:
-        """Empties the working folder but for this driver's lock, and (`download`: a resumed search)
-        downloads the search's own files into it; returns their names."""
+        """Empties the working folder but for the lock; with `download`, fetches the search's own files."""
         if not self.remote:
             return []
         for path in self.folder.iterdir():
@@ -247,10 +233,8 @@ class SearchFiles:
             return []
         fs, _ = self.storage.filesystem()
         got = []
-        listed = fs.get_file_info(
-            pyarrow.fs.FileSelector(self.storage.fs_path(self.name), allow_not_found=True)
-        )
-        for info in listed:
+        selector = pyarrow.fs.FileSelector(self.storage.fs_path(self.name), allow_not_found=True)
+        for info in fs.get_file_info(selector):
             if info.type == pyarrow.fs.FileType.File and own(info.base_name):
                 (self.folder / info.base_name).write_bytes(read_from(fs, info.path))
                 got.append(info.base_name)

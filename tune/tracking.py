@@ -122,8 +122,7 @@ def tracking_store(uri: str | None, what: str = "--mlflow-uri") -> TrackingStore
 
 @contextlib.contextmanager
 def credentials(env: dict):
-    """Environment variables for MLflow's HTTP client (credentials, timeouts) while the block runs,
-    what was there put back after (tests run the search in their own process)."""
+    """Environment variables set while the block runs, put back after (tests run searches in-process)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -179,8 +178,7 @@ def folder_lock(folder: Path):
 
 
 def check_tracking(store: TrackingStore, timeout: float) -> None:
-    """Refuses a tracking store that does not answer, or a SQLite file that is not MLflow's (before
-    anything starts); a new SQLite store is created here, under a lock."""
+    """Refuses a store that does not answer or a SQLite file not MLflow's; makes a new SQLite store."""
     from mlflow.tracking import MlflowClient
 
     lock = contextlib.nullcontext()
@@ -200,12 +198,10 @@ def check_tracking(store: TrackingStore, timeout: float) -> None:
     except Exception as err:  # noqa: BLE001 - whatever it is, the store cannot be used: say so, with its type
         why = describe_error(err)
         silent = why.startswith(("connection refused", "no answer"))
-        hint = (
-            " Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another --mlflow-uri "
-            "(the default is the embedded SQLite store under mlflow/)."
-            if is_remote(store.uri)
-            else ""
-        )
+        hint = ""
+        if is_remote(store.uri):
+            hint = " Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`) or pass another "
+            hint += "--mlflow-uri (the default is the embedded SQLite store under mlflow/)."
         raise SearchError(
             f"--mlflow-uri: the MLflow tracking store {store.display} "
             f"{'does not answer' if silent else 'cannot be used'} ({why}).{hint}"

@@ -48,8 +48,7 @@ def member_results(result: dict) -> list[dict]:
 
 
 def group_report(reports: list[dict], config: dict) -> dict:
-    """What a trial reports to Ray: a point's results as they are; a group's under `members`, with
-    the best member's dev F1 at the top (Tune's metric, and its table)."""
+    """A trial's report: a group's under `members`, the best member's dev F1 on top (Tune's metric)."""
     if FUSED not in config:
         return dict(reports[0])
     return {
@@ -129,8 +128,7 @@ def from_checkpoint(out: Path, members: list[Path], where: dict) -> tuple[list[s
 
 
 def restart(out: Path, where: dict, err: Exception) -> None:
-    """The checkpoint cannot be read back (truncated, damaged): the only one kept, so the trial
-    trains again from the start, and says so in its results."""
+    """A checkpoint that cannot be read back (the only one kept): the trial trains again from the start."""
     where["restarted"] = (
         f"its checkpoint at step {where.get('resumed_from_step')} could not be loaded "
         f"({str(err)[:300]}); trained again from the start"
@@ -141,8 +139,7 @@ def restart(out: Path, where: dict, err: Exception) -> None:
 
 
 def keep_best(out: Path, members: list[str], final_dir: Path, final: dict) -> str:
-    """The final checkpoint: each member's best/ and records, and the final result (state/ is not
-    needed any more)."""
+    """The final checkpoint: each member's best/ and records, and the final result (no state/)."""
     for member in members:
         (final_dir / member).mkdir(parents=True, exist_ok=True)
         shutil.move(str(out / member / "best"), str(final_dir / member / "best"))

@@ -33,19 +33,13 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def evaluations_per_trial(config) -> int | None:
-    """How many times a trial reports (for ASHA's max_t): evaluations plus the final report."""
-    return None if config.eval_every else config.epochs + 1
-
-
 def _checkpoint_index(name: str) -> int | None:
     prefix, _, number = name.rpartition("_")
     return int(number) if prefix == "checkpoint" and number.isdigit() else None
 
 
 def experiment_files(path: str, pattern: str) -> tuple[object, list[str]]:
-    """(pyarrow file system, the paths on it) of the files named `pattern` in the experiment folder
-    `path` (a folder or a URI), in name order."""
+    """(pyarrow file system, sorted paths) of the files named `pattern` in the experiment folder `path`."""
     fs, root = open_path(path)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     files = [i for i in infos if i.type == pyarrow.fs.FileType.File]
@@ -53,8 +47,7 @@ def experiment_files(path: str, pattern: str) -> tuple[object, list[str]]:
 
 
 def mend_callback_state(path: str) -> list[str]:
-    """Drops a callback state that a killed driver left cut short (a pickle ends with its STOP opcode
-    "."); returns notes. The MLflow callback's runs are found again by their trial-id tags."""
+    """Drops a callback state that a killed driver left cut short (a pickle ends with its STOP opcode ".")."""
     # By hand: Ray copies the state to the storage non-atomically, and its restore fails on a cut file.
     notes = []
     fs, states = experiment_files(path, "callback-states-*.pkl")
@@ -108,8 +101,7 @@ def holds_files(fs, path: str) -> bool:
 
 
 def check_study(folder, shown: str | None = None) -> None:
-    """A resumed search's Optuna study (optuna.db) is an Optuna database, or the resume is refused
-    before Ray starts, naming the file (`shown`: where it is kept, when `folder` is a working copy)."""
+    """Refuses a resume whose optuna.db is no Optuna database (`shown`: where a working copy's is kept)."""
     study = folder / OPTUNA_DB
     if not study.is_file():
         return
@@ -129,12 +121,10 @@ def damaged_state(path: str, err: BaseException) -> str:
     """One line for a search whose Ray Tune state cannot be read back: the file, why, what to do."""
     kind = "a JSON file" if isinstance(err, ValueError) else "its files"
     try:
-        states = [
-            f"{path}/{posixpath.basename(p)}" for p in experiment_files(path, "experiment_state-*.json")[1]
-        ]
+        states = experiment_files(path, "experiment_state-*.json")[1]
     except OSError:
         states = []
-    where = states[-1] if states and isinstance(err, ValueError) else path
+    where = f"{path}/{posixpath.basename(states[-1])}" if states and isinstance(err, ValueError) else path
     first = (str(err).strip().splitlines() or [""])[0][:200]
     return (
         f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
@@ -144,8 +134,7 @@ def damaged_state(path: str, err: BaseException) -> str:
 
 
 def progress_columns(grid, phase: str, fused: bool = False) -> dict:
-    """The trial config's columns in Ray Tune's progress table: the grid's dimensions, the seed, or
-    a fused trial's points (its first point and how many more)."""
+    """The trial config's columns in Ray Tune's progress table: the grid's dimensions, seed or points."""
     if phase == "seeds":
         return {"seed": "seed"}
     if fused:
@@ -155,7 +144,7 @@ def progress_columns(grid, phase: str, fused: bool = False) -> dict:
 
 
 def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
-    """How many grid points a phase trains: its seeds, its fused groups' points, or its samples."""
+    """How many grid points a phase trains."""
     if phase == "seeds":
         return plan.flags.seeds
     if FUSED in param_space:
@@ -164,16 +153,14 @@ def phase_points(plan: Plan, phase: str, param_space: dict) -> int:
 
 
 def make_reporter(plan: Plan, phase: str, param_space: dict):
-    """The phase's console (console.py): a line per point and a short status; with -v, Ray Tune's
-    table every 30 s and Ray's warnings of slow snapshots (every checkpointing evaluation's)."""
+    """The phase's console: a line per point (console.py); with -v, Ray Tune's table and its warnings."""
     if not plan.flags.verbose:
         for name in ("ray.tune.utils.util", "ray.tune.execution.experiment_state"):
             logging.getLogger(name).setLevel(logging.ERROR)
         return PointsReporter(phase, phase_points(plan, phase, param_space), plan.base.epochs)
-    metrics = {"step": "step", "dev_f1": "dev F1", METRIC: "best dev F1", "test_f1": "test F1"}
     return CLIReporter(
         parameter_columns=progress_columns(plan.grid, phase, FUSED in param_space),
-        metric_columns=metrics,
+        metric_columns={"step": "step", "dev_f1": "dev F1", METRIC: "best dev F1", "test_f1": "test F1"},
         max_report_frequency=30,
         sort_by_metric=True,
         max_progress_rows=40,
@@ -183,8 +170,7 @@ def make_reporter(plan: Plan, phase: str, param_space: dict):
 def make_tuner(
     plan: Plan, phase: str, param_space: dict, name: str, trainable, restore: bool, callback, folder: Path
 ):
-    """The phase's Tuner; restored (unfinished and failed trials go on, with the callback it was made
-    with) when it was started before. `folder`: the search's (working) folder, with its Optuna study."""
+    """The phase's Tuner, restored when it was started before; `folder` holds the search's Optuna study."""
     from .in_place import StudyInPlace
 
     path = f"{plan.storage_path.rstrip('/')}/{name}"  # a folder, or a URI (storage.py)
@@ -238,8 +224,7 @@ def restored_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainab
 
 
 def search_config(plan: Plan, phase: str, param_space: dict, folder: Path):
-    """Optuna's searcher (and ASHA) for the search phase; Ray Tune's own grid search for the seeds
-    and for fused groups (--fuse)."""
+    """Optuna's searcher (and ASHA) for the search phase; Ray Tune's grid search for seeds, fused groups."""
     from .in_place import TrialsInPlace
 
     flags = plan.flags
@@ -250,9 +235,10 @@ def search_config(plan: Plan, phase: str, param_space: dict, folder: Path):
     searcher = make_searcher(flags.sampler, plan.grid, flags.search_seed, plan.num_samples, study, plan.name)
     scheduler = None
     if flags.scheduler == "asha":
+        reports = 1000 if plan.base.eval_every else plan.base.epochs + 1  # an evaluation per epoch, the final
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
-            max_t=evaluations_per_trial(plan.base) or 1000,
+            max_t=reports,
             grace_period=flags.asha_grace_period,
             reduction_factor=flags.asha_reduction_factor,
         )
