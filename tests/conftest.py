@@ -1,12 +1,12 @@
 """Shared fixtures. Tests use the real datasets in ../shared/data (or $SOFTFINE_DATA_DIR) and fail,
 not skip, when they are missing."""
 
+import contextlib
+import ctypes
 import os
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 # README's test command gives a relative $SOFTFINE_DATA_DIR; the searches and jobs that tests start
 # run in other folders (tmp_path, Ray's working_dir), so they inherit it made absolute.
@@ -14,25 +14,11 @@ if os.environ.get("SOFTFINE_DATA_DIR"):
     os.environ["SOFTFINE_DATA_DIR"] = str(Path(os.environ["SOFTFINE_DATA_DIR"]).resolve())
 
 
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("SOFTFINE_DATA_DIR") or REPO.parent / "shared" / "data")
-
-
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = shared_data_dir()
-    needed = [
-        path / "weibo" / "weiboNER_2nd_conll.train",
-        path / "resume" / "train.char.bmes",
-        path / "fine" / "dev.json",
-    ]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        pytest.fail(
-            f"test data missing: {', '.join(missing)} (set SOFTFINE_DATA_DIR or put ../shared/data "
-            "beside the repo)"
-        )
-    return path
+    from tune_fixtures import shared_data_dir
+
+    return shared_data_dir()
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +61,29 @@ def ui_search(tmp_path_factory):
 
     with ui_search(tmp_path_factory.mktemp("mlflow-ui")) as found:
         yield found
+
+
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), <linux/prctl.h>
+
+
+@pytest.fixture
+def adopting_orphans():
+    """This test's process as a child subreaper: a process that outlives its parent (a daemon left by
+    server.sh) stays below the test, where processes_mentioning sees it, rather than going to init.
+    Those adopted and ended are reaped afterwards."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # no psutil or os call for it
+    was = ctypes.c_int()
+    if prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was)) or prctl(PR_SET_CHILD_SUBREAPER, 1):
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    import psutil
+
+    before = {child.pid for child in psutil.Process().children()}
+    yield
+    prctl(PR_SET_CHILD_SUBREAPER, was.value)
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess, ChildProcessError):
+            if child.pid not in before and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, 0)
 
 
 # pytest -n 2 (pyproject.toml): a file's tests run in one worker, so that its module fixtures (a

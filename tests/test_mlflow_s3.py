@@ -20,14 +20,8 @@ import uuid
 
 import psutil
 import pytest
-from test_mlflow_server import (
-    SERVER,
-    Server,
-    adopting_orphans,  # noqa: F401 (a fixture)
-    free_port,
-    processes_mentioning,
-    server_env,
-)
+from test_mlflow_server import SERVER, Server, server_env
+from tune_fixtures import free_port, processes_mentioning
 
 from mlflow import MlflowClient
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -26,7 +25,7 @@ from typing import NamedTuple
 
 import psutil
 import pytest
-from tune_fixtures import descendants, free_port
+from tune_fixtures import free_port, processes_mentioning
 
 import mlflow
 from mlflow import MlflowClient
@@ -102,32 +101,6 @@ def assert_private(store: Path) -> None:
         if p.stat().st_mode & 0o077
     }
     assert not loose, loose
-
-
-PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # prctl(2), <linux/prctl.h>
-
-
-@pytest.fixture
-def adopting_orphans():
-    """This test's process as a child subreaper: a process that outlives its parent (a daemon left by
-    server.sh) stays below the test, where processes_mentioning sees it, rather than going to init.
-    Those adopted and ended are reaped afterwards."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # no psutil or os call for it
-    was = ctypes.c_int()
-    if prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was)) or prctl(PR_SET_CHILD_SUBREAPER, 1):
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
-    before = {child.pid for child in psutil.Process().children()}
-    yield
-    prctl(PR_SET_CHILD_SUBREAPER, was.value)
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.NoSuchProcess, ChildProcessError):
-            if child.pid not in before and child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, 0)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """This test's processes whose command line holds `text` (with adopting_orphans: daemons too)."""
-    return [f"{pid}: {cmdline}" for pid, cmdline in descendants(os.getpid()).items() if text in cmdline]
 
 
 def running(processes: list[psutil.Process]) -> list[psutil.Process]:

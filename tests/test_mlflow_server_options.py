@@ -7,7 +7,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from test_mlflow_server import SERVER, free_port, processes_mentioning, server_env
+from test_mlflow_server import SERVER, server_env
+from tune_fixtures import free_port, processes_mentioning
 
 CASES = {
     "workers-zero": (["--workers", "0"], "--workers must be a whole number of at least 1, got '0'"),
@@ -38,7 +39,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("args, names", CASES.values(), ids=CASES.keys())
-def test_a_value_mlflow_server_would_trip_over_is_refused(args, names, tmp_path):
+def test_a_value_mlflow_server_would_trip_over_is_refused(args, names, tmp_path, adopting_orphans):
     store = tmp_path / "store"
     result = subprocess.run(
         [str(SERVER), "--store", str(store), "--daemon", "--port", str(free_port()), *args],

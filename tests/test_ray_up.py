@@ -61,7 +61,6 @@ DEFAULT_PORTS = ("6379", "8265", "10001", "52365", "5000")  # GCS, dashboard, cl
 # it logs "Adding 1 node(s)" every 5 s and launches none; v1 records the head in the provider's state
 # on the head first, v2 does not).
 RAY_UP_ENV = {"RAY_UP_enable_autoscaler_v2": "0"}
-processes_below = descendants  # the name tests/test_two_nodes.py imports it by
 
 # ssh's ProxyCommand: stdin/stdout <-> a TCP connection. Ray's local provider has no SSH port
 # setting (auth: ssh_user, ssh_private_key, ssh_proxy_command), so this carries the connection to

@@ -84,14 +84,13 @@ from test_ray_up import (
     head_only_variant,
     jobs_api_answers,
     mlflow_health,
-    processes_below,
     ray_cli_env,
     run,
     ssh_control_dir,
     tail,
     tear_down,
 )
-from tune_fixtures import REPO, children, parents, shared_data_dir, small_search_flags
+from tune_fixtures import REPO, children, descendants, parents, shared_data_dir, small_search_flags
 
 WORKER_IP = "127.0.0.2"
 NODE_CPUS = 2  # each node declares 2 CPUs, whatever the machine has: 2 trials of 1 CPU per node
@@ -322,7 +321,7 @@ def kill_the_worker_mid_trial(
             if len(raylets) != 1:
                 killed["error"] = f"not one raylet among the worker's processes: {worker.processes()}"
                 return
-            for pid in [raylets[0], *processes_below(raylets[0])]:  # listed before any is killed
+            for pid in [raylets[0], *descendants(raylets[0])]:  # listed before any is killed
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             killed.update(pid=raylets[0], steps={t: rs[-1]["step"] for t, rs in running.items()})

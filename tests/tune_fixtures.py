@@ -38,6 +38,7 @@ def shared_data_dir() -> Path:
         path / "resume" / "train.char.bmes",
         path / "resume" / "dev.char.bmes",
         path / "resume" / "test.char.bmes",
+        path / "fine" / "dev.json",
     ]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
@@ -384,6 +385,11 @@ def point(run) -> tuple:
 
     p = run.data.params
     return (alphas_key(float(p["alpha_aug"]), float(p["alpha_fea"])), float(p["beta"]), float(p["gamma"]))
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """This test's processes whose command line holds `text` (with adopting_orphans: daemons too)."""
+    return [f"{pid}: {cmdline}" for pid, cmdline in descendants(os.getpid()).items() if text in cmdline]
 
 
 # The README's search on 3 points, browsed in the MLflow UI (test_mlflow_ui.py) and read as a console
