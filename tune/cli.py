@@ -31,8 +31,7 @@ WANTED = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, except that the flags of a search record (--resume) that it refuses are an
-    error naming the record, not a usage message."""
+    """argparse, except that a search record's flags (--resume) it refuses are an error naming the record."""
 
     record: str | None = None  # the search record being read (--resume)
 

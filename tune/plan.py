@@ -16,7 +16,7 @@ from softfine.datasets import Corpus
 
 from .cli import DEFAULT_STORAGE, EXCLUDED_TRAIN_FIELDS
 from .record import SearchRecord
-from .space import Grid, SearchError, check_grid, grid_from_flags, load_preset, preset_grid
+from .space import Grid, SearchError, check_grid, load_preset, parse_alphas, preset_grid
 from .storage import Storage
 from .tracking import TrackingStore, mask_argv, tracking_store
 
@@ -41,10 +41,6 @@ class SearchFlags:
     address: str | None
     allow_cpu_fallback: bool
     verbose: bool
-
-    @classmethod
-    def of(cls, args: Namespace) -> SearchFlags:
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
@@ -126,8 +122,7 @@ def check_numbers(args: Namespace, num_samples: int, base) -> None:
 
 
 def search_mode(args: Namespace, grid) -> tuple[str, int]:
-    """("seeds", N) for one grid point with --seeds N: that point once per seed, nothing else;
-    ("search", trials) otherwise."""
+    """("seeds", N) for one grid point with --seeds N (that point once per seed), else ("search", trials)."""
     seeds, samples, tpe, asha = args.seeds, args.num_samples, args.sampler == "tpe", args.scheduler == "asha"
     if len(grid) == 1 and seeds > 0:
         for refused, flag, why in (
@@ -152,8 +147,8 @@ def search_mode(args: Namespace, grid) -> tuple[str, int]:
 
 
 def fuse_size(args: Namespace, mode: str) -> int | str:
-    """--fuse: 1 (one point per trial), K >= 1, or auto; only where every grid point is trained to
-    the end in a trial of its own choosing (the grid sampler, no early stopping)."""
+    """--fuse: K >= 1 (1: one point per trial) or auto; only where every grid point is trained to the end in a
+    trial of its own choosing (the grid sampler, no early stopping)."""
     text, tpe, asha = str(args.fuse).strip(), args.sampler == "tpe", args.scheduler == "asha"
     try:
         size = text if text == "auto" else int(text)
@@ -178,8 +173,7 @@ def fuse_size(args: Namespace, mode: str) -> int | str:
 
 
 def settings(args: Namespace) -> tuple[dict, TrainConfig, Grid]:
-    """The preset (a built-in dataset's, or --preset), the base TrainConfig and the grid, every
-    value checked."""
+    """The preset (a built-in dataset's, or --preset), the base TrainConfig and the grid, all checked."""
     from softfine.arguments import given_values
     from softfine.config import make_config
     from softfine.datasets import is_folder
@@ -188,13 +182,26 @@ def settings(args: Namespace) -> tuple[dict, TrainConfig, Grid]:
     dataset = make_config(flags).dataset  # weibo unless a dataset or files are given; its name checked
     preset = load_preset(dataset if dataset is not None and not is_folder(dataset) else None, args.preset)
     base = base_config(preset, flags)
-    grid = grid_from_flags(
-        preset["grid"], args.grid_alphas, args.grid_beta, args.grid_gamma, args.grid_soft_scope
-    )
+    grid = grid_from_flags(preset["grid"], args)
     if len(grid.soft_scope) == 1:  # not searched: every trial's
         base = make_config({"soft_scope": grid.soft_scope[0]}, lambda key: grid.origin[key], base=base)
     check_grid(grid, base)
     return preset, base, grid
+
+
+def grid_from_flags(grid: Grid, args: Namespace) -> Grid:
+    """The preset's grid with the dimensions given by flag (--alphas, --beta, ...) replaced."""
+    given = {key: getattr(args, f"grid_{key}") for key in ("alphas", "beta", "gamma", "soft_scope")}
+    try:
+        pairs = [parse_alphas(a) for a in given["alphas"]] if given["alphas"] else grid.alphas
+    except ValueError as err:
+        raise SearchError(f"--alphas: {err}") from None
+    values = {key: given[key] or getattr(grid, key) for key in ("beta", "gamma", "soft_scope")}
+    origin = {
+        key: (f"--{key.replace('_', '-')}" if value else grid.origin.get(key, f"the grid's {key}"))
+        for key, value in given.items()
+    }
+    return Grid(pairs, **values, origin=origin)
 
 
 def results_folder(args: Namespace, dataset: str) -> tuple[Storage, str]:
@@ -230,19 +237,13 @@ def recorded(record: SearchRecord) -> tuple[dict, TrainConfig, Grid]:
     base = make_config(record.base, lambda key: f"--resume: the search record's setting {key!r}")
     grid = preset_grid(record.grid, Path("(the search record)"))
     check_grid(grid, base)
-    preset = {
-        "train": {},
-        "grid": grid,
-        "paper_selection": record.paper_selection,
-        "path": record.preset or "",
-    }
+    preset = dict(train={}, grid=grid, paper_selection=record.paper_selection, path=record.preset or "")
     return preset, base, grid
 
 
 def make_plan(args: Namespace, argv: list[str], record: SearchRecord | Mapping | None = None) -> Plan:
-    """Everything the search needs, checked in this order: the settings (flags and preset, or a
-    resumed search's record, or its recorded_settings), the search's own flags, the results folder,
-    the tracking URI; then that the data files are there."""
+    """Everything the search needs, checked in order: the settings (flags and preset, or a resumed search's
+    record), the search's own flags, the results folder, the tracking URI, that the data files are there."""
     from softfine.datasets import data_source, dataset_name
 
     record = SearchRecord.of(record) if isinstance(record, Mapping) else record
@@ -258,7 +259,7 @@ def make_plan(args: Namespace, argv: list[str], record: SearchRecord | Mapping |
     tracking = tracking_store(args.mlflow_uri)
     data_source(base)  # the first look at the data: its files are there (the driver reads them, check_data)
     return Plan(
-        flags=SearchFlags.of(args),
+        flags=SearchFlags(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchFlags)}),
         argv=mask_argv(argv),
         dataset=dataset,
         base=base,

@@ -34,8 +34,7 @@ def recorded_settings(plan: Plan) -> dict:
 
 @dataclasses.dataclass(kw_only=True)
 class SearchRecord:
-    """The record's keys, in the file's order; None: not recorded (a record of an older search). Its
-    steps: start, to_seeds, done (each saved); read (a resume's)."""
+    """The record's keys, in the file's order; None: not recorded (a record of an older search)."""
 
     argv: list[str] = dataclasses.field(default_factory=list)  # the search's flags, credentials masked
     name: str = ""

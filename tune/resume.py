@@ -36,8 +36,7 @@ def find_search(storage: Storage, which: str) -> tuple[Storage, str]:
 
 
 def refuse_changes(args: argparse.Namespace, parser: Parser, record: SearchRecord) -> None:
-    """A resumed search goes on with the flags it started with: any other flag given with --resume
-    (a new grid, more epochs) is refused, naming each, rather than dropped without a word."""
+    """A flag given with --resume but RESUME_OVERRIDES (a new grid, more epochs) is refused, naming each."""
     from softfine.arguments import flag_names
 
     defaults = vars(parser.parse_args([]))

@@ -1,10 +1,7 @@
 #!/usr/bin/env python
 """Distributed hyperparameter search for SoftFiNE (`softfine-search`; examples in its --help): Ray Tune +
 Optuna over the paper's grid, one GPU per trial, each an MLflow child run under the search's parent run.
-It reads top to bottom: the command line, the plan and its checks, Ray and the parent run, the phases,
-the report. What can be refused is refused before a trial starts, most of it before Ray starts, in one
-line naming the flag, file or key (-v: with the traceback); a failure ends the parent run FAILED.
-"""
+Top to bottom: the command line, the plan and its checks, Ray and the parent run, the phases, the report."""
 
 from __future__ import annotations
 
@@ -16,12 +13,14 @@ if __name__ == "__main__" and not __package__:  # `python tune/search.py`: the i
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 
 from .account import read_account
@@ -52,8 +51,7 @@ class Interrupted(Exception):
 
 
 def run() -> None:
-    """The command (`softfine-search`, `python tune/search.py`): main(), then an exit that skips the
-    interpreter's teardown of Ray, torch and pyarrow, seconds spent for nothing once the runs are closed."""
+    """main(), then os._exit: the interpreter's teardown of Ray, torch and pyarrow is seconds for nothing."""
     code = main()
     if "ray" in sys.modules:
         import ray
@@ -99,8 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def fail(message: str, verbose: bool, code: int = 2) -> int:
     """One line on stderr, the last (the traceback before it with -v); credentials masked."""
     if verbose:
-        import traceback
-
         traceback.print_exc()
     line = " ".join(mask_credentials(message).split()) or "unknown error"
     print(f"{PROG}: error: {short(line, 2000)}", file=sys.stderr, flush=True)
@@ -157,8 +153,7 @@ def refuse_taken(plan: Plan, record: SearchRecord | None, meanwhile: bool = Fals
 
 
 def check_data(plan: Plan, record: SearchRecord | None) -> Plan:
-    """The splits every trial trains and scores on, read once by the trials' rules before Ray starts (bad
-    data: one error naming file and line) and sent to them; a resumed search's must be those it began with."""
+    """The splits, read once before Ray starts, sent to the trials; a resumed search's must be unchanged."""
     from softfine.datasets import load_corpus, report_unseen
 
     corpus = load_corpus(plan.base)
@@ -179,11 +174,8 @@ def check_data(plan: Plan, record: SearchRecord | None) -> Plan:
 
 @contextlib.contextmanager
 def one_driver(files: SearchFiles):
-    """An exclusive lock on the search while the block runs: flock on a file of its (working) folder,
-    which the kernel releases however the process ends; on S3 also lock.RemoteLock (drivers on
-    other machines). A second driver on the same --storage-path and --name is refused, naming the first."""
-    import fcntl
-
+    """The search locked while the block runs (flock in its working folder, released however the process ends;
+    on S3 also lock.RemoteLock): a second driver of the same search is refused, naming the first."""
     folder = files.folder
     made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove if nothing else is written
     try:  # the folder is made and written to before anything is recorded
@@ -191,12 +183,11 @@ def one_driver(files: SearchFiles):
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        flag, what = (
-            (f"--storage-path {files.storage.uri}", "the search's working folder (XDG_CACHE_HOME)")
-            if files.remote
-            else (f"--storage-path {folder.parent}", "the search's folder")
-        )
-        raise SearchError(f"{flag}: cannot write {what} {folder} ({err.strerror or err})") from None
+        given = files.storage.uri if files.remote else folder.parent
+        what = "the search's working folder (XDG_CACHE_HOME)" if files.remote else "the search's folder"
+        raise SearchError(
+            f"--storage-path {given}: cannot write {what} {folder} ({err.strerror or err})"
+        ) from None
     fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     remote = None
     try:
@@ -231,8 +222,7 @@ def one_driver(files: SearchFiles):
 
 
 def on_ray(plan: Plan, record: SearchRecord | None, files: SearchFiles, mlflow_env: dict) -> int:
-    """Ray (the cluster given, or a local one), its resources checked, --fuse auto resolved; then the
-    parent run (reopened when resumed) and the phases, a failure ending it."""
+    """Ray (the cluster given, or a local one) checked, --fuse auto resolved; the parent run, the phases."""
     flags = plan.flags
     started_ray = connect_ray(flags.address)
     try:
@@ -240,11 +230,10 @@ def on_ray(plan: Plan, record: SearchRecord | None, files: SearchFiles, mlflow_e
         check_cluster(flags, cluster, plan.storage)
         probe_gpus(flags, cluster)
         if plan.fuse == "auto":  # a resumed search keeps the groups it was started with
-            size, why = (
-                (record.fuse, "as when the search started")
-                if record and record.fuse
-                else fuse_to_fit(flags, plan.base, plan.corpus, len(plan.grid))
-            )
+            if record and record.fuse:
+                size, why = record.fuse, "as when the search started"
+            else:
+                size, why = fuse_to_fit(flags, plan.base, plan.corpus, len(plan.grid))
             print(f"{PROG}: --fuse auto: {size} point{'s' if size > 1 else ''} per trial ({why})", flush=True)
             plan = dataclasses.replace(plan, fuse=size)
         with credentials(mlflow_env):
@@ -312,8 +301,7 @@ def open_parent(plan: Plan, tracker: Tracker, experiment_id: str, cluster: dict,
 
 @contextlib.contextmanager
 def parent_run(tracker: Tracker, run_id: str):
-    """Never RUNNING forever: a search stopped by Ctrl-C (which --resume continues) ends its parent run
-    KILLED, a failed one FAILED with the error on the run."""
+    """Never RUNNING forever: KILLED by Ctrl-C (--resume continues it), or FAILED with the error on it."""
     try:
         yield
     except BaseException as err:
@@ -330,8 +318,7 @@ def parent_run(tracker: Tracker, run_id: str):
 def run_phases(
     plan: Plan, tracker: Tracker, record: SearchRecord, files: SearchFiles, cluster: dict, restoring: bool
 ) -> int:
-    """The grid or TPE search, then (--seeds) the selection with N seeds; or, for one grid point
-    with --seeds, only the seeds. Then the report; the exit status."""
+    """The search, then (--seeds) its selection with N seeds, or one point's seeds only; the report."""
     from ray import tune
 
     flags = plan.flags

@@ -236,26 +236,6 @@ def paper_selection(selection, path: Path) -> dict | None:
     return selection
 
 
-def grid_from_flags(
-    grid: Grid,
-    alphas: Sequence[str] | None,
-    beta: Sequence[float] | None,
-    gamma: Sequence[float] | None,
-    soft_scope: Sequence[str] | None = None,
-) -> Grid:
-    """The preset's grid with the dimensions given on the command line replaced."""
-    try:
-        pairs = [parse_alphas(a) for a in alphas] if alphas else grid.alphas
-    except ValueError as err:
-        raise SearchError(f"--alphas: {err}") from None
-    given = {"alphas": alphas, "beta": beta, "gamma": gamma, "soft_scope": soft_scope}
-    origin = {
-        key: (f"--{key.replace('_', '-')}" if given[key] else grid.origin.get(key, f"the grid's {key}"))
-        for key in given
-    }
-    return Grid(pairs, beta or grid.beta, gamma or grid.gamma, soft_scope or grid.soft_scope, origin)
-
-
 def check_grid(grid: Grid, base) -> None:
     """Every point must make a valid TrainConfig from `base`: an impossible value (beta <= 1, inf) is refused
     before any trial starts, naming where it came from."""
