@@ -11,7 +11,7 @@ from softfine.config import TEST_METRICS_FILE, TrainConfig
 
 from .runs import PHASE_TAG, SEARCH_TAG, TRIAL_ID_TAG
 from .space import point_name, trial_config
-from .storage import read_uri
+from .storage import open_path, read_from
 from .tracking import describe_error, short_http
 
 log = logging.getLogger("softfine.tune")
@@ -100,7 +100,7 @@ class ChildRunQueue:
             self.client.log_batch(run_id, tags=tags)
         elif op["op"] == "artifact":  # where the point's best checkpoint is kept, and its test scores
             self.client.set_tag(run_id, "softfine.checkpoint", op["checkpoint"])
-            test_metrics = read_uri(f"{op['checkpoint'].rstrip('/')}/{TEST_METRICS_FILE}")
+            test_metrics = read_from(*open_path(f"{op['checkpoint'].rstrip('/')}/{TEST_METRICS_FILE}"))
             if test_metrics is not None:
                 self.client.log_text(run_id, test_metrics.decode("utf-8"), TEST_METRICS_FILE)
         elif op["op"] == "end":

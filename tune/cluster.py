@@ -158,8 +158,7 @@ def probe_gpus(flags: SearchFlags, cluster: dict, timeout: float = 180) -> None:
 
 
 def fuse_to_fit(flags: SearchFlags, base, corpus, points: int, timeout: float = 600) -> tuple[int, str]:
-    """--fuse auto: (K, why). A task holding one trial's GPU share measures a step's peak memory
-    with one member and with two (softfine.memory): K members fit 90 % of that share. On CPUs, 1."""
+    """--fuse auto: (K, why): the members whose step (measured in a trial's GPU share) fits 90 % of it."""
     if flags.gpus_per_trial <= 0:
         return 1, "a CPU search: one point per trial (fused groups do not pay on CPUs)"
     measure = ray.remote(measure_members).options(

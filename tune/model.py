@@ -16,8 +16,7 @@ _preloading: list[threading.Thread] = []
 
 
 def preload_model_code() -> None:
-    """Imports, in the background while the driver waits for the trials, what checking the model at
-    the end loads (torch, transformers' BERT, softfine.predict); log_model waits for it."""
+    """Imports in the background, while the trials run, what checking the model loads; log_model waits."""
 
     def load() -> None:
         try:

@@ -1,13 +1,6 @@
-"""The selected SoftFiNE checkpoint as an MLflow pyfunc model.
-
-    model = mlflow.pyfunc.load_model("runs:/<parent run id>/model")
-    model.predict(["高勇：男，中国国籍。"])
-    # [[{"text": "高勇", "category": "NAME", "levels": ["NAME"], "start": 0, "end": 1}, ...]]
-
-The model is logged from code (this file) with the checkpoint directory (best/) as an artifact
-and the softfine package as code, so loading needs torch, transformers, tokenizers, safetensors
-and seqeval, not this repository.
-"""
+"""The selected SoftFiNE checkpoint as an MLflow pyfunc model, logged from code (this file) with best/ as
+an artifact and softfine as code: mlflow.pyfunc.load_model("runs:/<parent run id>/model") needs torch,
+transformers, tokenizers, safetensors and seqeval, not this repository."""
 
 import mlflow.pyfunc
 from pydantic import BaseModel
@@ -26,8 +19,7 @@ class Entity(BaseModel):
 
 
 class SoftFiNEModel(mlflow.pyfunc.PythonModel):
-    """predict(texts) -> one list of entities per text: {"text", "category", "levels", "start",
-    "end"}, character offsets, `end` inclusive."""
+    """predict(["高勇：男，中国国籍。"]) -> one list of entities (Entity's fields) per text."""
 
     def load_context(self, context) -> None:
         from softfine.predict import Predictor

@@ -204,8 +204,8 @@ def _log_model(tracker, plan: Plan, summary: dict, parent_run_id: str, selected:
 
 
 def log_checked_model(tracker, uri: str, run_id: str, checkpoint: str) -> tuple[str | None, str | None]:
-    """(its model URI, None): the selected checkpoint logged as the parent run's model once it has been
-    loaded and has tagged an example; (None, why) when not: a damaged model is never logged or served."""
+    """The selected checkpoint as the parent's model once it loads and tags an example: (URI, None), else
+    (None, why): a damaged model is never logged or served."""
     from ray.tune import Checkpoint
 
     from .model import check_model, log_model

@@ -64,8 +64,7 @@ class Tracker:
             return False
 
     def experiment(self, name: str) -> str:
-        """The experiment's id, created if needed (with the artifact root beside a SQLite store),
-        marked as model training (EXPERIMENT_KIND), an experiment made elsewhere too."""
+        """The experiment's id, created if needed, marked as model training (artifacts beside SQLite)."""
         found = self.client.get_experiment_by_name(name)
         if found is None:
             root = local_artifact_root(self.uri)
@@ -128,8 +127,7 @@ def versions() -> dict:
 
 
 def dataset_inputs(corpus) -> list:
-    """The corpus's splits as MLflow dataset inputs, each naming its file with its SHA-256 (the
-    digest, and whole in the profile): a run's Datasets panel says what it was trained and scored on."""
+    """The corpus's splits as MLflow dataset inputs, each naming its file and SHA-256."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = []

@@ -164,10 +164,6 @@ def uri_of(filesystem, path: str) -> str:
     return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
-def read_uri(uri: str) -> bytes | None:
-    return read_from(*open_path(uri))
-
-
 def read_from(fs, path: str) -> bytes | None:
     """A file's content on a pyarrow file system, or None when it is not there."""
     try:
