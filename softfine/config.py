@@ -28,6 +28,7 @@ from .errors import ConfigError, SoftFiNEError
 
 # The paper's searched hyperparameters (its grid search over the loss weights and soft labels)
 SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
+METRIC = "best_dev_f1"  # what a run reports and a search selects by: its best dev F1 (train.py)
 # A run's files in its output directory (train.py)
 METRICS_FILE = "metrics.jsonl"  # one line per evaluation
 TEST_METRICS_FILE = "test_metrics.json"  # the best checkpoint's test scores

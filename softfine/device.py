@@ -2,9 +2,9 @@
 lengths a batch may take, and `torch.compile`.
 
 On a GPU a SoftFiNE step at the paper's settings is small, so the host's time per step decides
-the speed (issue 17 measured a step of 184 ms on an H200 whose kernels took 6.7 ms). Three host
-costs are avoided here: an attention plan built for every new shape, many shapes, and kernel
-launches (the compiled step, optional until measured on a GPU; see docs/training.md).
+the speed (figures: benchmarks/README.md). Three host costs are avoided here: an attention plan
+built for every new shape, many shapes, and kernel launches (the compiled step, optional until
+measured on a GPU; see docs/training.md).
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ def attention_kernels(device: torch.device, choice: str = "auto"):
     """The scaled-dot-product attention kernels BERT may use on `device` (a context manager).
 
     PyTorch's own first choice on Hopper is cuDNN's attention, which builds an execution plan for
-    every new shape: about 100 ms of host time a step on an H200 with 65 padded lengths an epoch,
-    against a 28.5 ms step with it off (issue 17). "auto" is therefore the memory-efficient kernel
+    every new shape, host time that dominates a small step. "auto" is therefore the memory-efficient kernel
     (flash attention takes no padding mask, so BERT's batches never reach it), with the math kernel
     as fallback. "cudnn" is there to measure it again on the few padded lengths of `pad_multiple`.
     """

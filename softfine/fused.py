@@ -1,4 +1,4 @@
-"""Fused training (issue 18): a group of K runs that differ only in their loss, trained as one model.
+"""Fused training: a group of K runs that differ only in their loss, trained as one model.
 
 The searched values of SoftFiNE (alpha_aug, alpha_fea, beta, gamma, the soft-label scope) enter
 only the loss. Runs that differ in nothing else have the same encoder shape, the same initial

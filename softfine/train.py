@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .batches import Split, encode, train_loader
-from .config import METRICS_FILE, TEST_METRICS_FILE, TrainConfig
+from .config import METRIC, METRICS_FILE, TEST_METRICS_FILE, TrainConfig
 from .datasets import Corpus, load_corpus, report_unseen
 from .device import attention_kernels, autocast, compile_step, pad_multiple, resolve_device
 from .errors import ConfigError, DataError
@@ -327,7 +327,7 @@ class GroupRun:
             "step": self.step,
             **{f"train_{key}": float(self.running[key][k]) / n for key in LOSS_PARTS},
             **flat_scores("dev", scores),
-            "best_dev_f1": self.best_f1[k],
+            METRIC: self.best_f1[k],
         }
         with open(out / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -351,7 +351,7 @@ class GroupRun:
         dev = self.data["dev"].sentences
         return [
             {
-                "best_dev_f1": self.best_f1[k],
+                METRIC: self.best_f1[k],
                 "best_step": self.best_step[k],
                 "best_checkpoint": str(out / "best"),
                 "dev_sentences": len(dev),

@@ -131,7 +131,7 @@ def test_resume_goes_on_with_the_grid_and_settings_it_started_with(tmp_path):
     """A preset edited after the start changes nothing: the record's grid and settings are used."""
     from softfine_tune.cli import build_parser
     from softfine_tune.plan import make_plan, settings
-    from softfine_tune.search import recorded_settings
+    from softfine_tune.record import recorded_settings
 
     preset = tmp_path / "preset.yaml"
     preset.write_text(

@@ -8,13 +8,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .account import read_account
 from .cli import PROG
 from .console import counted_on, ended_counts, f1, print_summary, run_page, seeds_f1, value_text
 from .plan import Plan
+from .record import SearchRecord
 from .results import busy_fraction, by_trial, max_overlap, number, seed_stats, slot_resource, write_table
 from .runs import COUNT_KEYS, SELECTED_TAG
 from .space import METRIC, SYMBOLS, fused_groups, point_name, point_of
-from .storage import first_line, write_json
+from .storage import SearchFiles, first_line, write_json
 
 STATUSES = ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
 
@@ -22,43 +24,53 @@ STATUSES = ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
 def finish(
     plan: Plan,
     tracker,
-    folder: Path,
-    experiment_id: str,
-    parent_run_id: str,
+    record: SearchRecord,
+    files: SearchFiles,
+    cluster: dict,
     rows: list[dict],
     seed_rows: list[dict],
     selected: dict | None,
     seconds: float,
-    unlogged: list[dict],
-    cluster: dict,
-    location: str | None = None,
 ) -> dict:
-    """The parent run's params, metrics, files, model and description; summary.json and trials.csv in
-    `folder` (`location`: as shown); the console's summary. `unlogged`: updates MLflow did not get."""
-    all_rows = rows + seed_rows
+    """The parent run's params, metrics, files, model and description; summary.json and trials.csv
+    pushed with the search's files, then the record "done"; the console's summary."""
+    folder, all_rows = files.folder, rows + seed_rows
+    unlogged = [op for phase in ("search", "seeds") for op in read_account(folder, phase)[1]]
     retries = mark_retries(all_rows, folder)
-    files = _figures(plan, folder, rows, all_rows, selected)
+    figures = _figures(plan, folder, rows, all_rows, selected)
     summary, metrics = _summary(plan, rows, seed_rows, seconds, cluster, retries)
-    summary.update(experiment_id=experiment_id, parent_run_id=parent_run_id, results=location or str(folder))
+    summary.update(
+        experiment_id=record.experiment_id, parent_run_id=record.parent_run_id, results=files.location
+    )
     params = _selection_figures(plan, summary, metrics, selected)
     if seed_rows:
         stats = seed_stats(seed_rows)
         summary.update(stats)
         metrics.update({k: v for k, v in stats.items() if k != "seed_values"})
-    _log_parent(tracker, parent_run_id, params, metrics, files, folder)
+    _log_parent(tracker, record.parent_run_id, params, metrics, figures, folder)
     if selected is not None and selected.get("checkpoint"):
-        _log_model(tracker, plan, summary, parent_run_id, selected)
+        _log_model(tracker, plan, summary, record.parent_run_id, selected)
     mark_selection(tracker, plan, summary, selected)
     done = selected is not None and (plan.mode == "search" or summary["seeds_finished"] == summary["seeds"])
     end = "FINISHED" if done else "FAILED"
-    tracker.attempt("close the parent run", lambda: tracker.client.set_terminated(parent_run_id, status=end))
+    tracker.attempt(
+        "close the parent run", lambda: tracker.client.set_terminated(record.parent_run_id, status=end)
+    )
     summary["mlflow_account"] = {
         "driver_failures": tracker.failures,
         "unlogged_updates": len(unlogged),
         "trials_with_unlogged": sorted({op["trial_id"] for op in unlogged}),
     }
+    restarted = [r for r in all_rows if r.get("restarted")]
+    if restarted:  # trials whose damaged checkpoint was not resumed from (trial.py)
+        summary["restarted"] = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in restarted]
     write_json(folder / "summary.json", summary)
     print_summary(plan, summary, rows, seed_rows)
+    files.push()  # the summary, trials.csv and the figures (the record last: "done" once they are there)
+    record.done(summary, files)
+    for row in restarted:
+        point = point_name(point_of(row, plan.keys))
+        print(f"{PROG}: trial {row['trial_id']} ({point}): {row['restarted']}", flush=True)
     return summary
 
 

@@ -32,13 +32,12 @@ from .lock import RemoteLock
 from .model import preload_model_code
 from .plan import Plan, make_plan
 from .record import SearchRecord
-from .record import recorded_settings as recorded_settings  # noqa: F401 - named here by the tests
 from .report import describe_search, finish, planned_ray_trials
 from .results import finished, select, trial_rows
 from .resume import resume_args
 from .runs import Tracker, dataset_inputs, git_version, versions
-from .space import FUSED, SearchError, fused_groups, point_name, point_of, record_points
-from .storage import LOCK, SearchFiles, write_json
+from .space import FUSED, SearchError, fused_groups, point_of, record_points
+from .storage import LOCK, SearchFiles
 from .tracking import check_tracking, credentials, mask_credentials
 from .trial import fused_config, softfine_trial
 from .tuner import OPTUNA_DB, check_study, make_tuner
@@ -351,7 +350,7 @@ def run_phases(
         if selected is not None and flags.seeds:
             record.to_seeds({k: selected[k] for k in plan.keys}, files)
             seed_rows = phase(f"{plan.name}-seeds", point_of(selected, plan.keys), seeds=True)
-    summary = report(plan, tracker, record, files, cluster, rows, seed_rows, selected, time.time() - started)
+    summary = finish(plan, tracker, record, files, cluster, rows, seed_rows, selected, time.time() - started)
     if summary.get("model_error"):
         print(f"{PROG}: error: {summary['model_error']}", file=sys.stderr, flush=True)
     # Complete: every point ended (trained to the end, or stopped early by ASHA), with a usable model.
@@ -403,45 +402,6 @@ def run_phase(
         record_points(f"sqlite:///{files.folder / OPTUNA_DB}", plan.name, plan.grid, rows)
         files.push(OPTUNA_DB)
     return rows
-
-
-def report(
-    plan: Plan,
-    tracker: Tracker,
-    record: SearchRecord,
-    files: SearchFiles,
-    cluster: dict,
-    rows: list[dict],
-    seed_rows: list[dict],
-    selected: dict | None,
-    seconds: float,
-) -> dict:
-    """The report (report.finish), the trials started again from scratch, the record "done"."""
-    unlogged = [op for phase in ("search", "seeds") for op in read_account(files.folder, phase)[1]]
-    ids = record.experiment_id, record.parent_run_id
-    summary = finish(
-        plan,
-        tracker,
-        files.folder,
-        *ids,
-        rows,
-        seed_rows,
-        selected,
-        seconds,
-        unlogged,
-        cluster,
-        files.location,
-    )
-    restarted = [r for r in rows + seed_rows if r.get("restarted")]
-    if restarted:  # trials whose damaged checkpoint was not resumed from (trial.py)
-        summary["restarted"] = [{"trial_id": r["trial_id"], "why": r["restarted"]} for r in restarted]
-        write_json(files.folder / "summary.json", summary)
-    files.push()  # the summary, trials.csv and the figures (the record last: "done" once they are there)
-    record.done(summary, files)
-    for row in restarted:
-        point = point_name(point_of(row, plan.keys))
-        print(f"{PROG}: trial {row['trial_id']} ({point}): {row['restarted']}", flush=True)
-    return summary
 
 
 if __name__ == "__main__":
