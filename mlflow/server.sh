@@ -49,6 +49,7 @@ Options of this script:
   -h, --help     this text (mlflow's own -h, --host, is spelled --host here)
 
 Environment: \$PYTHON (default python3) is the interpreter that has mlflow installed.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns MLflow's job runner (GenAI jobs) on; it is off here.
 
 Examples:
   $PROG                                   # http://127.0.0.1:5000, stores in mlflow/
@@ -258,6 +259,9 @@ case "$DEST" in
   *) DEST="$PWD/$DEST" ;;
 esac
 ARGS=(server --serve-artifacts)
+# MLflow's job runner (six huey consumer processes, each a Python with mlflow loaded, for GenAI jobs
+# such as trace roll-ups and prompt optimisation) serves nothing a search logs: off unless asked for.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 if [ "$PROD" = 1 ]; then
   prod_checks
   ARGS+=(--backend-store-uri "$MLFLOW_BACKEND_STORE_URI" --artifacts-destination "$DEST" --workers 4)

@@ -98,24 +98,30 @@ ONE_SCOPE = {
     "test_console.py": "ui-search",
 }
 # The longest files first (a CI-like run's durations, benchmarks/README.md "Tests"), so that the two
-# workers end together instead of one running the longest file alone at the end.
+# workers end together instead of one running the longest file alone at the end. xdist hands out
+# the scopes in this order only with --no-loadscope-reorder (pyproject.toml's addopts); otherwise it
+# sorts them by their number of tests, which put the two-node test (2 tests, minutes) last.
 LONGEST_FIRST = [
-    "test_two_nodes.py",
-    "test_ray_up.py",
     "test_tune_search.py",
     "test_benchmarks.py",
     "test_tune_fused.py",
-    "test_tune_cluster.py",
     "test_mlflow_ui.py",
-    "test_s3_search.py",
+    "test_tune_cluster.py",
     "test_search_state.py",
-    "test_user_data_search.py",
+    "test_two_nodes.py",
+    "test_ray_up.py",
     "test_mlflow_server.py",
-    "test_fused.py",
+    "test_cli.py",
+    "test_user_data_search.py",
+    "test_bad_input_tune.py",
+    "test_mlflow_server_options.py",
+    "test_user_data.py",
+    "test_s3_search.py",
+    "test_step.py",
+    "test_mlflow_s3.py",
     "test_console.py",
     "test_pipeline.py",
-    "test_mlflow_s3.py",
-    "test_cli.py",
+    "test_fused.py",
 ]
 
 
