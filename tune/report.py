@@ -34,7 +34,8 @@ def finish(
 ) -> dict:
     """The parent run's params, metrics, files, model and description; summary.json and trials.csv
     pushed with the search's files, then the record "done"; the console's summary."""
-    folder, all_rows = files.folder, rows + seed_rows
+    folder = files.folder
+    all_rows = rows + seed_rows
     unlogged = [op for phase in ("search", "seeds") for op in read_account(folder, phase)[1]]
     retries = mark_retries(all_rows, folder)
     figures = _figures(plan, folder, rows, all_rows, selected)
