@@ -432,8 +432,13 @@ def test_child_run_logging_queues_what_an_unanswering_server_does_not_take(tmp_p
         str(tmp_path), "1", "p", "s", "search", base, {}, [], timeout=2, probe_interval=0
     )
     import os
+    import socket
 
-    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    # A port held, bound but not listening, for the whole test: refused, and no other test's server
+    # (the other xdist worker's) can take it between the submits and the flush at the end.
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{held.getsockname()[1]}"
     try:
         callback.setup()
     finally:
@@ -447,6 +452,7 @@ def test_child_run_logging_queues_what_an_unanswering_server_does_not_take(tmp_p
     restored.set_state(callback.get_state())  # Tune checkpoints it with the experiment
     assert [op["op"] for op in restored.pending] == ["open", "result", "end"]
     callback.on_experiment_end(trials=[])
+    held.close()
     runs, pending, failures = read_account(tmp_path, "search")
     assert runs == {} and [op["op"] for op in pending] == ["open", "result", "end"] and failures
 
