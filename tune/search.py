@@ -382,10 +382,13 @@ def run_phase(
         dataset_inputs(plan.corpus),
         flags.mlflow_timeout,
     )
-    MLflowChildRuns.search_files = files  # where a restored callback (made by an earlier driver) writes too
     tuner = make_tuner(plan, phase, points, name, trainable, restoring, callback, files.folder)
     started = time.time()
-    results = tuner.fit()
+    MLflowChildRuns.search_files = files  # where a restored callback (made by an earlier driver) writes too
+    try:
+        results = tuner.fit()
+    finally:  # not left to the next search in this process (a test's callback, say)
+        MLflowChildRuns.search_files = None
     log.info("%s phase: %d trials in %.0f s", phase, len(results), time.time() - started)
     # Ray Tune returns normally after SIGINT, having saved the unfinished trials for a restore:
     # the saved experiment state tells (the trials in memory are all stopped by then).
