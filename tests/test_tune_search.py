@@ -61,27 +61,6 @@ def check_selection(uri: str, parent, kids: list) -> None:
         assert metrics[f"best_{key}"] == chosen.data.metrics[key] > 0, key
 
 
-def test_a_searcher_may_start_a_trial_for_each_slot_of_the_cluster(ray_local, monkeypatch):
-    from softfine_tune import search, tuner
-
-    def pending(*flags: str, searched: bool = True) -> str | None:
-        argv = ["--dataset", "resume", "--data-dir", str(shared_data_dir()), "--gpus-per-trial", "0", *flags]
-        plan = search.make_plan(search.build_parser().parse_args(argv), argv)
-        tuner.allow_pending_trials(plan, searched)
-        return os.environ.get(tuner.PENDING_TRIALS)
-
-    monkeypatch.setattr(tuner, "USERS_PENDING_TRIALS", None)
-    monkeypatch.delenv(tuner.PENDING_TRIALS, raising=False)
-    # Ray's own for a searcher is 1: trials would start one after another. 2 CPUs / 0.25 a trial:
-    assert pending("--cpus-per-trial", "0.25") == "8"
-    assert pending("--cpus-per-trial", "0.25", "--max-concurrent", "3") == "3"
-    assert pending("--cpus-per-trial", "4") == "1"  # a trial bigger than the cluster: still one
-    assert pending("--cpus-per-trial", "0.25", searched=False) is None  # Ray's own for its grid search
-    monkeypatch.setattr(tuner, "USERS_PENDING_TRIALS", "2")  # the user's own setting is left alone
-    monkeypatch.setenv(tuner.PENDING_TRIALS, "2")
-    assert pending("--cpus-per-trial", "0.25") == "2"
-
-
 def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -93,7 +72,7 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
         small_search_flags(
             data,
             "--cpus-per-trial",
-            "0.25",
+            "0.5",
             "--mlflow-uri",
             mlflow_server.uri,
             "--experiment-name",
@@ -185,9 +164,9 @@ def test_full_grid_runs_each_point_once_in_36_child_runs(ray_local, mlflow_serve
     assert json.loads(parent.data.params["grid"])["beta"] == [2.0, 3.0, 4.0]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "dev_f1_vs_hyperparameters.png", "optuna", "occupancy_timeline.png"} <= artifacts
-    # A CPU search's occupancy: its trial slots are Ray's 2 CPUs (ray_local) at 0.25 CPU per trial.
+    # A CPU search's occupancy: its trial slots are Ray's 2 CPUs (ray_local) at 0.5 CPU per trial.
     busy = parent.data.metrics["cpu_busy_fraction"]
-    held, span = slot_seconds(read_trials(tmp_path / "grid36"), lambda r: 0.25)
+    held, span = slot_seconds(read_trials(tmp_path / "grid36"), lambda r: 0.5)
     assert 0 < busy <= 1 and busy == pytest.approx(held / (2 * span))
     assert busy == pytest.approx(summary["cpu_busy_fraction"])
     assert summary["trial_slots"] == "cpu" and "gpu_busy_fraction" not in parent.data.metrics

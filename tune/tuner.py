@@ -11,7 +11,6 @@ import sqlite3
 from pathlib import Path
 
 import pyarrow.fs
-import ray
 from ray import tune
 from ray.tune import CheckpointConfig, CLIReporter, ExperimentAnalysis, FailureConfig, RunConfig
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -28,8 +27,6 @@ from .tracking import sqlite_tables
 log = logging.getLogger("softfine.tune")
 
 OPTUNA_DB = "optuna.db"  # the study, in the search phase's folder
-PENDING_TRIALS = "TUNE_MAX_PENDING_TRIALS_PG"  # Ray Tune's setting: trials it starts before one runs
-USERS_PENDING_TRIALS = os.environ.get(PENDING_TRIALS)  # read before a search sets it: the user's wins
 
 
 def trial_dirname(trial) -> str:
@@ -181,7 +178,6 @@ def make_tuner(
     # with the searcher state beside it (StudyInPlace.save_to_dir).
     StudyInPlace.snapshot_study = folder / OPTUNA_DB if is_remote(plan.storage_path) else None
     quiet_ray_defaults()
-    allow_pending_trials(plan, searched=phase == "search" and FUSED not in param_space)
     if restore and tune.Tuner.can_restore(path):
         return restored_tuner(plan, phase, param_space, name, trainable, folder, path)
     run_config = RunConfig(
@@ -206,23 +202,6 @@ def quiet_ray_defaults() -> None:
     # Tune's own JSON and CSV results, not its TensorBoard files: MLflow has the metrics, and
     # tensorboardX imports torch in the driver.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-
-
-def allow_pending_trials(plan: Plan, searched: bool) -> None:
-    """Under a searcher, Ray Tune starts one trial at a time (1 pending trial), so a slot waits while
-    the trial before it starts its actor: as many as the cluster has trial slots (Ray's own for a grid)."""
-    if USERS_PENDING_TRIALS is not None:
-        return
-    if not searched:
-        os.environ.pop(PENDING_TRIALS, None)
-        return
-    flags, total = plan.flags, ray.cluster_resources()
-    if flags.gpus_per_trial:
-        slots = int(total.get("GPU", 0) / flags.gpus_per_trial + 1e-9)
-    else:
-        slots = int(total.get("CPU", 0) / flags.cpus_per_trial + 1e-9)
-    slots = min(slots, flags.max_concurrent or slots)
-    os.environ[PENDING_TRIALS] = str(max(1, slots))
 
 
 def restored_tuner(plan: Plan, phase: str, param_space: dict, name: str, trainable, folder: Path, path: str):
