@@ -30,6 +30,7 @@ import pytest
 from tune_fixtures import (
     children,
     kill_the_driver_when,
+    new_store,
     parents,
     point,
     run_search,
@@ -141,8 +142,7 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
     s3 = aws_env
     prefix = f"searches-{uuid.uuid4().hex[:8]}"
     storage = s3.uri(prefix)
-    uri = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"  # the tracking server: it outlives the head
-    (tmp_path / "tracking").mkdir()
+    uri = new_store(tmp_path / "tracking" / "mlflow.db")  # the tracking server: it outlives the head
     client = MlflowClient(tracking_uri=uri)
     flags = [
         *small_search_flags(shared_data_dir(), *GRID, *TRAINING),

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tune_fixtures import run_search, shared_data_dir, small_search_flags
+from tune_fixtures import new_store, run_search, shared_data_dir, small_search_flags
 
 from softfine_tune.cli import RECORD
 
@@ -243,7 +243,7 @@ def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(
     from mlflow.tracking import MlflowClient
     from tune_fixtures import children, kill_the_driver_when, parents, saved_trials, saved_trials_so_far
 
-    storage, uri = tmp_path / "ray", f"sqlite:///{tmp_path / 'm.db'}"
+    storage, uri = tmp_path / "ray", new_store(tmp_path / "m.db")
     argv = small_search_flags(
         shared_data_dir(),
         "--alphas",
@@ -310,7 +310,7 @@ def test_a_copied_search_resumes_in_place_and_a_damaged_checkpoint_starts_again(
 
 def test_damaged_ray_state_or_optuna_study_is_one_line_naming_the_file(ray_local, tmp_path):
     """A search stopped and then damaged on disk: its resume names the damaged file and what to do."""
-    storage, uri = tmp_path / "ray", f"sqlite:///{tmp_path / 'm.db'}"
+    storage, uri = tmp_path / "ray", new_store(tmp_path / "m.db")
     code, _ = run_search(
         small_search_flags(
             shared_data_dir(),

@@ -13,6 +13,7 @@ import pytest
 from tune_fixtures import (
     children,
     kill_the_driver_when,
+    new_store,
     parents,
     point,
     read_summary,
@@ -41,7 +42,7 @@ def histories(uri: str, runs: list, key: str = "dev_f1") -> dict:
 def test_the_grid_as_fused_groups_gives_every_point_its_run_study_trial_and_checkpoint(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     alphas = PAPER_GRID["alphas"][1:3]  # 2 x 3 x 2 = 12 points (tests/test_tune_search.py runs all 36 alone)
     code, output = run_search(
         small_search_flags(
@@ -156,7 +157,7 @@ def test_the_grid_as_fused_groups_gives_every_point_its_run_study_trial_and_chec
 def test_a_fused_group_scores_each_point_as_its_own_trial_does(ray_local, tmp_path):
     """Three points as one fused trial and as three trials: the same dev F1 at every evaluation,
     the same test F1 (the library's exactness, through Ray, the checkpoints and MLflow)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     grid = [
         "--alphas",
         "0.1,0.1",
@@ -194,7 +195,7 @@ def test_a_fused_group_scores_each_point_as_its_own_trial_does(ray_local, tmp_pa
 
 
 def test_a_crashed_group_goes_on_from_its_checkpoint_in_its_runs(ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     code, output, killed = run_crashing_search(
         tmp_path, "--alphas", "0.1,0.1", "0.01,0.01", "--beta", "2", "3", "--gamma", "2", "--fuse", "4"
     )  # evaluations at steps 2, ..., 12
@@ -216,7 +217,7 @@ def test_a_crashed_group_goes_on_from_its_checkpoint_in_its_runs(ray_local, tmp_
 
 
 def test_a_killed_driver_resumes_a_fused_search(ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     storage = tmp_path / "ray"
     flags = small_search_flags(
         shared_data_dir(),
@@ -383,7 +384,7 @@ def test_fuse_auto_fits_the_measured_members_in_the_budget():
 
 
 def test_fuse_auto_on_cpus_trains_one_point_per_trial(ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     code, output = run_search(
         small_search_flags(
             shared_data_dir(),

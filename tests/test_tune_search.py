@@ -22,6 +22,7 @@ from tune_fixtures import (
     MlflowServer,
     children,
     kill_the_driver_when,
+    new_store,
     parents,
     point,
     read_summary,
@@ -228,7 +229,7 @@ def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
             "--seeds",
             "2",
             "--cpus-per-trial",
-            "0.5",
+            "1",  # 2 trial actors to start, not 4: each imports torch and transformers
             "--mlflow-uri",
             uri,
             "--experiment-name",
@@ -271,7 +272,7 @@ def test_tpe_search_then_seeds_on_the_embedded_store(ray_local, tmp_path):
 def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
     # One trial at a time: each one meets ASHA's rungs (epochs 1, 2, 4) after the trials before it,
     # in the grid's order, so which trials stop does not hang on which one reached a rung first.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     code, output = run_search(
         small_search_flags(
             shared_data_dir(),
@@ -316,7 +317,7 @@ def test_asha_search_stops_weak_trials_and_logs_them(ray_local, tmp_path):
 
 
 def test_a_crashed_trial_goes_on_from_its_checkpoint_in_the_same_run(ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     # Evaluations at steps 2, 4, 6, 8, 10, 12; the trial's process is killed once it has reported
     # its first checkpoint.
     code, output, killed = run_crashing_search(tmp_path, "--alphas", "0.1,0.1", "--beta", "2", "--gamma", "2")
@@ -538,7 +539,7 @@ def test_refuses_more_gpus_per_trial_than_any_node_has(ray_local, tmp_path):
 
 
 def test_the_soft_scope_as_a_grid_dimension(ray_local, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     code, output = run_search(
         small_search_flags(
             shared_data_dir(),
@@ -579,7 +580,7 @@ def test_the_soft_scope_as_a_grid_dimension(ray_local, tmp_path):
 def test_one_configuration_over_seeds_is_an_ablation(ray_local, tmp_path):
     """One grid point with --seeds 3: three trials with seeds 42, 43, 44 and nothing else (no
     search phase), their mean and standard deviation with what the F1s were computed on."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     code, output = run_search(
         small_search_flags(
             shared_data_dir(),
@@ -595,7 +596,7 @@ def test_one_configuration_over_seeds_is_an_ablation(ray_local, tmp_path):
             "--soft-scope",
             "related",
             "--cpus-per-trial",
-            "0.5",
+            "1",  # 2 trial actors to start, not 3: each imports torch and transformers
             "--mlflow-uri",
             uri,
             "--experiment-name",
@@ -647,7 +648,7 @@ def test_a_failure_after_the_parent_run_was_created_ends_it_failed(ray_local, tm
         raise RuntimeError("the search broke\nin two lines")
 
     monkeypatch.setattr(search, "run_phase", broken)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     code, output = run_search(
         small_search_flags(
             shared_data_dir(),

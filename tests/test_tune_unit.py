@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tune_fixtures import REPO, SEARCH_SCRIPT, free_port, run_search, shared_data_dir
+from tune_fixtures import REPO, SEARCH_SCRIPT, free_port, new_store, run_search, shared_data_dir
 
 from softfine_tune import results, search, space, tuner
 from softfine_tune.account import read_account
@@ -465,7 +465,7 @@ def test_an_evaluation_made_again_after_a_retry_is_logged_once(tmp_path, monkeyp
 
     from softfine.config import make_config
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("retries")
     parent = client.create_run(experiment).info.run_id

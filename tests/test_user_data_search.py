@@ -9,7 +9,7 @@ import json
 
 import pytest
 from test_user_data import write_folder
-from tune_fixtures import children, parents, run_search, shared_data_dir
+from tune_fixtures import children, new_store, parents, run_search, shared_data_dir
 
 from softfine.config import make_config
 from softfine.datasets import load_corpus
@@ -63,7 +63,7 @@ def dev_f1_by_point(uri: str, experiment: str) -> dict:
 def test_a_search_on_a_user_folder_logs_its_runs_data_and_selection(ray_local, folder, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path / "mlflow.db")
     (tmp_path / "preset.yaml").write_text(PRESET)
     code, output = run_search(
         [

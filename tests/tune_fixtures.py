@@ -7,15 +7,20 @@ Servers listen on 127.0.0.1 only and are stopped by the fixtures that start them
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -80,6 +85,29 @@ def small_search_flags(data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
+def new_store(path: Path) -> str:
+    """The URI of a new MLflow SQLite store at `path`, its tables already made: a copy of one store that
+    MLflow made once in this test process (making the tables, MLflow's migrations, takes about 2 s of CPU
+    a store). Tests of how a search makes a new store give it a path where nothing is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        contextlib.closing(sqlite3.connect(_store_template())) as made,
+        contextlib.closing(sqlite3.connect(path)) as copy,
+    ):
+        made.backup(copy)
+    return f"sqlite:///{path}"
+
+
+@functools.cache
+def _store_template() -> Path:
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="softfine-test-store-"))
+    atexit.register(shutil.rmtree, folder, True)
+    MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments(max_results=1)
+    return folder / "mlflow.db"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,7 +165,7 @@ class MlflowServer:
                 "--workers",
                 "1",
                 "--backend-store-uri",
-                f"sqlite:///{self.folder / 'mlflow.db'}",
+                new_store(self.folder / "mlflow.db"),
                 "--artifacts-destination",
                 str(self.folder / "artifacts"),
                 *auth,
@@ -313,7 +341,7 @@ def run_crashing_search(tmp_path: Path, *grid: str) -> tuple[int, str, dict]:
             "--max-failures",
             "1",
             "--mlflow-uri",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            new_store(tmp_path / "mlflow.db"),
             "--experiment-name",
             "crash",
             "--storage-path",
@@ -438,7 +466,7 @@ def ui_search(folder: Path) -> Iterator[dict]:
             "--gamma",
             "2",
             "--cpus-per-trial",
-            "0.5",
+            "1",  # 2 trial actors to start, not 3: each imports torch and transformers
             "--address",
             "local",
             "--mlflow-uri",
