@@ -342,8 +342,7 @@ def test_a_storage_that_cannot_be_used_is_one_line_before_ray_starts(aws_env, tm
 
 
 def test_one_driver_per_search_on_s3_whatever_machine_it_runs_on(aws_env, tmp_path, monkeypatch):
-    from softfine_tune.lock import RemoteLock
-    from softfine_tune.search import one_driver
+    from softfine_tune.lock import RemoteLock, one_driver
     from softfine_tune.space import SearchError
     from softfine_tune.storage import SearchFiles, Storage
 

@@ -86,7 +86,7 @@ def test_two_searches_starting_on_one_new_store_both_use_it(tmp_path):
 def test_a_second_driver_on_one_search_is_refused_naming_the_first(tmp_path):
     import os
 
-    from softfine_tune.search import one_driver
+    from softfine_tune.lock import one_driver
     from softfine_tune.storage import SearchFiles, Storage
 
     with one_driver(

@@ -1,15 +1,18 @@
-"""One driver per search on S3, across machines: the search's lock object, STORAGE/NAME/LOCK,
-made with S3's conditional writes (If-None-Match, If-Match), which pyarrow lacks and boto3 has."""
+"""One driver per search: a flock in the search's working folder (one_driver), and on S3, across
+machines, the search's lock object STORAGE/NAME/LOCK, made with S3's conditional writes (If-None-Match,
+If-Match), which pyarrow lacks and boto3 has (RemoteLock)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
 import os
 import posixpath
 import socket
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -18,10 +21,59 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 from .space import SearchError
-from .storage import LOCK, Storage, first_line
+from .storage import LOCK, SearchFiles, Storage, first_line
 
 log = logging.getLogger("softfine.tune")
 CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412")  # a condition that failed
+
+
+@contextlib.contextmanager
+def one_driver(files: SearchFiles):
+    """The search locked while the block runs (flock in its working folder, released however the process ends;
+    on S3 also RemoteLock, below): a second driver of the same search is refused, naming the first."""
+    folder = files.folder
+    made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove if nothing else is written
+    try:  # the folder is made and written to before anything is recorded
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        given = files.storage.uri if files.remote else folder.parent
+        what = "the search's working folder (XDG_CACHE_HOME)" if files.remote else "the search's folder"
+        raise SearchError(
+            f"--storage-path {given}: cannot write {what} {folder} ({err.strerror or err})"
+        ) from None
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    remote = None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise SearchError(
+                f"--name {files.name}: the search in {files.location} is running in process {holder}; "
+                "wait for it to end (or stop it), or give another --name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if RemoteLock.available(files.storage):
+            remote = RemoteLock(files.storage, files.name)
+            remote.acquire()
+        elif files.remote:
+            log.warning(
+                "%s: one driver per search is checked on this machine only (lock.RemoteLock needs S3 and "
+                "boto3): run the search's driver on one machine at a time",
+                files.location,
+            )
+        yield
+    finally:
+        if remote is not None:
+            remote.release()
+        os.close(fd)
+        if made and [p.name for p in folder.iterdir()] == [LOCK]:  # refused before it began: leave nothing
+            (folder / LOCK).unlink()
+            for empty in made:
+                empty.rmdir()
 
 
 class RemoteLock:

@@ -13,12 +13,10 @@ if __name__ == "__main__" and not __package__:  # `python tune/search.py`: the i
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -28,7 +26,7 @@ from .callback import MLflowChildRuns
 from .cli import EXCLUDED_TRAIN_FIELDS, PROG, RECORD, WANTED, Parser, build_parser
 from .cluster import check_address, check_cluster, cluster_resources, connect_ray, fuse_to_fit, probe_gpus
 from .console import short
-from .lock import RemoteLock
+from .lock import one_driver
 from .model import preload_model_code
 from .plan import Plan, make_plan
 from .record import SearchRecord
@@ -37,7 +35,7 @@ from .results import finished, select, trial_rows
 from .resume import resume_args
 from .runs import Tracker, dataset_inputs, git_version, versions
 from .space import FUSED, SearchError, fused_groups, point_of, record_points
-from .storage import LOCK, SearchFiles
+from .storage import SearchFiles
 from .tracking import check_tracking, credentials, mask_credentials
 from .trial import fused_config, softfine_trial
 from .tuner import OPTUNA_DB, check_study, make_tuner
@@ -169,55 +167,6 @@ def check_data(plan: Plan, record: SearchRecord | None) -> Plan:
         )
     report_unseen(corpus)
     return dataclasses.replace(plan, corpus=corpus)
-
-
-@contextlib.contextmanager
-def one_driver(files: SearchFiles):
-    """The search locked while the block runs (flock in its working folder, released however the process ends;
-    on S3 also lock.RemoteLock): a second driver of the same search is refused, naming the first."""
-    folder = files.folder
-    made = [f for f in (folder, *folder.parents) if not f.exists()]  # to remove if nothing else is written
-    try:  # the folder is made and written to before anything is recorded
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        given = files.storage.uri if files.remote else folder.parent
-        what = "the search's working folder (XDG_CACHE_HOME)" if files.remote else "the search's folder"
-        raise SearchError(
-            f"--storage-path {given}: cannot write {what} {folder} ({err.strerror or err})"
-        ) from None
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    remote = None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise SearchError(
-                f"--name {files.name}: the search in {files.location} is running in process {holder}; "
-                "wait for it to end (or stop it), or give another --name"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        if RemoteLock.available(files.storage):
-            remote = RemoteLock(files.storage, files.name)
-            remote.acquire()
-        elif files.remote:
-            log.warning(
-                "%s: one driver per search is checked on this machine only (lock.RemoteLock needs S3 and "
-                "boto3): run the search's driver on one machine at a time",
-                files.location,
-            )
-        yield
-    finally:
-        if remote is not None:
-            remote.release()
-        os.close(fd)
-        if made and [p.name for p in folder.iterdir()] == [LOCK]:  # refused before it began: leave nothing
-            (folder / LOCK).unlink()
-            for empty in made:
-                empty.rmdir()
 
 
 def on_ray(plan: Plan, record: SearchRecord | None, files: SearchFiles, mlflow_env: dict) -> int:
