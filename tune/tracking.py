@@ -161,7 +161,18 @@ def check_sqlite_store(path: Path, display: str) -> None:
 
 def sqlite_tables(path: Path) -> set[str]:
     """The tables of a SQLite file, opened read-only (sqlite3.DatabaseError: not a database)."""
-    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+    try:
+        return _tables(f"{path.resolve().as_uri()}?mode=ro")
+    except sqlite3.OperationalError as err:
+        if getattr(err, "sqlite_errorname", "") != "SQLITE_READONLY_ROLLBACK":
+            raise
+    # A writer killed mid-transaction (a driver, a server) left a hot journal that only a writable
+    # connection may roll back: the one step SQLite takes on any open, restoring the last commit.
+    return _tables(path.resolve().as_uri())
+
+
+def _tables(uri: str) -> set[str]:
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
         return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
