@@ -174,6 +174,24 @@ def test_cpu_share_counts_the_training_process_cpu_over_its_window(tmp_path):
 
 # Refusals, before anything trains or any folder is made. A flag argparse refuses has its usage
 # above the error line, as the softfine command's; every other refusal is the one line alone.
+def test_value_paths_reads_and_traces_the_training_config():
+    done = benchmark("value_paths.py", "--no-search", "--show", "--data-dir", str(shared_data_dir()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    figures = [line for line in lines if " visits to " in line]
+    assert [line.split(": ", 1)[1].rsplit(": ", 1)[0] for line in figures] == [
+        "read: config from softfine/train.py:train",
+        "read: args from tune/search.py:main",
+        "run: config through train()",
+    ]
+    # each path's functions in order: the config goes from train() to train_group() in both ways
+    paths = [line.strip() for line in lines if line.startswith("  ")]
+    assert len(paths) == 3 and all(
+        p.startswith("softfine/train.py:train > softfine/train.py:train_group") for p in (paths[0], paths[2])
+    )
+    assert paths[1].startswith("tune/search.py:main > ")
+
+
 OUT, NO_DATA = "OUT", "/nonexistent-data"
 NO_GPU = "--device cuda: torch sees no CUDA device"
 MISSING = f"missing data file(s) for 'resume': {NO_DATA}/resume/train.char.bmes"
@@ -272,6 +290,8 @@ REFUSALS = [
         "argument --epochs: expected 1 or more (got 0)",
     ),
     ("cpu_share.py", "no-data", ["--data-dir", NO_DATA, "--out", OUT], MISSING),
+    ("value_paths.py", "no-data", ["--no-search", "--data-dir", NO_DATA], MISSING),
+    ("value_paths.py", "not-a-checkout", ["--root", "/"], "--root /: no softfine/ and tune/ folders there"),
     (
         "budgeted_search.py",
         "budget-0",
