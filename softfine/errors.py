@@ -19,3 +19,9 @@ class DeviceError(SoftFiNEError):
 
 class StorageError(SoftFiNEError):
     """A file cannot be written (a full disk, no permission); the message names it."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line, with its type: what a one-line error can quote of it."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__

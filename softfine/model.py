@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .config import MAX_TOKENS
-from .errors import ConfigError, StorageError
+from .errors import ConfigError, StorageError, first_line
 from .labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -213,12 +213,6 @@ def check_encoder(name: str) -> None:
             "(--model /path/to/encoder), or run where the Hugging Face Hub is reachable, or with it in "
             "the Hub's cache and HF_HUB_OFFLINE=1"
         ) from None
-
-
-def first_line(err: BaseException) -> str:
-    """An exception's first line, with its type: what a one-line error can quote of it."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def add_aug_tokens(tokenizer, net: nn.Module, mean_resizing: bool = True) -> tuple[object, nn.Module]:

@@ -20,8 +20,10 @@ import uuid
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
+from softfine.errors import first_line
+
 from .space import SearchError
-from .storage import LOCK, SearchFiles, Storage, first_line
+from .storage import LOCK, SearchFiles, Storage
 
 log = logging.getLogger("softfine.tune")
 CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412")  # a condition that failed

@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from softfine.errors import first_line
+
 from .account import read_account
 from .cli import PROG
 from .console import counted_on, ended_counts, f1, print_summary, run_page, seeds_f1, value_text
@@ -16,7 +18,7 @@ from .record import SearchRecord
 from .results import busy_fraction, by_trial, max_overlap, number, seed_stats, slot_resource, write_table
 from .runs import COUNT_KEYS, SELECTED_TAG
 from .space import METRIC, SYMBOLS, fused_groups, point_name, point_of
-from .storage import SearchFiles, first_line, write_json
+from .storage import SearchFiles, write_json
 
 STATUSES = ("TERMINATED", "STOPPED", "ERROR", "NOT STARTED")
 

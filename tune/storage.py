@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
+from softfine.errors import first_line
+
 from .space import SearchError
 
 # The search's own files in its folder (Ray's are its experiment_state-*.json, searcher-state-*,
@@ -74,10 +76,13 @@ class Storage:
         return cache.joinpath("softfine", "searches", parts.scheme, *path, name)
 
     def filesystem(self):
-        """(pyarrow file system, the storage's path on it) of a remote storage."""
+        """(pyarrow file system, the storage's path on it): the remote one's, or this machine's."""
         if self._fs is None:
-            self._fs, self._base = pyarrow.fs.FileSystem.from_uri(self.uri)
-            self._base = self._base.rstrip("/")
+            if self.remote:
+                self._fs, base = pyarrow.fs.FileSystem.from_uri(self.uri)
+                self._base = base.rstrip("/")
+            else:
+                self._fs, self._base = pyarrow.fs.LocalFileSystem(), str(self.local)
         return self._fs, self._base
 
     def fs_path(self, name: str, file: str = "") -> str:
@@ -124,22 +129,14 @@ class Storage:
             raise SearchError(f"{unusable} ({first_line(err)}; endpoint {endpoint()}); {HOW}") from None
 
     def read_bytes(self, name: str, file: str) -> bytes | None:
-        if not self.remote:
-            path = self.local / name / file
-            return path.read_bytes() if path.is_file() else None
         return read_from(self.filesystem()[0], self.fs_path(name, file))
 
     def exists(self, name: str, file: str) -> bool:
-        if not self.remote:
-            return (self.local / name / file).exists()
         info = self.filesystem()[0].get_file_info(self.fs_path(name, file))
         return info.type != pyarrow.fs.FileType.NotFound
 
     def searches_with(self, file: str) -> list[tuple[float, str]]:
         """(modification time, NAME) of the search folders that hold `file`."""
-        if not self.remote:
-            found = self.local.glob(f"*/{file}") if self.local.is_dir() else []
-            return [(p.stat().st_mtime, p.parent.name) for p in found]
         fs, base = self.filesystem()
         listed = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
         folders = [i.base_name for i in listed if i.type == pyarrow.fs.FileType.Directory]
@@ -176,10 +173,6 @@ def read_from(fs, path: str) -> bytes | None:
 def write_json(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     return path
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def endpoint() -> str:

@@ -17,6 +17,8 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from softfine.errors import first_line
+
 from .cli import PROG
 from .console import PointsReporter
 from .plan import Plan
@@ -125,10 +127,9 @@ def damaged_state(path: str, err: BaseException) -> str:
     except OSError:
         states = []
     where = f"{path}/{posixpath.basename(states[-1])}" if states and isinstance(err, ValueError) else path
-    first = (str(err).strip().splitlines() or [""])[0][:200]
     return (
-        f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {type(err).__name__}: "
-        f"{first}); it cannot go on from there. Its finished points are in MLflow; start the search "
+        f"--resume: {where}: Ray Tune's saved state of this search is damaged ({kind}: {first_line(err)}); "
+        "it cannot go on from there. Its finished points are in MLflow; start the search "
         "again under another --name (or restore the folder from a copy)"
     )
 
