@@ -34,15 +34,21 @@ SMALL = dict(
 )
 
 
-def import_from(root: Path) -> Path:
-    """softfine and softfine_tune from `root`'s folders, ahead of the installed (editable) package;
-    the folder their modules' file names start with."""
+def import_from(root: Path) -> dict[str, str]:
+    """The project's packages as the traced code's file names start, each with the folder it is shown
+    as: the installed ones when they are `root`'s; another checkout's (--root) through links put ahead
+    of them on sys.path, as no installed package can be another commit's."""
+    import importlib.util
+
+    installed = Path(importlib.util.find_spec("softfine").origin).parent
+    if installed == root / "softfine":
+        return {f"{root / 'softfine'}{os.sep}": "softfine/", f"{root / 'tune'}{os.sep}": "tune/"}
     links = Path(tempfile.mkdtemp(prefix="value-paths-"))
     atexit.register(shutil.rmtree, links, ignore_errors=True)
     (links / "softfine").symlink_to(root / "softfine")
     (links / "softfine_tune").symlink_to(root / "tune")
     sys.path.insert(0, str(links))
-    return links
+    return {f"{links / 'softfine'}{os.sep}": "softfine/", f"{links / 'softfine_tune'}{os.sep}": "tune/"}
 
 
 def kind_of(value, kinds: tuple[str, ...]) -> str | None:
@@ -53,11 +59,11 @@ def kind_of(value, kinds: tuple[str, ...]) -> str | None:
     return name if name in kinds else None
 
 
-def traced(run, kinds: tuple[str, ...], links: Path) -> list[tuple[str, str]]:
-    """(module:function, type name) for each function of the project (import_from's `links`) that received a
-    value of a type named in `kinds` as an argument, once per function and type, in the order of the
-    first calls. Types are matched by name: the checkout traced has classes of its own."""
-    folders = tuple(str(links / f) + os.sep for f in ("softfine", "softfine_tune"))
+def traced(run, kinds: tuple[str, ...], packages: dict[str, str]) -> list[tuple[str, str]]:
+    """(module:function, type name) for each function of the project (import_from's `packages`) that
+    received a value of a type named in `kinds` as an argument, once per function and type, in the order
+    of the first calls. Types are matched by name: the checkout traced has classes of its own."""
+    folders = tuple(packages)
     seen, path = set(), []
 
     def profile(frame, event, _arg):
@@ -71,7 +77,8 @@ def traced(run, kinds: tuple[str, ...], links: Path) -> list[tuple[str, str]]:
             kind = kind_of(local.get(name), kinds)
             if kind and (code, kind) not in seen:
                 seen.add((code, kind))
-                module = os.path.relpath(code.co_filename, links).replace("softfine_tune/", "tune/")
+                folder = next(f for f in folders if code.co_filename.startswith(f))
+                module = packages[folder] + code.co_filename[len(folder) :]
                 path.append((f"{module}:{code.co_qualname}", kind))
 
     threading.setprofile(profile)
@@ -254,7 +261,7 @@ def search_run(data: str | None, folder: Path):
     return run
 
 
-def measure(root: Path, links: Path, data: str | None, no_search: bool) -> dict:
+def measure(root: Path, packages: dict[str, str], data: str | None, no_search: bool) -> dict:
     """{what: (path, the kinds of value counted)}: the read paths, then the traced runs."""
     measures = {
         "read: config from softfine/train.py:train": (
@@ -266,11 +273,11 @@ def measure(root: Path, links: Path, data: str | None, no_search: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="value-paths-") as tmp:
         tmp = Path(tmp)
         measures["run: config through train()"] = (
-            traced(train_run(data, tmp / "run"), ("TrainConfig",), links),
+            traced(train_run(data, tmp / "run"), ("TrainConfig",), packages),
             {"TrainConfig"},
         )
         if not no_search:
-            flags = traced(search_run(data, tmp), ("Namespace", "SearchFlags"), links)
+            flags = traced(search_run(data, tmp), ("Namespace", "SearchFlags"), packages)
             measures["run: the search's flags as argparse.Namespace"] = (flags, {"Namespace"})
             measures["run: the search's flags as Namespace or SearchFlags"] = (
                 flags,
@@ -298,15 +305,15 @@ def main() -> None:
             f"{parser.prog}: error: --root {args.root}: no softfine/ and tune/ folders there (give a "
             "checkout of this repository)\n",
         )
-    links = import_from(root)
+    packages = import_from(root)
     commit = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ["git", "-C", str(root), "describe", "--always", "--dirty"], capture_output=True, text=True
     ).stdout.strip()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from softfine.errors import SoftFiNEError  # the checkout's own (after import_from)
 
     try:
-        measures = measure(root, links, args.data_dir, args.no_search)
+        measures = measure(root, packages, args.data_dir, args.no_search)
     except SoftFiNEError as err:  # missing data, say: one line, as the softfine command ends
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     for what, (path, kinds) in measures.items():

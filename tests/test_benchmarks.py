@@ -1,7 +1,8 @@
 """The benchmarks still run (their figures are printed, never asserted): the CPU path of
 train_throughput.py for a few steps, search_overhead.py end to end on a small subset,
-cpu_share.py's sampling of a busy process, and value_paths.py's paths of the training config. And they refuse bad flags, missing data and a missing
-GPU as the softfine command does: one line `SCRIPT: error: ...`, exit status 2, no traceback."""
+cpu_share.py's sampling of a busy process, and value_paths.py's paths of the training config.
+And they refuse bad flags, missing data and a missing GPU as the softfine command does: one line
+`SCRIPT: error: ...`, exit status 2, no traceback."""
 
 import json
 import os
