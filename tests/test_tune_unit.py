@@ -526,6 +526,31 @@ def test_selection_takes_the_best_dev_f1_never_test():
     assert select([{"trial": 0, "best_dev_f1": None}]) is None
 
 
+def test_rows_stand_in_the_grids_order_whatever_order_ray_lists_them():
+    """A resumed search's ResultGrid lists its trials in another order: the rows, and so the selection
+    on a tie, are those of the grid's order (seen: a tie at dev F1 0.0 chose beta 2, then beta 3)."""
+    from softfine_tune.results import in_grid_order, select
+
+    grid = space.Grid([(0.1, 0.1), (0.01, 0.005)], [3, 2], [2])  # as written: beta 3 before beta 2
+    points = grid.points()
+    rows = [
+        {"alpha_aug": aug, "alpha_fea": fea, "beta": beta, "gamma": 2.0, "seed": 42, "best_dev_f1": f1}
+        for (aug, fea, beta, f1) in [
+            (0.01, 0.005, 2.0, 0.7),
+            (0.1, 0.1, 2.0, 0.7),
+            (0.01, 0.005, 3.0, 0.5),
+            (0.1, 0.1, 3.0, 0.7),
+        ]
+    ]
+    for listed in (rows, rows[::-1], rows[1:] + rows[:1]):
+        ordered = in_grid_order([dict(r) for r in listed], grid)
+        assert [space.point_of(r, grid.keys()) for r in ordered] == points
+        assert [r["trial"] for r in ordered] == [0, 1, 2, 3]
+        assert space.point_of(select(ordered), grid.keys()) == points[0]  # 0.1,0.1, beta 3: first of the tied
+    seeds = [{**rows[1], "seed": s} for s in (44, 42, 43)]  # one point's seeds: by seed
+    assert [r["seed"] for r in in_grid_order(seeds, grid)] == [42, 43, 44]
+
+
 def test_the_default_tracking_store_is_sqlite_under_mlflow(tmp_path, monkeypatch):
     from softfine_tune.tracking import local_artifact_root, resolve_tracking_uri
 

@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 
 from .runs import COUNT_KEYS
-from .space import FUSED, METRIC, SEARCHED, point_values
+from .space import FUSED, METRIC, SEARCHED, point_key, point_of, point_values
 from .storage import uri_of
 
 
@@ -34,8 +34,9 @@ def _status(result, metrics: dict) -> str:
     return "STOPPED" if metrics else "NOT STARTED"
 
 
-def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[dict]:
-    """One row per grid point of a Ray ResultGrid (a fused trial's each), with its MLflow child run."""
+def trial_rows(results: list, runs: dict[str, str], phase: str, base, grid) -> list[dict]:
+    """One row per grid point of a Ray ResultGrid (a fused trial's each), with its MLflow child run,
+    in the grid's order (in_grid_order)."""
     from .child_runs import run_key
     from .trial import member_dirs, member_results, members_of
 
@@ -73,6 +74,18 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base) -> list[di
                 error=error,
             )
             rows.append(row)
+    return in_grid_order(rows, grid)
+
+
+def in_grid_order(rows: list[dict], grid) -> list[dict]:
+    """The rows as their points stand in the grid, then by seed (a point sampled twice: as Ray lists
+    them), numbered: Ray lists a resumed search's trials in another order, and a tie on dev F1 goes
+    to the first row (select), as it would have without the interruption."""
+    place = {point_key(p): i for i, p in enumerate(grid.points())}
+    keys = grid.keys()
+    rows = sorted(rows, key=lambda r: (place.get(point_key(point_of(r, keys)), len(place)), r["seed"]))
+    for number, row in enumerate(rows):
+        row["trial"] = number
     return rows
 
 
@@ -85,7 +98,7 @@ def by_trial(rows: list[dict]) -> list[dict]:
 
 
 def select(rows: list[dict]) -> dict | None:
-    """The trial with the best dev F1 (the earliest one on a tie); test F1 plays no part."""
+    """The trial with the best dev F1 (the first row on a tie: in_grid_order); test F1 plays no part."""
     scored = [r for r in rows if number(r.get(METRIC)) is not None]
     if not scored:
         return None

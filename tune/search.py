@@ -349,7 +349,7 @@ def run_phase(
     if unfinished or len(saved) < expected:
         raise Interrupted(f"{len(unfinished) + expected - len(saved)} trial(s) of the {phase} did not end")
     runs, _, _ = read_account(files.folder, phase)
-    rows = trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base)
+    rows = trial_rows([results[i] for i in range(len(results))], runs, phase, plan.base, plan.grid)
     if FUSED in points:  # the study gets every point, as the grid sampler's trials would have
         record_points(f"sqlite:///{files.folder / OPTUNA_DB}", plan.name, plan.grid, rows)
         files.push(OPTUNA_DB)

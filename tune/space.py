@@ -96,6 +96,11 @@ def point_of(values: dict, keys: Sequence[str]) -> dict:
     return {**point, "soft_scope": values["soft_scope"]} if "soft_scope" in keys else point
 
 
+def point_key(point: dict) -> str:
+    """A point as one string, whatever its values' types: 2 and 2.0 are one value."""
+    return json.dumps({k: v if isinstance(v, str) else float(v) for k, v in point.items()}, sort_keys=True)
+
+
 @dataclass
 class Grid:
     alphas: list[tuple[float, float]]
@@ -317,17 +322,12 @@ def record_points(storage: str, study_name: str, grid: Grid, rows: list[dict]) -
         load_if_exists=True,
     )
 
-    def key(params: dict) -> str:  # 2 and 2.0 are one value
-        return json.dumps(
-            {k: v if isinstance(v, str) else float(v) for k, v in params.items()}, sort_keys=True
-        )
-
-    held = {key(t.params) for t in study.get_trials(deepcopy=False)}
+    held = {point_key(t.params) for t in study.get_trials(deepcopy=False)}
     distributions = grid.optuna_space()
     added = 0
     for row in rows:
         params = point_of(row, grid.keys())
-        if key(params) in held:
+        if point_key(params) in held:
             continue
         value = row.get(METRIC)
         scored = isinstance(value, (int, float)) and not math.isnan(value)
