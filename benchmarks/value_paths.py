@@ -32,6 +32,9 @@ from pathlib import Path
 SMALL = dict(
     model="tiny", tiny_layers=1, tiny_hidden=64, limit_train=24, limit_eval=24, batch_size=2, epochs=1
 )
+SEARCH = (
+    "--gpus-per-trial 0 --cpus-per-trial 1 --alphas 0.1,0.1 --beta 2 3 --gamma 2 --name paths"  # 2 points
+)
 
 
 def import_from(root: Path) -> dict[str, str]:
@@ -230,27 +233,10 @@ def search_run(data: str | None, folder: Path):
     from softfine_tune.search import main
 
     argv = [
-        "--dataset",
-        "resume",
-        *(["--data-dir", data] if data else []),
+        *("--dataset", "resume", *(["--data-dir", data] if data else [])),
         *(f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()),
-        "--gpus-per-trial",
-        "0",
-        "--cpus-per-trial",
-        "1",
-        "--alphas",
-        "0.1,0.1",
-        "--beta",
-        "2",
-        "3",
-        "--gamma",
-        "2",
-        "--mlflow-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
-        "--storage-path",
-        str(folder / "ray"),
-        "--name",
-        "paths",
+        *SEARCH.split(),
+        *("--mlflow-uri", f"sqlite:///{folder / 'mlflow.db'}", "--storage-path", str(folder / "ray")),
     ]
 
     def run():
