@@ -367,7 +367,8 @@ def saved_trials_so_far(experiment: Path) -> dict:
     # Polled twice a second: Ray's warning for each trial that has not reported yet ("Failed to fetch
     # metrics") filled a failing test's captured log (CI, 16ffa29); the trials are wanted, not metrics.
     quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # setLevel, not .level: it clears the loggers' cached decisions
     try:
         return saved_trials(experiment)
     except Exception:  # noqa: BLE001 - a snapshot being written

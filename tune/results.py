@@ -50,7 +50,7 @@ def trial_rows(results: list, runs: dict[str, str], phase: str, base, grid) -> l
         error = str(result.error).strip().splitlines()[-1][:500] if result.error is not None else ""
         for member, (point, part, folder) in enumerate(zip(points, parts, member_dirs(config))):
             row = {
-                "trial": len(rows),
+                "trial": None,  # numbered in the grid's order (in_grid_order)
                 "trial_id": trial_id,
                 "phase": phase,
                 "status": _status(result, metrics),
