@@ -9,8 +9,8 @@ augmented sentences, soft labels, feature loss) on a randomly initialised encode
 bert-base-chinese's shape, in bf16, on the same GPU, started together after an untimed warm-up.
 Printed per packing: the trials' summed training characters/s, the grid throughput in
 trial-epochs per hour (summed characters/s over the characters of one Weibo training epoch), and
-each trial's peak GPU memory. This is what `--gpus-per-trial 1/K` buys on a real search. Figures
-are printed, not asserted; it needs a CUDA GPU.
+each trial's peak GPU memory; the last line is the rows as JSON. This is what `--gpus-per-trial 1/K`
+buys on a real search. Figures are printed, not asserted; it needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from softfine.errors import DeviceError
-from softfine.script import integer, run_script
+from softfine.script import integer, number, run_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,9 +48,15 @@ def run_packing(k: int, args: argparse.Namespace) -> list[dict]:
     trials = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(k)
     ]
-    results = []
+    results, deadline = [], time.monotonic() + args.limit
     for trial in trials:
-        out, err = trial.communicate()
+        try:
+            out, err = trial.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for each in trials:
+                each.kill()
+                each.communicate()
+            sys.exit(f"gpu_packing: {k} trials on the GPU: stopped after --limit {args.limit:g} s")
         if trial.returncode:
             last = (err.strip().splitlines() or ["no output"])[-1]
             sys.exit(f"gpu_packing: a trial exited {trial.returncode} with {k} trials on the GPU: {last}")
@@ -71,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=integer(1), default=4, help="the paper's Weibo batch size is 4")
     parser.add_argument("--steps", type=integer(1), default=150, help="timed steps per trial")
     parser.add_argument("--warmup", type=integer(0), default=20, help="untimed steps per trial first")
+    parser.add_argument(
+        "--limit", type=number(0), default=600, help="seconds the trials of one packing may take together"
+    )
     parser.add_argument("--data-dir")
     parser.add_argument("--shape", choices=["tiny", "bert-base"], default="bert-base")
     parser.add_argument(
@@ -98,16 +108,19 @@ def main(args: argparse.Namespace) -> None:
         f"{'trials/GPU':>10} {'chars/s (sum)':>14} {'trial-epochs/h':>15} {'chars/s per trial':>18} "
         f"{'peak MiB per trial':>19}"
     )
-    base = None
+    base, rows = None, []
     for k in args.packing:
         results = run_packing(k, args)
         total = sum(r["chars_per_s"] for r in results)
         base = base or total
+        peak = max(r["peak_memory_MiB"] for r in results)
+        rows.append({"trials": k, "chars_per_s": total, "peak_memory_MiB_per_trial": peak})
         print(
             f"{k:>10} {total:>14,} {total * 3600 / per_epoch:>15.1f} {total // k:>18,} "
-            f"{max(r['peak_memory_MiB'] for r in results):>19,}   ({total / base:.2f}x one trial)",
+            f"{peak:>19,}   ({total / base:.2f}x one trial)",
             flush=True,
         )
+    print(json.dumps({"rows": rows}))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ width 768); `--model NAME` loads a real encoder instead (`--model tiny`: the tin
 feature loss, clipping, AdamW) unless --no-aug, as the training loop runs them: its fused model
 (`--fuse K` members, 1 by default: a run alone), padding, attention kernel and (with --compile)
 compiled step. Characters/s are summed over the members. The untimed warm-up steps hold the
-compilation; their time is printed as `warmup_s`. `--profile N` runs N more
-steps under torch.profiler and prints the step's host (wall) time, its GPU kernel time and the ten
-costliest operators. Figures are printed, not asserted.
+compilation; their time is printed as `warmup_s` (`--one-length`: one padded length, so one graph
+to compile). `--profile N` runs N more steps under torch.profiler and prints the step's host (wall)
+time, its GPU kernel time, the attention kernels that ran and the ten costliest operators and kernels.
+Figures are printed, not asserted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import platform
 import resource
 import time
+from collections import Counter
 
 import torch
 
@@ -49,6 +51,20 @@ def build(shape: str, model: str | None, labels, dropout: float, chars):
     return tokenizer, SoftFiNEModel(net)
 
 
+def kernel_ms(events, steps: int) -> float:
+    """The GPU's kernel time of a step (ms): the device's own events only. A CPU operator's
+    self_device_time_total counts the kernels it launched, which are events of their own too."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3 / steps
+
+
+def attention_ops(events) -> list[str]:
+    """The attention kernels that ran, as their operators name them (aten::_scaled_dot_product_
+    efficient_attention, ..._cudnn_attention, ..._attention_math): a kernel asked for may fall back."""
+    return sorted({e.key for e in events if e.key.startswith("aten::_scaled_dot_product_")})
+
+
 def profile_steps(step, steps: int, device: torch.device, sync) -> dict:
     """Runs `steps` steps under torch.profiler; prints and returns the per-step figures."""
     from torch.profiler import ProfilerActivity, profile
@@ -62,20 +78,21 @@ def profile_steps(step, steps: int, device: torch.device, sync) -> dict:
         wall_ms = (time.perf_counter() - start) * 1e3 / steps
     events = prof.key_averages()
     on_gpu = device.type == "cuda"
-    kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps if on_gpu else None
+    kernels = kernel_ms(events, steps) if on_gpu else None
     key = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
     top = sorted(events, key=key, reverse=True)[:10]
     print(
         f"\nprofile of {steps} steps: step {wall_ms:.1f} ms host (wall)"
-        + (f", GPU kernels {kernel_ms:.1f} ms ({kernel_ms / wall_ms:.0%} of it)" if on_gpu else ", no GPU")
+        + (f", GPU kernels {kernels:.1f} ms ({kernels / wall_ms:.0%} of it)" if on_gpu else ", no GPU")
     )
-    print(f"{'operator':<48} {'calls/step':>10} {'self CPU ms/step':>16} {'self GPU ms/step':>16}")
+    print(f"{'operator or kernel':<48} {'calls/step':>10} {'self CPU ms/step':>16} {'self GPU ms/step':>16}")
     for e in top:
         gpu = f"{e.self_device_time_total / 1e3 / steps:16.2f}" if on_gpu else f"{'-':>16}"
         print(f"{e.key[:48]:<48} {e.count / steps:>10.1f} {e.self_cpu_time_total / 1e3 / steps:>16.2f} {gpu}")
     return {
         "profile_step_ms": round(wall_ms, 2),
-        "profile_kernel_ms": round(kernel_ms, 2) if kernel_ms is not None else None,
+        "profile_kernel_ms": round(kernels, 2) if kernels is not None else None,
+        "profile_attention": attention_ops(events),
         "profile_top": [e.key for e in top],
     }
 
@@ -105,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=False, help="as softfine train --compile"
+    )
+    parser.add_argument(
+        "--one-length",
+        action="store_true",
+        help="step only the batches of the epoch's most common padded length (one compiled graph)",
     )
     parser.add_argument(
         "--fuse",
@@ -155,8 +177,8 @@ def measure(args: argparse.Namespace) -> None:
     run, parameters = setup(args)
     config, device, lengths = run.config, run.device, set()
 
-    def batches():
-        for epoch in itertools.count():
+    def batches(epochs=None):
+        for epoch in itertools.count() if epochs is None else epochs:
             yield from train_loader(
                 run.data["train"].examples,
                 config.batch_size,
@@ -168,6 +190,9 @@ def measure(args: argparse.Namespace) -> None:
             )
 
     stream = batches()
+    if args.one_length:  # the epoch's most common padded length alone: a compiled step compiles once
+        length = Counter(b["input_ids"].shape[1] for b in batches([0])).most_common(1)[0][0]
+        stream = (b for b in stream if b["input_ids"].shape[1] == length)
 
     def step() -> dict:
         batch = next(stream)
@@ -223,6 +248,7 @@ def setting(args: argparse.Namespace, run: GroupRun, parameters: int) -> dict:
         "attention": run.kernel,
         "pad_multiple": run.multiple,
         "compile": run.config.compile,
+        "one_length": args.one_length,
         "fuse": args.fuse,
         "batch_size": args.batch_size,
         "steps": args.steps,

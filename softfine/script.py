@@ -74,3 +74,17 @@ def relay_error(stderr: str) -> str | None:
     last = (stderr.strip().splitlines() or [""])[-1]
     found = re.match(r"\S+: error: (.+)", last)
     return found.group(1) if found else None
+
+
+def error_line(stderr: str) -> str:
+    """What went wrong, in one line of a child's stderr: its one-line error (relay_error), else the
+    exception line of its last traceback (torch's errors add hint lines after it), else its last line."""
+    relayed = relay_error(stderr)
+    if relayed:
+        return relayed
+    lines = stderr.rstrip().splitlines()
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    for line in lines[tracebacks[-1] + 1 :] if tracebacks else []:
+        if re.match(r"[A-Za-z_][\w.]*(:|$)", line):  # unindented, after the frames: the exception
+            return line.strip()
+    return next((line.strip() for line in reversed(lines) if line.strip()), "no output")

@@ -78,14 +78,70 @@ def test_train_throughput_profiles_the_step():
     assert "calls/step" in table and figures["profile_top"][0] in table
 
 
-def test_gpu_check_runs_every_check_in_its_smoke_run():
+def test_gpu_check_runs_every_check_in_its_smoke_run(tmp_path):
     # --smoke: every check at its smallest on the CPU, so the GPU session runs a script that works.
-    done = benchmark("gpu_check.py", "--smoke", "--data-dir", str(shared_data_dir()), timeout=900)
+    log, table = tmp_path / "checks.log", tmp_path / "table.json"
+    done = benchmark(
+        "gpu_check.py",
+        *("--smoke", "--data-dir", str(shared_data_dir()), "--log", str(log), "--json", str(table)),
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert json.loads(table.read_text())["rows"] == rows
     assert [r["note"] for r in rows] == [""] * len(rows)  # nothing failed or ran out of time
-    assert len(rows) == 8 and all(r["figure"] for r in rows)  # the compiled runs left out
+    assert len(rows) == 11 and all(r["figure"] for r in rows)  # the compiled runs left out
+    assert rows[0]["check"] == "toolchain" and "seqeval 1.2.2" in rows[0]["figure"]
+    profiled = [r for r in rows if "profiled" in r["check"]]
+    assert len(profiled) == 3 and all("no GPU kernels, attention " in r["figure"] for r in profiled)
     assert "| check | figure | goal | s |" in done.stdout
+    # every check but the toolchain's is a child, its output kept whole: the profile's table too
+    children = log.read_text()
+    assert children.count("===== exit 0 after ") == 10 and "----- stderr" in children
+    assert "profile of 1 steps" in children
+
+
+def test_gpu_check_runs_no_check_past_its_budget():
+    done = benchmark(
+        "gpu_check.py", "--smoke", "--part", "1", "--budget", "1", "--data-dir", str(shared_data_dir())
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["check"] for r in rows][:1] == ["toolchain"] and len(rows) == 4
+    assert all(r["note"] == "not run: the call's --budget was spent" for r in rows[1:])
+
+
+def test_gpu_session_prepares_its_folder_and_runs_a_part_from_it(tmp_path):
+    # What the GPU machine gets: the project at HEAD, the data and the wheels, and a part run from them
+    shared = shared_data_dir().parent
+    prepared = tmp_path / "gpu"
+    made = benchmark(
+        "gpu_session.py",
+        *("prepare", "--to", str(prepared), "--data-dir", str(shared / "data")),
+        *("--wheels", str(shared / "gpu-wheels")),
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert (prepared / "COMMIT").read_text().strip() == head.stdout.strip()
+    assert (prepared / "project" / "softfine" / "train.py").is_file() and not (
+        prepared / "project" / ".git"
+    ).exists()
+    assert sorted(p.name for p in (prepared / "data").iterdir()) == ["resume", "weibo"]
+    assert len(list((prepared / "wheels").glob("*.whl"))) == len(list((shared / "gpu-wheels").glob("*.whl")))
+    assert f"python3 {prepared}/project/benchmarks/gpu_session.py run 1" in made.stdout
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(prepared / "project" / "benchmarks" / "gpu_session.py"), "run", "1", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OUT": str(out), "SOFTFINE_DATA_DIR": "/nonexistent-data"},  # the folder's data
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"part 1 of gpu_check.py at commit {head.stdout.strip()}" in done.stdout
+    rows = json.loads((out / "part1.json").read_text())["rows"]
+    assert len(rows) == 4 and [r["note"] for r in rows] == [""] * 4
+    assert (out / "part1.log").read_text().count("===== exit 0 after ") == 3
 
 
 def test_train_throughput_model_tiny_measures_the_tiny_encoder():
@@ -313,6 +369,14 @@ REFUSALS = [
         "argument --seed: expected 0 to 4294967295 (got -1)",
     ),
     ("tiny_resume.py", "no-data", ["--data-dir", NO_DATA], MISSING),
+    (
+        "gpu_session.py",
+        "prepare-no-data",
+        ["prepare", "--to", OUT, "--data-dir", NO_DATA],
+        f"--data-dir {NO_DATA}: no {NO_DATA}/weibo (the data of ../shared/data)",
+    ),
+    ("gpu_session.py", "no-out", ["run", "1"], "--out: give a folder for the logs (or set $OUT)"),
+    ("gpu_check.py", "part-4", ["--smoke", "--part", "4"], "argument --part: invalid choice: 4"),
 ]
 
 
@@ -331,3 +395,58 @@ def test_a_benchmark_refuses_bad_input_in_one_line(script, args, fragment, tmp_p
     if not fragment.startswith("argument "):  # argparse prints its usage first
         assert len(lines) == 1, done.stderr[-3000:]
     assert not out.exists()  # refused before its runs' folder was made
+
+
+def test_the_profile_counts_each_kernel_once_and_names_the_attention_that_ran():
+    # A CPU operator's self_device_time_total counts the kernels it launched, which are events of their
+    # own too: summing both read the kernel share of a step about twice too high.
+    import importlib.util
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEventAvg
+
+    spec = importlib.util.spec_from_file_location(
+        "train_throughput", REPO / "benchmarks" / "train_throughput.py"
+    )
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+
+    def event(key: str, device: DeviceType, self_device_us: int) -> FunctionEventAvg:
+        averaged = FunctionEventAvg()
+        averaged.key, averaged.device_type, averaged.self_device_time_total = key, device, self_device_us
+        return averaged
+
+    events = [
+        event("aten::mm", DeviceType.CPU, 700),
+        event("sm90_xmma_gemm_bf16", DeviceType.CUDA, 700),
+        event("aten::_scaled_dot_product_efficient_attention", DeviceType.CPU, 300),
+        event("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", DeviceType.CUDA, 300),
+    ]
+    assert throughput.kernel_ms(events, steps=2) == 0.5  # (700 + 300) us over 2 steps
+    assert throughput.attention_ops(events) == ["aten::_scaled_dot_product_efficient_attention"]
+
+
+def test_a_failed_check_is_reported_by_the_line_that_says_why():
+    from softfine.script import error_line
+
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "train_throughput.py", line 9, in <module>\n'
+        "    measure(args)\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n"
+        "GPU 0 has a total capacity of 79.19 GiB\n"
+        "Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace (please do this especially if you're "
+        "reporting a bug to PyTorch).\n"
+    )
+    assert error_line(traceback) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB."
+    assert error_line("a warning\ngpu_packing.py: error: --steps: expected 1 or more\n") == (
+        "--steps: expected 1 or more"
+    )
+    assert error_line("a warning\nkilled\n") == "killed" and error_line("") == "no output"
+
+
+def test_gpu_session_refuses_a_budget_that_is_no_time():
+    done = benchmark("gpu_session.py", "run", "1", "--budget", "0", "--out", "unused")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == (
+        "gpu_session.py run: error: argument --budget: expected a number of seconds above 0 (got '0')"
+    )
