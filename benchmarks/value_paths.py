@@ -3,7 +3,8 @@ the search's flags (argparse's Namespace, and the SearchFlags that carry them on
 `main`. A reader follows a value best when it goes down and does not come back (issue 28's measure).
 
 Two ways. Read: from the start, every call that passes the value on by name is followed, on every path
-(CUDA, resume, errors), depth first in the order of the code. Run: a small training and a small search
+(CUDA, resume, errors), depth first in the order of the code; then again following its fields too
+(`resolve_device(config.device)`). Run: a small training and a small search
 run traced, noting each function of the project that receives the value as an argument (or a list of
 them) in the order of the first calls. Each function counts once. The figures are over the functions'
 modules in that order: `visits` (consecutive functions of one module are one visit), `modules` (distinct
@@ -136,9 +137,12 @@ def imported(module: str, tree: ast.Module) -> dict[str, tuple[str, str]]:
     return names
 
 
-def read_path(root: Path, start: tuple[str, str], names: set[str]) -> list[tuple[str, str]]:
+def read_path(
+    root: Path, start: tuple[str, str], names: set[str], fields: bool = False
+) -> list[tuple[str, str]]:
     """(module:function, "") for each function a value reaches from `start` (its parameters `names`),
-    by the calls that pass it on by name, each function once, depth first in the order of the code."""
+    by the calls that pass it on by name (with `fields`, or one of its fields: `config.device`), each
+    function once, depth first in the order of the code."""
     trees = read_modules(root)
     defs = {m: definitions(t) for m, t in trees.items()}
     imports = {m: imported(m, t) for m, t in trees.items()}
@@ -164,7 +168,7 @@ def read_path(root: Path, start: tuple[str, str], names: set[str]) -> list[tuple
         seen.add((module, qualname))
         path.append((f"{module}:{qualname}", ""))
         node, owner = defs[module][qualname], qualname.partition(".")[0]
-        tracked = aliases(node, tracked)
+        tracked = aliases(node, tracked, fields)
         calls = sorted(
             (n for n in ast.walk(node) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset)
         )
@@ -174,8 +178,9 @@ def read_path(root: Path, start: tuple[str, str], names: set[str]) -> list[tuple
                 continue
             params = [a.arg for a in defs[target[0]][target[1]].args.args]
             params = params[1:] if params[:1] == ["self"] else params
-            bound = {params[i] for i, a in enumerate(call.args) if i < len(params) and carried(a, tracked)}
-            bound |= {k.arg for k in call.keywords if k.arg and carried(k.value, tracked)}
+            passed = [(params[i], a) for i, a in enumerate(call.args) if i < len(params)]
+            passed += [(k.arg, k.value) for k in call.keywords if k.arg]
+            bound = {name for name, value in passed if carried(value, tracked, fields)}
             if bound:
                 visit(*target, bound)
 
@@ -183,30 +188,32 @@ def read_path(root: Path, start: tuple[str, str], names: set[str]) -> list[tuple
     return path
 
 
-def carried(node: ast.expr, names: set[str]) -> bool:
-    """Whether an expression is the value: its name, a list of it, an item of it, a replace() of it."""
+def carried(node: ast.expr, names: set[str], fields: bool = False) -> bool:
+    """Whether an expression is the value: its name, a list of it, an item of it, a replace() of it;
+    with `fields`, one of its fields (config.device) too."""
     if isinstance(node, ast.Name):
         return node.id in names
     if isinstance(node, ast.Attribute):  # kept on an object under its name: self.config, plan.args
-        return node.attr in names
+        return node.attr in names or (fields and carried(node.value, names, fields))
     if isinstance(node, (ast.List, ast.Tuple)):
-        return any(carried(item, names) for item in node.elts)
+        return any(carried(item, names, fields) for item in node.elts)
     if isinstance(node, (ast.Subscript, ast.Starred)):
-        return carried(node.value, names)
+        return carried(node.value, names, fields)
     if isinstance(node, ast.Call) and node.args:  # dataclasses.replace(config, ...): a config too
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-        return name == "replace" and carried(node.args[0], names)
+        return name == "replace" and carried(node.args[0], names, fields)
     return False
 
 
-def aliases(function: ast.AST, names: set[str]) -> set[str]:
-    """`names` and the local names bound to the value (`c = config`, `for c in configs`)."""
+def aliases(function: ast.AST, names: set[str], fields: bool = False) -> set[str]:
+    """`names` and the local names bound to the value (`c = config`, `for c in configs`; with
+    `fields`, `device = config.device` too)."""
     names = set(names)
     for _ in range(3):  # an alias of an alias
         for node in ast.walk(function):
-            if isinstance(node, ast.Assign) and carried(node.value, names):
+            if isinstance(node, ast.Assign) and carried(node.value, names, fields):
                 names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-            elif isinstance(node, (ast.For, ast.comprehension)) and carried(node.iter, names):
+            elif isinstance(node, (ast.For, ast.comprehension)) and carried(node.iter, names, fields):
                 names |= {t.id for t in ast.walk(node.target) if isinstance(t, ast.Name)}
     return names
 
@@ -255,6 +262,14 @@ def measure(root: Path, packages: dict[str, str], data: str | None, no_search: b
             {""},
         ),
         "read: args from tune/search.py:main": (read_path(root, ("tune/search.py", "main"), {"args"}), {""}),
+        "read: config and its fields from softfine/train.py:train": (
+            read_path(root, ("softfine/train.py", "train"), {"config"}, fields=True),
+            {""},
+        ),
+        "read: args and its fields from tune/search.py:main": (
+            read_path(root, ("tune/search.py", "main"), {"args"}, fields=True),
+            {""},
+        ),
     }
     with tempfile.TemporaryDirectory(prefix="value-paths-") as tmp:
         tmp = Path(tmp)

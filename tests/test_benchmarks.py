@@ -239,14 +239,18 @@ def test_value_paths_reads_and_traces_the_training_config():
     assert [line.split(": ", 1)[1].rsplit(": ", 1)[0] for line in figures] == [
         "read: config from softfine/train.py:train",
         "read: args from tune/search.py:main",
+        "read: config and its fields from softfine/train.py:train",
+        "read: args and its fields from tune/search.py:main",
         "run: config through train()",
     ]
-    # each path's functions in order: the config goes from train() to train_group() in both ways
+    # each path's functions in order: the config goes from train() to train_group() in every way
     paths = [line.strip() for line in lines if line.startswith("  ")]
-    assert len(paths) == 3 and all(
-        p.startswith("softfine/train.py:train > softfine/train.py:train_group") for p in (paths[0], paths[2])
+    assert len(paths) == 5 and all(
+        p.startswith("softfine/train.py:train > softfine/train.py:train_group") for p in paths[0::2]
     )
-    assert paths[1].startswith("tune/search.py:main > ")
+    assert paths[1].startswith("tune/search.py:main > ") and paths[3].startswith("tune/search.py:main > ")
+    # a field passed on is followed: resolve_device(config.device)
+    assert "softfine/device.py:resolve_device" in paths[2] and "device.py" not in paths[0]
 
 
 OUT, NO_DATA = "OUT", "/nonexistent-data"
