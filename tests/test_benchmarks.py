@@ -94,6 +94,8 @@ def test_gpu_check_runs_every_check_in_its_smoke_run(tmp_path):
     assert rows[0]["check"] == "toolchain" and "seqeval 1.2.2" in rows[0]["figure"]
     profiled = [r for r in rows if "profiled" in r["check"]]
     assert len(profiled) == 3 and all("no GPU kernels, attention " in r["figure"] for r in profiled)
+    fused = next(r["figure"] for r in rows if "fused members" in r["check"])
+    assert "x one trial; 36-point grid's training computed: " in fused
     assert "| check | figure | goal | s |" in done.stdout
     # every check but the toolchain's is a child, its output kept whole: the profile's table too
     children = log.read_text()
