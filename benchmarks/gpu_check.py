@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -72,26 +74,28 @@ class Table:
 
 
 def run(report: Table, command: list[str], limit: float) -> tuple[dict | None, float, str]:
-    """(the JSON of the command's last stdout line, wall seconds, a note)."""
-    limit = report.left(limit)
-    if limit < 5:
+    """(the JSON of the command's last stdout line, wall seconds, a note). A check that runs out is
+    stopped with everything it started (compile workers, packed trials): nothing is left on the GPU."""
+    allowed = report.left(limit)
+    if allowed < min(5, limit):  # too little of the budget left for a check to start
         return None, 0.0, SKIPPED
     started = time.perf_counter()
+    child = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired as err:
+        stdout, stderr = child.communicate(timeout=allowed)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
         wall = time.perf_counter() - started
-        text = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else out or ""  # noqa: E731
-        report.keep(command, "none: stopped", wall, text(err.stdout), text(err.stderr))
-        return None, wall, f"stopped after {limit:.0f} s"
+        report.keep(command, "none: stopped", wall, stdout, stderr)
+        return None, wall, f"stopped after {allowed:.3g} s"
     wall = time.perf_counter() - started
-    report.keep(command, done.returncode, wall, done.stdout, done.stderr)
-    if done.returncode:
-        return None, wall, f"exit {done.returncode}: {error_line(done.stderr)[:300]}"
-    for text in (
-        done.stdout,
-        (done.stdout.strip().splitlines() or [""])[-1],
-    ):  # softfine train's, the scripts'
+    report.keep(command, child.returncode, wall, stdout, stderr)
+    if child.returncode:
+        return None, wall, f"exit {child.returncode}: {error_line(stderr)[:300]}"
+    for text in (stdout, (stdout.strip().splitlines() or [""])[-1]):  # softfine train's, the scripts'
         try:
             return json.loads(text), wall, ""
         except ValueError:

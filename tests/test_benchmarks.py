@@ -113,6 +113,28 @@ def test_gpu_check_runs_no_check_past_its_budget():
     assert all(r["note"] == "not run: the call's --budget was spent" for r in rows[1:])
 
 
+def test_gpu_check_stops_a_check_at_its_limit_and_keeps_what_it_wrote(tmp_path):
+    log = tmp_path / "checks.log"
+    done = benchmark(
+        "gpu_check.py",
+        *(
+            "--smoke",
+            "--part",
+            "1",
+            "--limit",
+            "0.5",
+            "--log",
+            str(log),
+            "--data-dir",
+            str(shared_data_dir()),
+        ),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["note"] for r in rows[1:]] == ["stopped after 0.5 s"] * 3  # python and torch take longer
+    assert log.read_text().count("===== exit none: stopped after ") == 3
+
+
 def test_gpu_session_prepares_its_folder_and_runs_a_part_from_it(tmp_path):
     # What the GPU machine gets: the project at HEAD, the data and the wheels, and a part run from them
     shared = shared_data_dir().parent
