@@ -10,9 +10,9 @@ one call of the GPU machine (benchmarks/gpu_session.py runs them there), the mos
    throughput at batch 16 and 4, eager, each with a profile (host step time, GPU kernel time, the
    attention kernel that ran); 12 grid points fused into one model at batch 4 (issue 18); what
    `--fuse auto` measures (the peak memory of a batch-4 step with one member and with two);
-2. batch 16 on one padded length, eager and `--compile` (one graph to compile); cuDNN's attention,
-   profiled (it may fall back); the paper's Weibo trial for 1 epoch end to end, and 12 epochs
-   computed from it;
+2. batch 16 on one padded length, eager and `--compile` (one graph to compile); the paper's Weibo
+   trial for 1 epoch end to end, and 12 epochs computed from it; cuDNN's attention, profiled (it may
+   fall back);
 3. batch 4 on one padded length, eager and `--compile`; 1, 2, 4 and 8 trials packed on the GPU
    (benchmarks/gpu_packing.py); the tiny encoder's defaults on Resume, with its test F1.
 
@@ -135,15 +135,16 @@ def toolchain(args: argparse.Namespace, report: Table) -> None:
 
 
 def throughput(
-    args: argparse.Namespace, report: Table, check: str, flags: list[str], goal: str, more=None
+    args: argparse.Namespace, report: Table, check: str, flags: list[str], goal: str, more=None, limit=None
 ) -> None:
-    """One row of benchmarks/train_throughput.py on Weibo; `more(result)`: what the row adds to it."""
+    """One row of benchmarks/train_throughput.py on Weibo (`flags` last: they override the steps);
+    `more(result)`: what the row adds to its figure; `limit`: seconds, else --limit."""
     command = [
         *(sys.executable, str(HERE / "train_throughput.py"), "--dataset", "weibo", "--device", args.device),
         *("--shape", args.shape, "--steps", str(args.steps), "--warmup", str(args.warmup), *args.data),
         *flags,
     ]
-    result, wall, note = run(report, command, args.limit)
+    result, wall, note = run(report, command, limit or args.limit)
     figure = ""
     if result:
         figure = (
@@ -173,12 +174,16 @@ def throughput_rows(batch: int, goal: str, *flags: str, profile: bool = False):
 
 
 def one_length(batch: int, goal: str):
-    """Eager and compiled on the same padded length: the compiled step compiles once, in its warm-up."""
+    """Eager and compiled on the same padded length: the compiled step compiles once, in its warm-up
+    (given twice --limit: inductor compiles a 12-layer forward and backward for minutes)."""
 
     def check(args: argparse.Namespace, report: Table) -> None:
         for mode in ["--no-compile"] + ([] if args.smoke else ["--compile"]):
             name = f"batch {batch}, one length, {'eager' if mode == '--no-compile' else mode}"
-            throughput(args, report, name, ["--batch-size", str(batch), "--one-length", mode], goal)
+            flags = ["--batch-size", str(batch), "--one-length", mode]
+            throughput(
+                args, report, name, flags, goal, limit=args.limit * (1 if mode == "--no-compile" else 2)
+            )
 
     return check
 
@@ -196,7 +201,9 @@ def fused(args: argparse.Namespace, report: Table) -> None:
         return f"; {times}36-point grid's training computed: {grid_chars / result['chars_per_s']:.0f} s"
 
     check = f"batch 4, {args.fused} fused members (issue 18)"
-    flags = ["--batch-size", "4", "--fuse", str(args.fused)]
+    # a quarter of the steps: each is about as long as the members' steps one after another
+    steps = ["--steps", str(max(1, args.steps // 4)), "--warmup", str(max(1, args.warmup // 4))]
+    flags = ["--batch-size", "4", "--fuse", str(args.fused), *steps]
     throughput(args, report, check, flags, ">= 10x one trial's chars/s; grid <= 600 s", more)
 
 
@@ -311,8 +318,8 @@ PARTS = {
     ],
     2: [
         one_length(16, GOAL16),
-        throughput_rows(16, GOAL16, "--attention", "cudnn", profile=True),
         paper_trial,
+        throughput_rows(16, GOAL16, "--attention", "cudnn", profile=True),
     ],
     3: [one_length(4, GOAL4), packing, tiny_defaults],
 }
