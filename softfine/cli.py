@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from .arguments import add_config_arguments, check_text_arguments, given_values
-from .config import DATA_FIELDS, MAX_TOKENS
+from .config import DATA_FIELDS, MAX_TOKENS, SCOPES
 from .errors import ConfigError, SoftFiNEError
 
 log = logging.getLogger("softfine")
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--gold", default=None, help="gold label, e.g. B-/work/video/teleplay")
     labels.add_argument(
         "--soft-scope",
-        choices=("paper", "related"),
+        choices=SCOPES,
         default="paper",
         help="paper: every entity label gets a score; related: only those sharing the segment tag "
         "or a level at the same depth (the authors' code) (default: paper)",

@@ -28,6 +28,8 @@ from .errors import ConfigError, SoftFiNEError
 
 # The paper's searched hyperparameters (its grid search over the loss weights and soft labels)
 SEARCHED = ("alpha_aug", "alpha_fea", "beta", "gamma")
+# Which candidate labels get a soft score (labels.py): every entity label, or only related ones
+SCOPES = ("paper", "related")
 METRIC = "best_dev_f1"  # what a run reports and a search selects by: its best dev F1 (train.py)
 # A run's files in its output directory (train.py)
 METRICS_FILE = "metrics.jsonl"  # one line per evaluation
@@ -116,7 +118,7 @@ class TrainConfig:
         3.0, "soft-label base, > 1: relevance = 1 / beta^(miss + gamma * wrong)"
     )
     gamma: Positive = option(2.0, "soft-label penalty of a wrong component, > 0")
-    soft_scope: Literal["paper", "related"] = option(
+    soft_scope: Literal[SCOPES] = option(
         "paper",
         "which candidates get a soft score: paper (every "
         "entity label, the paper's text) or related (only labels "

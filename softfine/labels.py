@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SCOPES
 from .data import SEGMENTS
 from .errors import ConfigError
-
-SCOPES = ("paper", "related")
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softfine.config import METRIC, SEARCHED
+from softfine.config import METRIC, SCOPES, SEARCHED
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 MODE = "max"  # of METRIC, the best dev F1
 # The key of a fused trial's config: the group of grid points it trains (trial.fused_config)
 FUSED = "group"
-SCOPES = ("paper", "related")
 # How the paper writes each searched value: tables, figures, the parent run's description.
 SYMBOLS = {"alpha_aug": "α_aug", "alpha_fea": "α_fea", "beta": "β", "gamma": "γ", "soft_scope": "soft scope"}
 # The paper's grid (Appendix C): (alpha_aug, alpha_fea) pairs, beta, gamma.
