@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     project = REPO  # this file's project: the prepared folder's copy on the GPU machine
     prepared = project.parent
     out = Path(args.out or os.environ.get("OUT") or fail("--out: give a folder for the logs (or set $OUT)"))
+    if not (prepared / MARK).is_file():
+        fail(f"run: {project} is not the copy `prepare` made (no {prepared / MARK}): run .gpu/project's copy")
     out.mkdir(parents=True, exist_ok=True)
     paths = [str(project)]
     if subprocess.run([sys.executable, "-c", "import pydantic, seqeval"], capture_output=True).returncode:
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",
     }
-    commit = (prepared / MARK).read_text().strip() if (prepared / MARK).is_file() else "unknown"
+    commit = (prepared / MARK).read_text().strip()
     print(f"gpu_session.py: part {args.part} of gpu_check.py at commit {commit}", flush=True)
     check = [
         *(sys.executable, str(project / "benchmarks" / "gpu_check.py"), "--part", str(args.part)),

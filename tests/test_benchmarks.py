@@ -409,6 +409,7 @@ REFUSALS = [
         f"--data-dir {NO_DATA}: no {NO_DATA}/weibo (the data of ../shared/data)",
     ),
     ("gpu_session.py", "no-out", ["run", "1"], "--out: give a folder for the logs (or set $OUT)"),
+    ("gpu_session.py", "not-prepared", ["run", "1", "--out", OUT], "is not the copy `prepare` made (no "),
     ("gpu_check.py", "part-4", ["--smoke", "--part", "4"], "argument --part: invalid choice: 4"),
 ]
 
