@@ -339,7 +339,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--part", type=int, choices=sorted(PARTS), nargs="+", help="the parts to run (default: all)"
     )
-    parser.add_argument("--limit", type=number(0), default=150, help="seconds a check may take (trials: 3x)")
+    parser.add_argument(
+        "--limit",
+        type=number(0),
+        default=150,
+        help="seconds a check may take (compiled rows: 2x, trials: 3x)",
+    )
     parser.add_argument("--budget", type=number(0), help="seconds for all the checks; those left are not run")
     parser.add_argument("--log", type=Path, help="a file for every check's command and output, whole")
     parser.add_argument("--json", type=Path, help="a file for the table as JSON (also the last line printed)")
