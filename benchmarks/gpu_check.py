@@ -201,7 +201,7 @@ def fused(args: argparse.Namespace, report: Table) -> None:
         return f"; {times}36-point grid's training computed: {grid_chars / result['chars_per_s']:.0f} s"
 
     check = f"batch 4, {args.fused} fused members (issue 18)"
-    # a quarter of the steps: each is about as long as the members' steps one after another
+    # a quarter of the steps: each step trains all the members (12 on a GPU)
     steps = ["--steps", str(max(1, args.steps // 4)), "--warmup", str(max(1, args.warmup // 4))]
     flags = ["--batch-size", "4", "--fuse", str(args.fused), *steps]
     throughput(args, report, check, flags, ">= 10x one trial's chars/s; grid <= 600 s", more)
