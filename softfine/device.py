@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -79,9 +79,15 @@ def pad_multiple(configured: int | None, device: torch.device, compiled: bool = 
     return GPU_PAD_MULTIPLE if device.type == "cuda" or compiled else 0
 
 
-def compile_step(fn: Callable, device: torch.device) -> Callable:
+def compile_step(fn: Callable, device: torch.device, static: Iterable[torch.Tensor] = ()) -> Callable:
     """`fn` compiled with torch.compile: on CUDA as CUDA graphs (mode reduce-overhead: one launch a
     step instead of hundreds), on the CPU with inductor's default mode. Shapes are static: one
-    graph per padded length, few with `pad_multiple`."""
+    graph per padded length, few with `pad_multiple`.
+
+    `static`: the tensors `fn` reads that stay at one address, changed in place by the optimizer or
+    not at all (a fused group's stacked parameters, which are no module's, and its soft targets).
+    Marked static, CUDA graphs read them where they are; unmarked, each replay first copies them in."""
+    for tensor in static:
+        torch._dynamo.mark_static_address(tensor)
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(fn, mode=mode, dynamic=False)

@@ -199,7 +199,8 @@ class GroupRun:
         ]
         self.loss = fused.loss(soft_tables, uses_augmentation(config), *alphas)
         if config.compile:
-            self.loss = compile_step(self.loss, device)
+            static = [*fused.params.values(), *fused.buffers.values(), soft_tables, *alphas]
+            self.loss = compile_step(self.loss, device, static)
         self.running = dict.fromkeys(LOSS_PARTS + ("n",), 0.0)
         self.seen_chars = 0
 
