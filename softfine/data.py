@@ -297,7 +297,9 @@ def detect_scheme(tags: Iterable[str], path: str | Path) -> str:
             f"{path}: its tags have both M- and I- prefixes, which is none of BIO, BIOES and BMES; "
             "give --tag-scheme bio, bioes or bmes"
         )
-    return "bmes" if "M" in prefixes else "bioes" if prefixes & {"E", "S"} else "bio"
+    if "M" in prefixes:
+        return "bmes"
+    return "bioes" if prefixes & {"E", "S"} else "bio"
 
 
 def split_tokens(

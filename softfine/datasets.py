@@ -154,7 +154,9 @@ def available_splits(name: str, directory: str | os.PathLike | None = None) -> l
 def on_problem(split: str, strict: bool) -> str:
     """An unreadable sentence is skipped in train and an error in dev and test, whose sentences are
     all scored; `strict` makes every problem an error (data.py)."""
-    return "error" if strict else ("skip" if split == "train" else "refuse")
+    if strict:
+        return "error"
+    return "skip" if split == "train" else "refuse"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,11 +231,10 @@ def _why(err: ValueError) -> str:
         return str(err)
     first = err.errors()[0]
     got, loc = first.get("input"), [str(part) for part in first["loc"]]
-    shown = (
-        f" (got {got!r:.50}: {type(got).__name__})"
-        if isinstance(got, (str, int, float))
-        else (f" (got {type(got).__name__})" if first["type"] != "missing" else "")
-    )
+    if isinstance(got, (str, int, float)):
+        shown = f" (got {got!r:.50}: {type(got).__name__})"
+    else:
+        shown = f" (got {type(got).__name__})" if first["type"] != "missing" else ""
     if not loc:
         return f"expected a dict of {', '.join(TrainingState.__annotations__)}{shown}"
     if loc[-1] == "[key]":  # a dict's key of the wrong type, e.g. a parameter's number as a string
