@@ -86,8 +86,10 @@ def compile_step(fn: Callable, device: torch.device, static: Iterable[torch.Tens
 
     `static`: the tensors `fn` reads that stay at one address, changed in place by the optimizer or
     not at all (a fused group's stacked parameters, which are no module's, and its soft targets).
-    Marked static, CUDA graphs read them where they are; unmarked, each replay first copies them in."""
+    Marked static, CUDA graphs read them where they are; unmarked, each replay first copies them in.
+    Unguarded: a guarded mark keeps its tensors alive, so a Ray actor reused for the next trial
+    would hold this one's weights and compile the step again."""
     for tensor in static:
-        torch._dynamo.mark_static_address(tensor)
+        torch._dynamo.mark_static_address(tensor, guard=False)
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(fn, mode=mode, dynamic=False)
