@@ -87,10 +87,10 @@ def compile_step(fn: Callable, device: torch.device, static: Iterable[torch.Tens
     `static`: the tensors `fn` reads that stay at one address, changed in place by the optimizer or
     not at all (a fused group's stacked parameters, which are no module's, and its soft targets).
     Marked static, CUDA graphs read them where they are; unmarked, each replay first copies them in.
-    torch's default mark: unguarded from torch 2.10, where CUDA graphs re-record for a new address
-    (a reused Ray actor's next trial); before, guarded, which keeps the tensors until
-    `torch._dynamo.reset()` and compiles again for new ones, but never reads a stale address."""
-    for tensor in static:
-        torch._dynamo.mark_static_address(tensor)
+    Marked from torch 2.10 only: before, a mark is guarded (PyTorch #162208), which keeps the tensors
+    alive and compiles again for new ones, as a Ray actor reused for the next trial would have."""
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 10):
+        for tensor in static:
+            torch._dynamo.mark_static_address(tensor)
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(fn, mode=mode, dynamic=False)

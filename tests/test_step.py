@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters, get_static_address_type
 from softfine.batches import Split, encode, train_loader
 from softfine.config import TrainConfig, make_config
 from softfine.datasets import load_corpus
-from softfine.device import attention_kernels, pad_multiple
+from softfine.device import attention_kernels, compile_step, pad_multiple
 from softfine.evaluate import predict_tags
 from softfine.fused import FusedModel, member_loss, uses_augmentation
 from softfine.labels import LabelSpace
@@ -208,6 +208,17 @@ def test_a_compiled_group_reads_its_stacked_weights_in_place_and_lets_them_go(da
     run.train_on(batch)
     assert first() is None, "the first run's weights are still held"
     assert counters["stats"]["unique_graphs"] == graphs  # and its compiled step is run again
+
+
+def test_an_older_torch_leaves_the_weights_unmarked(monkeypatch):
+    # Before torch 2.10 a mark is guarded: it would keep each trial's weights in a reused actor
+    static = [torch.zeros(2), torch.ones(3)]
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    compile_step(torch.add, torch.device("cpu"), static)
+    assert [get_static_address_type(t) for t in static] == [None, None]
+    monkeypatch.setattr(torch, "__version__", "2.10.0")
+    compile_step(torch.add, torch.device("cpu"), static)
+    assert [get_static_address_type(t) for t in static] == ["unguarded", "unguarded"]
 
 
 def test_an_attention_kernel_that_is_no_choice_is_refused():
