@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -158,3 +159,12 @@ def quiet(verbose: bool) -> None:
     for name in ("softfine.data", "softfine.datasets"):
         logging.getLogger(name).setLevel(level if verbose else logging.ERROR)
     logging.getLogger("ray.train").setLevel(level)  # "Checkpoint successfully created", per report
+    sys.unraisablehook = quiet_exit
+
+
+def quiet_exit(unraisable) -> None:
+    """Python's report of an exception it cannot raise, except Ray's SystemExit: when the actor's
+    SIGTERM lands in a finalizer (a weakref's callback) at teardown, it is a traceback on the
+    search's console that says nothing; the worker is then killed, as it would have exited."""
+    if not isinstance(unraisable.exc_value, SystemExit):
+        sys.__unraisablehook__(unraisable)
