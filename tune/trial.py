@@ -165,6 +165,6 @@ def quiet(verbose: bool) -> None:
 def quiet_exit(unraisable) -> None:
     """Python's report of an exception it cannot raise, except Ray's SystemExit: when the actor's
     SIGTERM lands in a finalizer (a weakref's callback) at teardown, it is a traceback on the
-    search's console that says nothing; the worker is then killed, as it would have exited."""
+    search's console that says nothing. Printed or not, Python drops it there; the hook changes no exit."""
     if not isinstance(unraisable.exc_value, SystemExit):
         sys.__unraisablehook__(unraisable)
