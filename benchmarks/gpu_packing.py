@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from softfine.errors import DeviceError
-from softfine.script import integer, number, run_script
+from softfine.script import error_line, integer, number, run_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,8 +58,8 @@ def run_packing(k: int, args: argparse.Namespace) -> list[dict]:
                 each.communicate()
             sys.exit(f"gpu_packing: {k} trials on the GPU: stopped after --limit {args.limit:g} s")
         if trial.returncode:
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            sys.exit(f"gpu_packing: a trial exited {trial.returncode} with {k} trials on the GPU: {last}")
+            why = error_line(err)  # torch's errors end with hint lines: the exception's own line
+            sys.exit(f"gpu_packing: a trial exited {trial.returncode} with {k} trials on the GPU: {why}")
         results.append(json.loads(out.strip().splitlines()[-1]))
     return results
 
