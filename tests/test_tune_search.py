@@ -370,6 +370,17 @@ def check_mend_on_a_copy(experiment: Path, trial, copy: Path) -> None:
     assert (named / "metrics.jsonl").is_file()
     assert [p.name for p in trial_dir.glob("checkpoint_*")] == [named.name]
     assert mend_checkpoints(str(copy / experiment.name)) == []  # nothing left to mend
+    # The newer ones as a trial going on without its driver may leave them: just made, empty, and the
+    # next half-written, with files at its top only. That one takes the named one's place.
+    again = copy.with_name(f"{copy.name}-empty") / experiment.name
+    shutil.copytree(experiment, again)
+    for checkpoint in (again / trial_dir.name).glob("checkpoint_*"):
+        shutil.rmtree(checkpoint)
+        checkpoint.mkdir()
+    (again / trial_dir.name / half_written.name).mkdir()
+    (again / trial_dir.name / half_written.name / "final.json").write_text("{")
+    assert len(mend_checkpoints(str(again))) == 1
+    assert (again / trial_dir.name / named.name / "final.json").read_text() == "{"
 
 
 def test_a_killed_driver_resumes_without_rerunning_or_duplicating(ray_local, mlflow_server, tmp_path):

@@ -84,6 +84,8 @@ def mend_checkpoints(path: str) -> list[str]:
         }
         newer = sorted(i for i in found if i is not None and i > known)
         if named and known not in found and newer:
+            # copy_files makes no folder for a source's top-level files (a half-written checkpoint's)
+            fs.create_dir(named, recursive=True)
             # use_threads=False: pyarrow's threaded uploads to S3 are not safe (Ray's own copies do the same)
             pyarrow.fs.copy_files(
                 found[newer[0]], named, source_filesystem=fs, destination_filesystem=fs, use_threads=False
