@@ -1,5 +1,5 @@
-"""Where datasets live: the registry of known datasets, the data directory, the downloader, and a
-user's own files; `load_corpus` reads what a run trains and scores on.
+"""Where datasets live: the registry of known datasets (download.py fetches them), the data directory,
+and a user's own files; `load_corpus` reads what a run trains and scores on.
 
 The data directory holds a folder per dataset with the files under their original names (the
 layout of the project's shared data): `weibo/weiboNER_2nd_conll.train`, `resume/train.char.bmes`,
