@@ -121,9 +121,8 @@ def toolchain(args: argparse.Namespace, report: Table) -> None:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = None
-    missing = (
-        [k for k, v in found.items() if v in (None, False)] if on_gpu else []
-    )  # --smoke compiles nothing
+    # --smoke compiles nothing
+    missing = [k for k, v in found.items() if v in (None, False)] if on_gpu else []
     figure = ", ".join(f"{k} {v}" for k, v in found.items())
     report(
         "toolchain",

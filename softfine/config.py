@@ -223,9 +223,8 @@ def make_config(
         raise ConfigError(f"{where(unknown[0])}: unknown option {unknown[0]!r} (known: {', '.join(FIELDS)})")
     if base is not None:
         base_values = dataclasses.asdict(base)
-        if (
-            values.get("model", base.model) != base.model
-        ):  # a new encoder: its own defaults, not the old one's
+        # a new encoder: its own defaults, not the old one's
+        if values.get("model", base.model) != base.model:
             for name, default in encoder_defaults(base.model).items():
                 if base_values[name] == default:
                     base_values[name] = None
@@ -242,9 +241,8 @@ def make_config(
     bare = config.dataset is not None and not any(c in config.dataset for c in "/\\.~")
     if bare and not Path(config.dataset).is_dir():
         try:
-            get_spec(
-                config.dataset
-            )  # a mistyped name, before any data is read; a folder is looked at when read
+            # a mistyped name, before any data is read; a folder is looked at when read
+            get_spec(config.dataset)
         except SoftFiNEError as err:
             raise ConfigError(f"{where('dataset')}: {err}, or a folder of your own files") from None
     return config

@@ -54,9 +54,8 @@ def attention_kernels(device: torch.device, choice: str = "auto"):
         raise ConfigError(f"--attention {choice!r}: expected one of {', '.join(ATTENTION)}")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if (
-        device.type != "cuda"
-    ):  # math alone where asked (fused groups: vmap has no rule for the CPU's flash kernel)
+    # math alone where asked (fused groups: vmap has no rule for the CPU's flash kernel)
+    if device.type != "cuda":
         return sdpa_kernel([SDPBackend.MATH]) if choice == "math" else contextlib.nullcontext()
 
     first = {

@@ -266,10 +266,8 @@ class GroupRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        for key in LOSS_PARTS:
-            self.running[key] = (
-                self.running[key] + parts[key]
-            )  # (K,) tensors on the device: no host sync per step
+        for key in LOSS_PARTS:  # (K,) tensors on the device: no host sync per step
+            self.running[key] = self.running[key] + parts[key]
         self.running["n"] += 1
         self.seen_chars += int(batch["label_ids"].ne(-100).sum())
 

@@ -626,9 +626,8 @@ def test_data_every_trial_would_fail_on_is_refused_before_ray_starts(
         f"sqlite:///{tmp_path}/m.db",
     ]
     output = in_process(argv, f"{data}/{names}", {})
-    assert (
-        "Ray" not in output and not (tmp_path / "ray").exists()
-    )  # no Ray instance started, no results folder
+    # no Ray instance started, no results folder
+    assert "Ray" not in output and not (tmp_path / "ray").exists()
     assert not (tmp_path / "m.db").exists()  # nor the MLflow store touched
 
 

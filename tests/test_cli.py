@@ -66,9 +66,8 @@ def test_train_evaluate_predict(data_dir, tmp_path):
         "train", "--config", config, "--data-dir", data_dir, "--epochs", 1, "--out", out, "--seed", 3
     )
     result = json.loads(done.stdout)
-    assert (
-        "test_f1" in result and "epoch 1 step 5: dev P" in done.stderr
-    )  # the flag overrode the YAML's 3 epochs
+    # the flag overrode the YAML's 3 epochs
+    assert "test_f1" in result and "epoch 1 step 5: dev P" in done.stderr
     saved = json.loads((out / "best" / "train_config.json").read_text())
     assert saved["epochs"] == 1 and saved["batch_size"] == 8 and saved["seed"] == 3
     # what neither the file nor a flag gave is the tiny encoder's own default

@@ -482,9 +482,8 @@ def test_a100_workers_are_spot_and_the_head_on_demand(name):
         "SpotInstanceType": "one-time",
         "InstanceInterruptionBehavior": "terminate",
     }
-    assert (
-        "InstanceMarketOptions" not in head["node_config"]
-    )  # on demand: the driver, GCS and MLflow live there
+    # on demand: the driver, GCS and MLflow live there
+    assert "InstanceMarketOptions" not in head["node_config"]
     # Sizes and limits as before the move to the cloud's storage.
     assert (config["max_workers"], config["idle_timeout_minutes"]) == (4, 15)
     assert (worker["min_workers"], worker["max_workers"]) == (1, 4)

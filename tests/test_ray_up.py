@@ -392,9 +392,8 @@ def head_only_variant(base: dict, *, sshd: Sshd, ports: dict[str, int], name: st
                 f" --node-ip-address=127.0.0.1 --dashboard-port={ports['dashboard']}"
                 f" --dashboard-agent-listen-port={ports['agent']}"
             )
-            if (
-                ray_client_installed()
-            ):  # `ray start` refuses the port without ray[client] (and then starts none)
+            # `ray start` refuses the port without ray[client] (and then starts none)
+            if ray_client_installed():
                 command += f" --ray-client-server-port={ports['client']}"
         return command
 

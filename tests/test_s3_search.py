@@ -219,9 +219,8 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
             for k in children(uri, "cut", killed.info.run_id)
             if k.data.tags["softfine.trial_id"] in ended
         }
-        assert len(finished_before) == 1 and all(finished_before.values()), (
-            finished_before
-        )  # ended in MLflow too
+        # ended in MLflow too
+        assert len(finished_before) == 1 and all(finished_before.values()), finished_before
         # The head's disk is lost: its Ray, Ray's session files, the driver's working folder.
         ray.shutdown()
         working = tmp_path / "cache" / "softfine" / "searches" / "s3" / "softfine" / prefix / "cut"
@@ -234,9 +233,8 @@ def test_a_search_on_s3_keeps_everything_there_and_resumes_on_an_empty_disk(aws_
         code, output = run_search(["--resume", "cut", "--storage-path", storage])
         assert code == 0, output[-3000:]
         assert f"resuming search cut ({storage}/cut)" in output
-        assert (
-            f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output
-        )  # mended on S3
+        # mended on S3
+        assert f"trial {interrupted.trial_id}: checkpoint_" in output and "deleted by Ray" in output
         (parent,) = parents(uri, "cut")  # the same parent run
         assert parent.info.run_id == killed.info.run_id and parent.info.status == "FINISHED"
         kids = children(uri, "cut", parent.info.run_id)

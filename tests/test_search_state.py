@@ -92,9 +92,8 @@ def test_a_second_driver_on_one_search_is_refused_naming_the_first(tmp_path):
     from softfine_tune.lock import one_driver
     from softfine_tune.storage import SearchFiles, Storage
 
-    with one_driver(
-        SearchFiles(Storage(str(tmp_path / "ray")), "twice")
-    ):  # what the first driver holds while it runs
+    # what the first driver holds while it runs
+    with one_driver(SearchFiles(Storage(str(tmp_path / "ray")), "twice")):
         refused(
             flags(tmp_path, "--name", "twice", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"),
             f"--name twice: the search in {tmp_path / 'ray' / 'twice'} is running in process {os.getpid()}",

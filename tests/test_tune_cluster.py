@@ -105,9 +105,8 @@ def test_trials_spread_over_every_node_never_more_than_its_gpus(gpu_cluster, mlf
     # Occupancy: computed from where the trials really ran, logged as a figure and a metric.
     summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
     held, span = slot_seconds(rows, lambda r: 1)  # one whole GPU each
-    assert (
-        summary["trial_slots"] == "gpu" and "cpu_busy_fraction" not in summary
-    )  # a GPU search's slots: GPUs
+    # a GPU search's slots: GPUs
+    assert summary["trial_slots"] == "gpu" and "cpu_busy_fraction" not in summary
     assert summary["gpu_busy_fraction"] == pytest.approx(held / (WORKERS * span))
     assert 0 < summary["gpu_busy_fraction"] <= 1
     assert parent.data.metrics["gpu_busy_fraction"] == pytest.approx(summary["gpu_busy_fraction"])
@@ -161,9 +160,8 @@ def test_a_fraction_of_a_gpu_per_trial_packs_trials_on_each_gpu(gpu_cluster, mlf
     assert max(max_overlap(lane) for lane in by_gpu.values()) == 2  # trials shared a GPU ...
     assert all(max_overlap(lane) <= 2 for lane in by_gpu.values())  # ... never more than 1 / 0.5 of them
     (parent,) = parents(mlflow_server.uri, "packed")
-    for kid in children(
-        mlflow_server.uri, "packed", parent.info.run_id
-    ):  # the device is the GPU Ray assigned
+    # the device is the GPU Ray assigned
+    for kid in children(mlflow_server.uri, "packed", parent.info.run_id):
         assert (
             kid.data.tags["softfine.cuda_visible_devices"] == kid.data.tags["softfine.gpu_ids"] == HIDDEN_GPU
         )
